@@ -1,0 +1,1 @@
+"""The `lpjepa` command line: one entry point, one subcommand family per stage of the data flow."""
