@@ -10,8 +10,11 @@ from torchvision.models import VisionTransformer
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-_RESNET_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-                  "resnet50": (Bottleneck, [3, 4, 6, 3])}
+_RESNET_LAYERS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
 
 
 class ResNetTrunk(nn.Module):
@@ -52,7 +55,8 @@ class ResNetTrunk(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride), nn.BatchNorm2d(planes * block.expansion)
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
             )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
@@ -68,8 +72,16 @@ class ResNetTrunk(nn.Module):
 class ViTTrunk(nn.Module):
     """torchvision's VisionTransformer with its class-token output as the feature and any number of channels."""
 
-    def __init__(self, in_channels: int, image_size: int, patch_size: int = 4, num_layers: int = 6,
-                 num_heads: int = 4, hidden_dim: int = 192, mlp_dim: int = 384) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        patch_size: int = 4,
+        num_layers: int = 6,
+        num_heads: int = 4,
+        hidden_dim: int = 192,
+        mlp_dim: int = 384,
+    ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -85,14 +97,21 @@ class ViTTrunk(nn.Module):
 class ConvNeXtTrunk(nn.Module):
     """torchvision's ConvNeXt with configurable widths/depths; a stride-2 stem keeps 28-32 px inputs viable."""
 
-    def __init__(self, in_channels: int, dims: tuple[int, ...] = (32, 64, 128, 256),
-                 depths: tuple[int, ...] = (2, 2, 2, 2), stem_stride: int = 4,
-                 stochastic_depth_prob: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dims: tuple[int, ...] = (32, 64, 128, 256),
+        depths: tuple[int, ...] = (2, 2, 2, 2),
+        stem_stride: int = 4,
+        stochastic_depth_prob: float = 0.0,
+    ) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError("convnext dims and depths need the same length")
-        setting = [CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
-                   for i, (d, n) in enumerate(zip(dims, depths, strict=True))]
+        setting = [
+            CNBlockConfig(d, dims[i + 1] if i + 1 < len(dims) else None, n)
+            for i, (d, n) in enumerate(zip(dims, depths, strict=True))
+        ]
         net = ConvNeXt(setting, stochastic_depth_prob=stochastic_depth_prob)
         stem = net.features[0]
         stem[0] = nn.Conv2d(in_channels, dims[0], kernel_size=stem_stride, stride=stem_stride)
@@ -107,8 +126,13 @@ class ConvNeXtTrunk(nn.Module):
 def build_backbone(name: str, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a trunk that maps (B, C, H, W) images to (B, out_dim) features; `out_dim` is an attribute."""
     if name in _RESNET_LAYERS:
-        return ResNetTrunk(name, in_channels, width=float(kwargs.pop("width", 1.0)),
-                           small_stem=bool(kwargs.pop("small_stem", image_size <= 64)), **kwargs)
+        return ResNetTrunk(
+            name,
+            in_channels,
+            width=float(kwargs.pop("width", 1.0)),
+            small_stem=bool(kwargs.pop("small_stem", image_size <= 64)),
+            **kwargs,
+        )
     if name == "vit":
         return ViTTrunk(in_channels, image_size, **kwargs)
     if name == "convnext":

