@@ -1,0 +1,252 @@
+"""The Rectified LpJEPA target distribution: seeded torch sampling of GN_p / RGN_p plus its closed-form law.
+
+The trainer draws a fresh B x D target sample every step (METHOD.md §2), so sampling is done with torch on the
+training device, in float32 or float64 regardless of the requested dtype (half precision would distort the
+gamma draw and the tails), and cast at the end. The analytic side (pdf, cdf, moments, sigma choices, the l0
+inverse) lives in `models.rgg_law`, which imports no torch; it is re-exported here so callers need one module.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.rgg_law import (
+    SIGMA_WORDS,
+    check_mu,
+    check_p,
+    check_rate,
+    check_sigma,
+    expected_l0,
+    expected_l1,
+    gn_cdf,
+    gn_pdf,
+    gn_ppf,
+    gn_sf,
+    gn_var,
+    mu_for_l0,
+    resolve_sigma,
+    rgn_mean,
+    rgn_moment,
+    rgn_second_moment,
+    rgn_var,
+    sigma_gn,
+    sigma_rgn,
+    target_summary,
+)
+
+__all__ = [
+    "SIGMA_WORDS",
+    "RGNTarget",
+    "check_mu",
+    "check_p",
+    "check_rate",
+    "check_sigma",
+    "expected_l0",
+    "expected_l1",
+    "gn_cdf",
+    "gn_pdf",
+    "gn_ppf",
+    "gn_sf",
+    "gn_var",
+    "mu_for_l0",
+    "resolve_sigma",
+    "rgn_mean",
+    "rgn_moment",
+    "rgn_second_moment",
+    "rgn_var",
+    "sample_gn",
+    "sample_rgn",
+    "sample_standard_gn",
+    "sigma_gn",
+    "sigma_rgn",
+    "target_summary",
+]
+
+ShapeLike = int | Sequence[int]
+
+
+def _as_shape(shape: ShapeLike) -> tuple[int, ...]:
+    try:
+        raw = (shape,) if not isinstance(shape, Sequence) else tuple(shape)
+        if any(isinstance(d, bool) for d in raw):
+            raise TypeError
+        dims = tuple(operator.index(d) for d in raw)
+    except TypeError:
+        raise ValueError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"shape must be non-negative, got {shape!r}")
+    return dims
+
+
+def _placement(
+    generator: torch.Generator | None, device: torch.device | str | None, dtype: torch.dtype
+) -> tuple[torch.device, torch.dtype]:
+    """Where to draw and in which working precision; a generator on the wrong device is a clear error."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype!r}")
+    if device is None:
+        dev = generator.device if generator is not None else torch.device("cpu")
+    else:
+        dev = torch.device(device)
+    if generator is not None and generator.device.type != dev.type:
+        raise ValueError(f"generator lives on {generator.device} but sampling was asked on {dev}")
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return dev, work
+
+
+def _draw_standard(
+    shape: tuple[int, ...],
+    p: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    work: torch.dtype,
+) -> torch.Tensor:
+    """T ~ GN_p(0, 1) as S * (p G)^(1/p), G ~ Gamma(1/p, 1), S = +-1, with the two cheap special cases."""
+    if p == 2.0:  # S * sqrt(2 G) with G ~ Gamma(1/2) is exactly N(0, 1); randn is ~10x faster than gamma
+        return torch.randn(shape, generator=generator, device=device, dtype=work)
+    if p == 1.0:  # Gamma(1, 1) = Exp(1) = -log(1 - U); log1p(-U) never sees log(0) because U < 1
+        mag = torch.rand(shape, generator=generator, device=device, dtype=work).neg_().log1p_().neg_()
+    else:
+        alpha = torch.full(shape, 1.0 / p, device=device, dtype=work)
+        mag = torch._standard_gamma(alpha, generator=generator).mul_(p).pow_(1.0 / p)
+    # Sign from a uniform shifted to [-0.5, 0.5): copysign is one fused kernel, no boolean mask.
+    sign = torch.rand(shape, generator=generator, device=device, dtype=work).sub_(0.5)
+    return mag.copysign_(sign)
+
+
+def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype == dtype:
+        return x
+    big = torch.finfo(dtype).max  # half precision: saturate rare far-tail draws instead of producing inf
+    return x.clamp_(-big, big).to(dtype)
+
+
+def sample_standard_gn(
+    shape: ShapeLike,
+    p: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draws from GN_p(0, 1) (sigma = 1 in the method's parametrization, not unit variance)."""
+    return sample_gn(shape, p, 0.0, 1.0, generator=generator, device=device, dtype=dtype)
+
+
+def sample_gn(
+    shape: ShapeLike,
+    p: float,
+    mu: float = 0.0,
+    sigma: float | str = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draws X ~ GN_p(mu, sigma); sigma may also be 'gn' or 'rgn' (see `resolve_sigma`).
+
+    Reproducible given `generator`; device defaults to the generator's device, else CPU.
+    """
+    p, mu = check_p(p), check_mu(mu)
+    sigma = resolve_sigma(p, mu, sigma)
+    dims = _as_shape(shape)
+    dev, work = _placement(generator, device, dtype)
+    x = _draw_standard(dims, p, generator, dev, work).mul_(sigma).add_(mu)
+    return _finish(x, dtype)
+
+
+def sample_rgn(
+    shape: ShapeLike,
+    p: float,
+    mu: float = 0.0,
+    sigma: float | str = 1.0,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Draws x = ReLU(X), X ~ GN_p(mu, sigma): the RGN_p target of Rectified LpJEPA."""
+    p, mu = check_p(p), check_mu(mu)
+    sigma = resolve_sigma(p, mu, sigma)
+    dims = _as_shape(shape)
+    dev, work = _placement(generator, device, dtype)
+    x = _draw_standard(dims, p, generator, dev, work).mul_(sigma).add_(mu).clamp_(min=0.0)
+    return _finish(x, dtype)
+
+
+@dataclass(frozen=True)
+class RGNTarget:
+    """A resolved target RGN_p(mu, sigma) (sigma already a number), as the trainer and the CLI consume it."""
+
+    p: float
+    mu: float
+    sigma: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "p", check_p(self.p))
+        object.__setattr__(self, "mu", check_mu(self.mu))
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+
+    @classmethod
+    def from_spec(cls, p: float, mu: float, sigma: str | float = "gn") -> RGNTarget:
+        """Build from a config-style spec: sigma 'gn' (METHOD.md default), 'rgn' or a number."""
+        return cls(p, mu, resolve_sigma(p, mu, sigma))
+
+    @classmethod
+    def from_l0(cls, p: float, rate: float, sigma: str | float = "gn") -> RGNTarget:
+        """Build the target whose expected activation rate is `rate` (mu solved, see `mu_for_l0`)."""
+        mu, sig = mu_for_l0(p, rate, sigma)
+        return cls(p, mu, sig)
+
+    @property
+    def expected_l0(self) -> float:
+        return expected_l0(self.p, self.mu, self.sigma)
+
+    @property
+    def expected_l1(self) -> float:
+        return expected_l1(self.p, self.mu, self.sigma)
+
+    @property
+    def mean(self) -> float:
+        return rgn_mean(self.p, self.mu, self.sigma)
+
+    @property
+    def second_moment(self) -> float:
+        return rgn_second_moment(self.p, self.mu, self.sigma)
+
+    @property
+    def var(self) -> float:
+        return rgn_var(self.p, self.mu, self.sigma)
+
+    def moment(self, q: float) -> float:
+        return rgn_moment(q, self.p, self.mu, self.sigma)
+
+    def summary(self) -> dict[str, float]:
+        """The `lpjepa target --json` fields: p, mu, sigma, expected_l0, expected_l1, mean, var."""
+        return target_summary(self.p, self.mu, self.sigma)
+
+    def sample(
+        self,
+        shape: ShapeLike,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Rectified draw ReLU(X) (the RGN target)."""
+        return sample_rgn(shape, self.p, self.mu, self.sigma, generator=generator, device=device, dtype=dtype)
+
+    def sample_gn(
+        self,
+        shape: ShapeLike,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Unrectified draw X (the GN target of the ablation in METHOD.md §2)."""
+        return sample_gn(shape, self.p, self.mu, self.sigma, generator=generator, device=device, dtype=dtype)
