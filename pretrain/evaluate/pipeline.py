@@ -1,0 +1,234 @@
+"""One evaluation of a checkpoint on a data set: the numbers the paper reports, in one dict.
+
+Keys that every consumer relies on (the CLI's --json, the trainer's bench): linear_acc, knn_acc,
+proj_linear_acc, proj_knn_acc (fractions in [0, 1]; "proj" = on the projector output, otherwise on backbone
+features), l0, l1, dead_dims (measured on the projector output of the evaluation split), expected_l0 (the
+target's analytic activation rate, null for methods without an RGN target) and nhsic. Everything else is
+context: sizes, the target, notes about splits and conversions, timings.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.checkpoint import load_checkpoint, resolve_checkpoint
+from models.config import ModelConfig
+from models.encoder import Encoder
+from models.preprocess import pil_mode
+from models.rgg_law import expected_l0, expected_l1
+from pretrain.evaluate.features import extract
+from pretrain.evaluate.nhsic import DEFAULT_DIMS, DEFAULT_SAMPLES, nhsic
+from pretrain.evaluate.probes import KNN_K, KNN_TEMPERATURE, knn_accuracy, linear_probe
+from pretrain.evaluate.sparsity import sparsity_report
+from pretrain.evaluate.splits import EvalError, resolve_splits
+
+REQUIRED_KEYS = (
+    "linear_acc",
+    "knn_acc",
+    "proj_linear_acc",
+    "proj_knn_acc",
+    "l0",
+    "l1",
+    "expected_l0",
+    "nhsic",
+    "dead_dims",
+)
+DEFAULT_MAX_TRAIN = 20000
+DEFAULT_BATCH_SIZE = 256
+# Methods whose target is RGN_p(mu, sigma) = ReLU(GN_p): only they have a designed activation rate. The GN
+# ablations and the dense/contrastive baselines have none, and inventing one (1.0) would hide that.
+RGN_TARGET_METHODS = ("rectified_lpjepa", "ablation_rgn_raw")
+
+
+def target_expected(config: ModelConfig) -> tuple[float | None, float | None]:
+    """(expected l0, expected l1) of the training target, or (None, None) for methods without an RGN target."""
+    if config.method not in RGN_TARGET_METHODS:
+        return None, None
+    p, mu, sigma = config.target_p, config.target_mu, config.target_sigma
+    return expected_l0(p, mu, sigma), expected_l1(p, mu, sigma)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise EvalError(f"unknown device {device!r}: {err}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EvalError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EvalError(f"device {device!r} requested but MPS is not available")
+    return dev
+
+
+def evaluate_embeddings(
+    train_feats: torch.Tensor,
+    train_z: torch.Tensor,
+    train_y: torch.Tensor,
+    eval_feats: torch.Tensor,
+    eval_z: torch.Tensor,
+    eval_y: torch.Tensor,
+    *,
+    k: int = KNN_K,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    nhsic_samples: int = DEFAULT_SAMPLES,
+    nhsic_dims: int = DEFAULT_DIMS,
+) -> dict[str, Any]:
+    """Probes on both feature sets, sparsity and nHSIC of the evaluation projector outputs (already extracted).
+
+    Split out of evaluate_checkpoint so a trainer that already holds features does not extract twice.
+    """
+    dev = resolve_device(device)
+    num_classes = int(max(int(train_y.max()), int(eval_y.max()))) + 1
+    out: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for prefix, tr, ev in (("", train_feats, eval_feats), ("proj_", train_z, eval_z)):
+        tr_d, ev_d = tr.to(dev), ev.to(dev)
+        t0 = time.perf_counter()
+        probe = linear_probe(tr_d, train_y, ev_d, eval_y, num_classes=num_classes)
+        t1 = time.perf_counter()
+        out[f"{prefix}linear_acc"] = probe.accuracy
+        out[f"{prefix}linear_train_acc"] = probe.train_accuracy
+        out[f"{prefix}knn_acc"] = knn_accuracy(tr_d, train_y, ev_d, eval_y, k=k, num_classes=num_classes)
+        timings[f"{prefix}linear_s"] = t1 - t0
+        timings[f"{prefix}knn_s"] = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    out.update(sparsity_report(eval_z))
+    timings["sparsity_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dep = nhsic(eval_z, n_samples=nhsic_samples, max_dims=nhsic_dims, seed=seed)
+    timings["nhsic_s"] = time.perf_counter() - t0
+    out.update(nhsic=dep.value, nhsic_pairs=dep.pairs, nhsic_live_dims=dep.live_dims, nhsic_samples=dep.samples)
+    out.update(num_classes=num_classes, k=k, knn_temperature=KNN_TEMPERATURE, timings=timings)
+    return out
+
+
+def _channel_note(data_channels: int | None, config: ModelConfig) -> str | None:
+    mode = pil_mode(config.in_channels)
+    if data_channels is None:
+        return (
+            f"images are converted to {mode} as needed by the eval transform (model in_channels={config.in_channels})"
+        )
+    if data_channels != config.in_channels:
+        src = pil_mode(data_channels)
+        return (
+            f"data has {data_channels} channel(s), the model takes {config.in_channels}: images are converted "
+            f"{src} -> {mode} by the eval transform, as at serving time"
+        )
+    return None
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | Encoder,
+    data_spec: str,
+    *,
+    max_train: int | None = DEFAULT_MAX_TRAIN,
+    limit: int | None = None,
+    k: int = KNN_K,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Offline evaluation of a checkpoint (path, run directory, or an Encoder in memory) on `data_spec`.
+
+    Probes train on the data set's train split (at most `max_train` images) and are scored on the named split
+    (at most `limit` images); see pretrain.evaluate.splits for the hold-out used when there is no train split.
+    Raises CheckpointError, DataSpecError or EvalError with a message naming the problem.
+    """
+    if k < 1:
+        raise EvalError(f"k must be positive, got {k}")
+    if batch_size < 1:
+        raise EvalError(f"batch size must be positive, got {batch_size}")
+    if max_train is not None and max_train < 2:
+        raise EvalError(f"--max-train must be at least 2, got {max_train}")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be at least 1, got {limit}")
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    if isinstance(checkpoint, Encoder):
+        model, ckpt_name = checkpoint, None
+    else:
+        ckpt_name = str(resolve_checkpoint(checkpoint))
+        model, _ = load_checkpoint(checkpoint, device=dev)
+    config = model.config
+    t_load = time.perf_counter()
+    splits = resolve_splits(data_spec, max_train=max_train, limit=limit, seed=seed)
+    t_data = time.perf_counter()
+    notes = list(splits.notes)
+    channel_note = _channel_note(splits.eval_source.channels, config)
+    if channel_note:
+        notes.append(channel_note)
+    tr_feats, tr_z, tr_y = extract(
+        model,
+        splits.train_source,
+        config,
+        batch_size,
+        indices=splits.train_indices,
+        progress=progress,
+        desc="features (train)",
+    )
+    t_tr = time.perf_counter()
+    ev_feats, ev_z, ev_y = extract(
+        model,
+        splits.eval_source,
+        config,
+        batch_size,
+        indices=splits.eval_indices,
+        progress=progress,
+        desc="features (eval)",
+    )
+    t_ev = time.perf_counter()
+    assert tr_y is not None and ev_y is not None  # resolve_splits guarantees labels
+    for name, tensor in (
+        ("backbone features", tr_feats),
+        ("projector outputs", tr_z),
+        ("backbone features", ev_feats),
+        ("projector outputs", ev_z),
+    ):
+        if not torch.isfinite(tensor).all():
+            raise EvalError(f"the model produced non-finite {name} (NaN/inf weights or activations in the checkpoint?)")
+    result = evaluate_embeddings(tr_feats, tr_z, tr_y, ev_feats, ev_z, ev_y, k=k, device=dev, seed=seed)
+    exp_l0, exp_l1 = target_expected(config)
+    if exp_l0 is None:
+        notes.append(f"method {config.method} has no RGN target, so expected_l0 is null")
+    if not config.rectify:
+        notes.append("the projector output is not rectified: exact zeros are not expected, l0 is the non-zero rate")
+    timings = {
+        "load_s": t_load - t_start,
+        "data_s": t_data - t_load,
+        "extract_train_s": t_tr - t_data,
+        "extract_eval_s": t_ev - t_tr,
+        **result.pop("timings"),
+    }
+    timings["extract_img_per_s"] = (len(splits.train_indices) + len(splits.eval_indices)) / max(t_ev - t_data, 1e-9)
+    timings["total_s"] = time.perf_counter() - t_start
+    result["expected_l0"] = exp_l0
+    report: dict[str, Any] = {key: result.pop(key) for key in REQUIRED_KEYS}
+    report.update(result)
+    report.update(
+        expected_l1=exp_l1,
+        n_train=int(len(splits.train_indices)),
+        n_eval=int(len(splits.eval_indices)),
+        feature_dim=int(tr_feats.shape[1]),
+        dim=int(tr_z.shape[1]),
+        checkpoint=ckpt_name,
+        data=data_spec,
+        train_data=splits.train_desc,
+        eval_data=splits.eval_desc,
+        holdout=splits.holdout,
+        method=config.method,
+        rectify=config.rectify,
+        target={"p": config.target_p, "mu": config.target_mu, "sigma": config.target_sigma},
+        device=str(dev),
+        seed=seed,
+        notes=notes,
+        timings={key: round(val, 4) for key, val in timings.items()},
+    )
+    return report
