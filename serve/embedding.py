@@ -1,0 +1,140 @@
+"""The model side of a request: loading the runtime, scorer and store, decoding images off the event loop,
+dynamic-batched inference, and turning dense rows into the API's sparse embeddings with OOD scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+
+from serve.batching import DynamicBatcher
+from serve.errors import ApiError
+from serve.images import open_image, thumbnail_png
+from serve.metrics import ServeMetrics
+from serve.schemas import EmbeddingOut
+from serve.settings import ServeSettings
+from serve.store import ItemStore
+
+
+@dataclass
+class ServeState:
+    """Everything a request handler needs; one per app."""
+
+    settings: ServeSettings
+    metrics: ServeMetrics
+    runtime: Any = None
+    scorer: Any = None
+    store: ItemStore | None = None
+    batcher: DynamicBatcher | None = None
+    draining: bool = False
+
+    @property
+    def dim(self) -> int:
+        return int(self.runtime.dim)
+
+
+def load_runtime(settings: ServeSettings) -> Any:
+    from export.runtime import EmbeddingRuntime
+
+    return EmbeddingRuntime(str(settings.model_path), batch_size=settings.max_batch, num_threads=settings.model_threads)
+
+
+def load_scorer(runtime: Any) -> Any:
+    """The OOD scorer from the calibration stored with the model, or None when the model was never calibrated."""
+    cal = getattr(runtime, "ood_calibration", None)
+    if cal is None:
+        return None
+    from serve.ood import OODScorer
+
+    scorer = OODScorer.from_calibration(cal)
+    if scorer.dim != int(runtime.dim):
+        raise ValueError(f"the OOD calibration has {scorer.dim} dimensions but the model has {runtime.dim}")
+    return scorer
+
+
+def open_store(settings: ServeSettings, dim: int, metrics: ServeMetrics | None = None) -> ItemStore | None:
+    if settings.index_dir is None:
+        return None
+    return ItemStore.open(
+        settings.index_dir,
+        dim=dim,
+        backend=settings.index_backend,
+        metric=settings.index_metric,
+        compact_every=settings.compact_every,
+        metrics=metrics,
+    )
+
+
+def _decode_and_preprocess(state: ServeState, blobs: list[tuple[str, bytes]], thumbs: bool):
+    """Runs in a worker thread: PIL decode and resizing are CPU work that must not stall the event loop."""
+    from export.runtime import ImageDecodeError
+
+    settings = state.settings
+    images = [
+        open_image(data, where, max_pixels=settings.max_image_pixels, formats=settings.image_formats)
+        for where, data in blobs
+    ]
+    thumbnails = [thumbnail_png(img, settings.thumbnail_px) for img in images] if thumbs else [None] * len(images)
+    try:
+        batch = state.runtime.preprocess(images)
+    except ImageDecodeError as err:
+        raise ApiError(422, "invalid_image", str(err)) from err
+    return batch, thumbnails
+
+
+async def embed_blobs(state: ServeState, blobs: list[tuple[str, bytes]], *, thumbs: bool = False):
+    """Decode, preprocess (thread) and embed (batcher) images; returns (dense (N, dim) float32, thumbnails)."""
+    if not blobs:
+        raise ApiError(422, "missing_images", "no images in the request")
+    if len(blobs) > state.settings.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"at most {state.settings.max_images_per_request} images per request")
+    assert state.batcher is not None
+    with state.batcher.expecting() as ticket:
+        batch, thumbnails = await anyio.to_thread.run_sync(_decode_and_preprocess, state, blobs, thumbs)
+        dense = np.asarray(await state.batcher.submit(batch, ticket), dtype=np.float32)
+    dense = np.where(np.isfinite(dense), dense, 0.0).astype(np.float32)
+    state.metrics.observe_l0(np.count_nonzero(dense, axis=1) / max(dense.shape[1], 1))
+    return dense, thumbnails
+
+
+def ood_records(state: ServeState, dense: np.ndarray) -> list[dict[str, Any]] | None:
+    if state.scorer is None:
+        return None
+    records = state.scorer.score(dense).to_records()
+    flagged = sum(1 for r in records if r["is_ood"])
+    if flagged:
+        state.metrics.ood.inc(flagged)
+    return records
+
+
+def embedding_out(
+    row_indices: np.ndarray, row_values: np.ndarray, dim: int, *, dense: bool = False, ood: dict[str, Any] | None = None
+) -> EmbeddingOut:
+    full = None
+    if dense:
+        vec = np.zeros(dim, dtype=np.float32)
+        vec[row_indices] = row_values
+        full = vec.tolist()
+    return EmbeddingOut(
+        indices=row_indices.tolist(),
+        values=row_values.astype(np.float32).tolist(),
+        dim=dim,
+        nnz=int(row_indices.size),
+        l0=row_indices.size / dim,
+        dense=full,
+        ood_score=None if ood is None else ood["score"],
+        is_ood=None if ood is None else ood["is_ood"],
+    )
+
+
+def dense_to_outputs(state: ServeState, dense: np.ndarray, want_dense: bool) -> list[EmbeddingOut]:
+    records = ood_records(state, dense)
+    out = []
+    for i, row in enumerate(dense):
+        idx = np.flatnonzero(row)
+        out.append(
+            embedding_out(idx, row[idx], state.dim, dense=want_dense, ood=None if records is None else records[i])
+        )
+    return out

@@ -1,0 +1,101 @@
+"""Prometheus metrics, one registry per app so several apps (tests, workers) never collide in the global one."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.batching import BatchObserver
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# l0 as the fraction of active dimensions: the quantity the training target prescribes (METHOD.md, section 1).
+L0_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+class ServeMetrics(BatchObserver):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "lpjepa_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lpjepa_http_request_duration_seconds",
+            "HTTP request latency by route and status",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "lpjepa_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "lpjepa_model_batch_duration_seconds", "Seconds per model call", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue = Gauge("lpjepa_model_queue_images", "Images queued or running in the model", registry=r)
+        self.index_size = Gauge("lpjepa_index_items", "Items in the index", registry=r)
+        self.l0 = Histogram(
+            "lpjepa_embedding_l0_fraction",
+            "Fraction of active dimensions per embedded image",
+            buckets=L0_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("lpjepa_images_embedded", "Images embedded", registry=r)
+        self.ood = Counter("lpjepa_ood_flagged", "Images flagged out-of-distribution", registry=r)
+        self.wal_records = Counter("lpjepa_wal_records", "Write-ahead-log records written", registry=r)
+        self.compactions = Counter("lpjepa_index_snapshots", "Index snapshots (WAL compactions)", registry=r)
+
+    # BatchObserver hooks
+    def batch_run(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def queue_depth(self, images: int) -> None:
+        self.queue.set(images)
+
+    def observe_l0(self, fractions) -> None:
+        for f in fractions:
+            self.l0.observe(float(f))
+        self.images.inc(len(fractions))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware) so streaming and background tasks are untouched.
+
+    The route label is the matched route template (/v1/items/{item_id}), never the raw path, so a client probing
+    random ids cannot blow up the label cardinality; unmatched paths count as "unmatched".
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            labels = (template, scope.get("method", ""), str(status["code"]))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -1,0 +1,177 @@
+"""Request and response models: they are the OpenAPI contract at /docs and the validation of every JSON body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from index.validation import MAX_ID
+
+ItemId = int  # non-negative int64 ids, as the index stores them (the largest int64 is reserved by the index)
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are an error: a misspelt `k` or `dense` should not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- embeddings
+class EmbeddingIn(StrictModel):
+    """An embedding supplied by the client: sparse (indices + values) or dense (exactly `dim` numbers).
+
+    Values must be finite and non-negative: the model's codes are rectified (ReLU), so a negative value can only
+    come from a different model or a bug on the client's side.
+    """
+
+    indices: list[int] | None = Field(None, description="active dimensions (any order, no repeats)")
+    values: list[float] | None = Field(None, description="values of the active dimensions, same length")
+    dense: list[float] | None = Field(None, description="all `dim` values instead of indices/values")
+    dim: int | None = Field(None, description="optional; when given it must equal the model's dimension")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> EmbeddingIn:
+        sparse_given = self.indices is not None or self.values is not None
+        if sparse_given and self.dense is not None:
+            raise ValueError("give either indices/values or dense, not both")
+        if not sparse_given and self.dense is None:
+            raise ValueError("give indices and values, or dense")
+        if sparse_given and (self.indices is None or self.values is None):
+            raise ValueError("indices and values must be given together")
+        if sparse_given and len(self.indices) != len(self.values):  # type: ignore[arg-type]
+            raise ValueError(f"indices ({len(self.indices)}) and values ({len(self.values)}) differ in length")  # type: ignore[arg-type]
+        return self
+
+
+class OODOut(BaseModel):
+    score: float = Field(description="combined OOD score; higher = more unusual")
+    is_ood: bool = Field(description="score above the calibrated threshold")
+    l0: float = Field(description="fraction of active dimensions")
+    rate_score: float
+    pattern_score: float
+
+
+class EmbeddingOut(BaseModel):
+    indices: list[int] = Field(description="active dimensions, ascending")
+    values: list[float] = Field(description="their values")
+    dim: int
+    nnz: int = Field(description="number of active dimensions")
+    l0: float = Field(description="fraction of active dimensions (nnz / dim)")
+    dense: list[float] | None = Field(None, description="all values, only when requested with dense=true")
+    ood_score: float | None = Field(None, description="OOD score, when the model carries an OOD calibration")
+    is_ood: bool | None = Field(None, description="OOD flag, when the model carries an OOD calibration")
+
+
+class EmbedJSON(StrictModel):
+    images: list[str] = Field(description="base64-encoded image files (PNG, JPEG, ...); data: URLs accepted")
+    dense: bool = False
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[EmbeddingOut]
+
+
+# --------------------------------------------------------------------------------------------- search
+class SearchJSON(StrictModel):
+    embedding: EmbeddingIn | None = None
+    image: str | None = Field(None, description="base64 image instead of an embedding")
+    k: int = Field(10, ge=1)
+    thumbnails: bool = Field(False, description="include the stored thumbnail (base64 PNG) of each hit")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchJSON:
+        if (self.embedding is None) == (self.image is None):
+            raise ValueError("give exactly one of embedding or image")
+        return self
+
+
+class SearchHit(BaseModel):
+    id: ItemId
+    score: float
+    payload: Any = None
+    thumbnail: str | None = Field(None, description="base64 PNG, when requested and stored")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit] = Field(description="best first; fewer than k when the index holds fewer items")
+    query: EmbeddingOut | None = Field(None, description="the query image's embedding, for image queries")
+
+
+# --------------------------------------------------------------------------------------------- items
+class ItemIn(StrictModel):
+    id: ItemId = Field(ge=0, le=MAX_ID)
+    image: str | None = Field(None, description="base64 image to embed")
+    embedding: EmbeddingIn | None = None
+    payload: dict[str, Any] | None = Field(None, description="any JSON object stored with the item")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ItemIn:
+        if (self.image is None) == (self.embedding is None):
+            raise ValueError("each item needs exactly one of image or embedding")
+        return self
+
+
+class PutItemsJSON(StrictModel):
+    items: list[ItemIn] = Field(min_length=1)
+
+
+class PutItemsResponse(BaseModel):
+    ids: list[ItemId]
+    created: int = Field(description="ids that were new")
+    replaced: int = Field(description="ids that already existed and were overwritten")
+    index_size: int
+
+
+class ItemOut(BaseModel):
+    id: ItemId
+    payload: Any = None
+    embedding: EmbeddingOut | None = None
+    thumbnail: str | None = None
+
+
+class DeleteResponse(BaseModel):
+    id: ItemId
+    deleted: bool
+    index_size: int
+
+
+# --------------------------------------------------------------------------------------------- ood / info
+class OODResponse(BaseModel):
+    results: list[OODOut]
+    threshold: float
+    tpr: float | None = Field(None, description="in-distribution true-positive rate the threshold was set for")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class IndexInfo(BaseModel):
+    size: int
+    dim: int
+    metric: str | None = None
+    backend: str | None = None
+    directory: str
+    wal_records: int
+    snapshots: int
+
+
+class InfoResponse(BaseModel):
+    model: dict[str, Any] = Field(description="the exported model's metadata (config, target, precision, ...)")
+    dim: int
+    ood_calibrated: bool
+    ood: dict[str, Any] | None = Field(None, description="summary of the OOD calibration, when there is one")
+    index: IndexInfo | None
+    limits: dict[str, Any]
+    version: str
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, bool] = Field(default_factory=dict)

@@ -1,0 +1,96 @@
+"""Everything an operator can tune about the server, validated once at start-up.
+
+Limits live here (not scattered through handlers) so the CLI flags, the tests and /v1/info all read the same
+numbers, and a bad value fails at start-up with a message instead of surfacing as odd behaviour under load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+API_KEY_ENV = "LPJEPA_API_KEY"
+
+# Formats PIL decodes that make sense as photos; anything else (EPS, PDF, ICO, ...) is refused up front because
+# some of PIL's plug-ins shell out or are rarely exercised, which is not what a public endpoint should run.
+DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+
+
+class ServeSettings(BaseModel):
+    """Configuration of one server instance; `lpjepa serve` builds it from flags, tests build it directly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path
+    index_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    api_key: str | None = None
+    auth_reads: bool = False
+
+    # Request limits.
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    max_k: int = Field(1000, ge=1)
+    max_payload_bytes: int = Field(16 * 1024, ge=2)
+    max_items_per_request: int = Field(256, ge=1)
+    image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
+    max_inflight: int = Field(256, ge=1)  # concurrent /v1 requests; beyond it 503 + Retry-After
+
+    # Model execution.
+    model_threads: int | None = Field(None, ge=1)  # ONNX Runtime intra-op threads; None = one per core
+
+    # Dynamic batching.
+    batching: bool = True
+    max_batch: int = Field(64, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0.0)
+    max_queue: int = Field(1024, ge=1)  # images waiting for the model; beyond it requests get 503
+    request_timeout_s: float = Field(30.0, gt=0.0)
+
+    # Index durability.
+    compact_every: int = Field(1000, ge=1)  # WAL records between snapshots
+    index_backend: str = "csr"  # used only when --index names a directory that does not exist yet
+    index_metric: str = "cosine"  # for a new index: an image's own item ranks first whatever its norm
+    thumbnail_px: int = Field(48, ge=0, le=256)  # 0 disables thumbnails of indexed images
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("api_key must not be empty")
+        return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper_formats(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.upper() for v in value)
+
+    @classmethod
+    def with_env(cls, **kwargs: object) -> ServeSettings:
+        """Fill the API key from LPJEPA_API_KEY when not given, so it need not appear in `ps` output."""
+        if kwargs.get("api_key") is None and os.environ.get(API_KEY_ENV):
+            kwargs["api_key"] = os.environ[API_KEY_ENV]
+        return cls(**kwargs)
+
+    def public_limits(self) -> dict[str, object]:
+        """The limits a client needs to size its requests (never the key)."""
+        return {
+            "max_body_bytes": self.max_body_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_images_per_request": self.max_images_per_request,
+            "max_items_per_request": self.max_items_per_request,
+            "max_k": self.max_k,
+            "max_payload_bytes": self.max_payload_bytes,
+            "image_formats": list(self.image_formats),
+            "batching": self.batching,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_ms,
+            "max_queue": self.max_queue,
+            "max_inflight": self.max_inflight,
+            "auth_writes": self.api_key is not None,
+            "auth_reads": self.api_key is not None and self.auth_reads,
+        }

@@ -1,0 +1,213 @@
+"""Shared support for the serve tests (no tests here): a tiny exported model, real images, a server process.
+
+The tiny model is exported once per pytest session (cached under the session's base temp directory) because
+export is the slowest part of the set-up and every serve test module needs the same model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = dict(
+    backbone="resnet18",
+    backbone_kwargs={"width": 0.125},
+    in_channels=1,
+    image_size=28,
+    mean=[0.286],
+    std=[0.353],
+    projector_dims=[64, 64, 64],
+)
+_LOCK = threading.Lock()
+
+
+def tiny_config():
+    from models.config import ModelConfig
+
+    return ModelConfig(**TINY_CONFIG)
+
+
+def export_tiny_model(base: Path) -> Path:
+    """A randomly initialised tiny encoder exported to ONNX, cached in `base` for the whole session."""
+    import torch
+
+    from export.onnx_export import export_checkpoint
+    from models.checkpoint import save_checkpoint
+    from models.encoder import build_model
+
+    out = base / "serve-tiny-model"
+    onnx_path = out / "model.onnx"
+    with _LOCK:
+        if onnx_path.is_file():
+            return onnx_path
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        ckpt = save_checkpoint(out / "model.safetensors", build_model(tiny_config()))
+        export_checkpoint(ckpt, onnx_path, parity=False)  # parity is export's own test; this compares to torch
+    return onnx_path
+
+
+def checkpoint_of(onnx_path: Path) -> Path:
+    return onnx_path.parent / "model.safetensors"
+
+
+def calibrated_copy(onnx_path: Path, base: Path, n_images: int = 200) -> tuple[Path, dict]:
+    """A copy of the model carrying an OOD calibration fitted on real Fashion-MNIST test images."""
+    import shutil
+
+    from export.metadata import write_ood_calibration
+    from export.runtime import EmbeddingRuntime
+    from serve.ood import calibrate
+
+    out = base / "serve-tiny-calibrated"
+    target = out / "model.onnx"
+    with _LOCK:
+        if not target.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            for f in onnx_path.parent.iterdir():
+                if f.name.startswith("model.onnx"):
+                    shutil.copy(f, out / f.name)
+            rt = EmbeddingRuntime(str(target))
+            images = fashion_images(n_images, offset=1000)
+            cal = calibrate(rt.embed(images), tpr=0.95, seed=0)
+            write_ood_calibration(str(target), cal)
+    rt = EmbeddingRuntime(str(target))
+    assert rt.ood_calibration is not None
+    return target, rt.ood_calibration
+
+
+def fashion_images(n: int, offset: int = 0) -> list[Image.Image]:
+    from pretrain.data.sources import open_source
+
+    source = open_source("fashion-mnist:test")
+    return [source.image(offset + i) for i in range(n)]
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def fashion_pngs(n: int, offset: int = 0) -> list[bytes]:
+    return [png_bytes(img) for img in fashion_images(n, offset)]
+
+
+def cifar_files() -> list[Path]:
+    from pretrain.data.sources import sample_image_files
+
+    return sample_image_files("cifar10")
+
+
+def reference_embeddings(onnx_path: Path, images: list[Image.Image]) -> np.ndarray:
+    """The embedding computed independently of the server: the torch encoder on the evaluation transform."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.preprocess import eval_transform
+
+    model, _ = load_checkpoint(checkpoint_of(onnx_path))
+    transform = eval_transform(model.config)
+    with torch.no_grad():
+        batch = torch.stack([transform(img) for img in images])
+        return model(batch).numpy()
+
+
+# ------------------------------------------------------------------------------------------ server process
+class ServerProcess:
+    """`lpjepa serve` as a real subprocess on a free loopback port (--port 0; the port is read from stdout)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        cmd = [*lpjepa_command(), "serve", "--port", "0", "--log-level", "warning", *args]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        # stderr goes to a file: an unread pipe would fill up and block the server on its own logging.
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.url = self._wait_listening(timeout)
+        self._wait_ready(timeout)
+
+    def _wait_listening(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        box: dict[str, str] = {}
+
+        def reader() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                lines.append(line)
+                match = re.search(r"listening on (http://\S+)", line)
+                if match:
+                    box["url"] = match.group(1)
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t.join(timeout)
+        if "url" not in box:
+            self.kill()
+            raise RuntimeError(f"server did not start (rc={self.proc.returncode}): {''.join(lines)} {self.logs()}")
+        return box["url"]
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"server never became ready: {self.logs()}")
+
+    def logs(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM: uvicorn's graceful shutdown (the lifespan snapshots the index)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        self._close_pipes()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def lpjepa_command() -> list[str]:
+    """The installed `lpjepa` console script (what users run); `python -m cli.main` when it is missing."""
+    script = Path(sys.executable).parent / "lpjepa"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli.main"]
+
+
+def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run([*lpjepa_command(), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
