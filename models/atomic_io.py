@@ -8,6 +8,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+# mkstemp creates 0600 files; published artefacts (checkpoints, models, indexes) should get the usual mode.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+DEFAULT_FILE_MODE = 0o666 & ~_UMASK
+
 
 def fsync_dir(path: Path) -> None:
     """A rename is only durable once the directory entry itself reaches the disk."""
@@ -26,6 +31,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, DEFAULT_FILE_MODE)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

@@ -1,0 +1,226 @@
+"""The one inference path for exported models: index/ and serve/ both embed images through EmbeddingRuntime.
+
+It reads everything it needs (input contract, embedding size, target, OOD calibration) from the model file's
+metadata, preprocesses raw images exactly like training's evaluation transform (export.preprocess), runs
+ONNX Runtime (CUDA first when present, else CPU) or a TensorRT engine in fixed-size chunks, and returns sparse
+rows. Import cost is numpy + Pillow + scipy; onnxruntime is imported when a runtime is created and torch only
+for TensorRT engines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from export import metadata as meta_io
+from export.errors import ImageDecodeError, ModelLoadError
+from export.preprocess import ImageInput, Preprocessor
+
+__all__ = ["EmbeddingRuntime", "ImageDecodeError", "ModelLoadError", "default_providers"]
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build and machine offer it, always CPU as the fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class _OrtBackend:
+    def __init__(self, path: Path, providers: Sequence[str] | None, num_threads: int | None) -> None:
+        import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+        load_errors = (
+            ort_state.Fail,
+            ort_state.InvalidProtobuf,
+            ort_state.InvalidGraph,
+            ort_state.NoSuchFile,
+            ort_state.InvalidArgument,
+            ort_state.NotImplemented,
+            ort_state.RuntimeException,
+            OSError,
+            RuntimeError,
+        )
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # CUDA-missing and fusion notices are noise for callers
+        if num_threads is not None:
+            if num_threads < 1:
+                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+            options.intra_op_num_threads = int(num_threads)
+            options.inter_op_num_threads = 1
+        chosen = list(providers) if providers is not None else default_providers()
+        unknown = [p for p in chosen if p not in ort.get_available_providers()]
+        if unknown:
+            raise ModelLoadError(
+                f"{path}: onnxruntime has no provider {', '.join(unknown)} (available: "
+                f"{', '.join(ort.get_available_providers())})"
+            )
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        except load_errors as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from err
+        self.providers = self.session.get_providers()
+        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.max_batch: int | None = None
+
+    def bind(self, input_name: str, output_name: str) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if input_name not in inputs or output_name not in outputs:
+            raise ModelLoadError(
+                f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match the "
+                f"metadata ({input_name!r} -> {output_name!r})"
+            )
+        self.input_name, self.output_name = input_name, output_name
+        self.input_shape = list(inputs[input_name].shape)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+class EmbeddingRuntime:
+    """Load an exported model once; embed raw images or preprocessed batches many times (thread-compatible:
+    ONNX Runtime sessions may be called concurrently)."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        providers: Sequence[str] | None = None,
+        batch_size: int = 64,
+        num_threads: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"no model file at {self.path}")
+        suffix = self.path.suffix.lower()
+        if suffix in meta_io.ENGINE_SUFFIXES:
+            from export.tensorrt import TensorRTBackend
+
+            self.metadata = meta_io.read_metadata(self.path)
+            self._backend: Any = TensorRTBackend(self.path, self.metadata)
+        elif suffix in meta_io.ONNX_SUFFIXES:
+            self._backend = _OrtBackend(self.path, providers, num_threads)
+            self.metadata = meta_io.validate(meta_io.decode(self._backend.props), str(self.path))
+        else:
+            raise ModelLoadError(
+                f"{self.path}: unsupported model file type {suffix or '(none)'!r}; expected "
+                f".onnx or a TensorRT engine ({', '.join(meta_io.ENGINE_SUFFIXES)})"
+            )
+        m = self.metadata
+        self._backend.bind(m["input_name"], m["output_name"])
+        self.batch_size = int(batch_size)
+        if self._backend.max_batch is not None:
+            self.batch_size = min(self.batch_size, int(self._backend.max_batch))
+        self.dim = int(m["dim"])
+        self.image_size = int(m["image_size"])
+        self.in_channels = int(m["in_channels"])
+        self.input_shape = (self.in_channels, self.image_size, self.image_size)
+        graph_dims = list(getattr(self._backend, "input_shape", []))[1:]
+        if (
+            len(graph_dims) == 3
+            and all(isinstance(d, int) and d > 0 for d in graph_dims)
+            and tuple(graph_dims) != self.input_shape
+        ):
+            raise ModelLoadError(
+                f"{self.path}: graph input {graph_dims} disagrees with the metadata {list(self.input_shape)}"
+            )
+        try:
+            self._preprocess = Preprocessor(self.image_size, self.in_channels, m["mean"], m["std"])
+        except ValueError as err:
+            raise ModelLoadError(f"{self.path}: inconsistent input metadata: {err}") from err
+        self._ood: dict[str, Any] | None | bool = False  # False = not read yet
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingRuntime({str(self.path)!r}, dim={self.dim}, input={self.input_shape}, "
+            f"precision={self.metadata.get('precision')!r}, providers={self.providers})"
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._backend.providers)
+
+    @property
+    def ood_calibration(self) -> dict[str, Any] | None:
+        """Embedded `ood_calibration` metadata, else `<model>.ood.json`, else None (read once, then cached)."""
+        if self._ood is False:
+            self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
+        return self._ood  # type: ignore[return-value]
+
+    def reload_ood_calibration(self) -> dict[str, Any] | None:
+        """Re-read after `write_ood_calibration` changed the file on disk."""
+        self.metadata = meta_io.read_metadata(self.path)
+        self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
+        return self._ood
+
+    def preprocess(self, images: Sequence[ImageInput], *, offset: int = 0) -> np.ndarray:
+        """Raw images -> (N, C, H, W) float32, identical to models.preprocess.eval_transform."""
+        return self._preprocess(images, offset=offset)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed (N, C, H, W) input -> (N, dim) float32 embeddings, in chunks of `batch_size`."""
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(batch.shape)}"
+            )
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        out = np.empty((batch.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, batch.shape[0], self.batch_size):
+            chunk = batch[start : start + self.batch_size]
+            out[start : start + len(chunk)] = self._backend(chunk)
+        return out
+
+    def embed_dense(
+        self, images: Sequence[ImageInput], *, batch_size: int | None = None, progress: bool = False
+    ) -> np.ndarray:
+        """Raw images -> (N, dim) float32; preprocessing is chunked too, so memory stays O(batch)."""
+        step = int(batch_size or self.batch_size)
+        if step < 1:
+            raise ValueError(f"batch_size must be >= 1, got {step}")
+        n = len(images)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, desc="embed", unit="img")
+        try:
+            for start in range(0, n, step):
+                chunk = images[start : start + step]
+                out[start : start + len(chunk)] = self.run(self.preprocess(chunk, offset=start))
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def embed(
+        self, images: Sequence[ImageInput], *, batch_size: int | None = None, progress: bool = False
+    ) -> sparse.csr_matrix:
+        """Raw images -> CSR (N x dim, float32) holding only the non-zero activations."""
+        dense = self.embed_dense(images, batch_size=batch_size, progress=progress)
+        return sparse.csr_matrix(dense, dtype=np.float32)
+
+    @staticmethod
+    def rows(matrix: sparse.csr_matrix) -> list[tuple[np.ndarray, np.ndarray]]:
+        """CSR -> per-row (indices int32, values float32), the JSON-friendly form serve/ returns."""
+        return [
+            (
+                matrix.indices[matrix.indptr[i] : matrix.indptr[i + 1]].astype(np.int32),
+                matrix.data[matrix.indptr[i] : matrix.indptr[i + 1]].astype(np.float32),
+            )
+            for i in range(matrix.shape[0])
+        ]
