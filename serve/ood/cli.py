@@ -1,0 +1,265 @@
+"""`lpjepa ood calibrate | eval | score`: the OOD stage of the command line.
+
+Heavy imports (onnxruntime, faiss, torch via the data sources) happen inside the handlers so `lpjepa --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from cli.errors import CliError
+from cli.parser import OneLineParser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from err
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (a file, a spec, a stored calibration), reported as one line, exit 2."""
+    from export.errors import ModelLoadError
+    from pretrain.data.sources import DataSpecError
+    from serve.ood.inputs import InputError
+    from serve.ood.scores import CalibrationError
+
+    return InputError, CalibrationError, ModelLoadError, DataSpecError
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ calibrate
+def _calibrate(args: argparse.Namespace) -> int:
+    from serve.ood.calibration import calibrate_model
+
+    try:
+        cal = calibrate_model(
+            args.model,
+            args.data,
+            limit=args.limit,
+            tpr=args.tpr,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except _user_errors() as err:
+        raise CliError(str(err)) from err
+    summary = {
+        "model": args.model,
+        "data": args.data,
+        "n": cal["n"],
+        "n_fit": cal["n_fit"],
+        "n_holdout": cal["n_holdout"],
+        "dim": cal["dim"],
+        "tpr": cal["tpr"],
+        "threshold": cal["thresholds"]["combined"],
+        "holdout_tpr": cal["holdout_tpr"]["combined"],
+        "l0_mean": cal["l0"]["mean"],
+        "l0_std": cal["l0"]["std"],
+        "l0_expected": cal["l0"]["expected"],
+        "dead_dims": cal["dead_dims"],
+    }
+    if args.json:
+        _print_json(summary)
+    else:
+        expected = "n/a" if summary["l0_expected"] is None else f"{summary['l0_expected']:.4f}"
+        print(
+            f"calibrated {args.model} on {cal['n']} images of {args.data} "
+            f"({cal['n_fit']} fit rates and l0, {cal['n_holdout']} set the threshold)"
+        )
+        print(
+            f"  l0 mean {summary['l0_mean']:.4f} (std {summary['l0_std']:.4f}, analytic {expected}); "
+            f"{summary['dead_dims']} of {summary['dim']} dimensions never fired"
+        )
+        print(
+            f"  threshold {summary['threshold']:.4f} on the combined score for {cal['tpr']:.0%} ID TPR "
+            f"(held-out TPR {summary['holdout_tpr']:.4f}); stored with the model"
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _format_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"ID {report['id']['spec']} ({report['id']['n']})  vs  OOD {report['ood']['spec']} "
+        f"({report['ood']['n']}); baselines fitted on {report['train']['how']}",
+        f"{'method':<14}{'AUROC':>8}{'FPR@95':>8}{'AUPR':>8}{'us/input':>10}  needs at scoring time",
+    ]
+    for name, m in report["methods"].items():
+        lines.append(
+            f"{name:<14}{m['auroc']:>8.4f}{m['fpr95']:>8.4f}{m['aupr']:>8.4f}{m['score_us']:>10.2f}  {m['needs']}"
+        )
+    op, l0 = report["operating_point"], report["l0"]
+    expected = "n/a" if l0["expected"] is None else f"{l0['expected']:.4f}"
+    lines.append(
+        f"threshold {op['threshold']:.4f}: ID TPR {op['id_tpr']:.4f}, OOD flagged {op['ood_detected']:.4f}"
+        f"  (calibration: {report['calibration']['from']})"
+    )
+    lines.append(
+        f"l0: ID {l0['id_mean']:.4f} +- {l0['id_std']:.4f}, OOD {l0['ood_mean']:.4f} +- {l0['ood_std']:.4f}"
+        f", analytic {expected}"
+    )
+    batch = ", ".join(f"{m}: {v:.3f}" for m, v in report["batch_l0_auroc"].items())
+    lines.append(f"data-set-level rate shift, AUROC of |batch mean l0 - ID mean| by batch size: {batch}")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.atomic_io import atomic_write_text
+    from serve.ood.evaluate import evaluate_model
+
+    try:
+        result = evaluate_model(
+            args.model,
+            args.id,
+            args.ood,
+            limit=args.limit,
+            train_limit=args.train_limit,
+            k=args.k,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            recalibrate=args.recalibrate,
+        )
+    except _user_errors() as err:
+        raise CliError(str(err)) from err
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result.report, indent=2) + "\n")
+    if args.json:
+        _print_json(result.report)
+    else:
+        print(_format_table(result.report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ score
+def _score(args: argparse.Namespace) -> int:
+    from serve.ood.inputs import embed_images, image_paths, open_image, open_runtime
+    from serve.ood.scores import OODScorer
+
+    try:
+        files = image_paths(args.paths)
+        runtime = open_runtime(args.model)
+        cal = runtime.ood_calibration
+        if cal is None:
+            raise CliError(
+                f"model {args.model} has no OOD calibration; run `lpjepa ood calibrate --model "
+                f"{args.model} --data SPEC` first"
+            )
+        scorer = OODScorer.from_calibration(cal)
+        loaders = [(str(f), (lambda f=f: open_image(f))) for f in files]
+        embedded = embed_images(
+            runtime, loaders, batch_size=args.batch_size, progress=not args.no_progress, desc="score"
+        )
+    except _user_errors() as err:
+        raise CliError(str(err)) from err
+    records: list[dict[str, Any]] = []
+    if embedded.n:
+        for pos, rec in zip(embedded.indices, scorer.score(embedded.matrix).to_records(), strict=True):
+            records.append({"path": str(files[pos]), **rec})
+    failed = [{"path": name, "error": reason} for name, reason in embedded.failed]
+    if args.json:
+        _print_json(
+            {
+                "model": args.model,
+                "threshold": scorer.threshold,
+                "tpr": scorer.tpr,
+                "results": records,
+                "failed": failed,
+            }
+        )
+        return 0
+    width = max([len(r["path"]) for r in records] + [4])
+    print(f"{'path':<{width}}  {'score':>8}  {'l0':>7}  {'rate':>7}  {'pattern':>8}  ood")
+    for r in records:
+        print(
+            f"{r['path']:<{width}}  {r['score']:>8.3f}  {r['l0']:>7.4f}  {r['rate_score']:>7.3f}  "
+            f"{r['pattern_score']:>8.4f}  {'yes' if r['is_ood'] else 'no'}"
+        )
+    for f in failed:
+        print(f"{f['path']:<{width}}  unreadable: {f['error']}")
+    n_ood = sum(r["is_ood"] for r in records)
+    print(f"{n_ood} of {len(records)} flagged out-of-distribution (threshold {scorer.threshold:.4f})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ register
+def register(subparsers: Any) -> None:
+    ood = subparsers.add_parser(
+        "ood",
+        help="out-of-distribution scoring from activation statistics",
+        description="Calibrate, evaluate and apply the activation-rate OOD scores.",
+    )
+    sub = ood.add_subparsers(dest="ood_command", metavar="ACTION", parser_class=OneLineParser)
+    sub.required = True
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="exported model (.onnx)")
+        p.add_argument("--batch-size", type=_positive_int, default=256, help="images per runtime call")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit the OOD scores on in-distribution data and store them in the model",
+        description="Embed in-distribution images, fit l0 and per-dimension rates on one part, "
+        "set the threshold on the other, and store the calibration with the model.",
+    )
+    common(cal)
+    cal.add_argument("--data", required=True, help="in-distribution data spec (built-in name or image folder)")
+    cal.add_argument("--limit", type=_positive_int, default=None, help="use a seeded random subset of this size")
+    cal.add_argument("--tpr", type=_fraction, default=0.95, help="in-distribution true positive rate (0.95)")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser(
+        "eval",
+        help="AUROC / FPR@95 / AUPR of the scores beside KNN and Mahalanobis",
+        description="Evaluate the activation scores and baselines, OOD as the positive class.",
+    )
+    common(ev)
+    ev.add_argument("--id", required=True, help="in-distribution evaluation spec, e.g. fashion-mnist:test")
+    ev.add_argument("--ood", required=True, help="out-of-distribution spec, e.g. mnist or an image folder")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="cap on ID and OOD evaluation images each")
+    ev.add_argument(
+        "--train-limit", type=_positive_int, default=10000, help="ID train images for KNN/Mahalanobis (10000)"
+    )
+    ev.add_argument("--k", type=_positive_int, default=50, help="KNN neighbours (50)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="calibrate on the ID train split instead of using the model's stored calibration",
+    )
+    ev.add_argument("--out", default=None, help="also write the JSON report to this file")
+    ev.set_defaults(func=_eval)
+
+    sc = sub.add_parser(
+        "score",
+        help="per-image OOD scores with the model's stored calibration",
+        description="Score image files or folders: score, l0, is_ood per image.",
+    )
+    common(sc)
+    sc.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER")
+    sc.set_defaults(func=_score)

@@ -1,0 +1,240 @@
+"""Evaluation: the activation scores beside KNN, Mahalanobis and analytic-l0 deviation, on the same embeddings.
+
+Baselines that need in-distribution training data (KNN, Mahalanobis, and our calibration when the model carries
+none) are fitted on an ID *train* split that never overlaps the ID evaluation set: the data set's train split when
+the ID spec names its test split, otherwise a seeded split of the ID source itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from serve.ood.baselines import KNNDistance, Mahalanobis, l0_deviation
+from serve.ood.calibration import calibrate
+from serve.ood.metrics import auroc, ood_metrics
+from serve.ood.scores import OODScorer, activation_matrix, l0_fraction
+
+REPORT_VERSION = 1
+OUR_METHODS = ("rate", "pattern", "combined")
+# What each method needs at scoring time: the point of the activation scores is that they need no index.
+NEEDS = {
+    "rate": "calibration (l0 distribution)",
+    "pattern": "calibration (D rates)",
+    "combined": "calibration",
+    "knn": "index of ID train embeddings",
+    "mahalanobis": "D x D precision matrix",
+    "l0_deviation": "analytic E[l0] only",
+}
+_TEST_TO_TRAIN = {"test": "train", "val": "train", "t10k": "train"}
+
+
+@dataclass
+class EvalResult:
+    """The JSON report plus the per-input arrays a plot or further analysis needs."""
+
+    report: dict[str, Any]
+    l0_id: NDArray[np.float64]
+    l0_ood: NDArray[np.float64]
+    scores_id: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+    scores_ood: dict[str, NDArray[np.float64]] = field(default_factory=dict)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def batch_l0_shift(
+    l0_id: Any,
+    l0_ood: Any,
+    ref_mean: float,
+    *,
+    seed: int = 0,
+    sizes: tuple[int, ...] = (16, 64, 256),
+    n_batches: int = 1000,
+) -> dict[str, float]:
+    """AUROC of |batch mean l0 - ID mean| over random batches (drawn with replacement) of each size.
+
+    This is the data-set-level rate shift the paper reports; it can be strong even when a per-input test is blind
+    because OOD inputs sit inside the in-distribution l0 band, and it is the cheapest drift monitor a server has.
+    """
+    rng = np.random.default_rng(seed)
+    a_all, b_all = np.asarray(l0_id, dtype=np.float64), np.asarray(l0_ood, dtype=np.float64)
+    out = {}
+    for m in sizes:
+        a = np.abs(rng.choice(a_all, (n_batches, m)).mean(axis=1) - ref_mean)
+        b = np.abs(rng.choice(b_all, (n_batches, m)).mean(axis=1) - ref_mean)
+        out[str(m)] = auroc(a, b)
+    return out
+
+
+def evaluate_embeddings(
+    id_emb: Any,
+    ood_emb: Any,
+    train_emb: Any,
+    *,
+    calibration: dict[str, Any],
+    expected_l0: float | None = None,
+    k: int = 50,
+    tpr: float = 0.95,
+) -> EvalResult:
+    """Metrics of every method on fixed embeddings; `train_emb` fits KNN and Mahalanobis only."""
+    scorer = OODScorer.from_calibration(calibration)
+    n_id, n_ood = int(id_emb.shape[0]), int(ood_emb.shape[0])
+    n_total = n_id + n_ood
+    methods: dict[str, dict[str, Any]] = {}
+    s_id: dict[str, NDArray[np.float64]] = {}
+    s_ood: dict[str, NDArray[np.float64]] = {}
+
+    (ours_id, ours_ood), secs = _timed(lambda: (scorer.score(id_emb), scorer.score(ood_emb)))
+    for name in OUR_METHODS:
+        s_id[name], s_ood[name] = ours_id.by_name(name), ours_ood.by_name(name)
+        methods[name] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
+
+    k_used = min(k, int(train_emb.shape[0]))
+    knn, fit_s = _timed(lambda: KNNDistance(k_used).fit(train_emb))
+    (s_id["knn"], s_ood["knn"]), secs = _timed(lambda: (knn.score(id_emb), knn.score(ood_emb)))
+    methods["knn"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "k": k_used}
+
+    maha, fit_s = _timed(lambda: Mahalanobis().fit(train_emb))
+    (s_id["mahalanobis"], s_ood["mahalanobis"]), secs = _timed(lambda: (maha.score(id_emb), maha.score(ood_emb)))
+    methods["mahalanobis"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "shrinkage": maha.shrinkage}
+
+    l0_id, l0_ood = ours_id.l0, ours_ood.l0
+    if expected_l0 is None:
+        expected_l0 = calibration.get("l0", {}).get("expected")
+    if expected_l0 is not None:
+        (s_id["l0_deviation"], s_ood["l0_deviation"]), secs = _timed(
+            lambda: (
+                l0_deviation(l0_fraction(activation_matrix(id_emb)), expected_l0),
+                l0_deviation(l0_fraction(activation_matrix(ood_emb)), expected_l0),
+            )
+        )
+        methods["l0_deviation"] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
+
+    for name, entry in methods.items():
+        entry.update(ood_metrics(s_id[name], s_ood[name], tpr))
+        entry["needs"] = NEEDS[name]
+
+    report = {
+        "version": REPORT_VERSION,
+        "metric_notes": "OOD is the positive class; fpr95 = FPR on ID at 95% TPR on OOD; aupr = AUPR-Out",
+        "methods": methods,
+        "operating_point": {
+            "threshold": scorer.threshold,
+            "calibrated_tpr": scorer.tpr,
+            "id_tpr": float(1.0 - np.mean(ours_id.is_ood)),
+            "ood_detected": float(np.mean(ours_ood.is_ood)),
+        },
+        "l0": {
+            "expected": None if expected_l0 is None else float(expected_l0),
+            "id_mean": float(np.mean(l0_id)),
+            "id_std": float(np.std(l0_id)),
+            "ood_mean": float(np.mean(l0_ood)),
+            "ood_std": float(np.std(l0_ood)),
+            "calibration_mean": calibration.get("l0", {}).get("mean"),
+        },
+        "batch_l0_auroc": batch_l0_shift(l0_id, l0_ood, float(calibration.get("l0", {}).get("mean", np.mean(l0_id)))),
+        "dim": scorer.dim,
+    }
+    return EvalResult(report=report, l0_id=l0_id, l0_ood=l0_ood, scores_id=s_id, scores_ood=s_ood)
+
+
+def train_spec_for(id_spec: str) -> str | None:
+    """The ID data set's train split when `id_spec` names its test/val split; None means split the ID source."""
+    head, at, root = id_spec.strip().partition("@")
+    name, _, split = head.partition(":")
+    if split.lower() in _TEST_TO_TRAIN and not Path(id_spec).expanduser().exists():
+        return f"{name}:{_TEST_TO_TRAIN[split.lower()]}{at}{root}"
+    return None
+
+
+def evaluate_model(
+    model_path: str | Path,
+    id_spec: str,
+    ood_spec: str,
+    *,
+    limit: int | None = None,
+    train_limit: int = 10000,
+    k: int = 50,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+    recalibrate: bool = False,
+    tpr: float = 0.95,
+) -> EvalResult:
+    """Embed the ID train split, the ID evaluation set and the OOD set with the model, then evaluate.
+
+    The model's stored calibration is used when it has one (that is what `serve` uses); otherwise, or with
+    `recalibrate`, the scores are calibrated on the same ID train split the baselines are fitted on.
+    """
+    from serve.ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
+
+    runtime = open_runtime(model_path)
+    id_source = open_spec(id_spec)
+    ood_source = open_spec(ood_spec)
+    train_spec = train_spec_for(id_spec)
+    if train_spec is not None:
+        train_source = open_spec(train_spec)
+        train_idx = subsample(len(train_source), train_limit, seed)
+        id_idx = subsample(len(id_source), limit, seed + 1)
+        train_how = f"{train_spec}, {len(train_idx)} sampled (seed {seed})"
+    else:
+        train_source = id_source
+        order = np.random.default_rng(seed).permutation(len(id_source))
+        half = len(order) // 2
+        if half < 2:
+            raise InputError(f"{id_spec} has {len(id_source)} images; the ID train/eval split needs at least 4")
+        train_idx = np.sort(order[:half][:train_limit])
+        rest = order[half:]
+        id_idx = np.sort(rest if limit is None else rest[:limit])
+        train_spec = id_spec
+        train_how = f"seeded split of {id_spec}: {len(train_idx)} to fit, disjoint from the {len(id_idx)} evaluated"
+    ood_idx = subsample(len(ood_source), limit, seed + 2)
+
+    def embed(source: Any, idx: NDArray[Any], what: str) -> Any:
+        out = embed_source(runtime, source, idx, batch_size=batch_size, progress=progress, desc=f"embed {what}")
+        if out.n == 0:
+            raise InputError(f"no image of {what} could be decoded ({len(out.failed)} failed)")
+        return out
+
+    train = embed(train_source, train_idx, f"{train_spec} (ID train)")
+    id_eval = embed(id_source, id_idx, f"{id_spec} (ID)")
+    ood_eval = embed(ood_source, ood_idx, f"{ood_spec} (OOD)")
+
+    stored = None if recalibrate else runtime.ood_calibration
+    if stored is not None:
+        calibration, cal_from = stored, "model"
+    else:
+        calibration = calibrate(train.matrix, tpr=tpr, seed=seed, source={"spec": train_spec, "n": train.n})
+        cal_from = f"fitted at eval time on the ID train split ({train.n} embeddings)"
+    meta = runtime.metadata if isinstance(runtime.metadata, dict) else {}
+    expected = meta.get("expected_l0")
+    result = evaluate_embeddings(
+        id_eval.matrix,
+        ood_eval.matrix,
+        train.matrix,
+        calibration=calibration,
+        expected_l0=None if expected is None else float(expected),
+        k=k,
+    )
+    result.report.update(
+        {
+            "model": str(model_path),
+            "target": {key: meta.get(key) for key in ("target_p", "target_mu", "target_sigma", "expected_l0")},
+            "id": {"spec": id_spec, "n": id_eval.n, "failed": len(id_eval.failed)},
+            "ood": {"spec": ood_spec, "n": ood_eval.n, "failed": len(ood_eval.failed)},
+            "train": {"spec": train_spec, "n": train.n, "how": train_how, "failed": len(train.failed)},
+            "calibration": {"from": cal_from, "n": calibration.get("n"), "source": calibration.get("source")},
+            "seed": seed,
+        }
+    )
+    return result
