@@ -1,1 +1,42 @@
-"""index stage."""
+"""Index stage: exact sparse (CSR) and FAISS vector indexes with caller-chosen ids, payloads and atomic files.
+
+Entry points: :func:`index.factory.create_index`, :func:`index.factory.load_index`; errors in
+:mod:`index.errors` (all ``ValueError`` subclasses). numpy, scipy and faiss load on first use of the factory,
+so importing the package (as ``lpjepa --help`` does through ``index.cli``) stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from index.errors import (
+    CorruptIndexError,
+    DimensionMismatchError,
+    IndexError_,
+    IndexMismatchError,
+    InvalidInputError,
+    UnknownIdError,
+)
+
+BACKENDS = ("csr", "faiss")
+_LAZY = {"create_index", "load_index"}
+
+__all__ = [
+    "BACKENDS",
+    "CorruptIndexError",
+    "DimensionMismatchError",
+    "IndexError_",
+    "IndexMismatchError",
+    "InvalidInputError",
+    "UnknownIdError",
+    "create_index",
+    "load_index",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from index import factory
+
+        return getattr(factory, name)
+    raise AttributeError(f"module 'index' has no attribute {name!r}")

@@ -1,0 +1,278 @@
+"""The pretraining results: the fmnist-cpu recipe for Rectified LpJEPA (p = 1) over mu, LeJEPA and VICReg at one
+budget of optimizer steps, evaluated on fashion-mnist:test, written to docs/results/pretrain.md with two plots.
+
+Every run is the plain CLI (`lpjepa train --config fmnist-cpu --set ...`), so the table is reproducible command
+by command; a finished run is reused, an interrupted one is resumed. The budget is a number of STEPS so that a
+shared, contended CPU changes only the wall time, never the result.
+
+    .venv/bin/python bench/bench_pretrain.py [--steps 900] [--parallel 2] [--runs-dir runs/bench-pretrain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MUS = (1.0, 0.0, -1.0, -2.0, -3.0)
+EVAL_SPEC = "fashion-mnist:test"
+
+
+def runs_plan(with_ablation: bool) -> list[tuple[str, list[str]]]:
+    plan = [(f"rect_mu{mu:+g}", ["method.name=rectified_lpjepa", f"method.mu={mu}"]) for mu in MUS]
+    plan += [("lejepa", ["method.name=lejepa"]), ("vicreg", ["method.name=vicreg"])]
+    if with_ablation:  # the dead-dimension fix switched off, at the sparsity where dimensions die
+        plan.append(("rect_mu-2_nofix", ["method.name=rectified_lpjepa", "method.mu=-2.0", "method.dead_dim_fix=none"]))
+    return plan
+
+
+def train_command(run_dir: Path, sets: list[str], steps: int, threads: int) -> list[str]:
+    allsets = [*sets, f"train.steps={steps}", f"train.threads={threads}"]
+    return [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "train",
+        "--config",
+        "fmnist-cpu",
+        "--out",
+        str(run_dir),
+        "--no-progress",
+        *[a for s in allsets for a in ("--set", s)],
+    ]
+
+
+def _status(run_dir: Path) -> str:
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
+        return "done"
+    return "partial" if (run_dir / "train_state.pt").is_file() else "new"
+
+
+def train_one(name: str, sets: list[str], args: argparse.Namespace) -> dict:
+    run_dir = Path(args.runs_dir) / name
+    cmd = train_command(run_dir, sets, args.steps, args.threads)
+    status = _status(run_dir)
+    if status == "done":
+        cfg = json.loads((run_dir / "config.json").read_text())
+        if cfg["train"]["steps"] != args.steps:
+            cmd.append("--force")
+            status = "new"
+    if status == "partial":
+        cmd.append("--resume")
+    elif status == "new" and run_dir.exists():
+        cmd.append("--force")
+    if status != "done":
+        t = time.perf_counter()
+        log = open(Path(args.runs_dir) / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=log, env=env)
+        log.close()
+        if rc != 0:
+            raise SystemExit(f"{name}: training failed with exit code {rc}; see {args.runs_dir}/{name}.log")
+        print(f"[{name}] trained in {time.perf_counter() - t:.0f}s", flush=True)
+    return {"name": name, "sets": sets, "command": " ".join(["lpjepa", *cmd[3:]]).replace(str(REPO) + "/", "")}
+
+
+def evaluate_one(name: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    from pretrain.evaluate import evaluate_checkpoint
+
+    run_dir = Path(args.runs_dir) / name
+    out = run_dir / "eval.json"
+    model_mtime = (run_dir / "model.safetensors").stat().st_mtime
+    if out.is_file() and out.stat().st_mtime > model_mtime:
+        return json.loads(out.read_text())
+    torch.set_num_threads(args.threads * args.parallel)
+    report = evaluate_checkpoint(run_dir, EVAL_SPEC, max_train=args.max_train, progress=False)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from models.rgg import expected_l0, sigma_gn
+
+    rect = [r for r in rows if r["name"].startswith("rect_mu") and not r["name"].endswith("nofix")]
+    sig = sigma_gn(1.0)
+    grid = np.linspace(-3.5, 1.5, 200)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.semilogy(grid, [expected_l0(1.0, float(m), sig) for m in grid], "k-", label="analytic  Phi(mu / sigma)")
+    ax.semilogy(
+        [r["mu"] for r in rect], [r["l0"] for r in rect], "o", color="C0", ms=7, label="measured (fashion-mnist:test)"
+    )
+    nofix = [r for r in rows if r["name"].endswith("nofix")]
+    if nofix:
+        ax.semilogy(
+            [r["mu"] for r in nofix],
+            [r["l0"] for r in nofix],
+            "x",
+            color="C3",
+            ms=8,
+            label="measured, dead-dim fix off",
+        )
+    ax.set_xlabel("mu  (target RGN_1(mu, sigma_GN))")
+    ax.set_ylabel("l0  (fraction of non-zero entries)")
+    ax.set_title("Activation rate: empirical vs analytic")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pretrain_l0_vs_mu.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.semilogx(
+        [r["l0"] for r in rect], [r["linear_acc"] for r in rect], "o-", color="C0", label="Rectified LpJEPA, linear"
+    )
+    ax.semilogx(
+        [r["l0"] for r in rect],
+        [r["knn_acc"] for r in rect],
+        "s--",
+        color="C0",
+        alpha=0.6,
+        label="Rectified LpJEPA, kNN",
+    )
+    for r in rect:
+        ax.annotate(
+            f"mu={r['mu']:g}", (r["l0"], r["linear_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
+    for r, color in zip([r for r in rows if r["name"] in ("lejepa", "vicreg")], ("C1", "C2"), strict=False):
+        ax.axhline(r["linear_acc"], color=color, ls=":", label=f"{r['name']} linear (dense)")
+    ax.set_xlabel("l0 of the projector output (log scale)")
+    ax.set_ylabel("accuracy on fashion-mnist:test (backbone features)")
+    ax.set_title("Accuracy vs sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "pretrain_acc_vs_l0.png", dpi=120)
+    plt.close(fig)
+    return ["pretrain_l0_vs_mu.png", "pretrain_acc_vs_l0.png"]
+
+
+def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], wall: dict[str, float]) -> Path:
+    lines = [
+        "# Pretraining results (fmnist-cpu recipe)",
+        "",
+        f"All runs: `pretrain/configs/fmnist-cpu.json` (quarter-width ResNet-18, small stem, D = 512, AdamW, "
+        f"warmup + cosine, batch 256, bf16 autocast on this CPU), **{args.steps} steps each** "
+        f"({args.steps * 256 / 60000:.2f} epochs of Fashion-MNIST train), seed 0, evaluated by "
+        f"`pretrain.evaluate.evaluate_checkpoint(run, '{EVAL_SPEC}', max_train={args.max_train})`: linear probe "
+        'and kNN (k = 20) on frozen backbone features ("encoder") and on the projector output ("proj."); '
+        "l0, l1 and dead dimensions (never non-zero on the 10,000 test images) on the projector output.",
+        "",
+        "Produced by:",
+        "",
+        "```",
+        f".venv/bin/python bench/bench_pretrain.py --steps {args.steps} --parallel {args.parallel} "
+        f"--threads {args.threads} --max-train {args.max_train}",
+        "```",
+        "",
+        "| run | encoder linear | proj. linear | l1 | l0 | analytic l0 | encoder kNN | proj. kNN | dead dims "
+        "| nHSIC | train wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dead = r.get("dead_dims")
+        dead_n = "-" if dead is None else f"{round(dead * r['dim'])}/{r['dim']}"
+        lines.append(
+            f"| {r['label']} | {_fmt(r['linear_acc'])} | {_fmt(r['proj_linear_acc'])} | {_fmt(r['l1'])} | "
+            f"{_fmt(r['l0'], 4)} | {_fmt(r.get('expected_l0'), 4)} | {_fmt(r['knn_acc'])} | "
+            f"{_fmt(r['proj_knn_acc'])} | {dead_n} | {_fmt(r.get('nhsic'), 4)} | {wall.get(r['name'], 0):.0f} |"
+        )
+    lines += ["", "Per-run commands:", ""]
+    lines += [f"- {r['label']}: `{r['command']}`" for r in rows]
+    lines += ["", *(f"![{p}]({p})" for p in plots), "", "## Goals", ""]
+    lines += goals(rows)
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def goals(rows: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in rows}
+    rect = [r for r in rows if r["name"].startswith("rect_mu") and not r["name"].endswith("nofix")]
+    out = []
+    if "rect_mu+0" in by and "lejepa" in by:
+        a, b = by["rect_mu+0"]["linear_acc"], by["lejepa"]["linear_acc"]
+        out.append(
+            f"- Rectified LpJEPA mu=0 vs LeJEPA linear accuracy: {a:.3f} vs {b:.3f} -> {'met' if a >= b else 'NOT met'}"
+        )
+    worst = max(abs(r["l0"] - r["expected_l0"]) for r in rect)
+    out.append(
+        f"- max |l0 - analytic| over the mu sweep: {worst:.4f} (goal < 0.05) -> {'met' if worst < 0.05 else 'NOT met'}"
+    )
+    best = max(r["linear_acc"] for r in rows)
+    dense_enough = [r for r in rect if r["expected_l0"] >= 0.05]
+    gap = max(best - r["linear_acc"] for r in dense_enough)
+    out.append(
+        f"- linear accuracy within 2 points of the best run ({best:.3f}) for every mu with rate >= 0.05: "
+        f"largest gap {gap * 100:.1f} points -> {'met' if gap <= 0.02 else 'NOT met'}"
+    )
+    if "rect_mu-2" in by:
+        d = by["rect_mu-2"]["dead_dims"]
+        line = f"- dead dimensions at mu=-2: {d * 100:.1f}% (goal < 5%) -> {'met' if d < 0.05 else 'NOT met'}"
+        if "rect_mu-2_nofix" in by:
+            line += f"; with the fix off: {by['rect_mu-2_nofix']['dead_dims'] * 100:.1f}%"
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=900, help="optimizer steps per run (the budget)")
+    ap.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    ap.add_argument("--max-train", type=int, default=20000, help="train images for the offline probes")
+    ap.add_argument("--runs-dir", default=str(REPO / "runs" / "bench-pretrain"))
+    ap.add_argument("--report", default=str(REPO / "docs" / "results" / "pretrain.md"))
+    ap.add_argument("--no-ablation", action="store_true", help="skip the fix-off run at mu=-2")
+    ap.add_argument("--only", nargs="*", default=None, help="train only these run names")
+    args = ap.parse_args()
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+    plan = runs_plan(not args.no_ablation)
+    if args.only:
+        plan = [p for p in plan if p[0] in args.only]
+    wall: dict[str, float] = {}
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        infos = list(pool.map(lambda p: train_one(p[0], p[1], args), plan))
+    rows = []
+    for info in infos:
+        name = info["name"]
+        summary = json.loads((Path(args.runs_dir) / name / "summary.json").read_text())
+        wall[name] = summary.get("elapsed_s", 0.0)
+        report = evaluate_one(name, args)
+        mu = report["target"]["mu"]
+        label = {"lejepa": "LeJEPA", "vicreg": "VICReg"}.get(name, f"Rectified LpJEPA p=1, mu={mu:g}")
+        if name.endswith("nofix"):
+            label += " (dead-dim fix off)"
+        rows.append({**report, **info, "label": label, "mu": mu})
+        print(
+            f"[{name}] linear {report['linear_acc']:.3f} kNN {report['knn_acc']:.3f} l0 {report['l0']:.4f} "
+            f"dead {report['dead_dims']:.3f}",
+            flush=True,
+        )
+    plots = write_plots(rows, Path(args.report).parent)
+    out = write_report(rows, args, plots, wall)
+    (Path(args.runs_dir) / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

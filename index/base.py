@@ -1,0 +1,296 @@
+"""The interface every index backend implements, with the parts they share: input checks, payloads, locking, files.
+
+Backends only implement the ``_``-prefixed hooks and get validated, already-normalised input under the right
+lock, so the rules (ids, non-negative finite vectors, replace-on-add, unknown ids rejected, cosine handling)
+hold identically for all of them.
+
+Thread safety: each index holds a readers-writer lock (:class:`index.rwlock.RWLock`). ``search``,
+``reconstruct`` and payload reads share it; ``add``, ``remove``, ``save`` and ``tune`` are exclusive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from index import store
+from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError, UnknownIdError
+from index.rwlock import RWLock
+from index.validation import (
+    Vectors,
+    check_dim,
+    check_ids,
+    check_k,
+    check_metric,
+    check_payloads,
+    check_vectors,
+    n_rows,
+    normalize_rows,
+    row_norms,
+)
+
+
+class VectorIndex(ABC):
+    """Exact or approximate top-k search over non-negative vectors with caller-chosen int64 ids.
+
+    Scores are inner products (``metric="ip"``) or cosine similarities (``metric="cosine"``; vectors and
+    queries are scaled to unit length, all-zero vectors score 0). ``search`` returns ``(scores, ids)`` of shape
+    ``(n_queries, k)``, best first; slots beyond the number of stored vectors hold id -1 and score -inf.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, dim: int, metric: str = "ip") -> None:
+        self._dim = check_dim(dim)
+        self._metric = check_metric(metric)
+        self._payloads: dict[int, Any] = {}
+        self._lock = RWLock()
+        self.metadata: dict[str, Any] = {}  # free-form JSON saved in the manifest (e.g. which model built it)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    def __len__(self) -> int:
+        return self._count()
+
+    def __contains__(self, item: object) -> bool:
+        try:
+            ids = check_ids(item)
+        except ValueError:
+            return False
+        with self._lock.read():
+            return bool(self._contains(ids)[0])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self._dim}, metric={self._metric!r}, count={len(self)})"
+
+    def add(self, ids: Any, vectors: Any, payloads: Sequence[Any] | None = None) -> None:
+        """Insert vectors under ``ids``; an id already present is replaced (vector and payload)."""
+        ids = check_ids(ids)
+        vecs = check_vectors(vectors, self._dim)
+        if n_rows(vecs) != ids.size:
+            raise InvalidInputError(f"got {ids.size} ids for {n_rows(vecs)} vectors")
+        checked = check_payloads(payloads, ids.size)
+        if ids.size == 0:
+            return
+        norms = row_norms(vecs)
+        if self._metric == "cosine":
+            vecs = normalize_rows(vecs, norms)
+        with self._lock.write():
+            self._add(ids, vecs, norms)
+            for i, key in enumerate(ids.tolist()):
+                if checked is not None and checked[i] is not None:
+                    self._payloads[key] = checked[i]
+                else:
+                    self._payloads.pop(key, None)
+
+    def remove(self, ids: Any) -> int:
+        """Delete ``ids``; if any is unknown nothing is removed and :class:`UnknownIdError` names them."""
+        ids = check_ids(ids)
+        if ids.size == 0:
+            return 0
+        with self._lock.write():
+            present = self._contains(ids)
+            if not present.all():
+                raise _unknown(ids[~present], ids.size)
+            self._remove(ids)
+            for key in ids.tolist():
+                self._payloads.pop(key, None)
+        return int(ids.size)
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` scores (float32) and ids (int64) per query row, best first."""
+        k = check_k(k)
+        q = check_vectors(queries, self._dim, what="queries")
+        if self._metric == "cosine":
+            q = normalize_rows(q, row_norms(q))
+        nq = n_rows(q)
+        with self._lock.read():
+            if nq == 0 or self._count() == 0:
+                return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+            scores, ids = self._search(q, k)
+        return _finish(scores, ids)
+
+    def contains(self, ids: Any) -> np.ndarray:
+        """Boolean per id: whether it is stored (vectorised ``in``)."""
+        ids = check_ids(ids)
+        with self._lock.read():
+            return self._contains(ids)
+
+    def ids(self) -> np.ndarray:
+        """All stored ids, sorted."""
+        with self._lock.read():
+            return self._ids()
+
+    def reconstruct(self, ids: Any) -> sp.csr_matrix:
+        """The stored vectors of ``ids`` as given to ``add`` (up to float32 rounding), in CSR form."""
+        ids = check_ids(ids)
+        with self._lock.read():
+            present = self._contains(ids)
+            if not present.all():
+                raise _unknown(ids[~present], ids.size)
+            return self._reconstruct(ids)
+
+    def payload(self, id_: int) -> Any:
+        """The JSON payload stored with ``id_`` (None if none); unknown ids raise :class:`UnknownIdError`."""
+        return self.payloads([id_])[0]
+
+    def payloads(self, ids: Any) -> list[Any]:
+        """Payloads of ``ids`` in order; -1 (an empty result slot) gives None, unknown ids raise."""
+        keys = np.asarray(ids, dtype=np.int64).ravel()
+        with self._lock.read():
+            asked = keys[keys != -1]
+            present = self._contains(asked) if asked.size else np.ones(0, bool)
+            if not present.all():
+                raise _unknown(asked[~present], asked.size)
+            return [self._payloads.get(int(k)) for k in keys.tolist()]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write the index atomically (see :mod:`index.store`); returns the manifest."""
+        with self._lock.write():
+            self._before_save()
+            header = {
+                "backend": self.backend,
+                "dim": self._dim,
+                "metric": self._metric,
+                "count": self._count(),
+                "options": self._options(),
+                "metadata": self.metadata,
+                "software": _software_versions(),
+            }
+            writers = dict(self._writers())
+            writers["payloads"] = (".jsonl", self._write_payloads)
+            return store.save_dir(directory, header, writers)
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], *, manifest: dict[str, Any] | None = None, verify: bool = True
+    ) -> VectorIndex:
+        manifest = manifest if manifest is not None else store.read_manifest(directory)
+        if manifest["backend"] != cls.backend:
+            raise IndexMismatchError(f"{directory} holds a {manifest['backend']!r} index, not {cls.backend!r}")
+        try:
+            dim = check_dim(manifest["dim"])
+            metric = check_metric(manifest["metric"])
+        except ValueError as err:
+            raise CorruptIndexError(f"{directory}/{store.MANIFEST}: {err}") from None
+        roles = (*cls._file_roles(), "payloads")
+        paths = store.verified_paths(directory, manifest, roles, verify=verify)
+        index = cls._from_files(dim, metric, manifest.get("options") or {}, paths)
+        count = index._count()
+        if count != manifest["count"]:
+            raise CorruptIndexError(
+                f"{directory}: the files hold {count} vectors, the manifest says {manifest['count']}"
+            )
+        index._payloads = _read_payloads(paths["payloads"])
+        stray = [k for k in index._payloads if not index._contains(np.array([k], np.int64))[0]]
+        if stray:
+            raise CorruptIndexError(f"{directory}: payloads for ids not in the index: {stray[:5]}")
+        index.metadata = dict(manifest.get("metadata") or {})
+        return index
+
+    def _write_payloads(self, path: Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            for key in sorted(self._payloads):
+                f.write(json.dumps({"id": key, "payload": self._payloads[key]}, allow_nan=False))
+                f.write("\n")
+
+    # ------------------------------------------------------------------ backend hooks
+    @abstractmethod
+    def _count(self) -> int: ...
+
+    @abstractmethod
+    def _contains(self, ids: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def _ids(self) -> np.ndarray: ...
+
+    @abstractmethod
+    def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
+        """Insert checked (and for cosine already unit-length) vectors; replace ids that exist."""
+
+    @abstractmethod
+    def _remove(self, ids: np.ndarray) -> None:
+        """Delete ids, all known to be present."""
+
+    @abstractmethod
+    def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return (scores, ids), each (n_queries, k); unfilled slots may hold any id with score -inf."""
+
+    @abstractmethod
+    def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix: ...
+
+    @abstractmethod
+    def _before_save(self) -> None:
+        """Compact tombstones before writing, so files never carry dead rows."""
+
+    @abstractmethod
+    def _options(self) -> dict[str, Any]: ...
+
+    @classmethod
+    @abstractmethod
+    def _file_roles(cls) -> tuple[str, ...]: ...
+
+    @abstractmethod
+    def _writers(self) -> dict[str, tuple[str, store.Writer]]: ...
+
+    @classmethod
+    @abstractmethod
+    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> VectorIndex: ...
+
+
+def _unknown(missing: np.ndarray, asked: int) -> UnknownIdError:
+    shown = ", ".join(str(i) for i in missing[:10].tolist())
+    more = f" and {missing.size - 10} more" if missing.size > 10 else ""
+    return UnknownIdError(f"unknown ids: {shown}{more} ({missing.size} of {asked} not in the index)")
+
+
+def _finish(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mark empty slots (-1, -inf) and order each row by score, ties by ascending id, for reproducible output."""
+    scores = np.asarray(scores, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64).copy()
+    empty = ~np.isfinite(scores) | (ids < 0)
+    scores = np.where(empty, np.float32(-np.inf), scores)
+    ids[empty] = -1
+    tie_key = np.where(empty, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((tie_key, -scores.astype(np.float64)), axis=-1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _read_payloads(path: Path) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                out[int(record["id"])] = record["payload"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise CorruptIndexError(f"{path.name} line {lineno} is not a payload record: {err}") from None
+    return out
+
+
+def _software_versions() -> dict[str, str]:
+    import scipy
+
+    out = {"numpy": np.__version__, "scipy": scipy.__version__}
+    try:
+        import faiss
+
+        out["faiss"] = faiss.__version__
+    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
+        pass
+    return out

@@ -1,0 +1,306 @@
+"""`lpjepa index build` and `lpjepa search`: embed a data set into an index, query it with an image.
+
+Heavy imports (onnxruntime via export.runtime, scipy, faiss, torch) happen inside the handlers so that
+`lpjepa --help` stays fast. Every expected failure (bad model, data spec, image, index files, options) becomes
+a CliError: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from cli.errors import CliError
+from cli.parser import OneLineParser
+
+CHUNK_IMAGES = 1024  # images embedded and added per step: bounds memory, keeps the progress bar moving
+TUNE_QUERIES = 256  # stored vectors used as queries when tuning approximate FAISS indexes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _recall_target(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    index = subparsers.add_parser("index", help="build a vector index of a data set's embeddings")
+    actions = index.add_subparsers(dest="index_command", metavar="ACTION", parser_class=OneLineParser)
+    actions.required = True
+    build = actions.add_parser(
+        "build",
+        help="embed every image of a data spec and write an index directory",
+        description="Embed a data set with an exported model and save an index; the id of each vector is the "
+        "image's row number in the data set (split), its payload {label, source, row}.",
+    )
+    build.add_argument("--model", required=True, help="exported model (.onnx)")
+    build.add_argument("--data", required=True, help="data spec: fashion-mnist[:test], mnist, or an image folder")
+    build.add_argument("--out", required=True, help="index directory to create or replace atomically")
+    build.add_argument("--backend", choices=("csr", "faiss"), default="csr", help="default: csr (exact, sparse)")
+    build.add_argument(
+        "--faiss-index",
+        default="Flat",
+        metavar="SPEC",
+        help="with --backend faiss: Flat (exact), IVF[nlist][,Flat] or HNSW[M][,Flat] (default Flat)",
+    )
+    build.add_argument(
+        "--metric",
+        choices=("cosine", "ip"),
+        default="cosine",
+        help="cosine (default) ranks by direction, so an image's overall activation level does not dominate",
+    )
+    build.add_argument("--batch-size", type=_positive_int, default=64, help="images per model call")
+    build.add_argument("--limit", type=_positive_int, help="index only the first N images")
+    build.add_argument(
+        "--target-recall",
+        type=_recall_target,
+        default=0.95,
+        help="IVF/HNSW: raise nprobe/efSearch until recall@10 on sample queries reaches this (default 0.95)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=_cmd_build)
+
+    search = subparsers.add_parser("search", help="find the indexed images most similar to an image")
+    search.add_argument("--model", required=True, help="exported model (.onnx), the one that built the index")
+    search.add_argument("--index", required=True, help="index directory written by `lpjepa index build`")
+    search.add_argument("--image", required=True, help="query image file")
+    search.add_argument("-k", "--k", type=_positive_int, default=10, help="number of results (default 10)")
+    search.add_argument("--json", action="store_true", help='print {"results": [{"id", "score", "payload"}]}')
+    search.set_defaults(func=_cmd_search)
+
+
+# ---------------------------------------------------------------------- building
+def embed_source(
+    runtime: Any, source: Any, spec: str, n: int, *, batch_size: int, progress: bool
+) -> Iterator[tuple[Any, Any, list[dict[str, Any]]]]:
+    """Yield (ids, CSR embeddings, payloads) for rows 0..n-1 of ``source`` in chunks of CHUNK_IMAGES."""
+    import numpy as np
+    from tqdm import tqdm
+
+    classes = list(getattr(source, "classes", []) or [])
+    with tqdm(total=n, desc="index build", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for lo in range(0, n, CHUNK_IMAGES):
+            hi = min(n, lo + CHUNK_IMAGES)
+            images, payloads = [], []
+            for row in range(lo, hi):
+                image, label = source[row]
+                images.append(image)
+                payload: dict[str, Any] = {"label": label, "source": spec, "row": row}
+                if label is not None and 0 <= label < len(classes):
+                    payload["class"] = classes[label]
+                payloads.append(payload)
+            embeddings = runtime.embed(images, batch_size=batch_size)
+            bar.update(hi - lo)
+            yield np.arange(lo, hi, dtype=np.int64), embeddings, payloads
+
+
+def fill_index(
+    index: Any,
+    chunks: Iterable[tuple[Any, Any, list[Any] | None]],
+    *,
+    total: int | None = None,
+    target_recall: float = 0.95,
+    tune_queries: int = TUNE_QUERIES,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Add embedding chunks to ``index``; tune approximate FAISS indexes. Returns a summary dict.
+
+    Tuning needs queries the index has not seen: a stored vector is trivially easy to find (in HNSW its own
+    node sits next to its neighbours), which flattered the recall by several points in tests. So when
+    ``total`` is known, about ``tune_queries`` random rows are held back, used as tuning queries against the
+    rest, and added afterwards. An untrained IVF index gets all chunks in one add, because its k-means must see
+    the whole distribution, not the first chunk (which, for data sorted by class, would be one class).
+    """
+    import numpy as np
+
+    kind = getattr(index, "kind", None)
+    approx = kind in ("ivf", "hnsw")
+    gather = kind == "ivf" and index.nlist is None
+    hold = min(1.0, tune_queries / total) if approx and total else 0.0
+    rng = np.random.default_rng(seed)
+    pending: list[tuple[Any, Any, list[Any] | None]] = []
+    held: list[tuple[Any, Any, list[Any] | None]] = []
+    for ids, vectors, payloads in chunks:
+        ids = np.asarray(ids)
+        if hold:
+            back = rng.random(ids.size) < hold
+            if back.all():
+                back[0] = False  # keep at least one row in the index to tune against
+            held.append(_subset(ids, vectors, payloads, back))
+            ids, vectors, payloads = _subset(ids, vectors, payloads, ~back)
+        if gather:
+            pending.append((ids, vectors, payloads))
+        elif ids.size:
+            index.add(ids, vectors, payloads)
+    if pending:
+        index.add(*_concat(pending))
+    summary: dict[str, Any] = {"count": len(index)}
+    if approx and len(index):
+        if held and sum(h[0].size for h in held):
+            held_ids, held_vectors, held_payloads = _concat(held)
+            summary["tuned"] = index.tune(held_vectors, k=10, target_recall=target_recall)
+            index.add(held_ids, held_vectors, held_payloads)
+        else:  # total unknown: stored vectors as queries, each one's own id left out of the recall
+            all_ids = index.ids()
+            sample = np.sort(rng.choice(all_ids, size=min(tune_queries, all_ids.size), replace=False))
+            summary["tuned"] = index.tune(
+                index.reconstruct(sample), k=10, target_recall=target_recall, query_ids=sample
+            )
+        summary["count"] = len(index)
+    return summary
+
+
+def _subset(ids: Any, vectors: Any, payloads: list[Any] | None, mask: Any) -> tuple[Any, Any, list[Any] | None]:
+    import numpy as np
+    import scipy.sparse as sp
+
+    rows = np.flatnonzero(mask)
+    sub = sp.csr_matrix(vectors)[rows] if sp.issparse(vectors) else np.asarray(vectors)[rows]
+    return ids[rows], sub, None if payloads is None else [payloads[i] for i in rows]
+
+
+def _concat(parts: list[tuple[Any, Any, list[Any] | None]]) -> tuple[Any, Any, list[Any] | None]:
+    import numpy as np
+    import scipy.sparse as sp
+
+    ids = np.concatenate([p[0] for p in parts])
+    vectors = sp.vstack([sp.csr_matrix(p[1]) for p in parts], format="csr")
+    payloads = None if any(p[2] is None for p in parts) else [x for p in parts for x in p[2]]
+    return ids, vectors, payloads
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_index(
+    model: str,
+    data: str,
+    out: str,
+    *,
+    backend: str = "csr",
+    faiss_index: str = "Flat",
+    metric: str = "cosine",
+    batch_size: int = 64,
+    limit: int | None = None,
+    target_recall: float = 0.95,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Embed ``data`` with ``model`` and save an index in ``out``; returns the summary the CLI prints."""
+    from export.runtime import EmbeddingRuntime
+    from index.factory import create_index
+    from pretrain.data.sources import open_source
+
+    t0 = time.perf_counter()
+    options = {"spec": faiss_index} if backend == "faiss" else {}
+    runtime = EmbeddingRuntime(model, batch_size=batch_size)
+    index = create_index(backend, runtime.dim, metric, **options)  # bad options fail before any embedding
+    source = open_source(data)
+    n = len(source) if limit is None else min(limit, len(source))
+    if n == 0:
+        raise CliError(f"data spec {data!r} holds no images")
+    index.metadata = {
+        "model": {"path": str(Path(model).resolve()), "sha256": _sha256(Path(model)), "dim": runtime.dim},
+        "data": data,
+        "images": n,
+    }
+    chunks = embed_source(runtime, source, data, n, batch_size=batch_size, progress=progress)
+    summary = fill_index(index, chunks, total=n, target_recall=target_recall)
+    manifest = index.save(out)
+    return {
+        "out": str(out),
+        "backend": backend,
+        "faiss_index": faiss_index if backend == "faiss" else None,
+        "metric": metric,
+        "dim": runtime.dim,
+        "count": manifest["count"],
+        "tuned": summary.get("tuned"),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        summary = build_index(
+            args.model,
+            args.data,
+            args.out,
+            backend=args.backend,
+            faiss_index=args.faiss_index,
+            metric=args.metric,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            target_recall=args.target_recall,
+            progress=not args.no_progress,
+        )
+    except (ValueError, OSError) as err:  # index, model, data-spec and image errors are all ValueErrors
+        raise CliError(_one_line(err)) from None
+    print(json.dumps(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------- searching
+def search_image(model: str, index_dir: str, image: str, k: int = 10) -> dict[str, Any]:
+    """Embed ``image`` and return {"results": [{"id", "score", "payload"}, ...]} best first."""
+    from export.runtime import EmbeddingRuntime
+    from index.factory import load_index
+
+    runtime = EmbeddingRuntime(model, batch_size=1)
+    index = load_index(index_dir, expected_dim=runtime.dim)
+    path = Path(image)
+    if not path.is_file():
+        raise CliError(f"no image file at {path}")
+    query = runtime.embed([path.read_bytes()])
+    scores, ids = index.search(query, k)
+    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    payloads = index.payloads([i for i, _ in found])
+    results = [{"id": i, "score": s, "payload": p} for (i, s), p in zip(found, payloads, strict=True)]
+    out: dict[str, Any] = {"results": results}
+    built_with = (index.metadata.get("model") or {}).get("sha256")
+    if built_with and built_with != _sha256(Path(model)):
+        out["warning"] = "the index was built with a different model file; scores may be meaningless"
+    return out
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    try:
+        found = search_image(args.model, args.index, args.image, args.k)
+    except (ValueError, OSError) as err:
+        raise CliError(_one_line(err)) from None
+    if "warning" in found:
+        sys.stderr.write(f"lpjepa search: warning: {found['warning']}\n")
+    if args.json:
+        print(json.dumps({"results": found["results"]}))
+        return 0
+    print(f"{'rank':>4}  {'id':>10}  {'score':>9}  payload")
+    for rank, hit in enumerate(found["results"], 1):
+        print(f"{rank:>4}  {hit['id']:>10}  {hit['score']:>9.5f}  {json.dumps(hit['payload'])}")
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

@@ -1,0 +1,407 @@
+"""Exact search over a scipy.sparse CSR database: the default backend, built for 1% to 75% dense embeddings.
+
+Layout: the rows live in a few CSR blocks (float32 data, int32 indices) whose sizes shrink geometrically
+(a log-structured list: each add appends a block, and adjacent blocks merge while the older one is at most twice
+the newer), so adding one vector never copies the whole database, yet there are only O(log n) blocks to scan.
+
+Removal marks rows dead (tombstones); searches mask dead rows to -inf before the top-k, so removed ids never
+come back, and once dead rows exceed ``compact_ratio`` of all rows the blocks are rewritten without them.
+
+Each search picks the cheapest exact kernel for the data it holds (see :mod:`index.kernels`), works through
+the database in chunks whose score buffers stay under ``chunk_mb``, and spreads query blocks over ``threads``
+worker threads (scipy's sparse products release the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from index import store
+from index.base import VectorIndex
+from index.errors import CorruptIndexError, InvalidInputError
+from index.kernels import KERNELS, CostModel, row_slice, scores_dense, scores_sparse, scores_spdense, transpose_csr
+from index.rowmap import RowMap
+from index.topk import RunningTopK
+from index.validation import MAX_ID, Vectors
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="csr-search")
+        return _POOLS[threads]
+
+
+def _run(tasks: list[Callable[[], None]], threads: int) -> None:
+    if threads <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            task()
+        return
+    for future in [_pool(threads).submit(task) for task in tasks]:
+        future.result()
+
+
+def _vstack(blocks: list[sp.csr_matrix], dim: int) -> sp.csr_matrix:
+    """Concatenate CSR row blocks without scipy's index upcasting and re-validation."""
+    if len(blocks) == 1:
+        return blocks[0]
+    nnz = sum(b.nnz for b in blocks)
+    index_dtype = np.int32 if nnz < np.iinfo(np.int32).max else np.int64
+    parts = [np.zeros(1, np.int64)]
+    offset = 0
+    for b in blocks:
+        parts.append(b.indptr[1:].astype(np.int64) + offset)
+        offset += b.nnz
+    indptr = np.concatenate(parts).astype(index_dtype)
+    data = np.concatenate([b.data for b in blocks]).astype(np.float32, copy=False)
+    indices = np.concatenate([b.indices for b in blocks]).astype(np.int32, copy=False)
+    rows = sum(b.shape[0] for b in blocks)
+    return sp.csr_matrix((data, indices, indptr), shape=(rows, dim), copy=False)
+
+
+class _Block:
+    """One CSR block of consecutive global rows, with caches built on first use."""
+
+    __slots__ = ("x", "start", "xt", "colcount")
+
+    def __init__(self, x: sp.csr_matrix, start: int) -> None:
+        self.x = x
+        self.start = start
+        self.xt: sp.csr_matrix | None = None  # inverted index, for the sparse kernel
+        self.colcount: np.ndarray | None = None  # non-zeros per dimension, for the cost model
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+
+class CsrIndex(VectorIndex):
+    """Exact inner-product / cosine search over sparse non-negative vectors (see module docstring)."""
+
+    backend = "csr"
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        *,
+        kernel: str = "auto",
+        threads: int | None = None,
+        chunk_mb: float = 64.0,
+        compact_ratio: float = 0.25,
+        costs: CostModel | None = None,
+    ) -> None:
+        super().__init__(dim, metric)
+        if kernel not in KERNELS:
+            raise InvalidInputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
+        if not chunk_mb > 0:
+            raise InvalidInputError(f"chunk_mb must be positive, got {chunk_mb!r}")
+        if not 0 < compact_ratio <= 1:
+            raise InvalidInputError(f"compact_ratio must be in (0, 1], got {compact_ratio!r}")
+        self.kernel = kernel
+        self.threads = threads or available_cores()
+        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.compact_ratio = float(compact_ratio)
+        self.costs = costs or CostModel()
+        self.last_kernel: str | None = None  # the kernel the latest search ran (benchmarks report it)
+        self._blocks: list[_Block] = []
+        self._row_ids = np.empty(0, np.int64)  # id of each global row (dead rows keep their old id)
+        self._alive = np.empty(0, bool)
+        self._norms = np.empty(0, np.float32)  # L2 norm as added, so cosine vectors can be reconstructed
+        self._map = RowMap()  # live id -> global row
+        self._n_dead = 0
+        self._cache_lock = threading.Lock()  # searches share the read lock but build caches lazily
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _count(self) -> int:
+        return len(self._map)
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        return self._map.contains(ids)
+
+    def _ids(self) -> np.ndarray:
+        return self._map.ids.copy()
+
+    @property
+    def total_rows(self) -> int:
+        return int(self._row_ids.size)
+
+    @property
+    def dead_rows(self) -> int:
+        return self._n_dead
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the vectors, id maps and caches (what the benchmark reports as memory)."""
+        total = self._row_ids.nbytes + self._alive.nbytes + self._norms.nbytes
+        total += self._map.nbytes
+        for b in self._blocks:
+            for m in (b.x, b.xt):
+                if m is not None:
+                    total += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+        return int(total)
+
+    # ------------------------------------------------------------------ writes
+    def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
+        x = vectors if sp.issparse(vectors) else sp.csr_matrix(vectors)
+        x.indices = x.indices.astype(np.int32, copy=False)
+        start = self.total_rows
+        new_rows = np.arange(start, start + ids.size, dtype=np.int64)
+        replaced = self._map.upsert(ids, new_rows)  # replace: the old rows die
+        self._row_ids = np.concatenate([self._row_ids, ids])
+        self._alive = np.concatenate([self._alive, np.ones(ids.size, bool)])
+        self._norms = np.concatenate([self._norms, norms.astype(np.float32)])
+        self._alive[replaced] = False
+        self._n_dead += int(replaced.size)
+        self._blocks.append(_Block(x, start))
+        while len(self._blocks) >= 2 and self._blocks[-2].rows <= 2 * self._blocks[-1].rows:
+            newer = self._blocks.pop()
+            older = self._blocks.pop()
+            self._blocks.append(_Block(_vstack([older.x, newer.x], self._dim), older.start))
+        self._maybe_compact()
+
+    def _remove(self, ids: np.ndarray) -> None:
+        self._alive[self._map.delete(ids)] = False
+        self._n_dead += int(ids.size)
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        if self._n_dead and self._n_dead >= self.compact_ratio * self.total_rows:
+            self._compact()
+
+    def compact(self) -> None:
+        """Rewrite the database as one block without dead rows (also done automatically)."""
+        with self._lock.write():
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._n_dead and len(self._blocks) <= 1:
+            return
+        parts = []
+        for b in self._blocks:
+            keep = np.flatnonzero(self._alive[b.start : b.start + b.rows])
+            parts.append(b.x if keep.size == b.rows else b.x[keep])
+        parts = [p for p in parts if p.shape[0]]
+        keep_rows = self._alive
+        self._map.renumber(keep_rows)
+        self._row_ids = self._row_ids[keep_rows]
+        self._norms = self._norms[keep_rows]
+        self._alive = np.ones(self._row_ids.size, bool)
+        self._n_dead = 0
+        self._blocks = [_Block(_vstack(parts, self._dim), 0)] if parts else []
+
+    # ------------------------------------------------------------------ search
+    def _xt(self, block: _Block) -> sp.csr_matrix:
+        with self._cache_lock:
+            if block.xt is None:
+                block.xt = transpose_csr(block.x)
+            return block.xt
+
+    def _colcount(self, block: _Block) -> np.ndarray:
+        with self._cache_lock:
+            if block.colcount is None:
+                block.colcount = np.bincount(block.x.indices, minlength=self._dim)
+            return block.colcount
+
+    def prepare(self) -> None:
+        """Build now what the first searches would build lazily: column counts, and the inverted index if a
+        single query like the stored vectors would use the sparse kernel (it costs as much memory as the data
+        itself, so it is not built for dense data). Benchmarks count this as part of the build."""
+        with self._lock.read():
+            colcount = sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
+            if not self._blocks:
+                return
+            expected_products = float((colcount.astype(np.float64) ** 2).sum() / max(1, self.total_rows))
+            single = self.costs.choose(
+                n_rows=self.total_rows,
+                dim=self._dim,
+                db_nnz=int(colcount.sum()),
+                n_queries=1,
+                sparse_products=expected_products,
+            )
+            if single == "sparse" or self.kernel == "sparse":
+                for block in self._blocks:
+                    self._xt(block)
+
+    def choose_kernel(self, queries: sp.csr_matrix) -> str:
+        """The kernel ``search`` would use for these (validated) queries."""
+        if self.kernel != "auto":
+            return self.kernel
+        colcount = sum(self._colcount(b) for b in self._blocks)
+        return self.costs.choose(
+            n_rows=self.total_rows,
+            dim=self._dim,
+            db_nnz=sum(b.x.nnz for b in self._blocks),
+            n_queries=queries.shape[0],
+            sparse_products=float(colcount[queries.indices].sum()),
+        )
+
+    def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = queries if sp.issparse(queries) else sp.csr_matrix(queries)
+        kernel = self.choose_kernel(q)
+        self.last_kernel = kernel
+        top = RunningTopK(q.shape[0], k)
+        parts = [
+            (b, np.flatnonzero(~self._alive[b.start : b.start + b.rows]) if self._n_dead else None)
+            for b in self._blocks
+        ]
+        # One task per query range, each walking every block: tasks never share rows of ``top``.
+        tasks, threads = getattr(self, f"_tasks_{kernel}")(parts, q, top)
+        _run(tasks, threads)
+        rows = top.rows
+        ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
+        return top.scores, ids
+
+    def _query_ranges(self, n: int, size: int) -> list[tuple[int, int]]:
+        size = max(1, min(size, -(-n // self.threads)))  # at least one range per worker
+        return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+    @staticmethod
+    def _mask_dead(scores: np.ndarray, dead: np.ndarray | None, r0: int, r1: int) -> None:
+        if dead is not None and dead.size:
+            local = dead[(dead >= r0) & (dead < r1)] - r0
+            if local.size:
+                scores[:, local] = -np.inf
+
+    def _tasks_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
+        widest = max(b.rows for b, _ in parts)
+        per_range = max(1, self.chunk_bytes // (4 * widest))  # bounds the (queries x rows) score buffer
+
+        def task(lo: int, hi: int) -> None:
+            qs = row_slice(q, lo, hi)
+            for block, dead in parts:
+                scores = scores_sparse(self._xt(block), qs)
+                self._mask_dead(scores, dead, 0, block.rows)
+                top.push(lo, scores, block.start)
+
+        ranges = self._query_ranges(q.shape[0], per_range)
+        return [lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads
+
+    def _tasks_spdense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
+        qb = self.costs.query_block
+        rows_per_chunk = max(256, self.chunk_bytes // (4 * qb))
+
+        def task(lo: int, hi: int) -> None:
+            qt = np.ascontiguousarray(row_slice(q, lo, hi).toarray().T)
+            for block, dead in parts:
+                for r0 in range(0, block.rows, rows_per_chunk):
+                    r1 = min(block.rows, r0 + rows_per_chunk)
+                    scores = np.ascontiguousarray(scores_spdense(row_slice(block.x, r0, r1), qt).T)
+                    self._mask_dead(scores, dead, r0, r1)
+                    top.push(lo, scores, block.start + r0)
+
+        ranges = self._query_ranges(q.shape[0], qb)
+        return [lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads
+
+    def _tasks_dense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
+        # Query ranges and row chunks sized so that densified rows plus the score block fit ``chunk_mb``.
+        q_per_range = max(1, min(q.shape[0], self.chunk_bytes // (8 * self._dim)))
+
+        def task() -> None:
+            for lo in range(0, q.shape[0], q_per_range):
+                hi = min(q.shape[0], lo + q_per_range)
+                qd = row_slice(q, lo, hi).toarray()
+                rows_per_chunk = max(256, self.chunk_bytes // (4 * (self._dim + hi - lo)))
+                for block, dead in parts:
+                    for r0 in range(0, block.rows, rows_per_chunk):
+                        r1 = min(block.rows, r0 + rows_per_chunk)
+                        scores = scores_dense(row_slice(block.x, r0, r1), qd)
+                        self._mask_dead(scores, dead, r0, r1)
+                        top.push(lo, scores, block.start + r0)
+
+        return [task], 1  # one thread: BLAS already uses every core
+
+    # ------------------------------------------------------------------ reads
+    def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:
+        rows = self._map.rows_of(ids)
+        starts = np.array([b.start for b in self._blocks], np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        parts: list[sp.csr_matrix | None] = [None] * ids.size
+        for bi in np.unique(which):
+            sel = np.flatnonzero(which == bi)
+            block = self._blocks[int(bi)]
+            sub = block.x[rows[sel] - block.start]
+            for j, s in enumerate(sel):
+                parts[s] = sub[j]
+        out = sp.vstack(parts, format="csr", dtype=np.float32)
+        if self._metric == "cosine":
+            out = sp.csr_matrix(sp.diags(self._norms[rows]) @ out, dtype=np.float32)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def _before_save(self) -> None:
+        self._compact()
+
+    def _options(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "chunk_mb": self.chunk_bytes / 2**20, "compact_ratio": self.compact_ratio}
+
+    @classmethod
+    def _file_roles(cls) -> tuple[str, ...]:
+        return ("data", "indices", "indptr", "ids", "norms")
+
+    def _writers(self) -> dict[str, tuple[str, store.Writer]]:
+        x = self._blocks[0].x if self._blocks else sp.csr_matrix((0, self._dim), dtype=np.float32)
+        arrays = {
+            "data": x.data.astype(np.float32, copy=False),
+            "indices": x.indices.astype(np.int32, copy=False),
+            "indptr": x.indptr.astype(np.int64),
+            "ids": self._row_ids,
+            "norms": self._norms,
+        }
+        return {role: (".npy", lambda path, a=a: store.write_npy(path, a)) for role, a in arrays.items()}
+
+    @classmethod
+    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> CsrIndex:
+        data = store.read_npy(paths["data"], dtype=np.float32, ndim=1)
+        indices = store.read_npy(paths["indices"], dtype=np.int32, ndim=1)
+        indptr = store.read_npy(paths["indptr"], dtype=np.int64, ndim=1)
+        ids = store.read_npy(paths["ids"], dtype=np.int64, ndim=1)
+        norms = store.read_npy(paths["norms"], dtype=np.float32, ndim=1)
+        n = ids.size
+        problems = []
+        if indptr.size != n + 1 or norms.size != n:
+            problems.append(f"{n} ids but {indptr.size - 1} rows and {norms.size} norms")
+        elif indptr[0] != 0 or indptr[-1] != data.size or data.size != indices.size or np.any(np.diff(indptr) < 0):
+            problems.append("row pointers do not match the data")
+        elif indices.size and (indices.min() < 0 or indices.max() >= dim):
+            problems.append(f"column indices outside [0, {dim})")
+        elif not np.all(np.isfinite(data)) or (data.size and data.min() < 0):
+            problems.append("negative or non-finite values")
+        elif n and (ids.min() < 0 or ids.max() > MAX_ID or np.unique(ids).size != n):
+            problems.append("invalid or duplicate ids")
+        if problems:
+            raise CorruptIndexError(f"{paths['data'].parent}: inconsistent CSR files: {problems[0]}")
+        kwargs = {key: options[key] for key in ("kernel", "chunk_mb", "compact_ratio") if key in options}
+        try:
+            index = cls(dim, metric, **kwargs)
+        except ValueError as err:
+            raise CorruptIndexError(f"{paths['data'].parent}: invalid options in the manifest: {err}") from None
+        if n:
+            index_dtype = np.int32 if data.size < np.iinfo(np.int32).max else np.int64
+            x = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, dim), copy=False)
+            index._blocks = [_Block(x, 0)]
+            index._map = RowMap(ids)
+            index._row_ids = ids
+            index._alive = np.ones(n, bool)
+            index._norms = norms
+        return index

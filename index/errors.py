@@ -1,0 +1,31 @@
+"""Exceptions of the index stage.
+
+All of them subclass ``ValueError`` so callers that only know "bad input" still catch them; the HTTP server maps
+them to 4xx responses and the CLI turns them into a one-line message with exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class IndexError_(ValueError):  # noqa: N801 - trailing underscore: the builtin IndexError means something else
+    """Base class: the request or the files on disk are wrong, not the program."""
+
+
+class InvalidInputError(IndexError_):
+    """Ids, vectors, payloads or parameters that the index cannot accept."""
+
+
+class DimensionMismatchError(InvalidInputError):
+    """Vectors whose width differs from the index dimension (usually a different model)."""
+
+
+class UnknownIdError(InvalidInputError):
+    """Ids that are not in the index; nothing was changed."""
+
+
+class CorruptIndexError(IndexError_):
+    """Index files that are missing, truncated or whose checksum does not match the manifest."""
+
+
+class IndexMismatchError(IndexError_):
+    """A well-formed index that is not what the caller expects (dimension, metric, backend, format version)."""

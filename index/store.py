@@ -1,0 +1,213 @@
+"""On-disk layout of an index directory: data files plus one manifest that is the single commit point.
+
+    INDEX_DIR/
+      manifest.json                      format, version, backend, dim, metric, count, sha256 + size per file,
+                                         and the sha256 of the manifest's own content
+      g000003-1a2b3c4d-<role>.<ext>      data files of generation 3 (never rewritten once referenced)
+
+Why this shape: a directory cannot be atomically renamed over a non-empty one, but a file can. Each save writes
+its data files under fresh names (temporary name, fsync, rename), then replaces manifest.json in one
+``os.replace`` and fsyncs the directory. Until that rename the old manifest still names the old files, which are
+untouched, so a crash at any point leaves either the old or the new index loadable, never a mix. Files no
+manifest refers to (left by a crash, or the previous generation) are deleted after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
+
+FORMAT = "lpjepa-vector-index"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_OWN_FILE = re.compile(r"^(g\d{6}-[0-9a-f]{8}-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?(\.tmp)?|manifest\.json\.tmp)$")
+_REQUIRED = ("format", "format_version", "backend", "dim", "metric", "count", "files")
+
+Writer = Callable[[Path], None]
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its own digest field, in canonical JSON.
+
+    The data files' checksums live in the manifest, so without this a flipped digit in, say, ``dim`` or
+    ``count`` would go unnoticed.
+    """
+    body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the renames themselves durable; without it a power cut can forget the new manifest's directory entry.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def read_npy(path: Path, *, dtype: Any, ndim: int) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise CorruptIndexError(f"cannot read {path.name}: {err}") from None
+    if arr.dtype != np.dtype(dtype) or arr.ndim != ndim:
+        raise CorruptIndexError(f"{path.name} holds {arr.dtype} of shape {arr.shape}, expected {ndim}-D {dtype}")
+    return arr
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInputError(f"{directory} exists and is not a directory")
+    if directory.is_dir() and not (directory / MANIFEST).exists():
+        foreign = [p.name for p in directory.iterdir() if not _OWN_FILE.match(p.name)]
+        if foreign:
+            raise InvalidInputError(
+                f"{directory} is not empty and holds no index ({', '.join(sorted(foreign)[:3])} ...);"
+                " refusing to write into it"
+            )
+
+
+def _previous_generation(directory: Path) -> int:
+    gens = [int(p.name[1:7]) for p in directory.iterdir() if _OWN_FILE.match(p.name) and p.name.startswith("g")]
+    return max(gens, default=0)
+
+
+def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers: dict[str, tuple[str, Writer]]) -> dict:
+    """Write a new generation of the index in ``directory`` and commit it by replacing the manifest.
+
+    ``header`` holds the manifest fields (backend, dim, metric, count, options ...); ``writers`` maps a file
+    role to (extension, function that writes the file at the given path).
+    """
+    missing = [key for key in ("backend", "dim", "metric", "count") if key not in header]
+    if missing:
+        raise ValueError(f"manifest header lacks {missing}")
+    root = Path(directory)
+    _check_target(root)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync_dir(root.parent.resolve())
+    generation = _previous_generation(root) + 1
+    token = secrets.token_hex(4)
+    files: dict[str, dict[str, Any]] = {}
+    for role, (ext, write) in writers.items():
+        name = f"g{generation:06d}-{token}-{role}{ext}"
+        tmp = root / f"{name}.tmp"
+        write(tmp)
+        _fsync_file(tmp)
+        files[role] = {"name": name, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        os.replace(tmp, root / name)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **header,
+        "generation": generation,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - py3.10
+        "files": files,
+    }
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    tmp_manifest = root / f"{MANIFEST}.tmp"
+    with open(tmp_manifest, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(root)  # the data files' renames must be durable before the manifest points at them
+    os.replace(tmp_manifest, root / MANIFEST)
+    _fsync_dir(root)
+    keep = {entry["name"] for entry in files.values()}
+    for path in root.iterdir():
+        if _OWN_FILE.match(path.name) and path.name not in keep:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    root = Path(directory)
+    if not root.is_dir():
+        raise InvalidInputError(f"index directory {root} does not exist")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise IndexMismatchError(f"{root} is not an index directory: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptIndexError(f"{path} is not valid JSON (truncated or corrupted?): {err}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptIndexError(f"{path} does not hold a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise IndexMismatchError(f"{path} is not an lpjepa index manifest (format={manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise IndexMismatchError(
+            f"{path} has format version {version!r}; this program reads versions 1..{FORMAT_VERSION}"
+        )
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise CorruptIndexError(f"{path} was altered or corrupted: its content does not match its sha256")
+    absent = [key for key in _REQUIRED if key not in manifest]
+    if absent:
+        raise CorruptIndexError(f"{path} lacks the fields {absent}")
+    if not isinstance(manifest["files"], dict):
+        raise CorruptIndexError(f"{path}: 'files' must be an object")
+    return manifest
+
+
+def verified_paths(
+    directory: str | os.PathLike[str], manifest: dict[str, Any], roles: tuple[str, ...], *, verify: bool = True
+) -> dict[str, Path]:
+    """Paths of the manifest's files after checking presence, size and (if ``verify``) sha256."""
+    root = Path(directory)
+    out: dict[str, Path] = {}
+    for role in roles:
+        entry = manifest["files"].get(role)
+        if not isinstance(entry, dict) or not {"name", "sha256", "bytes"} <= entry.keys():
+            raise CorruptIndexError(f"{root / MANIFEST} has no valid entry for the {role!r} file")
+        name = str(entry["name"])
+        if not _OWN_FILE.match(name) or name.endswith(".tmp"):
+            raise CorruptIndexError(f"{root / MANIFEST} names an unexpected file {name!r}")
+        path = root / name
+        if not path.is_file():
+            raise CorruptIndexError(f"index file {name} ({role}) is missing from {root}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CorruptIndexError(
+                f"index file {name} ({role}) is truncated or altered: {size} bytes, the manifest says {entry['bytes']}"
+            )
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise CorruptIndexError(f"index file {name} ({role}) is corrupted: its sha256 differs from the manifest")
+        out[role] = path
+    return out

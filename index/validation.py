@@ -1,0 +1,185 @@
+"""Checks on everything that enters an index, so that bad input fails loudly before any state changes.
+
+Embeddings of this product are rectified (ReLU-like) codes: non-negative and finite. A negative or NaN entry
+means the caller passed the wrong array (raw logits, a different model, an uninitialised buffer), and silently
+indexing it would corrupt every later search, so both are rejected with the row that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from index.errors import DimensionMismatchError, InvalidInputError
+
+METRICS = ("ip", "cosine")
+# Ids are non-negative int64; -1 is the "no result" marker in search output (as in FAISS) and the largest
+# int64 is kept free so that FAISS range selectors [0, MAX_ID] can exclude tombstones.
+MAX_ID = int(np.iinfo(np.int64).max) - 1
+
+Vectors = sp.csr_matrix | np.ndarray
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise InvalidInputError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric
+
+
+def check_dim(dim: Any) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or int(dim) < 1:
+        raise InvalidInputError(f"dimension must be a positive integer, got {dim!r}")
+    return int(dim)
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or int(k) < 1:
+        raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def check_ids(ids: Any, *, what: str = "ids") -> np.ndarray:
+    """Return ids as a 1-D int64 array of distinct values in [0, MAX_ID]."""
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{what} must be a 1-D sequence of integers, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            pass  # 3.0 is an acceptable spelling of 3 (JSON numbers arrive as floats)
+        else:
+            raise InvalidInputError(f"{what} must be integers, got dtype {arr.dtype}")
+    if arr.size and arr.dtype.kind == "u" and arr.max() > MAX_ID:
+        raise InvalidInputError(f"{what} must be at most {MAX_ID}, got {int(arr.max())}")
+    if arr.size and arr.dtype.kind == "f" and (arr.min() < 0 or arr.max() > MAX_ID):
+        raise InvalidInputError(f"{what} must be in [0, {MAX_ID}]")
+    out = arr.astype(np.int64, copy=False)
+    if out.size and (out.min() < 0 or out.max() > MAX_ID):
+        bad = out[(out < 0) | (out > MAX_ID)][:5].tolist()
+        raise InvalidInputError(f"{what} must be in [0, {MAX_ID}]; got {bad}")
+    if out.size > 1:
+        uniq, counts = np.unique(out, return_counts=True)
+        if uniq.size != out.size:
+            dup = uniq[counts > 1][:5].tolist()
+            raise InvalidInputError(f"{what} contain duplicates: {dup}; each id may appear once per call")
+    return out
+
+
+def _first_bad_row(bad_flat_positions: np.ndarray, indptr: np.ndarray) -> int:
+    return int(np.searchsorted(indptr, bad_flat_positions[0], side="right") - 1)
+
+
+def check_vectors(vectors: Any, dim: int, *, what: str = "vectors") -> Vectors:
+    """Return float32 vectors (CSR with int32 indices if sparse came in, else C-contiguous dense), checked.
+
+    The input's form is kept because each backend has a preferred one and converting a 75%-dense batch to CSR
+    only to densify it again for FAISS would waste time and memory.
+    """
+    if sp.issparse(vectors):
+        if vectors.ndim != 2:
+            raise InvalidInputError(f"{what} must be 2-D, got shape {vectors.shape}")
+        if vectors.dtype.kind not in "fiub":
+            raise InvalidInputError(f"{what} must be numeric, got dtype {vectors.dtype}")
+        if vectors.shape[1] != dim:
+            raise DimensionMismatchError(f"{what} have {vectors.shape[1]} dimensions but the index dimension is {dim}")
+        csr = sp.csr_matrix(vectors, dtype=np.float32, copy=True)
+        csr.sum_duplicates()  # canonical form: sorted, unique column indices per row
+        if csr.nnz:
+            nonfinite = np.flatnonzero(~np.isfinite(csr.data))
+            if nonfinite.size:
+                row = _first_bad_row(nonfinite, csr.indptr)
+                raise InvalidInputError(f"{what} contain NaN or infinite values (first in row {row})")
+            negative = np.flatnonzero(csr.data < 0)
+            if negative.size:
+                row = _first_bad_row(negative, csr.indptr)
+                raise InvalidInputError(
+                    f"{what} contain negative values (first in row {row}, minimum {float(csr.data.min()):.4g});"
+                    " embeddings must be non-negative"
+                )
+        csr.eliminate_zeros()
+        csr.indices = csr.indices.astype(np.int32, copy=False)
+        if csr.nnz < np.iinfo(np.int32).max:
+            csr.indptr = csr.indptr.astype(np.int32, copy=False)
+        return csr
+    try:
+        arr = np.asarray(vectors)
+    except (ValueError, TypeError) as err:
+        raise InvalidInputError(f"{what} must be a 2-D numeric array or a scipy sparse matrix: {err}") from None
+    if arr.dtype.kind not in "fiub":
+        raise InvalidInputError(f"{what} must be numeric, got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2:
+        raise InvalidInputError(f"{what} must be 2-D (rows of {dim} values), got shape {arr.shape}")
+    if arr.shape[1] != dim:
+        raise DimensionMismatchError(f"{what} have {arr.shape[1]} dimensions but the index dimension is {dim}")
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    if out.size:
+        finite = np.isfinite(out)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise InvalidInputError(f"{what} contain NaN or infinite values (first in row {row})")
+        if out.min() < 0:
+            row = int(np.flatnonzero((out < 0).any(axis=1))[0])
+            raise InvalidInputError(
+                f"{what} contain negative values (first in row {row}, minimum {float(out.min()):.4g});"
+                " embeddings must be non-negative"
+            )
+    return out
+
+
+def n_rows(vectors: Vectors) -> int:
+    return int(vectors.shape[0])
+
+
+def check_payloads(payloads: Sequence[Any] | None, n: int) -> list[Any] | None:
+    """Return JSON-round-tripped copies so that later mutation by the caller cannot change the index."""
+    if payloads is None:
+        return None
+    if isinstance(payloads, str | bytes | dict) or not isinstance(payloads, Sequence):
+        raise InvalidInputError("payloads must be a list with one JSON value (or None) per id")
+    if len(payloads) != n:
+        raise InvalidInputError(f"got {len(payloads)} payloads for {n} ids; pass one per id (None for none)")
+    out: list[Any] = []
+    for i, p in enumerate(payloads):
+        if p is None:
+            out.append(None)
+            continue
+        try:
+            text = json.dumps(p, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise InvalidInputError(f"payload {i} is not JSON-serialisable: {err}") from None
+        out.append(json.loads(text))
+    return out
+
+
+def row_norms(vectors: Vectors) -> np.ndarray:
+    """L2 norms per row in float64 accumulation, returned as float32."""
+    if sp.issparse(vectors):
+        sq = np.asarray(vectors.multiply(vectors).sum(axis=1), dtype=np.float64).ravel()
+    else:
+        sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    return np.sqrt(sq).astype(np.float32)
+
+
+def normalize_rows(vectors: Vectors, norms: np.ndarray) -> Vectors:
+    """Scale rows to unit length for cosine; all-zero rows stay zero (they score 0 against everything)."""
+    scale = np.zeros_like(norms, dtype=np.float32)
+    nz = norms > 0
+    scale[nz] = 1.0 / norms[nz]
+    if sp.issparse(vectors):
+        out = vectors.copy()
+        out.data *= np.repeat(scale, np.diff(out.indptr))
+        return out
+    return vectors * scale[:, None]
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,189 @@
+"""Method wiring: which features the loss sees (rectified or raw), which loss, which target, and the fix for
+dead dimensions.
+
+Why dimensions die. The rectified projector ends in z = ReLU(h). A coordinate j whose pre-activation h_j is
+negative for every sample of a batch outputs z_j = 0 for all of them; then the invariance term is zero for it,
+and the sliced W2 gradient dL/dz_j, whatever it asks, is blocked by the ReLU (dz/dh = 0 for h <= 0). Nothing
+can ever move h_j up again, so the coordinate is dead for good. With a sparse target (mu = -2: about 3% active)
+a coordinate fires for only ~8 samples of 256, and the early transient of training (the regulariser pushing
+activity down fast) switches many coordinates off entirely before they find their rate. The i.i.d. target
+asks EVERY coordinate to fire at the same rate, so a dead coordinate is a failure to match the target law;
+the dead ones also drag the measured l0 below the analytic rate.
+
+The fix ("marginal", default for rectified_lpjepa). Matching the product law includes matching its 1-D
+marginals, i.e. the slices along the D coordinate axes. We add those D directions to the K random ones, and
+for them only we order the samples by the pre-activation h_j (which ReLU preserves, and which breaks the ties
+among the zeros by how close each sample is to firing) and pass the matching gradient straight through the
+ReLU. The forward value is exactly the sliced W2 of the rectified codes along the axes; in the backward pass a
+sample that is at zero but sits at a quantile where the target is positive is pulled up, while samples at
+zero matched to target zeros receive no gradient (z = y = 0). So a coordinate that fires too rarely is pushed
+back to the target rate, and nothing pushes inactive samples further down. The forward pass of the network is
+untouched: exported codes stay exactly sparse. "leaky" (a leaky ReLU backward for every term) is the cruder
+alternative measured against it; "none" is the paper's objective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ConfigError, TrainConfig
+from pretrain.distributed import gather_with_grad
+from pretrain.losses import RELU_FEATURE_METHODS, build_loss
+from pretrain.losses.precision import fp32_region
+
+SLICED_METHODS = frozenset({"rectified_lpjepa", "ablation_gn_raw", "ablation_gn_relu", "ablation_rgn_raw"})
+RGN_TARGET_METHODS = frozenset({"rectified_lpjepa", "ablation_rgn_raw"})
+
+
+def rectifies(method: str) -> bool:
+    """Whether the method's features (and hence the exported model's output) go through the final ReLU."""
+    return method in RELU_FEATURE_METHODS
+
+
+class _LeakyBackwardReLU(torch.autograd.Function):
+    """Exact ReLU forward; backward passes `slope` times the gradient where the input was <= 0."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, slope: float) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        ctx.slope = slope
+        return F.relu(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (h,) = ctx.saved_tensors
+        return torch.where(h > 0, grad, grad * ctx.slope), None
+
+
+def leaky_backward_relu(h: torch.Tensor, slope: float) -> torch.Tensor:
+    return _LeakyBackwardReLU.apply(h, slope)
+
+
+def marginal_w2(h: torch.Tensor, y: torch.Tensor, rectified: bool) -> torch.Tensor:
+    """Straight-through variant ("marginal_ste"): mean over coordinates and quantiles of
+    (sorted ReLU(h_j) - sorted y_j)^2, samples ordered by h, gradient passed through the ReLU unchanged.
+
+    Without `rectified` this is the plain per-axis W2 of raw features.
+    """
+    hs = torch.sort(h, dim=0).values
+    if rectified:
+        hs = hs + (F.relu(hs) - hs).detach()
+    ys = torch.sort(y, dim=0).values
+    return (hs - ys).square().mean()
+
+
+def threshold_marginal_w2(h: torch.Tensor, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
+    """Per-axis matching of ReLU(h_j) to ReLU(x_j), x ~ GN_p(mu, sigma) the pre-rectification target, with the
+    pre-activation standing in for the code wherever the two disagree about firing.
+
+    Samples are ordered by h (ties among the zeros broken by how close each sample is to firing) and paired
+    with the sorted GN draw. Where code and target agree on the sign, the cost is the rectified W2 term
+    (ReLU(h) - ReLU(x))^2: exactly the paper's slice along that axis (0 for two zeros, so the negative side of h
+    stays free). Where they disagree, the cost is (h - x)^2, the distance the pre-activation has to travel to
+    its target quantile across the threshold:
+    - h <= 0 < x (should fire, does not): pulls the sample up. This revives a dead coordinate, whose top-ranked
+      samples are pulled toward the target's positive quantiles, where the plain ReLU passes no gradient.
+    - x <= 0 < h (fires, should not): pushes it below zero with a force that does not vanish as h -> 0+. The
+      rectified W2 alone (force 2h) barely sees a small positive value, so augmentation noise leaves many
+      small positives and l0 drifts above the target rate; here the fixed point is P(h > 0) = P(x > 0).
+    """
+    hs = torch.sort(h, dim=0).values
+    xs = torch.sort(x, dim=0).values
+    disagree = (hs > 0) != (xs > 0) if symmetric else (hs <= 0) & (xs > 0)
+    diff = torch.where(disagree, hs - xs, F.relu(hs) - F.relu(xs))
+    return diff.square().mean()
+
+
+class Objective(nn.Module):
+    """Maps the projector pre-activations of all views to (loss, parts, codes) for the configured method."""
+
+    def __init__(self, cfg: TrainConfig, sigma: float, embed_dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        m = cfg.method
+        self.method = m.name
+        self.relu = rectifies(m.name)
+        self.fix = cfg.dead_dim_fix
+        self.slope = float(m.leaky_slope)
+        self.generator = generator
+        self.p, self.mu, self.sigma = float(m.p), float(m.mu), float(sigma)
+        if self.fix.startswith("marginal") and m.name not in SLICED_METHODS:
+            raise ConfigError(f"method.dead_dim_fix: 'marginal' needs a sliced-W2 method, not {m.name!r}")
+        if self.fix == "leaky" and not self.relu:
+            raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
+        self.alpha = 0.0
+        if self.fix.startswith("marginal"):
+            default = embed_dim / (embed_dim + m.num_projections)
+            self.alpha = float(default if m.marginal_weight is None else m.marginal_weight)
+        self.w_rdm = float(m.w_rdm)
+        if m.name in SLICED_METHODS:
+            self.loss = build_loss(
+                m.name,
+                w_inv=m.w_inv,
+                w_rdm=m.w_rdm * (1.0 - self.alpha),
+                num_projections=m.num_projections,
+                p=m.p,
+                mu=m.mu,
+                sigma=sigma,
+                projection=m.projections,
+                generator=generator,
+            )
+        elif m.name == "lejepa":
+            self.loss = build_loss(
+                m.name, lam=m.lejepa_lambda, num_projections=m.lejepa_projections, generator=generator
+            )
+        elif m.name in ("vicreg", "nvicreg_relu"):
+            self.loss = build_loss(m.name, w_inv=m.vicreg_sim, w_var=m.vicreg_var, w_cov=m.vicreg_cov)
+        else:
+            self.loss = build_loss(m.name, temperature=m.temperature)
+
+    def codes(self, h: torch.Tensor) -> torch.Tensor:
+        """The features the loss sees; exactly the exported model's output in the forward pass."""
+        if not self.relu:
+            return h
+        if self.fix == "leaky":
+            return leaky_backward_relu(h, self.slope)
+        return F.relu(h)
+
+    def _target(self, shape: tuple[int, int], device: torch.device, rectified: bool) -> torch.Tensor:
+        from models import rgg
+
+        sampler = rgg.sample_rgn if rectified else rgg.sample_gn
+        y = sampler(shape, self.p, self.mu, self.sigma, generator=self.generator, device=self.generator.device)
+        return y.to(device)
+
+    def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
+        """hs: per-view pre-activations (global views first). Two-view losses average over the view pairs
+        (global, other); LeJEPA takes all views at once, as in its reference code."""
+        zs = [self.codes(h) for h in hs]
+        if self.method == "lejepa":
+            total, parts = self.loss(*zs)
+        else:
+            pairs = [(i, j) for i in range(n_global) for j in range(i + 1, len(zs))]
+            total = torch.zeros((), device=zs[0].device)
+            parts = {}
+            for i, j in pairs:
+                t, pp = self.loss(zs[i], zs[j])
+                total = total + t / len(pairs)
+                for key, val in pp.items():
+                    parts[key] = parts.get(key, 0.0) + val / len(pairs)
+        if self.alpha > 0:
+            marg = torch.zeros((), device=zs[0].device)
+            for h in hs:
+                hg = gather_with_grad(h)
+                with fp32_region(hg):
+                    hg = hg.float()
+                    if self.fix in ("marginal", "marginal_sym") and self.relu and self.method in RGN_TARGET_METHODS:
+                        x = self._target(tuple(hg.shape), hg.device, rectified=False)
+                        marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "marginal_sym")
+                    else:  # straight-through variant; raw features: plain per-axis W2
+                        y = self._target(tuple(hg.shape), hg.device, self.method in RGN_TARGET_METHODS)
+                        marg = marg + marginal_w2(hg, y, rectified=self.relu)
+            marg = marg / len(hs)
+            total = total + self.w_rdm * self.alpha * marg
+            parts["marginal"] = float(marg.detach())
+            parts["loss"] = float(total.detach())
+        return total, parts, zs

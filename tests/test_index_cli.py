@@ -1,0 +1,137 @@
+"""`lpjepa index build` / `lpjepa search` end to end on a tiny exported model and real Fashion-MNIST images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_index_support import brute_force
+from test_serve_support import export_tiny_model
+
+from cli.main import main
+from index import create_index, load_index
+
+pytestmark = pytest.mark.slow
+N = 300
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return export_tiny_model(tmp_path_factory.getbasetemp())  # shared with the serve tests in one session
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    from pretrain.data.sources import open_source
+
+    return open_source("fashion-mnist:test")
+
+
+@pytest.fixture(scope="module")
+def embeddings(model, fashion):
+    """Reference embeddings of the first N test images, computed without the index code."""
+    from export.runtime import EmbeddingRuntime
+
+    return EmbeddingRuntime(model).embed([fashion[i][0] for i in range(N)]).toarray()
+
+
+@pytest.fixture(scope="module")
+def built(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "index"
+    code = main(["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(out),
+                 "--limit", str(N), "--no-progress"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_build_writes_an_index_of_the_split(built, embeddings, fashion, capsys):
+    index = load_index(built)
+    assert len(index) == N and index.metric == "cosine" and index.dim == embeddings.shape[1]
+    assert index.ids().tolist() == list(range(N))  # the id is the row number in the split
+    for row in (0, 17, N - 1):
+        payload = index.payload(row)
+        assert payload["row"] == row and payload["label"] == fashion[row][1]
+        assert payload["source"] == "fashion-mnist:test" and payload["class"]
+    np.testing.assert_allclose(index.reconstruct([17]).toarray()[0], embeddings[17], rtol=1e-5, atol=1e-6)
+    assert index.metadata["model"]["dim"] == embeddings.shape[1]
+
+
+def test_search_json_matches_brute_force(built, model, embeddings, fashion, tmp_path, capsys):
+    image = tmp_path / "query.png"
+    fashion[17][0].save(image)
+    capsys.readouterr()
+    assert (
+        main(["search", "--model", str(model), "--index", str(built), "--image", str(image), "-k", "5", "--json"]) == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    results = out["results"]
+    assert len(results) == 5 and set(results[0]) == {"id", "score", "payload"}
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    ref = brute_force(embeddings, embeddings[17:18], "cosine")[0]
+    np.testing.assert_allclose(scores, np.sort(ref)[::-1][:5], rtol=1e-4, atol=1e-5)
+    for r in results:  # each id carries its true score and its own payload
+        assert r["score"] == pytest.approx(ref[r["id"]], rel=1e-4, abs=1e-5)
+        assert r["payload"]["row"] == r["id"]
+    assert 17 in [r["id"] for r in results if r["score"] >= ref.max() - 1e-5]  # the image finds itself
+
+    assert main(["search", "--model", str(model), "--index", str(built), "--image", str(image), "-k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "id", "score", "payload"] and len(table) == 4
+
+
+def test_build_faiss_hnsw_is_tuned(model, tmp_path, capsys):
+    out = tmp_path / "hnsw"
+    args = ["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(out),
+            "--limit", "400", "--backend", "faiss", "--faiss-index", "HNSW16", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 400 and summary["tuned"]["param"] == "ef_search"
+    assert summary["tuned"]["recall"] >= 0.95
+    index = load_index(out)
+    assert index.backend == "faiss" and index.kind == "hnsw" and len(index) == 400
+    assert index.ef_search == summary["tuned"]["value"]
+
+
+def test_errors_exit_2_with_one_line(model, built, tmp_path, capsys):
+    image = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(image)
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    other = create_index("csr", 8, "cosine")
+    other.add([1], np.ones((1, 8)))
+    other.save(tmp_path / "dim8")
+    cases = [
+        (["search", "--model", str(tmp_path / "none.onnx"), "--index", str(built), "--image", str(image)],
+         "no model file"),
+        (["search", "--model", str(model), "--index", str(tmp_path / "missing"), "--image", str(image)],
+         "does not exist"),
+        (["search", "--model", str(model), "--index", str(tmp_path / "notes"), "--image", str(image)],
+         "not an index directory"),
+        (["search", "--model", str(model), "--index", str(tmp_path / "dim8"), "--image", str(image)],
+         "dimension 8 but the model produces"),
+        (["search", "--model", str(model), "--index", str(built), "--image", str(tmp_path / "nope.png")],
+         "no image file"),
+        (["search", "--model", str(model), "--index", str(built), "--image", str(tmp_path / "broken.png")],
+         "image 0"),
+        (["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(tmp_path / "x"),
+          "--backend", "faiss", "--faiss-index", "PQ8"], "unsupported FAISS index 'PQ8'"),
+        (["index", "build", "--model", str(model), "--data", "no-such-dataset", "--out", str(tmp_path / "y")],
+         "unknown data spec"),
+        (["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--limit", "5",
+          "--out", str(tmp_path / "notes"), "--no-progress"], "refusing to write into it"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    for argv in (["search", "--model", "m", "--index", "i", "--image", "x", "-k", "0"], ["index"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
