@@ -25,7 +25,10 @@ EVAL_SPEC = "fashion-mnist:test"
 
 
 def runs_plan(with_ablation: bool) -> list[tuple[str, list[str]]]:
-    plan = [(f"rect_mu{mu:+g}", ["method.name=rectified_lpjepa", f"method.mu={mu}"]) for mu in MUS]
+    plan = [
+        (f"rect_mu{mu:+g}", ["method.name=rectified_lpjepa", f"method.mu={mu}", "method.dead_dim_fix=marginal_ste"])
+        for mu in MUS
+    ]
     plan += [("lejepa", ["method.name=lejepa"]), ("vicreg", ["method.name=vicreg"])]
     if with_ablation:  # the dead-dimension fix switched off, at the sparsity where dimensions die
         plan.append(("rect_mu-2_nofix", ["method.name=rectified_lpjepa", "method.mu=-2.0", "method.dead_dim_fix=none"]))

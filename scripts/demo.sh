@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 echo "== 1/6 train ($CONFIG) -> $RUN"
 lpjepa train --config "$CONFIG" --out "$RUN" --force
 echo "== 2/6 evaluate on fashion-mnist:test"
-lpjepa eval "$RUN" --data fashion-mnist:test --json | tee "$OUT/eval.json"
+lpjepa eval "$RUN" --data fashion-mnist:test --max-train 5000 --limit 2000 --no-progress --json | tee "$OUT/eval.json"
 echo "== 3/6 export -> $OUT/model.onnx"
 lpjepa export "$RUN" --out "$OUT/model.onnx"
 echo "== 4/6 OOD calibration on fashion-mnist (train split)"
