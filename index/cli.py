@@ -1,6 +1,6 @@
 """`lpjepa index build` and `lpjepa search`: embed a data set into an index, query it with an image.
 
-Heavy imports (onnxruntime via export.runtime, scipy, faiss, torch) happen inside the handlers so that
+Heavy imports (onnxruntime via export.runtime, numpy, scipy, faiss) happen inside the handlers so that
 `lpjepa --help` stays fast. Every expected failure (bad model, data spec, image, index files, options) becomes
 a CliError: one line on stderr and exit code 2.
 """

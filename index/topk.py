@@ -1,12 +1,12 @@
 """Top-k selection per row of a score block, and a running top-k across blocks.
 
 Why not ``np.argpartition`` on the whole block: it costs ~18 ns per score here, more than computing the scores
-at low density (1,000 queries x 100k rows: 1.8 s). Block maxima do the same exactly: split each row into
-blocks of 64 scores; the k-th largest block maximum is a lower bound on the k-th largest score (the k largest
-block maxima are k distinct scores), so only blocks whose maximum reaches it can hold a top-k score: at most
-2k of the row's blocks (k that beat the bound, k that tie with it). The cost is one pass for the maxima
-(~0.3 ns per score) plus an argpartition over those few blocks: ~1.5-3 ns per score, as fast as torch.topk on
-this machine without importing torch.
+at low density (1,000 queries x 100k rows: 1.8 s). Group maxima do the same exactly: split each row into
+groups of 64 scores; the k-th largest group maximum is a lower bound on the k-th largest score (the k largest
+group maxima are k distinct scores), so only groups whose maximum reaches it can hold a top-k score: at most
+2k of the row's groups (k that beat the bound, k that tie with it). The cost is one pass for the maxima
+(~0.25 ns per score) plus an argpartition over those few groups: ~1 ns per score, faster than torch.topk on
+this machine and without importing torch.
 """
 
 from __future__ import annotations
@@ -22,25 +22,27 @@ def topk_per_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     kk = min(k, c)
     if kk == 0 or m == 0:
         return np.empty((m, kk), scores.dtype), np.empty((m, kk), np.int64)
-    nb = c // BLOCK
+    nb = c // BLOCK  # number of groups
     if nb < 4 * kk:  # small rows: select directly
         cols = _largest(scores, np.broadcast_to(np.arange(c, dtype=np.int64), (m, c)), kk)
         return np.take_along_axis(scores, cols, 1), cols
-    body = scores[:, : nb * BLOCK].reshape(m, nb, BLOCK)  # a view: splitting the last axis needs no copy
-    block_max = body.max(axis=2)
-    bound = np.partition(block_max, nb - kk, axis=1)[:, nb - kk][:, None]  # k-th largest block maximum
-    # Fewer than k blocks beat the bound; blocks that only reach it (often thousands: very sparse data scores
+    # Group g holds columns g, g + nb, g + 2 nb, ...: strided groups make the maxima one vectorised pass
+    # (0.25 ns per score) where contiguous blocks of 64 cost 1 ns in numpy's short-axis reduction.
+    body = scores[:, : nb * BLOCK].reshape(m, BLOCK, nb)  # a view: body[r, j, g] = scores[r, j * nb + g]
+    group_max = body.max(axis=1)
+    bound = np.partition(group_max, nb - kk, axis=1)[:, nb - kk][:, None]  # k-th largest group maximum
+    # Fewer than k groups beat the bound; groups that only reach it (often thousands: very sparse data scores
     # mostly exact zeros) are interchangeable ties, so the first k of them suffice.
-    tied = block_max == bound
-    chosen = (block_max > bound) | (tied & (np.cumsum(tied, axis=1) <= kk))
-    rows, blocks = np.nonzero(chosen)
+    tied = group_max == bound
+    chosen = (group_max > bound) | (tied & (np.cumsum(tied, axis=1) <= kk))
+    rows, groups = np.nonzero(chosen)
     counts = np.bincount(rows, minlength=m)
     slot = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
     width = int(counts.max())
     values = np.full((m, width, BLOCK), -np.inf, scores.dtype)
-    values[rows, slot] = body[rows, blocks]
+    values[rows, slot] = body[rows, :, groups]
     cols = np.zeros((m, width, BLOCK), np.int64)
-    cols[rows, slot] = blocks[:, None] * BLOCK + np.arange(BLOCK)
+    cols[rows, slot] = groups[:, None] + nb * np.arange(BLOCK)
     values, cols = values.reshape(m, -1), cols.reshape(m, -1)
     if nb * BLOCK < c:  # the ragged tail of each row is always a candidate
         values = np.concatenate([values, scores[:, nb * BLOCK :]], axis=1)

@@ -8,7 +8,6 @@ indexing it would corrupt every later search, so both are rejected with the row 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,7 +178,3 @@ def normalize_rows(vectors: Vectors, norms: np.ndarray) -> Vectors:
         out.data *= np.repeat(scale, np.diff(out.indptr))
         return out
     return vectors * scale[:, None]
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if math.isfinite(x) else None
