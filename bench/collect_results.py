@@ -26,7 +26,8 @@ def main() -> None:
     parts = [
         "# Results\n",
         "Every number below was printed by a script in `bench/`; each section names its command and the machine it",
-        "ran on (2 shared x86-64 cores unless stated). Sections live in `docs/results/`; images are linked from there.\n",
+        "ran on (2 shared x86-64 cores unless stated). Sections live in `docs/results/`; images are linked from",
+        "there.\n",
     ]
     parts += [f"- [{p.stem}](results/{p.name})" for p in files]
     for path in files:

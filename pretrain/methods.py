@@ -37,6 +37,7 @@ from pretrain.losses.precision import fp32_region
 
 SLICED_METHODS = frozenset({"rectified_lpjepa", "ablation_gn_raw", "ablation_gn_relu", "ablation_rgn_raw"})
 RGN_TARGET_METHODS = frozenset({"rectified_lpjepa", "ablation_rgn_raw"})
+MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym"})
 
 
 def rectifies(method: str) -> bool:
@@ -110,14 +111,13 @@ class Objective(nn.Module):
         self.slope = float(m.leaky_slope)
         self.generator = generator
         self.p, self.mu, self.sigma = float(m.p), float(m.mu), float(sigma)
-        if self.fix.startswith("marginal") and m.name not in SLICED_METHODS:
-            raise ConfigError(f"method.dead_dim_fix: 'marginal' needs a sliced-W2 method, not {m.name!r}")
+        if self.fix in MARGINAL_FIXES and m.name not in SLICED_METHODS:
+            raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a sliced-W2 method, not {m.name!r}")
+        if self.fix.startswith("threshold") and not (self.relu and m.name in RGN_TARGET_METHODS):
+            raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs rectified features and an RGN target")
         if self.fix == "leaky" and not self.relu:
             raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
-        self.alpha = 0.0
-        if self.fix.startswith("marginal"):
-            default = embed_dim / (embed_dim + m.num_projections)
-            self.alpha = float(default if m.marginal_weight is None else m.marginal_weight)
+        self.alpha = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
         self.w_rdm = float(m.w_rdm)
         if m.name in SLICED_METHODS:
             self.loss = build_loss(
@@ -176,9 +176,9 @@ class Objective(nn.Module):
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
                     hg = hg.float()
-                    if self.fix in ("marginal", "marginal_sym") and self.relu and self.method in RGN_TARGET_METHODS:
+                    if self.fix.startswith("threshold"):
                         x = self._target(tuple(hg.shape), hg.device, rectified=False)
-                        marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "marginal_sym")
+                        marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "threshold_sym")
                     else:  # straight-through variant; raw features: plain per-axis W2
                         y = self._target(tuple(hg.shape), hg.device, self.method in RGN_TARGET_METHODS)
                         marg = marg + marginal_w2(hg, y, rectified=self.relu)
