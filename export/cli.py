@@ -7,20 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from cli.argtypes import positive_int as _positive
 from cli.errors import CliError
 
 PRECISIONS = ("fp32", "fp16", "int8")  # mirrored from export.onnx_export without importing torch for --help
 FORMATS = ("onnx", "tensorrt")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,21 +16,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 from cli.parser import OneLineParser
 
 CHUNK_IMAGES = 1024  # images embedded and added per step: bounds memory, keeps the progress bar moving
 TUNE_QUERIES = 256  # stored vectors used as queries when tuning approximate FAISS indexes
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _recall_target(text: str) -> float:

@@ -11,30 +11,12 @@ import json
 import sys
 from typing import Any
 
+from cli.argtypes import non_negative_int as _non_negative_int
+from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 
 DEFAULT_MAX_TRAIN = 20000  # mirrors pipeline.DEFAULT_MAX_TRAIN without importing torch at --help time
 DEFAULT_BATCH_SIZE = 256
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def register_eval(subparsers: argparse._SubParsersAction) -> None:
