@@ -142,7 +142,6 @@ def calibrate_model(
     EmbeddingRuntime.ood_calibration and therefore `lpjepa serve` look for it.
     """
     from export.metadata import write_ood_calibration
-
     from serve.ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
 
     runtime = open_runtime(model_path)
