@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,18 +78,17 @@ def bench_batched(images: torch.Tensor, aug: AugmentConfig, batch: int, repeats:
 
 
 def bench_per_image(array: np.ndarray, aug: AugmentConfig, batch: int, repeats: int, workers: int) -> float:
-    ds = PerImageViews(array[: batch * (repeats + 2)], aug, 28, [0.286], [0.353])
-    loader = DataLoader(
-        ds, batch_size=batch, num_workers=workers, shuffle=True, drop_last=True, persistent_workers=workers > 0
-    )
-    it = iter(loader)
-    next(it)  # warm-up (also starts the workers)
-    times = []
-    for _ in range(repeats):
+    """Throughput of a fresh DataLoader drained for 4 x repeats batches, worker start-up included: with workers,
+    timing single `next()` calls would only measure taking an already-prefetched batch."""
+    n_batches = 4 * repeats
+    ds = PerImageViews(array[: batch * n_batches], aug, 28, [0.286], [0.353])
+    rates = []
+    for _ in range(2 if workers else 1):
+        loader = DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=True, drop_last=True)
         t = time.perf_counter()
-        next(it)
-        times.append(time.perf_counter() - t)
-    return batch / statistics.median(times)
+        count = sum(1 for _ in loader)
+        rates.append(count * batch / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
 def bench_model(batch: int, repeats: int, bf16: bool, channels_last: bool) -> float:
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows as JSON")
+    ap.add_argument("--markdown", default=None, help="also write the table as a markdown section")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     src = load_fashion_mnist("train")
@@ -146,6 +148,23 @@ def main() -> None:
     print(f"{'kind':7} {'what':42} {'images/s':>10} {'vs per-image':>13}")
     for kind, what, rate in rows:
         print(f"{kind:7} {what:42} {rate:10.0f} {rate / base:12.1f}x")
+    if args.markdown:
+        load = os.getloadavg()[0]
+        md = [
+            "## Loader vs model step (bench/bench_loader.py)",
+            "",
+            f"`.venv/bin/python bench/bench_loader.py --threads {args.threads} --batch {args.batch} "
+            f"--repeats {args.repeats} --workers {args.workers}`; median images/s (each image -> 2 views of 28 px), "
+            f"Fashion-MNIST, fmnist-cpu recipe and network; 1-minute load average at the end: {load:.1f} on "
+            f"{os.cpu_count()} cores (the CPU was shared, so compare rows of this one run, not absolute numbers).",
+            "",
+            "| kind | what | images/s | vs per-image v2 |",
+            "|---|---|---|---|",
+            *[f"| {k} | {w} | {r:.0f} | {r / base:.1f}x |" for k, w, r in rows],
+            "",
+        ]
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text("\n".join(md), encoding="utf-8")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump([{"kind": k, "what": w, "images_per_s": r} for k, w, r in rows], fh, indent=2)

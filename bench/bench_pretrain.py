@@ -30,13 +30,17 @@ def runs_plan(with_ablation: bool) -> list[tuple[str, list[str]]]:
     fix = ["method.dead_dim_fix=marginal", "method.marginal_weight=0.5"]
     plan = [(f"rect_mu{mu:+g}", ["method.name=rectified_lpjepa", f"method.mu={mu}", *fix]) for mu in MUS]
     plan += [("lejepa", ["method.name=lejepa"]), ("vicreg", ["method.name=vicreg"])]
-    if with_ablation:  # the dead-dimension fix switched off, at the sparsity where dimensions die
-        plan.append(("rect_mu-2_nofix", ["method.name=rectified_lpjepa", "method.mu=-2.0", "method.dead_dim_fix=none"]))
+    if with_ablation:  # the dead-dimension fix switched off (at mu=0 and at mu=-2) and its leaky alternative
+        plan += [
+            ("rect_mu+0_nofix", ["method.name=rectified_lpjepa", "method.mu=0.0", "method.dead_dim_fix=none"]),
+            ("rect_mu-2_nofix", ["method.name=rectified_lpjepa", "method.mu=-2.0", "method.dead_dim_fix=none"]),
+            ("rect_mu-2_leaky", ["method.name=rectified_lpjepa", "method.mu=-2.0", "method.dead_dim_fix=leaky"]),
+        ]
     return plan
 
 
 def train_command(run_dir: Path, sets: list[str], steps: int, threads: int) -> list[str]:
-    allsets = [*sets, f"train.steps={steps}", f"train.threads={threads}"]
+    allsets = [*sets, f"train.steps={steps}", f"train.threads={threads}", "train.checkpoint_every=100"]
     return [
         sys.executable,
         "-m",
@@ -99,6 +103,11 @@ def evaluate_one(name: str, args: argparse.Namespace) -> dict:
     return report
 
 
+def _is_sweep(name: str) -> bool:
+    """The mu sweep with the default objective (not an ablation row)."""
+    return name.startswith("rect_mu") and "_" not in name[len("rect_mu") :]
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -112,7 +121,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
 
     from models.rgg import expected_l0, sigma_gn
 
-    rect = [r for r in rows if r["name"].startswith("rect_mu") and not r["name"].endswith("nofix")]
+    rect = [r for r in rows if _is_sweep(r["name"])]
     sig = sigma_gn(1.0)
     grid = np.linspace(-3.5, 1.5, 200)
     fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -202,20 +211,96 @@ def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], w
     lines += [f"- {r['label']}: `{r['command']}`" for r in rows]
     lines += ["", *(f"![{p}]({p})" for p in plots), "", "## Goals", ""]
     lines += goals(rows)
+    lines += ["", *dead_dim_section(rows), "", *prototype_section(rows)]
     out = Path(args.report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
 
 
+# The quick prototype of the issue (quarter-width ResNet-18, D = 512, AdamW, 4 minutes per run on this CPU):
+# (kNN, linear, l0, dead dims out of 512) per mu, and LeJEPA; quoted as the baseline to beat.
+PROTOTYPE = {
+    1.0: (0.799, 0.828, 0.892, 0),
+    0.0: (0.812, 0.838, 0.429, 0),
+    -1.0: (0.827, 0.838, 0.107, 19),
+    -2.0: (0.821, 0.826, 0.033, 245),
+    -3.0: (0.800, 0.807, 0.0077, 455),
+}
+PROTOTYPE_LEJEPA = (0.801, 0.825)
+
+
+def dead_dim_section(rows: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in rows}
+    out = [
+        "## Dead dimensions: cause and fix",
+        "",
+        "A projector output z_j = ReLU(h_j) whose pre-activation is negative for a whole batch gets no gradient from "
+        "any term (the invariance term is 0 for it and the ReLU blocks the sliced-W2 gradient), so it stays dead. A "
+        "sparse i.i.d. target makes this likely early in training (at mu = -2 a coordinate fires for ~8 of 256 "
+        "samples) and the target asks every coordinate to fire at the same rate, so each dead one is a mismatch. "
+        "The fix (`method.dead_dim_fix=marginal`, default for rectified_lpjepa, weight `method.marginal_weight=0.2`) "
+        "adds the D coordinate axes to the random slicing directions, orders samples along them by the "
+        "pre-activation and passes that matching gradient straight through the ReLU: a sample at zero whose "
+        "target quantile is positive is pulled up, a sample at zero matched to a target zero gets nothing. The "
+        "forward pass stays the exact ReLU, so exported codes are exactly sparse (pretrain/methods.py).",
+        "",
+    ]
+    pairs = [("rect_mu-2", "rect_mu-2_nofix", "rect_mu-2_leaky"), ("rect_mu+0", "rect_mu+0_nofix", None)]
+    out += [
+        "| mu | variant | dead dims | l0 | analytic l0 | encoder linear | encoder kNN | proj. linear |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for names in pairs:
+        for name, what in zip(names, ("marginal fix (default)", "no fix (paper)", "leaky backward"), strict=True):
+            if name and name in by:
+                r = by[name]
+                out.append(
+                    f"| {r['mu']:g} | {what} | {r['dead_dims'] * 100:.1f}% | {r['l0']:.4f} | "
+                    f"{_fmt(r['expected_l0'], 4)} | {r['linear_acc']:.3f} | {r['knn_acc']:.3f} | "
+                    f"{r['proj_linear_acc']:.3f} |"
+                )
+    return out
+
+
+def prototype_section(rows: list[dict]) -> list[str]:
+    by_mu = {r["mu"]: r for r in rows if _is_sweep(r["name"])}
+    out = [
+        "## Against the prototype of the issue (its own budget: 4 minutes per run)",
+        "",
+        "| run | prototype kNN / linear / l0 / dead | this trainer kNN / linear / l0 / dead |",
+        "|---|---|---|",
+    ]
+    for mu, (knn, lin, l0, dead) in PROTOTYPE.items():
+        if mu in by_mu:
+            r = by_mu[mu]
+            out.append(
+                f"| Rectified LpJEPA mu={mu:g} | {knn:.3f} / {lin:.3f} / {l0:.4f} / {dead}/512 | "
+                f"{r['knn_acc']:.3f} / {r['linear_acc']:.3f} / {r['l0']:.4f} / "
+                f"{round(r['dead_dims'] * r['dim'])}/{r['dim']} |"
+            )
+    lej = next((r for r in rows if r["name"] == "lejepa"), None)
+    if lej:
+        out.append(
+            f"| LeJEPA | {PROTOTYPE_LEJEPA[0]:.3f} / {PROTOTYPE_LEJEPA[1]:.3f} / dense / - | "
+            f"{lej['knn_acc']:.3f} / {lej['linear_acc']:.3f} / dense / - |"
+        )
+    return out
+
+
 def goals(rows: list[dict]) -> list[str]:
     by = {r["name"]: r for r in rows}
-    rect = [r for r in rows if r["name"].startswith("rect_mu") and not r["name"].endswith("nofix")]
+    rect = [r for r in rows if _is_sweep(r["name"])]
     out = []
     if "rect_mu+0" in by and "lejepa" in by:
         a, b = by["rect_mu+0"]["linear_acc"], by["lejepa"]["linear_acc"]
         out.append(
             f"- Rectified LpJEPA mu=0 vs LeJEPA linear accuracy: {a:.3f} vs {b:.3f} -> {'met' if a >= b else 'NOT met'}"
+        )
+    if "rect_mu+0" in by and "rect_mu+0_nofix" in by:
+        out.append(
+            f"- l0 at mu=0 (analytic 0.5): {by['rect_mu+0']['l0']:.3f} with the dead-dim fix, "
+            f"{by['rect_mu+0_nofix']['l0']:.3f} without"
         )
     worst = max(abs(r["l0"] - r["expected_l0"]) for r in rect)
     out.append(
@@ -231,8 +316,9 @@ def goals(rows: list[dict]) -> list[str]:
     if "rect_mu-2" in by:
         d = by["rect_mu-2"]["dead_dims"]
         line = f"- dead dimensions at mu=-2: {d * 100:.1f}% (goal < 5%) -> {'met' if d < 0.05 else 'NOT met'}"
-        if "rect_mu-2_nofix" in by:
-            line += f"; with the fix off: {by['rect_mu-2_nofix']['dead_dims'] * 100:.1f}%"
+        for other, what in (("rect_mu-2_nofix", "fix off"), ("rect_mu-2_leaky", "leaky fix")):
+            if other in by:
+                line += f"; {what}: {by[other]['dead_dims'] * 100:.1f}%"
         out.append(line)
     return out
 
@@ -265,6 +351,8 @@ def main() -> None:
         label = {"lejepa": "LeJEPA", "vicreg": "VICReg"}.get(name, f"Rectified LpJEPA p=1, mu={mu:g}")
         if name.endswith("nofix"):
             label += " (dead-dim fix off)"
+        elif name.endswith("leaky"):
+            label += " (leaky-backward fix)"
         rows.append({**report, **info, "label": label, "mu": mu})
         print(
             f"[{name}] linear {report['linear_acc']:.3f} kNN {report['knn_acc']:.3f} l0 {report['l0']:.4f} "

@@ -33,19 +33,39 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    The sum is one all_reduce of the full gradient followed by taking the local slice: all_reduce exists on every
+    backend (gloo has no reduce_scatter), and it replaces torch.distributed.nn.functional.all_gather, which is
+    deprecated in favour of a private API.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int) -> torch.Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        ctx.dim, ctx.rank, ctx.size = dim, rank, x.shape[dim]
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size).contiguous(), None
+
+
 def gather_with_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Concatenate ``x`` from all ranks along ``dim``, keeping the autograd graph to every rank's slice.
 
-    Uses torch.distributed.nn.functional.all_gather, whose backward sums the incoming gradients over ranks
-    (reduce-scatter on NCCL, all-to-all + sum elsewhere); see the module docstring for why that sum is the
-    right convention under DDP. Outside a multi-rank process group it returns ``x`` itself, so
-    single-process code pays nothing.
+    The backward sums the incoming gradients over ranks; see the module docstring for why that sum is the
+    right convention under DDP. Outside a multi-rank process group it returns ``x`` itself, so single-process
+    code pays nothing.
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=dim)
+    return _GatherWithGrad.apply(x.contiguous(), dim)
 
 
 def gather_no_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -74,3 +94,20 @@ def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(x, src=src)
     return x
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group: after a clean run wait for every rank first, then destroy it.
+
+    Without the barrier a fast rank can tear down its gloo connections while a slow one still uses them, and the
+    slow one may then abort at exit ("terminate called without an active exception"). After an error
+    (``clean=False``) there is no barrier: the other ranks may be inside a different collective, and waiting
+    for them could hang until the process group's timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -10,16 +10,20 @@ activity down fast) switches many coordinates off entirely before they find thei
 asks EVERY coordinate to fire at the same rate, so a dead coordinate is a failure to match the target law;
 the dead ones also drag the measured l0 below the analytic rate.
 
-The fix ("marginal", default for rectified_lpjepa). Matching the product law includes matching its 1-D
-marginals, i.e. the slices along the D coordinate axes. We add those D directions to the K random ones, and
-for them only we order the samples by the pre-activation h_j (which ReLU preserves, and which breaks the ties
-among the zeros by how close each sample is to firing) and pass the matching gradient straight through the
-ReLU. The forward value is exactly the sliced W2 of the rectified codes along the axes; in the backward pass a
-sample that is at zero but sits at a quantile where the target is positive is pulled up, while samples at
-zero matched to target zeros receive no gradient (z = y = 0). So a coordinate that fires too rarely is pushed
-back to the target rate, and nothing pushes inactive samples further down. The forward pass of the network is
-untouched: exported codes stay exactly sparse. "leaky" (a leaky ReLU backward for every term) is the cruder
-alternative measured against it; "none" is the paper's objective.
+The fix ("marginal", default for rectified_lpjepa; `method.dead_dim_fix`). Matching the product law includes
+matching its 1-D marginals, i.e. the slices along the D coordinate axes, so we add those D directions to the K
+random ones (weight `method.marginal_weight` of the RDMReg term). Along them only, samples are ordered by the
+pre-activation h_j (ReLU preserves the order, and h breaks the ties among the zeros by how close each sample
+is to firing) and the matching gradient passes straight through the ReLU. The forward value is exactly the
+sliced W2 of the rectified codes along the axes. In the backward pass a sample at zero whose quantile in the
+target is positive is pulled up, while samples at zero matched to target zeros get no gradient (z = y = 0):
+a coordinate that fires too rarely is pushed back toward the target rate and nothing pushes inactive samples
+further down. The network's forward pass is untouched, so exported codes stay exactly sparse.
+
+Alternatives kept runnable for the ablation (measured in docs/results/pretrain.md): "threshold" pulls an
+off-but-should-fire sample by its distance to the GN quantile instead of straight through; "threshold_sym"
+also pushes on-but-should-be-off samples to their (negative) GN quantile, which pins l0 hardest but costs
+accuracy; "leaky" gives the final ReLU a leaky backward for every loss term; "none" is the paper's objective.
 """
 
 from __future__ import annotations

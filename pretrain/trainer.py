@@ -32,7 +32,7 @@ from models.rgg import expected_l0, resolve_sigma
 from pretrain.config import TrainConfig
 from pretrain.data.loader import build_batches, default_stats, detect_channels
 from pretrain.data.sources import open_source
-from pretrain.distributed import broadcast_seed, get_rank, get_world_size, is_distributed
+from pretrain.distributed import broadcast_seed, get_rank, get_world_size, is_distributed, shutdown
 from pretrain.methods import Objective, rectifies
 from pretrain.optim import WarmupCosine, build_optimizer
 from pretrain.state import STATE_FILENAME, TrainState, capture_rng, load_state, restore_rng, save_state
@@ -89,12 +89,13 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
         raise TrainError(f"{path} is not a valid training config: {err}") from err
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> list[str]:
+    """Refuse a run folder we must not touch; no side effects. Returns the run files that --force will replace."""
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
         if not (run_dir / STATE_FILENAME).is_file():
             raise TrainError(f"cannot resume: {run_dir / STATE_FILENAME} does not exist")
-        return
+        return []
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainError(f"{run_dir} exists and is not a directory")
     if existing and not force:
@@ -102,10 +103,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
             f"{run_dir} already holds a run ({', '.join(existing)}); use --resume to continue it "
             "or --force to overwrite it"
         )
-    if get_rank() == 0:
-        for name in existing:
-            (run_dir / name).unlink()
-        run_dir.mkdir(parents=True, exist_ok=True)
+    return existing
+
+
+def claim_run_dir(run_dir: Path, replace: list[str]) -> None:
+    """Rank 0, once everything that could fail on bad input has been built: clear a --force'd run, create."""
+    for name in replace:
+        (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- the network
@@ -348,11 +353,14 @@ def train(
     run_dir = Path(run_dir)
     distributed, local_rank = _init_distributed()
     rank, world = get_rank(), get_world_size()
+    clean = False
     try:
-        return _train(cfg, run_dir, resume, force, progress, distributed, local_rank, rank, world)
+        result = _train(cfg, run_dir, resume, force, progress, distributed, local_rank, rank, world)
+        clean = True
+        return result
     finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        if distributed:
+            shutdown(clean)
 
 
 def _train(
@@ -374,21 +382,20 @@ def _train(
         torch.set_num_threads(threads)
     source = open_source(cfg.data.spec)
     cfg = resolve_config(cfg, source)
-    prepare_run_dir(run_dir, resume, force)
+    replace = check_run_dir(run_dir, resume, force)
     if resume:
         stored = read_run_config(run_dir)
         diff = config_diff(stored, cfg)
         if diff:
             raise TrainError(f"cannot resume {run_dir}: the config differs from the run's in {', '.join(diff)}")
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        atomic_write_text(run_dir / CONFIG_FILENAME, cfg.to_json() + "\n")
 
     seed = broadcast_seed(cfg.train.seed)
     torch.manual_seed(seed)
-    mcfg = model_config(cfg)
-    encoder = build_model(mcfg).to(device)
+    try:
+        mcfg = model_config(cfg)
+        encoder = build_model(mcfg).to(device)
+    except (TypeError, ValueError) as err:  # e.g. an unknown backbone_kwargs key, a ViT patch that does not fit
+        raise TrainError(f"cannot build the model ({cfg.model.backbone}, {cfg.model.backbone_kwargs}): {err}") from err
     num_classes = source.num_classes if (cfg.probe.enabled and source.labels is not None) else 0
     net = TrainNet(encoder, num_classes).to(device)
     if cfg.model.channels_last:
@@ -406,6 +413,14 @@ def _train(
     batches = build_batches(cfg, source, mcfg.in_channels, mcfg.mean, mcfg.std, rank, world, device)
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * batches.steps_per_epoch))
     schedule = WarmupCosine.from_config(cfg.optim, total)
+    # Everything that bad input can break has been built: only now touch the run folder (after every rank has
+    # checked it, so rank 0 cannot clear files another rank is still looking at).
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        if not resume:
+            claim_run_dir(run_dir, replace)
+        atomic_write_text(run_dir / CONFIG_FILENAME, cfg.to_json() + "\n")
 
     start, elapsed_before = 0, 0.0
     if resume:
@@ -420,6 +435,10 @@ def _train(
             loss_gen.set_state(state.loss_generator)
         restore_rng(state.rng)
         start, elapsed_before = state.step, state.elapsed_s
+        summary_path = run_dir / SUMMARY_FILENAME
+        if start >= total and summary_path.is_file():  # nothing left to do: keep the finished run's summary
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+            return RunResult(COMPLETED, start, total, run_dir, summary)
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILENAME, start)
 

@@ -103,8 +103,11 @@ def worker(rank: int, port: int, out: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from pretrain.distributed import shutdown
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    clean = False
     try:
         x1, x2, state = global_data()
         sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
@@ -127,8 +130,9 @@ def worker(rank: int, port: int, out: Path) -> None:
         unseeded = make_loss("rectified_lpjepa", seed=None)
         results["unseeded"] = [unseeded(z, z)[0].item() for _ in range(2)]
         torch.save(results, out / f"rank{rank}.pt")
+        clean = True
     finally:
-        dist.destroy_process_group()
+        shutdown(clean)
 
 
 def free_port() -> int:

@@ -232,3 +232,29 @@ def test_warmup_cosine_schedule():
     mid = 10 + 45
     assert lrs[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert s.lr(100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kwargs"),
+    [
+        ("vit", '{"patch_size": 7, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32}'),
+        ("convnext", '{"dims": [8, 16], "depths": [1, 1], "stem_stride": 2}'),
+        ("resnet50", '{"width": 0.125, "small_stem": true}'),
+    ],
+)
+def test_other_backbones_train(backbone, kwargs, fmnist):
+    from models.encoder import build_model
+
+    cfg = resolve_config(
+        _tiny("rectified_lpjepa", f"model.backbone={backbone}", f"model.backbone_kwargs={kwargs}"), fmnist
+    )
+    mcfg = model_config(cfg)
+    net = TrainNet(build_model(mcfg), num_classes=10).to(memory_format=torch.channels_last)
+    objective = Objective(cfg, mcfg.target_sigma, mcfg.embed_dim, torch.Generator().manual_seed(0))
+    batch = build_batches(cfg, fmnist, 1, mcfg.mean, mcfg.std, 0, 1, torch.device("cpu")).batch(0)
+    hs, _, _, _ = net([v.contiguous(memory_format=torch.channels_last) for v in batch.views])
+    loss, _, _ = objective(hs, n_global=2)
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in net.encoder.backbone.parameters()
+    )

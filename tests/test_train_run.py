@@ -78,6 +78,22 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         (["train", "--out", str(run)], "--config is required"),
         (["train", "--out", str(run), "--resume"], "nothing to resume"),
         (["train", "--config", "smoke", "--set", "data.spec=/no/such/dir", "--out", str(run)], "unknown data spec"),
+        (["train", "--config", "smoke", "--set", "model.backbone_kwargs.depth=3", "--out", str(run)], "cannot build"),
+        (["train", "--config", "smoke", "--set", "data.subset=100", "--out", str(run)], "fewer than one batch"),
+        (
+            [
+                "train",
+                "--config",
+                "smoke",
+                "--set",
+                "model.mean=[0.5,0.5]",
+                "--set",
+                "model.std=[1,1]",
+                "--out",
+                str(run),
+            ],
+            "model.mean",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -90,6 +106,9 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main([*_args(run, steps=2), "--resume", "--set", "method.mu=-1"]) == 2
     assert "differs from the run's in method.mu" in capsys.readouterr().err
     assert main([*_args(run, steps=2), "--force"]) == 0
+    summary = (run / "summary.json").read_text()
+    assert main([*_args(run, steps=2), "--resume"]) == 0  # a finished run: nothing to do, nothing rewritten
+    assert (run / "summary.json").read_text() == summary
 
 
 def test_sigint_checkpoint_and_resume_match_uninterrupted_run(tmp_path):
