@@ -33,6 +33,9 @@ from index.topk import RunningTopK
 from index.validation import MAX_ID, Vectors
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+# Queries per sparse-kernel chunk: enough to amortise the per-chunk top-k calls, small enough that a worker's
+# reused score buffer (this many rows of float32 scores) stays a few MB to tens of MB.
+SPARSE_CHUNK_QUERIES = 32
 _POOLS_LOCK = threading.Lock()
 
 
@@ -285,16 +288,21 @@ class CsrIndex(VectorIndex):
 
     def _tasks_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
         widest = max(b.rows for b, _ in parts)
-        per_range = max(1, self.chunk_bytes // (4 * widest))  # bounds the (queries x rows) score buffer
+        # Each worker reuses one (queries x rows) score buffer for all its query chunks and blocks; together
+        # the workers' buffers stay under chunk_mb.
+        per_chunk = max(1, min(SPARSE_CHUNK_QUERIES, self.chunk_bytes // (4 * widest * self.threads)))
 
         def task(lo: int, hi: int) -> None:
-            qs = row_slice(q, lo, hi)
-            for block, dead in parts:
-                scores = scores_sparse(self._xt(block), qs)
-                self._mask_dead(scores, dead, 0, block.rows)
-                top.push(lo, scores, block.start)
+            buf = np.empty((min(per_chunk, hi - lo), widest), np.float32)
+            for c_lo in range(lo, hi, per_chunk):
+                c_hi = min(hi, c_lo + per_chunk)
+                qs = row_slice(q, c_lo, c_hi)
+                for block, dead in parts:
+                    scores = scores_sparse(self._xt(block), qs, out=buf[: c_hi - c_lo, : block.rows])
+                    self._mask_dead(scores, dead, 0, block.rows)
+                    top.push(c_lo, scores, block.start)
 
-        ranges = self._query_ranges(q.shape[0], per_range)
+        ranges = self._query_ranges(q.shape[0], -(-q.shape[0] // self.threads))
         return [lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads
 
     def _tasks_spdense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:

@@ -42,8 +42,22 @@ def row_slice(x: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
     return out
 
 
-def _scores_sparse_public(xt: sp.csr_matrix, q: sp.csr_matrix) -> np.ndarray:
-    out = np.zeros((q.shape[0], xt.shape[1]), np.float32)
+def _zeroed(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """``out`` cleared (a reused, already-touched buffer), or a new zero array.
+
+    Reuse matters at low density: a fresh np.zeros is mapped lazily, so the scatter itself pays a page fault per
+    4 KiB of scores it first touches, which at 1% density cost more than the arithmetic (measured 2.5x).
+    """
+    if out is None:
+        return np.zeros(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"score buffer must be float32 {shape}, got {out.dtype} {out.shape}")
+    out.fill(0)
+    return out
+
+
+def _scores_sparse_public(xt: sp.csr_matrix, q: sp.csr_matrix, out: np.ndarray | None = None) -> np.ndarray:
+    out = _zeroed(out, (q.shape[0], xt.shape[1]))
     indptr, indices, data = q.indptr, q.indices, q.data
     for i in range(q.shape[0]):
         lo, hi = indptr[i], indptr[i + 1]
@@ -52,7 +66,7 @@ def _scores_sparse_public(xt: sp.csr_matrix, q: sp.csr_matrix) -> np.ndarray:
     return out
 
 
-def _scores_sparse_direct(xt: sp.csr_matrix, q: sp.csr_matrix) -> np.ndarray:
+def _scores_sparse_direct(xt: sp.csr_matrix, q: sp.csr_matrix, out: np.ndarray | None = None) -> np.ndarray:
     """The same computation with one call of scipy's compiled CSC mat-vec per query and no copying.
 
     ``csc_matvec`` adds ``x[j] * column j`` for the column ranges ``Ap[j]:Ap[j+1]`` and skips a range whose
@@ -65,7 +79,7 @@ def _scores_sparse_direct(xt: sp.csr_matrix, q: sp.csr_matrix) -> np.ndarray:
     from scipy.sparse import _sparsetools
 
     itype = xt.indptr.dtype
-    out = np.zeros((q.shape[0], xt.shape[1]), np.float32)
+    out = _zeroed(out, (q.shape[0], xt.shape[1]))
     for r in range(q.shape[0]):
         a, b = int(q.indptr[r]), int(q.indptr[r + 1])
         if a == b:
@@ -98,15 +112,15 @@ def _direct_path_works() -> bool:
 _DIRECT: bool | None = None
 
 
-def scores_sparse(xt: sp.csr_matrix, q: sp.csr_matrix) -> np.ndarray:
-    """(n_queries, n_rows) scores via the inverted index ``xt`` (dims x rows)."""
+def scores_sparse(xt: sp.csr_matrix, q: sp.csr_matrix, out: np.ndarray | None = None) -> np.ndarray:
+    """(n_queries, n_rows) scores via the inverted index ``xt`` (dims x rows), written into ``out`` if given."""
     global _DIRECT
     if _DIRECT is None:
         _DIRECT = _direct_path_works()
     same_index_types = xt.indptr.dtype == xt.indices.dtype
     if _DIRECT and same_index_types and q.nnz and q.has_sorted_indices:
-        return _scores_sparse_direct(xt, q)
-    return _scores_sparse_public(xt, q)
+        return _scores_sparse_direct(xt, q, out)
+    return _scores_sparse_public(xt, q, out)
 
 
 def scores_spdense(x: sp.csr_matrix, qt: np.ndarray) -> np.ndarray:

@@ -90,6 +90,10 @@ class RunningTopK:
             return
         values, cols = topk_per_row(np.asarray(scores, np.float32), self.k)
         q_hi = q_lo + scores.shape[0]
+        if values.shape[1] == self.k and np.all(self.rows[q_lo:q_hi] < 0):  # nothing pushed yet: no merge
+            self.scores[q_lo:q_hi] = values
+            self.rows[q_lo:q_hi] = cols + row_offset
+            return
         all_scores = np.concatenate([self.scores[q_lo:q_hi], values], axis=1)
         all_rows = np.concatenate([self.rows[q_lo:q_hi], cols + row_offset], axis=1)
         best_scores, best = topk_per_row(all_scores, self.k)

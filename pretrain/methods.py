@@ -22,8 +22,9 @@ further down. The network's forward pass is untouched, so exported codes stay ex
 
 Alternatives kept runnable for the ablation (measured in docs/results/pretrain.md): "threshold" pulls an
 off-but-should-fire sample by its distance to the GN quantile instead of straight through; "threshold_sym"
-also pushes on-but-should-be-off samples to their (negative) GN quantile, which pins l0 hardest but costs
-accuracy; "leaky" gives the final ReLU a leaky backward for every loss term; "none" is the paper's objective.
+also pushes on-but-should-be-off samples to their (negative) GN quantile, which pins l0 hardest: it narrows
+the l0 overshoot at mu = 1, where the default leaves should-be-zero samples just above zero; "leaky" gives
+the final ReLU a leaky backward for every loss term; "none" is the paper's objective.
 """
 
 from __future__ import annotations

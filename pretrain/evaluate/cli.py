@@ -15,7 +15,7 @@ from cli.argtypes import non_negative_int as _non_negative_int
 from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 
-DEFAULT_MAX_TRAIN = 20000  # mirrors pipeline.DEFAULT_MAX_TRAIN without importing torch at --help time
+DEFAULT_MAX_TRAIN = 0  # 0 = all, mirroring pipeline.DEFAULT_MAX_TRAIN without importing torch at --help time
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -48,7 +48,7 @@ def register_eval(subparsers: argparse._SubParsersAction) -> None:
         type=_non_negative_int,
         default=DEFAULT_MAX_TRAIN,
         metavar="N",
-        help=f"probe on at most N train images, seeded subsample (default {DEFAULT_MAX_TRAIN}; 0 = all)",
+        help="probe on at most N train images, a seeded subsample (default 0: all of the train split)",
     )
     parser.add_argument(
         "--limit",

@@ -37,7 +37,9 @@ REQUIRED_KEYS = (
     "nhsic",
     "dead_dims",
 )
-DEFAULT_MAX_TRAIN = 20000
+# All of the train split, the standard protocol: a 20,000-image subset scored 1.9 kNN points and 0.5 linear
+# points lower on the mu = 0 fmnist-cpu run (0.796 / 0.832 vs 0.815 / 0.837), so subsampling is opt-in.
+DEFAULT_MAX_TRAIN: int | None = None
 DEFAULT_BATCH_SIZE = 256
 # Methods whose target is RGN_p(mu, sigma) = ReLU(GN_p): only they have a designed activation rate. The GN
 # ablations and the dense/contrastive baselines have none, and inventing one (1.0) would hide that.
