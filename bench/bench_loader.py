@@ -156,7 +156,7 @@ def main() -> None:
             f"`.venv/bin/python bench/bench_loader.py --threads {args.threads} --batch {args.batch} "
             f"--repeats {args.repeats} --workers {args.workers}`; median images/s (each image -> 2 views of 28 px), "
             f"Fashion-MNIST, fmnist-cpu recipe and network; 1-minute load average at the end: {load:.1f} on "
-            f"{os.cpu_count()} cores (the CPU was shared, so compare rows of this one run, not absolute numbers).",
+            f"{os.cpu_count()} cores (compare rows of this one run; absolute numbers move with the machine's load).",
             "",
             "| kind | what | images/s | vs per-image v2 |",
             "|---|---|---|---|",
