@@ -28,7 +28,7 @@ from index import store
 from index.base import VectorIndex
 from index.errors import CorruptIndexError, InvalidInputError
 from index.kernels import KERNELS, CostModel, row_slice, scores_dense, scores_sparse, scores_spdense, transpose_csr
-from index.rowmap import RowMap
+from index.rowmap import RowMap, RowMapped
 from index.topk import RunningTopK
 from index.validation import MAX_ID, Vectors
 
@@ -96,7 +96,7 @@ class _Block:
         return int(self.x.shape[0])
 
 
-class CsrIndex(VectorIndex):
+class CsrIndex(RowMapped, VectorIndex):
     """Exact inner-product / cosine search over sparse non-negative vectors (see module docstring)."""
 
     backend = "csr"
@@ -136,23 +136,6 @@ class CsrIndex(VectorIndex):
         self._cache_lock = threading.Lock()  # searches share the read lock but build caches lazily
 
     # ------------------------------------------------------------------ bookkeeping
-    def _count(self) -> int:
-        return len(self._map)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        return self._map.contains(ids)
-
-    def _ids(self) -> np.ndarray:
-        return self._map.ids.copy()
-
-    @property
-    def total_rows(self) -> int:
-        return int(self._row_ids.size)
-
-    @property
-    def dead_rows(self) -> int:
-        return self._n_dead
-
     @property
     def nbytes(self) -> int:
         """Bytes held by the vectors, id maps and caches (what the benchmark reports as memory)."""

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from index import store
 from index.base import VectorIndex
 from index.errors import CorruptIndexError, InvalidInputError
-from index.rowmap import RowMap
+from index.rowmap import RowMap, RowMapped
 from index.validation import MAX_ID, Vectors, check_ids, check_k, check_vectors, normalize_rows, row_norms
 
 _SPEC = re.compile(r"^(?:(?P<flat>Flat)|IVF(?P<nlist>\d*)(?:,Flat)?|HNSW(?P<m>\d*)(?:,Flat)?)$")
@@ -67,7 +67,7 @@ def _dense_chunks(vectors: Vectors):
         yield lo, np.ascontiguousarray(chunk.toarray() if sp.issparse(chunk) else chunk, dtype=np.float32)
 
 
-class FaissIndex(VectorIndex):
+class FaissIndex(RowMapped, VectorIndex):
     """FAISS Flat / IVF / HNSW behind the common interface (see module docstring)."""
 
     backend = "faiss"
@@ -164,23 +164,6 @@ class FaissIndex(VectorIndex):
         self._index = index
 
     # ------------------------------------------------------------------ bookkeeping
-    def _count(self) -> int:
-        return len(self._map)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        return self._map.contains(ids)
-
-    def _ids(self) -> np.ndarray:
-        return self._map.ids.copy()
-
-    @property
-    def total_rows(self) -> int:
-        return int(self._row_ids.size)
-
-    @property
-    def dead_rows(self) -> int:
-        return self._n_dead
-
     @property
     def nbytes(self) -> int:
         """Bytes of vectors, graph / lists, FAISS id map and our mirrors (what the benchmark reports)."""

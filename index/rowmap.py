@@ -69,3 +69,31 @@ class RowMap:
         """Storage rows were compacted to those where ``keep`` is True: shift every row accordingly."""
         new_of_old = np.cumsum(keep, dtype=np.int64) - 1
         self.rows = new_of_old[self.rows]
+
+
+class RowMapped:
+    """Bookkeeping both backends share: live ids in a RowMap, one id per storage row, and a tombstone count.
+
+    A backend mixes this in before VectorIndex and sets ``_map``, ``_row_ids`` and ``_n_dead``.
+    """
+
+    _map: RowMap
+    _row_ids: np.ndarray
+    _n_dead: int
+
+    def _count(self) -> int:
+        return len(self._map)
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        return self._map.contains(ids)
+
+    def _ids(self) -> np.ndarray:
+        return self._map.ids.copy()
+
+    @property
+    def total_rows(self) -> int:
+        return int(self._row_ids.size)
+
+    @property
+    def dead_rows(self) -> int:
+        return self._n_dead
