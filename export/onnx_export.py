@@ -311,7 +311,8 @@ def export_checkpoint(
     """
     import onnx
 
-    from models.checkpoint import file_sha256, load_checkpoint, resolve_checkpoint
+    from models.atomic_io import file_sha256
+    from models.checkpoint import load_checkpoint, resolve_checkpoint
 
     say = log or (lambda _msg: None)
     chosen_opset = check_options(precision, opset, exporter)

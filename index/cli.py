@@ -8,7 +8,6 @@ a CliError: one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 from cli.parser import OneLineParser
+from models.atomic_io import file_sha256
 
 CHUNK_IMAGES = 1024  # images embedded and added per step: bounds memory, keeps the progress bar moving
 TUNE_QUERIES = 256  # stored vectors used as queries when tuning approximate FAISS indexes
@@ -180,14 +180,6 @@ def _concat(parts: list[tuple[Any, Any, list[Any] | None]]) -> tuple[Any, Any, l
     return ids, vectors, payloads
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_index(
     model: str,
     data: str,
@@ -215,7 +207,7 @@ def build_index(
     if n == 0:
         raise CliError(f"data spec {data!r} holds no images")
     index.metadata = {
-        "model": {"path": str(Path(model).resolve()), "sha256": _sha256(Path(model)), "dim": runtime.dim},
+        "model": {"path": str(Path(model).resolve()), "sha256": file_sha256(model), "dim": runtime.dim},
         "data": data,
         "images": n,
     }
@@ -272,7 +264,7 @@ def search_image(model: str, index_dir: str, image: str, k: int = 10) -> dict[st
     results = [{"id": i, "score": s, "payload": p} for (i, s), p in zip(found, payloads, strict=True)]
     out: dict[str, Any] = {"results": results}
     built_with = (index.metadata.get("model") or {}).get("sha256")
-    if built_with and built_with != _sha256(Path(model)):
+    if built_with and built_with != file_sha256(model):
         out["warning"] = "the index was built with a different model file; scores may be meaningless"
     return out
 

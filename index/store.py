@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
+from models.atomic_io import file_sha256, fsync_path
 
 FORMAT = "lpjepa-vector-index"
 FORMAT_VERSION = 1
@@ -46,31 +47,6 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     """
     body = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the renames themselves durable; without it a power cut can forget the new manifest's directory entry.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
@@ -119,7 +95,7 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     if created:
-        _fsync_dir(root.parent.resolve())
+        fsync_path(root.parent.resolve())
     generation = _previous_generation(root) + 1
     token = secrets.token_hex(4)
     files: dict[str, dict[str, Any]] = {}
@@ -127,8 +103,8 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
         name = f"g{generation:06d}-{token}-{role}{ext}"
         tmp = root / f"{name}.tmp"
         write(tmp)
-        _fsync_file(tmp)
-        files[role] = {"name": name, "sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        fsync_path(tmp)
+        files[role] = {"name": name, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
         os.replace(tmp, root / name)
     manifest = {
         "format": FORMAT,
@@ -145,9 +121,9 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(root)  # the data files' renames must be durable before the manifest points at them
+    fsync_path(root)  # the data files' renames must be durable before the manifest points at them
     os.replace(tmp_manifest, root / MANIFEST)
-    _fsync_dir(root)
+    fsync_path(root)
     keep = {entry["name"] for entry in files.values()}
     for path in root.iterdir():
         if _OWN_FILE.match(path.name) and path.name not in keep:
@@ -207,7 +183,7 @@ def verified_paths(
             raise CorruptIndexError(
                 f"index file {name} ({role}) is truncated or altered: {size} bytes, the manifest says {entry['bytes']}"
             )
-        if verify and sha256_file(path) != entry["sha256"]:
+        if verify and file_sha256(path) != entry["sha256"]:
             raise CorruptIndexError(f"index file {name} ({role}) is corrupted: its sha256 differs from the manifest")
         out[role] = path
     return out

@@ -1,8 +1,10 @@
-"""Crash-safe file writes: a reader sees either the old file or the complete new one, never a torn write."""
+"""Crash-safe file writes (a reader sees either the old file or the complete new one, never a torn write) and the
+file digest that checks them; torch-free, so the index and serving code can use it."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,8 +16,8 @@ os.umask(_UMASK)
 DEFAULT_FILE_MODE = 0o666 & ~_UMASK
 
 
-def fsync_dir(path: Path) -> None:
-    """A rename is only durable once the directory entry itself reaches the disk."""
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory: a rename is only durable once the directory entry itself reaches the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -38,7 +40,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -52,3 +54,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large checkpoints and index files never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

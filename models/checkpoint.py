@@ -6,7 +6,6 @@ state for `--resume` (optimizer, schedule, RNG) lives in a separate file owned b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -75,11 +74,3 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     except (SafetensorError, RuntimeError, OSError) as err:
         raise CheckpointError(f"{ckpt}: weights do not match the config: {err}") from err
     return model.to(device).eval(), extra
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -16,7 +16,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from models.atomic_io import fsync_dir
+from models.atomic_io import fsync_path
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -94,7 +94,7 @@ class WriteAheadLog:
         self.records = len(records)
         self._fh = open(self.path, "ab")  # noqa: SIM115 - held open for the server's lifetime
         os.fsync(self._fh.fileno())
-        fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         return records
 
     def append(self, body: bytes) -> int:

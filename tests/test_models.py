@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, file_sha256, load_checkpoint, read_header, save_checkpoint
+from models.atomic_io import file_sha256
+from models.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
 from models.config import ModelConfig
 from models.encoder import build_model
 
@@ -106,7 +108,7 @@ def test_checkpoint_round_trip_reproduces_outputs(tmp_path) -> None:
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     cfg, _ = read_header(path)
     assert cfg.target_mu == -2.0
-    assert len(file_sha256(path)) == 64
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()  # chunked read, same digest
     assert not any(p.name.endswith(".tmp") for p in path.parent.iterdir())
 
 
