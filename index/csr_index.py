@@ -32,10 +32,11 @@ from index.rowmap import RowMap, RowMapped
 from index.topk import RunningTopK
 from index.validation import MAX_ID, Vectors
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
 # Queries per sparse-kernel chunk: enough to amortise the per-chunk top-k calls, small enough that a worker's
 # reused score buffer (this many rows of float32 scores) stays a few MB to tens of MB.
 SPARSE_CHUNK_QUERIES = 32
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
@@ -285,7 +286,7 @@ class CsrIndex(RowMapped, VectorIndex):
                     self._mask_dead(scores, dead, 0, block.rows)
                     top.push(c_lo, scores, block.start)
 
-        ranges = self._query_ranges(q.shape[0], -(-q.shape[0] // self.threads))
+        ranges = self._query_ranges(q.shape[0], q.shape[0])  # capped to n / threads: one range per worker
         return [lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads
 
     def _tasks_spdense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
