@@ -112,9 +112,31 @@ def evaluate_one(name: str, args: argparse.Namespace) -> dict:
     return report
 
 
+# Ablation suffix of a run name -> (its label in the main table, its row name in the dead-dimension table).
+VARIANTS = {
+    "": (None, "marginal fix, axis weight 0.2 (default)"),
+    "_w0.5": ("axis weight 0.5", "marginal fix, axis weight 0.5"),
+    "_nofix": ("dead-dim fix off", "no fix (paper)"),
+    "_leaky": ("leaky-backward fix", "leaky ReLU backward"),
+    "_sym": ("symmetric threshold fix", "symmetric threshold (threshold_sym)"),
+}
+
+
+def _variant(name: str) -> str:
+    """The ablation suffix of a Rectified LpJEPA run name ("rect_mu-2_nofix" -> "_nofix"; the sweep -> "")."""
+    return name[len("rect_mu") :].lstrip("+-0123456789.")
+
+
 def _is_sweep(name: str) -> bool:
     """The mu sweep with the default objective (not an ablation row)."""
-    return name.startswith("rect_mu") and "_" not in name[len("rect_mu") :]
+    return name.startswith("rect_mu") and _variant(name) == ""
+
+
+def run_label(name: str, mu: float) -> str:
+    if name in ("lejepa", "vicreg"):
+        return {"lejepa": "LeJEPA", "vicreg": "VICReg"}[name]
+    extra = VARIANTS[_variant(name)][0]
+    return f"Rectified LpJEPA p=1, mu={mu:g}" + (f" ({extra})" if extra else "")
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -256,27 +278,22 @@ def dead_dim_section(rows: list[dict]) -> list[str]:
         "forward pass stays the exact ReLU, so exported codes are exactly sparse (pretrain/methods.py).",
         "",
     ]
-    pairs = [
-        ("rect_mu-2", "rect_mu-2_w0.5", "rect_mu-2_nofix", "rect_mu-2_leaky"),
-        ("rect_mu+0", "rect_mu+0_w0.5", "rect_mu+0_nofix", None),
-        ("rect_mu+1", "rect_mu+1_w0.5", None, "rect_mu+1_sym"),
-    ]
-    what = ("marginal fix, axis weight 0.2 (default)", "marginal fix, axis weight 0.5", "no fix (paper)", "other fix")
+    groups = (
+        ("rect_mu-2", ("", "_w0.5", "_nofix", "_leaky")),
+        ("rect_mu+0", ("", "_w0.5", "_nofix")),
+        ("rect_mu+1", ("", "_w0.5", "_sym")),
+    )
     out += [
         "| mu | variant | dead dims | l0 | analytic l0 | encoder linear | encoder kNN | proj. linear |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for names in pairs:
-        for name, variant in zip(names, what, strict=True):
-            if name and name in by:
-                r = by[name]
-                if variant == "other fix":
-                    variant = "leaky ReLU backward" if name.endswith("leaky") else "symmetric threshold (threshold_sym)"
-                out.append(
-                    f"| {r['mu']:g} | {variant} | {r['dead_dims'] * 100:.1f}% | {r['l0']:.4f} | "
-                    f"{_fmt(r['expected_l0'], 4)} | {r['linear_acc']:.3f} | {r['knn_acc']:.3f} | "
-                    f"{r['proj_linear_acc']:.3f} |"
-                )
+    for base, suffixes in groups:
+        for r in (by[base + sfx] for sfx in suffixes if base + sfx in by):
+            out.append(
+                f"| {r['mu']:g} | {VARIANTS[_variant(r['name'])][1]} | {r['dead_dims'] * 100:.1f}% | "
+                f"{r['l0']:.4f} | {_fmt(r['expected_l0'], 4)} | {r['linear_acc']:.3f} | {r['knn_acc']:.3f} | "
+                f"{r['proj_linear_acc']:.3f} |"
+            )
     return out
 
 
@@ -399,16 +416,7 @@ def main() -> None:
         wall[name] = summary.get("elapsed_s", 0.0)
         report = evaluate_one(name, args)
         mu = report["target"]["mu"]
-        label = {"lejepa": "LeJEPA", "vicreg": "VICReg"}.get(name, f"Rectified LpJEPA p=1, mu={mu:g}")
-        if name.endswith("nofix"):
-            label += " (dead-dim fix off)"
-        elif name.endswith("leaky"):
-            label += " (leaky-backward fix)"
-        elif name.endswith("_w0.5"):
-            label += " (axis weight 0.5)"
-        elif name.endswith("_sym"):
-            label += " (symmetric threshold fix)"
-        rows.append({**report, **info, "label": label, "mu": mu})
+        rows.append({**report, **info, "label": run_label(name, mu), "mu": mu})
         print(
             f"[{name}] linear {report['linear_acc']:.3f} kNN {report['knn_acc']:.3f} l0 {report['l0']:.4f} "
             f"dead {report['dead_dims']:.3f}",
