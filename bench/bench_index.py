@@ -239,10 +239,11 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         "## Notes",
         "",
         "- csr kernels (chosen per search by `index.kernels.CostModel`, fitted with `--calibrate`): `sparse` = "
-        "inverted index, each query adds the posting lists of its non-zero dimensions (work ~ density^2); "
+        "inverted index, each query adds the posting lists of its non-zero dimensions (work ~ density^2) into a "
+        "tile accumulator and scans it straight into its top-k heap (`index.inverted`, compiled with numba); "
         "`spdense` = CSR database x dense query block; `dense` = densified row chunks x queries through BLAS, "
         "the same arithmetic as Flat, which is why csr stays close to Flat at high density instead of losing by "
-        "the sparse overhead.",
+        "the sparse overhead. The last two feed the same compiled top-k heap.",
         "- IVF and HNSW are slower than Flat here: uniformly random sparse vectors have no cluster or manifold "
         "structure, so reaching recall 0.95 takes nprobe close to nlist and a large efSearch (see `tuned`). "
         "Real embeddings are far easier for them; this table is their worst case.",
@@ -250,15 +251,16 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         "(CSR 4-12 GB beside FAISS's 8 GB dense copy); IVF and HNSW only at 100k x 512 (an HNSW build of "
         "100k x 2048 takes many minutes per cell on two shared cores).",
         "- Why the csr margin shrinks with density and with smaller D: the inverted index does density^2 of "
-        "Flat's multiply-adds, but each is a scattered read-modify-write (~1.3 ns here, scipy's compiled CSC "
-        "mat-vec) against ~0.01 ns per core for a BLAS multiply-add, and it pays ~0.5 ns per (query, row) for "
-        "the top-k selection whatever D is. At D = 512 and 5% density that caps csr near 5x of Flat at batch "
-        "1000 on two cores: the scatter alone is ~0.17 ms per query and thread where Flat needs ~1.2. Cache "
-        "blocking of the accumulator (16-128 KiB windows) and a sparse-query x densified-database product were "
-        "tried and were not faster; beating the cap needs a SIMD kernel outside scipy.",
-        "- Each search worker reuses one score buffer it has already touched: with fresh zeroed buffers the "
-        "scatter paid a page fault per 4 KiB of scores, which at 1% density cost more than the arithmetic "
-        "(100k x 512 at 1%, batch 1000: 3.6x of Flat before, 9x after).",
+        "Flat's multiply-adds, but each is a scattered read-modify-write (~0.8 ns per core here, bound by its "
+        "three loads: list entry, value, accumulator) against ~0.012 ns for a BLAS multiply-add, and the top-k "
+        "scan costs ~0.15 ns per (query, row) whatever D is. Two things keep that path fast: the database is cut "
+        "into tiles of 65,536 rows so that a query's accumulator (256 KiB) stays in L2 and a list entry is 6 "
+        "bytes (uint16 row, float32 value), and the scan tests 256 scores at a time with a vectorised compare "
+        "against the heap's worst entry, zeroing the accumulator in the same pass. Before (scipy's CSC mat-vec "
+        "per query, then a numpy top-k: ~1.3 ns and ~0.6 ns) the 100k x 512, 5% cell reached 4.4x of Flat at "
+        "batch 1000.",
+        "- Each search thread keeps one accumulator that the kernel leaves zeroed: a fresh np.zeros buffer per "
+        "search paid a page fault per 4 KiB of scores, which at 1% density cost more than the arithmetic.",
         "- High density: csr's batch searches switch to BLAS on densified row chunks and reach 0.6-0.8x of Flat "
         "(the densify pass and the top-k are extra); single queries stay on sparse kernels and lose to Flat "
         "above the batch-1 crossover. The inverted index is not built above 50% density (it would double the "

@@ -124,6 +124,10 @@ class VectorIndex(ABC):
             scores, ids = self._search(q, k)
         return _finish(scores, ids)
 
+    def prepare(self) -> None:
+        """Build now what the first search would build lazily (caches, compiled code); a no-op by default."""
+        return None
+
     def contains(self, ids: Any) -> np.ndarray:
         """Boolean per id: whether it is stored (vectorised ``in``)."""
         ids = check_ids(ids)

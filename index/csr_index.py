@@ -4,12 +4,12 @@ Layout: the rows live in a few CSR blocks (float32 data, int32 indices) whose si
 (a log-structured list: each add appends a block, and adjacent blocks merge while the older one is at most twice
 the newer), so adding one vector never copies the whole database, yet there are only O(log n) blocks to scan.
 
-Removal marks rows dead (tombstones); searches mask dead rows to -inf before the top-k, so removed ids never
-come back, and once dead rows exceed ``compact_ratio`` of all rows the blocks are rewritten without them.
+Removal marks rows dead (tombstones); searches skip dead rows in the top-k, so removed ids never come back,
+and once dead rows exceed ``compact_ratio`` of all rows the blocks are rewritten without them.
 
 Each search picks the cheapest exact kernel for the data it holds (see :mod:`index.kernels`), works through
 the database in chunks whose score buffers stay under ``chunk_mb``, and spreads query blocks over ``threads``
-worker threads (scipy's sparse products release the GIL).
+worker threads (the compiled inverted-index search, scipy's sparse products and BLAS all release the GIL).
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from index import store
+from index import compiled, store
 from index.base import VectorIndex
 from index.errors import CorruptIndexError, InvalidInputError
-from index.kernels import KERNELS, CostModel, row_slice, scores_dense, scores_sparse, scores_spdense, transpose_csr
+from index.inverted import TiledInverted, build_inverted, search_inverted
+from index.kernels import KERNELS, CostModel, row_slice, scores_dense, scores_spdense
 from index.rowmap import RowMap, RowMapped
 from index.topk import RunningTopK
 from index.validation import MAX_ID, Vectors
 
-# Queries per sparse-kernel chunk: enough to amortise the per-chunk top-k calls, small enough that a worker's
-# reused score buffer (this many rows of float32 scores) stays a few MB to tens of MB.
+# Queries per sparse-kernel task: enough to amortise a thread-pool hand-off (~50 us), few enough that the
+# workers finish together.
 SPARSE_CHUNK_QUERIES = 32
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -84,12 +85,12 @@ def _vstack(blocks: list[sp.csr_matrix], dim: int) -> sp.csr_matrix:
 class _Block:
     """One CSR block of consecutive global rows, with caches built on first use."""
 
-    __slots__ = ("x", "start", "xt", "colcount")
+    __slots__ = ("x", "start", "inv", "colcount")
 
     def __init__(self, x: sp.csr_matrix, start: int) -> None:
         self.x = x
         self.start = start
-        self.xt: sp.csr_matrix | None = None  # inverted index, for the sparse kernel
+        self.inv: TiledInverted | None = None  # inverted index, for the sparse kernel
         self.colcount: np.ndarray | None = None  # non-zeros per dimension, for the cost model
 
     @property
@@ -143,9 +144,9 @@ class CsrIndex(RowMapped, VectorIndex):
         total = self._row_ids.nbytes + self._alive.nbytes + self._norms.nbytes
         total += self._map.nbytes
         for b in self._blocks:
-            for m in (b.x, b.xt):
-                if m is not None:
-                    total += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+            total += b.x.data.nbytes + b.x.indices.nbytes + b.x.indptr.nbytes
+            if b.inv is not None:
+                total += b.inv.nbytes
         return int(total)
 
     # ------------------------------------------------------------------ writes
@@ -198,11 +199,11 @@ class CsrIndex(RowMapped, VectorIndex):
         self._blocks = [_Block(_vstack(parts, self._dim), 0)] if parts else []
 
     # ------------------------------------------------------------------ search
-    def _xt(self, block: _Block) -> sp.csr_matrix:
+    def _inverted(self, block: _Block) -> TiledInverted:
         with self._cache_lock:
-            if block.xt is None:
-                block.xt = transpose_csr(block.x)
-            return block.xt
+            if block.inv is None:
+                block.inv = build_inverted(block.x)
+            return block.inv
 
     def _colcount(self, block: _Block) -> np.ndarray:
         with self._cache_lock:
@@ -213,7 +214,9 @@ class CsrIndex(RowMapped, VectorIndex):
     def prepare(self) -> None:
         """Build now what the first searches would build lazily: column counts, and the inverted index if a
         single query like the stored vectors would use the sparse kernel (it costs as much memory as the data
-        itself, so it is not built for dense data). Benchmarks count this as part of the build."""
+        itself, so it is not built for dense data), and the compiled kernels. Benchmarks count this as part of the
+        build; a server calls it at start-up."""
+        compiled.warmup()
         with self._lock.read():
             colcount = sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
             if not self._blocks:
@@ -228,7 +231,7 @@ class CsrIndex(RowMapped, VectorIndex):
             )
             if single == "sparse" or self.kernel == "sparse":
                 for block in self._blocks:
-                    self._xt(block)
+                    self._inverted(block)
 
     def choose_kernel(self, queries: sp.csr_matrix) -> str:
         """The kernel ``search`` would use for these (validated) queries."""
@@ -248,10 +251,7 @@ class CsrIndex(RowMapped, VectorIndex):
         kernel = self.choose_kernel(q)
         self.last_kernel = kernel
         top = RunningTopK(q.shape[0], k)
-        parts = [
-            (b, np.flatnonzero(~self._alive[b.start : b.start + b.rows]) if self._n_dead else None)
-            for b in self._blocks
-        ]
+        parts = [(b, self._alive[b.start : b.start + b.rows] if self._n_dead else None) for b in self._blocks]
         # One task per query range, each walking every block: tasks never share rows of ``top``.
         tasks, threads = getattr(self, f"_tasks_{kernel}")(parts, q, top)
         _run(tasks, threads)
@@ -264,29 +264,20 @@ class CsrIndex(RowMapped, VectorIndex):
         return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
     @staticmethod
-    def _mask_dead(scores: np.ndarray, dead: np.ndarray | None, r0: int, r1: int) -> None:
-        if dead is not None and dead.size:
-            local = dead[(dead >= r0) & (dead < r1)] - r0
-            if local.size:
-                scores[:, local] = -np.inf
+    def _mask_dead(scores: np.ndarray, alive: np.ndarray | None, r0: int, r1: int) -> None:
+        if alive is not None:
+            dead = ~alive[r0:r1]
+            if dead.any():
+                scores[:, dead] = -np.inf
 
     def _tasks_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
-        widest = max(b.rows for b, _ in parts)
-        # Each worker reuses one (queries x rows) score buffer for all its query chunks and blocks; together
-        # the workers' buffers stay under chunk_mb.
-        per_chunk = max(1, min(SPARSE_CHUNK_QUERIES, self.chunk_bytes // (4 * widest * self.threads)))
-
+        # The kernel fuses the top-k into its scan (index.inverted), so no score block is ever materialised:
+        # memory is one tile accumulator per worker.
         def task(lo: int, hi: int) -> None:
-            buf = np.empty((min(per_chunk, hi - lo), widest), np.float32)
-            for c_lo in range(lo, hi, per_chunk):
-                c_hi = min(hi, c_lo + per_chunk)
-                qs = row_slice(q, c_lo, c_hi)
-                for block, dead in parts:
-                    scores = scores_sparse(self._xt(block), qs, out=buf[: c_hi - c_lo, : block.rows])
-                    self._mask_dead(scores, dead, 0, block.rows)
-                    top.push(c_lo, scores, block.start)
+            for block, alive in parts:
+                search_inverted(self._inverted(block), q, lo, hi, top.scores, top.rows, lo, block.start, alive)
 
-        ranges = self._query_ranges(q.shape[0], q.shape[0])  # capped to n / threads: one range per worker
+        ranges = self._query_ranges(q.shape[0], SPARSE_CHUNK_QUERIES)
         return [lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads
 
     def _tasks_spdense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> tuple[list, int]:
@@ -295,11 +286,11 @@ class CsrIndex(RowMapped, VectorIndex):
 
         def task(lo: int, hi: int) -> None:
             qt = np.ascontiguousarray(row_slice(q, lo, hi).toarray().T)
-            for block, dead in parts:
+            for block, alive in parts:
                 for r0 in range(0, block.rows, rows_per_chunk):
                     r1 = min(block.rows, r0 + rows_per_chunk)
                     scores = np.ascontiguousarray(scores_spdense(row_slice(block.x, r0, r1), qt).T)
-                    self._mask_dead(scores, dead, r0, r1)
+                    self._mask_dead(scores, alive, r0, r1)
                     top.push(lo, scores, block.start + r0)
 
         ranges = self._query_ranges(q.shape[0], qb)
@@ -314,11 +305,11 @@ class CsrIndex(RowMapped, VectorIndex):
                 hi = min(q.shape[0], lo + q_per_range)
                 qd = row_slice(q, lo, hi).toarray()
                 rows_per_chunk = max(256, self.chunk_bytes // (4 * (self._dim + hi - lo)))
-                for block, dead in parts:
+                for block, alive in parts:
                     for r0 in range(0, block.rows, rows_per_chunk):
                         r1 = min(block.rows, r0 + rows_per_chunk)
                         scores = scores_dense(row_slice(block.x, r0, r1), qd)
-                        self._mask_dead(scores, dead, r0, r1)
+                        self._mask_dead(scores, alive, r0, r1)
                         top.push(lo, scores, block.start + r0)
 
         return [task], 1  # one thread: BLAS already uses every core

@@ -180,6 +180,7 @@ class ItemStore:
                 log.error("write-ahead log record %d in %s could not be applied: %s", seq, directory, err)
         if store.replayed:
             log.info("replayed %d write-ahead log records over the snapshot in %s", store.replayed, directory)
+        index.prepare()  # search structures and compiled kernels now, not in the first request
         return store
 
     def _load_side_files(self) -> None:

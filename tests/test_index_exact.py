@@ -7,10 +7,11 @@ import pytest
 import scipy.sparse as sp
 from test_index_support import assert_exact_topk, brute_force, random_csr
 
-from index import create_index, kernels
+from index import create_index, inverted
 from index.csr_index import CsrIndex
+from index.inverted import build_inverted, search_inverted
 from index.kernels import CostModel
-from index.topk import RunningTopK, topk_per_row
+from index.topk import RunningTopK
 
 EXACT = [
     ("csr", {"kernel": "sparse"}),
@@ -98,20 +99,9 @@ def test_cost_model_picks_the_kernel_for_the_density():
     assert mid_db.choose_kernel(random_csr(1, 512, 0.25, seed=12)) == "sparse"
     assert dense_db.choose_kernel(random_csr(1, 512, 0.01, seed=12)) in ("spdense", "dense")
     dense_db.prepare()
-    assert all(b.xt is None for b in dense_db._blocks)
+    assert all(b.inv is None for b in dense_db._blocks)
     costs = CostModel().costs(n_rows=10, dim=4, db_nnz=20, n_queries=3, sparse_products=30)
     assert set(costs) == {"sparse", "spdense", "dense"} and all(v > 0 for v in costs.values())
-
-
-def test_direct_sparse_kernel_equals_public_scipy_path():
-    """The fast path calls scipy's compiled mat-vec on crafted column ranges; it must agree with plain scipy."""
-    assert kernels._direct_path_works()
-    x = random_csr(3000, 300, 0.05, seed=15)
-    q = random_csr(20, 300, 0.05, seed=16, zero_rows=2)  # empty queries too
-    xt = kernels.transpose_csr(x)
-    direct = kernels._scores_sparse_direct(xt, q)
-    np.testing.assert_allclose(direct, kernels._scores_sparse_public(xt, q), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(direct, (q @ x.T).toarray(), rtol=1e-5, atol=1e-6)
 
 
 def test_running_topk_matches_argsort():
@@ -131,26 +121,85 @@ def test_running_topk_matches_argsort():
         ((3, 5000), "random"),
         ((2, 100_003), "random"),
         ((4, 3000), "equal"),
+        ((3, 20_000), "mostly-zero"),
         ((3, 2000), "neg-inf"),
         ((2, 70), "random"),
+        ((2, 5), "random"),
     ],
 )
-def test_topk_per_row_block_maxima_is_exact(shape, kind):
-    """The block-maximum shortcut against a full sort: ragged tails, all-equal rows, -inf (masked) entries."""
+def test_running_topk_is_exact_with_ties_to_the_smaller_row(shape, kind):
+    """The heap scan against a stable full sort: ragged stretches, seas of ties, -inf (masked) entries, k > row."""
     rng = np.random.default_rng(14)
     scores = rng.random(shape).astype(np.float32)
     if kind == "equal":
         scores[:] = 0.5
-    if kind == "mostly-zero":  # very sparse data: nearly every score is an exact 0, a sea of ties
+    if kind == "mostly-zero":  # very sparse data: nearly every score is an exact 0
         scores[rng.random(shape) < 0.999] = 0
     if kind == "neg-inf":
         scores[:, rng.random(shape[1]) < 0.9] = -np.inf
     for k in (1, 10, 25):
-        values, cols = topk_per_row(scores, k)
-        assert values.shape == cols.shape == (shape[0], min(k, shape[1]))
-        np.testing.assert_array_equal(np.take_along_axis(scores, cols, 1), values)  # indices match values
-        np.testing.assert_array_equal(-np.sort(-values, axis=1), -np.sort(-scores, axis=1)[:, : values.shape[1]])
-        assert all(len(set(row)) == len(row) for row in cols.tolist())
+        top = RunningTopK(shape[0], k)
+        for lo in range(0, shape[1], 3001):
+            top.push(0, scores[:, lo : lo + 3001], lo)
+        finite = np.isfinite(scores)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties: smaller column first
+        for row in range(shape[0]):
+            want = [c for c in order[row] if finite[row, c]]
+            got = sorted(int(c) for c in top.rows[row] if c >= 0)
+            assert got == sorted(want)
+            assert np.all(top.rows[row][top.rows[row] < 0] == -1)
+            np.testing.assert_array_equal(
+                np.sort(top.scores[row][top.rows[row] >= 0]), np.sort(scores[row, got]) if got else []
+            )
+
+
+@pytest.mark.parametrize("tile", [1, 7, 128, 65536])
+def test_inverted_search_matches_dense_product(tile):
+    """Several tiles (tile 1 and 7 put rows on tile edges), removed rows, empty queries, ties to the smaller row."""
+    x = random_csr(900, 40, 0.1, seed=18, zero_rows=5)
+    x = sp.vstack([x, x[:50]], format="csr")  # duplicated rows: exact ties whose smaller row must win
+    x.indices, x.indptr = x.indices.astype(np.int32), x.indptr.astype(np.int32)
+    q = random_csr(25, 40, 0.2, seed=19, zero_rows=2)
+    alive = np.random.default_rng(20).random(x.shape[0]) < 0.85
+    inv = build_inverted(x, tile)
+    assert inv.nbytes == inv.indptr.nbytes + x.nnz * 6  # uint16 rows + float32 values
+    for mask in (None, alive):
+        top = RunningTopK(q.shape[0] + 3, 10)
+        search_inverted(inv, q, 0, 12, top.scores, top.rows, 3, 1000, mask)  # heap rows offset by 3
+        search_inverted(inv, q, 12, q.shape[0], top.scores, top.rows, 15, 1000, mask)
+        ref = (q @ x.T).toarray()
+        if mask is not None:
+            ref[:, ~mask] = -np.inf
+        order = np.argsort(-ref, axis=1, kind="stable")[:, :10]
+        assert np.array_equal(np.sort(top.rows[3:], axis=1), np.sort(order + 1000, axis=1))
+        np.testing.assert_allclose(
+            np.sort(top.scores[3:], axis=1), np.sort(np.take_along_axis(ref, order, 1), axis=1), rtol=1e-5
+        )
+        assert np.all(top.rows[:3] == -1)  # heaps outside the given range untouched
+    with pytest.raises(ValueError, match="alive mask"):
+        search_inverted(inv, q, 0, 1, top.scores, top.rows, 0, 0, alive[:10])
+    with pytest.raises(ValueError, match="tile"):
+        build_inverted(x, 70_000)
+
+
+def test_csr_index_with_small_tiles_matches_brute_force(monkeypatch, data):
+    """The index end to end over many tiles and blocks, with removals and replacements."""
+    monkeypatch.setattr(inverted, "TILE_ROWS", 97)
+    db, queries, ids = data
+    index = CsrIndex(96, kernel="sparse")
+    for lo in range(0, db.shape[0], 400):
+        index.add(ids[lo : lo + 400], db[lo : lo + 400])
+    gone = ids[::7]
+    index.remove(gone)
+    index.add(ids[1:30:7], db[:5])  # replace five ids with other vectors
+    keep = np.setdiff1d(np.arange(db.shape[0]), np.arange(db.shape[0])[::7])
+    vectors = db.toarray()
+    vectors[1:30:7] = db[:5].toarray()
+    live = np.union1d(keep, np.arange(1, 30, 7))
+    ref = brute_force(vectors[live], queries.toarray(), "ip")
+    scores, found = index.search(queries, 10)
+    assert all(b.inv is not None and b.inv.tile == 97 for b in index._blocks)
+    assert_exact_topk(scores, found, ref, ids[live], 10)
 
 
 def test_threads_do_not_change_results(data):
