@@ -234,6 +234,12 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
             f"- IVF / HNSW at default settings (auto-tuned to 0.95 on separate queries): recall@10 "
             f"{min(r['recall_at_10'] for r in approx):.4f} to {max(r['recall_at_10'] for r in approx):.4f}"
         )
+    dense_rows = [r for r in rows if r["backend"] == "csr" and r["kernel_batch"] == "dense"]
+    dense_range = (
+        f"{min(r['speedup_batch1000'] for r in dense_rows):.2f}-{max(r['speedup_batch1000'] for r in dense_rows):.2f}x"
+        if dense_rows
+        else "(no cell here)"
+    )
     lines += [
         "",
         "## Notes",
@@ -261,8 +267,9 @@ def markdown(rows: list[dict], command: str, seconds: float) -> str:
         "batch 1000.",
         "- Each search thread keeps one accumulator that the kernel leaves zeroed: a fresh np.zeros buffer per "
         "search paid a page fault per 4 KiB of scores, which at 1% density cost more than the arithmetic.",
-        "- High density: csr's batch searches switch to BLAS on densified row chunks and reach 0.6-0.8x of Flat "
-        "(the densify pass and the top-k are extra); single queries stay on sparse kernels and lose to Flat "
+        "- High density: csr's batch searches switch to BLAS on densified row chunks and reach "
+        f"{dense_range} of Flat (the densify pass and the top-k are extra); single queries stay on sparse kernels "
+        "and lose to Flat "
         "above the batch-1 crossover. The inverted index is not built above 50% density (it would double the "
         "memory), so dense data belongs in the faiss backend.",
         "- Backends of a cell are timed in interleaved rounds, so a change in machine load during the run "
