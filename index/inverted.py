@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from index import compiled
+from index.topk import check_heaps
 
 TILE_ROWS = 1 << 16  # local rows are uint16
 _LOCAL = threading.local()
@@ -94,7 +95,13 @@ def search_inverted(
     ``row_offset`` is added to the rows pushed; ``alive`` (one flag per row of ``inv``) drops removed rows.
     Releases the GIL, so threads may search disjoint query ranges at once.
     """
-    if inv.n_rows == 0 or hi <= lo:
+    # The compiled loop does no bounds checks: every index it will follow is checked here.
+    if queries.shape[1] != inv.dim:
+        raise ValueError(f"queries have {queries.shape[1]} dimensions, the index {inv.dim}")
+    if not 0 <= lo <= hi <= queries.shape[0]:
+        raise ValueError(f"query range {lo}:{hi} outside 0:{queries.shape[0]}")
+    check_heaps(heap_scores, heap_rows, heap_lo, hi - lo)
+    if inv.n_rows == 0 or hi == lo:
         return
     mask = np.empty(0, np.bool_) if alive is None else np.ascontiguousarray(alive, np.bool_)
     if mask.size not in (0, inv.n_rows):

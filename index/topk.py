@@ -19,6 +19,20 @@ import numpy as np
 from index.compiled import push_block
 
 
+def check_heaps(scores: np.ndarray, rows: np.ndarray, lo: int, count: int) -> None:
+    """Refuse heaps the compiled loops would index out of bounds (they do no checks of their own)."""
+    if not (scores.ndim == rows.ndim == 2 and scores.shape == rows.shape and scores.shape[1] >= 1):
+        raise ValueError(f"heaps must be two equal (queries, k >= 1) arrays, got {scores.shape} and {rows.shape}")
+    if (
+        scores.dtype != np.float32
+        or rows.dtype != np.int64
+        or not (scores.flags.c_contiguous and rows.flags.c_contiguous)
+    ):
+        raise ValueError("heaps must be C-contiguous float32 scores and int64 rows")
+    if not 0 <= lo <= lo + count <= scores.shape[0]:
+        raise ValueError(f"heap rows {lo}:{lo + count} outside 0:{scores.shape[0]}")
+
+
 class RunningTopK:
     """The best ``k`` (score, row) pairs per query seen so far, fed one score block at a time.
 
@@ -36,7 +50,8 @@ class RunningTopK:
 
         Blocks must arrive in ascending row order per query for ties to go to the smaller row.
         """
-        if scores.shape[1] == 0 or self.k == 0:
+        if self.k == 0 or scores.shape[1] == 0:
             return
+        check_heaps(self.scores, self.rows, q_lo, scores.shape[0])
         block = np.ascontiguousarray(scores, np.float32)
         push_block(block, self.scores, self.rows, q_lo, row_offset)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_index_support import assert_exact_topk, brute_force, random_csr
 
 from index import create_index, inverted
@@ -180,6 +182,58 @@ def test_inverted_search_matches_dense_product(tile):
         search_inverted(inv, q, 0, 1, top.scores, top.rows, 0, 0, alive[:10])
     with pytest.raises(ValueError, match="tile"):
         build_inverted(x, 70_000)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 300),
+    dim=st.integers(1, 24),
+    density=st.floats(0.0, 1.0),
+    n_queries=st.integers(1, 6),
+    k=st.integers(1, 12),
+    tile=st.integers(1, 70),
+    seed=st.integers(0, 2**31),
+)
+def test_inverted_search_property(n, dim, density, n_queries, k, tile, seed):
+    """Exact top-k, ties to the smaller row, on any shape. Values are multiples of 1/4, so every float32 sum is
+    exact and ties are real ties, as they are for duplicated embeddings."""
+    rng = np.random.default_rng(seed)
+
+    def quarters(rows: int) -> sp.csr_matrix:
+        m = rng.integers(1, 5, (rows, dim)) * (rng.random((rows, dim)) < density) / 4
+        return sp.csr_matrix(m.astype(np.float32))
+
+    x, q = quarters(n), quarters(n_queries)
+    alive = rng.random(n) < 0.8
+    top = RunningTopK(n_queries, k)
+    search_inverted(build_inverted(x, tile), q, 0, n_queries, top.scores, top.rows, 0, 0, alive)
+    ref = (q.toarray().astype(np.float64) @ x.toarray().T.astype(np.float64))[:, alive]
+    live = np.flatnonzero(alive)
+    for i in range(n_queries):
+        want = live[np.argsort(-ref[i], kind="stable")[:k]]
+        got = top.rows[i][top.rows[i] >= 0]
+        assert sorted(got.tolist()) == sorted(want.tolist())
+        assert np.array_equal(np.sort(top.scores[i][top.rows[i] >= 0]), np.sort(ref[i][np.searchsorted(live, want)]))
+
+
+def test_compiled_loops_refuse_what_they_would_index_out_of_bounds():
+    """The numba loops run without bounds checks; their Python entry points refuse bad shapes first."""
+    inv = build_inverted(random_csr(50, 8, 0.3, seed=21))
+    q = random_csr(4, 8, 0.3, seed=22)
+    top = RunningTopK(4, 3)
+    with pytest.raises(ValueError, match="dimensions"):
+        search_inverted(inv, random_csr(4, 9, 0.3, seed=23), 0, 4, top.scores, top.rows, 0, 0)
+    with pytest.raises(ValueError, match="query range"):
+        search_inverted(inv, q, 0, 5, top.scores, top.rows, 0, 0)
+    with pytest.raises(ValueError, match="heap rows"):
+        search_inverted(inv, q, 0, 4, top.scores, top.rows, 1, 0)
+    with pytest.raises(ValueError, match="float32"):
+        search_inverted(inv, q, 0, 4, top.scores.astype(np.float64), top.rows, 0, 0)
+    with pytest.raises(ValueError, match="k >= 1"):
+        search_inverted(inv, q, 0, 4, top.scores[:, :0], top.rows[:, :0], 0, 0)
+    with pytest.raises(ValueError, match="heap rows"):
+        top.push(2, np.zeros((3, 5), np.float32), 0)
+    assert np.all(top.rows == -1)  # nothing was written by the refused calls
 
 
 def test_csr_index_with_small_tiles_matches_brute_force(monkeypatch, data):
