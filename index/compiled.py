@@ -93,6 +93,8 @@ def search_inverted(
     n_rows: int,
     dim: int,
     tile: int,
+    t_lo: int,
+    t_hi: int,
     q_indptr: np.ndarray,
     q_indices: np.ndarray,
     q_data: np.ndarray,
@@ -105,13 +107,12 @@ def search_inverted(
     alive: np.ndarray,
     acc: np.ndarray,
 ) -> None:
-    n_tiles = (n_rows + tile - 1) // tile
     none = np.empty(0, np.bool_)
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
         r = heap_rows[heap_lo + q - lo]
-        for t in range(n_tiles):
+        for t in range(t_lo, t_hi):
             base = t * dim
             for e in range(a, b):
                 j = q_indices[e]
@@ -138,6 +139,8 @@ def warmup() -> None:
         np.empty(0, np.float32),
         1,
         1,
+        1,
+        0,
         1,
         np.zeros(2, np.int64),
         np.empty(0, np.int32),

@@ -39,6 +39,10 @@ class TiledInverted:
     tile: int
 
     @property
+    def n_tiles(self) -> int:
+        return -(-self.n_rows // self.tile)
+
+    @property
     def nbytes(self) -> int:
         return int(self.indptr.nbytes + self.rows.nbytes + self.data.nbytes)
 
@@ -89,12 +93,17 @@ def search_inverted(
     heap_lo: int,
     row_offset: int,
     alive: np.ndarray | None = None,
+    tiles: tuple[int, int] | None = None,
 ) -> None:
     """Push the scores of queries ``lo:hi`` against ``inv``'s rows into heaps ``heap_lo..`` (see index.topk).
 
-    ``row_offset`` is added to the rows pushed; ``alive`` (one flag per row of ``inv``) drops removed rows.
-    Releases the GIL, so threads may search disjoint query ranges at once.
+    ``row_offset`` is added to the rows pushed; ``alive`` (one flag per row of ``inv``) drops removed rows;
+    ``tiles`` (first, end) limits the search to those tiles. Releases the GIL, so threads may search disjoint
+    query ranges, or disjoint tiles into separate heaps, at once.
     """
+    t_lo, t_hi = (0, inv.n_tiles) if tiles is None else tiles
+    if not 0 <= t_lo <= t_hi <= inv.n_tiles:
+        raise ValueError(f"tile range {t_lo}:{t_hi} outside 0:{inv.n_tiles}")
     # The compiled loop does no bounds checks: every index it will follow is checked here.
     if queries.shape[1] != inv.dim:
         raise ValueError(f"queries have {queries.shape[1]} dimensions, the index {inv.dim}")
@@ -118,6 +127,8 @@ def search_inverted(
         inv.n_rows,
         inv.dim,
         inv.tile,
+        t_lo,
+        t_hi,
         q_indptr,
         q_indices,
         q_data,

@@ -55,3 +55,17 @@ class RunningTopK:
         check_heaps(self.scores, self.rows, q_lo, scores.shape[0])
         block = np.ascontiguousarray(scores, np.float32)
         push_block(block, self.scores, self.rows, q_lo, row_offset)
+
+    def absorb(self, parts: list[RunningTopK]) -> None:
+        """Keep the best ``k`` of this top-k and ``parts`` (top-ks of the same queries over other rows).
+
+        Ties go to the smaller row, as in ``push``. The result is stored worst first: an ascending array is
+        itself a valid heap, so pushing more blocks afterwards stays correct.
+        """
+        scores = np.concatenate([self.scores, *(p.scores for p in parts)], axis=1)
+        rows = np.concatenate([self.rows, *(p.rows for p in parts)], axis=1)
+        empty_last = np.where(rows < 0, np.iinfo(np.int64).max, rows)
+        best_first = np.lexsort((empty_last, -scores.astype(np.float64)), axis=-1)[:, : self.k]
+        worst_first = best_first[:, ::-1]
+        self.scores[:] = np.take_along_axis(scores, worst_first, axis=1)
+        self.rows[:] = np.take_along_axis(rows, worst_first, axis=1)

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_index_support import assert_exact_topk, brute_force, random_csr
 
-from index import create_index, inverted
+from index import create_index, csr_index, inverted
 from index.csr_index import CsrIndex
 from index.inverted import build_inverted, search_inverted
 from index.kernels import CostModel
@@ -239,8 +239,9 @@ def test_compiled_loops_refuse_what_they_would_index_out_of_bounds():
 def test_csr_index_with_small_tiles_matches_brute_force(monkeypatch, data):
     """The index end to end over many tiles and blocks, with removals and replacements."""
     monkeypatch.setattr(inverted, "TILE_ROWS", 97)
+    monkeypatch.setattr(csr_index, "SPLIT_MIN_WORK_NS", 0)  # single queries split the tiles between workers
     db, queries, ids = data
-    index = CsrIndex(96, kernel="sparse")
+    index = CsrIndex(96, kernel="sparse", threads=2)
     for lo in range(0, db.shape[0], 400):
         index.add(ids[lo : lo + 400], db[lo : lo + 400])
     gone = ids[::7]
@@ -254,6 +255,22 @@ def test_csr_index_with_small_tiles_matches_brute_force(monkeypatch, data):
     scores, found = index.search(queries, 10)
     assert all(b.inv is not None and b.inv.tile == 97 for b in index._blocks)
     assert_exact_topk(scores, found, ref, ids[live], 10)
+    for i in range(6):  # one query, fewer than the workers: the tiles are split between them and merged
+        one_scores, one_found = index.search(queries[i], 10)
+        assert_exact_topk(one_scores, one_found, ref[i : i + 1], ids[live], 10)
+
+
+def test_absorb_merges_partial_topks_and_stays_a_heap():
+    rng = np.random.default_rng(24)
+    scores = np.round(rng.random((5, 900)) * 8).astype(np.float32)  # few distinct values: many ties
+    scores[:, [650, 700]] = [20, 9]  # rows pushed after the merge that must enter it
+    whole, parts = RunningTopK(5, 7), [RunningTopK(5, 7) for _ in range(3)]
+    for j, part in enumerate(parts):
+        part.push(0, scores[:, j * 200 : (j + 1) * 200], j * 200)
+    whole.absorb(parts)
+    whole.push(0, scores[:, 600:], 600)  # still a valid heap: later rows keep streaming in
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(np.sort(whole.rows, axis=1), np.sort(order, axis=1))
 
 
 def test_threads_do_not_change_results(data):
