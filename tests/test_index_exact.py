@@ -233,6 +233,10 @@ def test_compiled_loops_refuse_what_they_would_index_out_of_bounds():
         search_inverted(inv, q, 0, 4, top.scores[:, :0], top.rows[:, :0], 0, 0)
     with pytest.raises(ValueError, match="heap rows"):
         top.push(2, np.zeros((3, 5), np.float32), 0)
+    bad = q.copy()
+    bad.indices[0] = 8  # scipy accepts a column index past the shape until something reads it
+    with pytest.raises(ValueError, match="column indices"):
+        search_inverted(inv, bad, 0, 4, top.scores, top.rows, 0, 0)
     assert np.all(top.rows == -1)  # nothing was written by the refused calls
 
 
