@@ -313,7 +313,7 @@ def calibrate(log) -> None:
             index.prepare()
             for nq in (1, 8, 200):
                 q = random_sparse(nq, d, p, seed=2)
-                products = float(sum(index._colcount(b) for b in index._blocks)[q.indices].sum())
+                products = index._sparse_products(q)
                 blocks = -(-nq // model.query_block)
                 scores = x.shape[0] * nq
                 features = {

@@ -4,9 +4,7 @@ They live in one module on purpose: numba's on-disk cache (``cache=True``) is ke
 function it compiled, so a kernel calling a jitted function from another module would keep running a stale
 copy of it after that module changed.
 
-The heap (see :mod:`index.topk` for why): ``s``/``r`` hold k (score, row) slots; the worst slot is the lowest
-score and, among equal scores, the largest row. Rows arrive in ascending order and a score enters only if it
-beats the worst strictly, so ties go to the smaller row.
+The heap's layout, order and tie rule are described in :mod:`index.topk`.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ class CsrIndex(RowMapped, VectorIndex):
         build; a server calls it at start-up."""
         compiled.warmup()
         with self._lock.read():
-            colcount = sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
+            colcount = self._colcounts()
             if not self._blocks:
                 return
             expected_products = float((colcount.astype(np.float64) ** 2).sum() / max(1, self.total_rows))
@@ -235,26 +235,40 @@ class CsrIndex(RowMapped, VectorIndex):
                 for block in self._blocks:
                     self._inverted(block)
 
+    def _colcounts(self) -> np.ndarray:
+        """Stored non-zeros per dimension, over all blocks."""
+        return sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
+
+    def _sparse_products(self, queries: sp.csr_matrix) -> float:
+        """Multiply-adds the inverted index would do for these queries (posting-list entries they visit)."""
+        return float(self._colcounts()[queries.indices].sum())
+
     def choose_kernel(self, queries: sp.csr_matrix) -> str:
         """The kernel ``search`` would use for these (validated) queries."""
+        return self._choose(queries.shape[0], self._sparse_products(queries))
+
+    def _choose(self, n_queries: int, sparse_products: float) -> str:
         if self.kernel != "auto":
             return self.kernel
-        colcount = sum(self._colcount(b) for b in self._blocks)
         return self.costs.choose(
             n_rows=self.total_rows,
             dim=self._dim,
             db_nnz=sum(b.x.nnz for b in self._blocks),
-            n_queries=queries.shape[0],
-            sparse_products=float(colcount[queries.indices].sum()),
+            n_queries=n_queries,
+            sparse_products=sparse_products,
         )
 
     def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = queries if sp.issparse(queries) else sp.csr_matrix(queries)
-        kernel = self.choose_kernel(q)
+        products = self._sparse_products(q)
+        kernel = self._choose(q.shape[0], products)
         self.last_kernel = kernel
         top = RunningTopK(q.shape[0], k)
         parts = [(b, self._alive[b.start : b.start + b.rows] if self._n_dead else None) for b in self._blocks]
-        getattr(self, f"_search_{kernel}")(parts, q, top)
+        if kernel == "sparse":
+            self._search_sparse(parts, q, top, split_tiles=self._split_tiles(q.shape[0], products))
+        else:
+            getattr(self, f"_search_{kernel}")(parts, q, top)
         rows = top.rows
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
         return top.scores, ids
@@ -270,11 +284,11 @@ class CsrIndex(RowMapped, VectorIndex):
             if dead.any():
                 scores[:, dead] = -np.inf
 
-    def _search_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> None:
+    def _search_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK, *, split_tiles: bool) -> None:
         # The kernel fuses the top-k into its scan (index.inverted), so no score block is ever materialised:
         # memory is one tile accumulator per worker.
         n = q.shape[0]
-        if not self._split_tiles(q):  # one task per query range, each walking every block: no shared heaps
+        if not split_tiles:  # one task per query range, each walking every block: no shared heaps
 
             def task(lo: int, hi: int) -> None:
                 for block, alive in parts:
@@ -301,14 +315,13 @@ class CsrIndex(RowMapped, VectorIndex):
         _run([lambda r=r, p=p: tile_task(r, p) for r, p in work], self.threads)
         top.absorb([p for _, p in work])
 
-    def _split_tiles(self, q: sp.csr_matrix) -> bool:
+    def _split_tiles(self, n_queries: int, sparse_products: float) -> bool:
         """Split tiles rather than queries: only for fewer queries than workers and enough work to beat the
         pool hand-off and merge (~0.15 ms). Measured on one query: 1M x 512, 5%: 1.67 -> 1.24 ms; 100k x 512, 5%
         (0.3 ms of work, two unequal tiles) got slower, 0.29 -> 0.41 ms."""
-        if q.shape[0] >= self.threads or self.total_rows <= inverted.TILE_ROWS:
+        if n_queries >= self.threads or self.total_rows <= inverted.TILE_ROWS:
             return False
-        colcount = sum(self._colcount(b) for b in self._blocks)
-        return self.costs.sparse_per_product * float(colcount[q.indices].sum()) > SPLIT_MIN_WORK_NS
+        return self.costs.sparse_per_product * sparse_products > SPLIT_MIN_WORK_NS
 
     def _search_spdense(self, parts: list, q: sp.csr_matrix, top: RunningTopK) -> None:
         qb = self.costs.query_block
