@@ -23,6 +23,7 @@ import scipy.sparse as sp
 from index import store
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError, UnknownIdError
 from index.rwlock import RWLock
+from index.thumbnails import read_thumbnails, write_thumbnails
 from index.validation import (
     Vectors,
     check_dim,
@@ -30,6 +31,7 @@ from index.validation import (
     check_k,
     check_metric,
     check_payloads,
+    check_thumbnails,
     check_vectors,
     n_rows,
     normalize_rows,
@@ -51,6 +53,7 @@ class VectorIndex(ABC):
         self._dim = check_dim(dim)
         self._metric = check_metric(metric)
         self._payloads: dict[int, Any] = {}
+        self._thumbnails: dict[int, bytes] = {}  # PNG per item, beside the payload (index/thumbnails.py)
         self._lock = RWLock()
         self.metadata: dict[str, Any] = {}  # free-form JSON saved in the manifest (e.g. which model built it)
 
@@ -77,13 +80,20 @@ class VectorIndex(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self._dim}, metric={self._metric!r}, count={len(self)})"
 
-    def add(self, ids: Any, vectors: Any, payloads: Sequence[Any] | None = None) -> None:
-        """Insert vectors under ``ids``; an id already present is replaced (vector and payload)."""
+    def add(
+        self,
+        ids: Any,
+        vectors: Any,
+        payloads: Sequence[Any] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+    ) -> None:
+        """Insert vectors under ``ids``; an id already present is replaced (vector, payload and thumbnail)."""
         ids = check_ids(ids)
         vecs = check_vectors(vectors, self._dim)
         if n_rows(vecs) != ids.size:
             raise InvalidInputError(f"got {ids.size} ids for {n_rows(vecs)} vectors")
         checked = check_payloads(payloads, ids.size)
+        thumbs = check_thumbnails(thumbnails, ids.size)
         if ids.size == 0:
             return
         norms = row_norms(vecs)
@@ -96,6 +106,10 @@ class VectorIndex(ABC):
                     self._payloads[key] = checked[i]
                 else:
                     self._payloads.pop(key, None)
+                if thumbs is not None and thumbs[i] is not None:
+                    self._thumbnails[key] = thumbs[i]
+                else:
+                    self._thumbnails.pop(key, None)
 
     def remove(self, ids: Any) -> int:
         """Delete ``ids``; if any is unknown nothing is removed and :class:`UnknownIdError` names them."""
@@ -109,6 +123,7 @@ class VectorIndex(ABC):
             self._remove(ids)
             for key in ids.tolist():
                 self._payloads.pop(key, None)
+                self._thumbnails.pop(key, None)
         return int(ids.size)
 
     def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -162,6 +177,21 @@ class VectorIndex(ABC):
                 raise _unknown(asked[~present], asked.size)
             return [self._payloads.get(int(k)) for k in keys.tolist()]
 
+    def thumbnails(self, ids: Any) -> list[bytes | None]:
+        """Thumbnail PNGs of ``ids`` in order (None where an item has none); same id rules as :meth:`payloads`."""
+        keys = np.asarray(ids, dtype=np.int64).ravel()
+        with self._lock.read():
+            asked = keys[keys != -1]
+            present = self._contains(asked) if asked.size else np.ones(0, bool)
+            if not present.all():
+                raise _unknown(asked[~present], asked.size)
+            return [self._thumbnails.get(int(k)) for k in keys.tolist()]
+
+    @property
+    def thumbnail_count(self) -> int:
+        """How many items carry a thumbnail."""
+        return len(self._thumbnails)
+
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
         """Write the index atomically (see :mod:`index.store`); returns the manifest."""
@@ -178,6 +208,9 @@ class VectorIndex(ABC):
             }
             writers = dict(self._writers())
             writers["payloads"] = (".jsonl", self._write_payloads)
+            if self._thumbnails:  # optional role: indexes without images (or built with --thumbnails 0) omit it
+                thumbs = dict(self._thumbnails)
+                writers["thumbnails"] = (".npz", lambda path: write_thumbnails(path, thumbs))
             return store.save_dir(directory, header, writers)
 
     @classmethod
@@ -204,6 +237,12 @@ class VectorIndex(ABC):
         stray = [k for k in index._payloads if not index._contains(np.array([k], np.int64))[0]]
         if stray:
             raise CorruptIndexError(f"{directory}: payloads for ids not in the index: {stray[:5]}")
+        if "thumbnails" in manifest["files"]:
+            thumb_path = store.verified_paths(directory, manifest, ("thumbnails",), verify=verify)["thumbnails"]
+            index._thumbnails = read_thumbnails(thumb_path)
+            known = index._contains(np.fromiter(index._thumbnails, np.int64, len(index._thumbnails)))
+            if not known.all():
+                raise CorruptIndexError(f"{directory}: thumbnails for ids not in the index")
         index.metadata = dict(manifest.get("metadata") or {})
         return index
 

@@ -18,10 +18,22 @@ from typing import Any
 from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 from cli.parser import OneLineParser
+from index.thumbnails import DEFAULT_PX as DEFAULT_THUMBNAIL_PX
+from index.thumbnails import MAX_PX as MAX_THUMBNAIL_PX
 from models.atomic_io import file_sha256
 
 CHUNK_IMAGES = 1024  # images embedded and added per step: bounds memory, keeps the progress bar moving
 TUNE_QUERIES = 256  # stored vectors used as queries when tuning approximate FAISS indexes
+
+
+def _thumbnail_px(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if not 0 <= value <= MAX_THUMBNAIL_PX:
+        raise argparse.ArgumentTypeError(f"expected 0 (no thumbnails) to {MAX_THUMBNAIL_PX} pixels, got {value}")
+    return value
 
 
 def _recall_target(text: str) -> float:
@@ -68,6 +80,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.95,
         help="IVF/HNSW: raise nprobe/efSearch until recall@10 on sample queries reaches this (default 0.95)",
     )
+    build.add_argument(
+        "--thumbnails",
+        type=_thumbnail_px,
+        default=DEFAULT_THUMBNAIL_PX,
+        metavar="PX",
+        help=f"store a PNG thumbnail per image, longest side at most PX pixels (never enlarged; 0 = none;"
+        f" at most {MAX_THUMBNAIL_PX}; default {DEFAULT_THUMBNAIL_PX}), shown by the server's web page",
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=_cmd_build)
 
@@ -82,32 +102,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------- building
 def embed_source(
-    runtime: Any, source: Any, spec: str, n: int, *, batch_size: int, progress: bool
-) -> Iterator[tuple[Any, Any, list[dict[str, Any]]]]:
-    """Yield (ids, CSR embeddings, payloads) for rows 0..n-1 of ``source`` in chunks of CHUNK_IMAGES."""
+    runtime: Any, source: Any, spec: str, n: int, *, batch_size: int, progress: bool, thumbnail_px: int = 0
+) -> Iterator[tuple[Any, Any, list[dict[str, Any]], list[bytes | None] | None]]:
+    """Yield (ids, CSR embeddings, payloads, thumbnails) for rows 0..n-1 of ``source`` in chunks of CHUNK_IMAGES.
+
+    Thumbnails (PNG, longest side ``thumbnail_px``) are made from the decoded image the model sees, so they show
+    exactly what was indexed; None for the whole chunk when ``thumbnail_px`` is 0.
+    """
     import numpy as np
     from tqdm import tqdm
+
+    from index.thumbnails import thumbnail_png
 
     classes = list(getattr(source, "classes", []) or [])
     with tqdm(total=n, desc="index build", unit="img", disable=not progress, file=sys.stderr) as bar:
         for lo in range(0, n, CHUNK_IMAGES):
             hi = min(n, lo + CHUNK_IMAGES)
             images, payloads = [], []
+            thumbs: list[bytes | None] | None = [] if thumbnail_px else None
             for row in range(lo, hi):
                 image, label = source[row]
                 images.append(image)
+                if thumbs is not None:
+                    thumbs.append(thumbnail_png(image, thumbnail_px) if hasattr(image, "mode") else None)
                 payload: dict[str, Any] = {"label": label, "source": spec, "row": row}
                 if label is not None and 0 <= label < len(classes):
                     payload["class"] = classes[label]
                 payloads.append(payload)
             embeddings = runtime.embed(images, batch_size=batch_size)
             bar.update(hi - lo)
-            yield np.arange(lo, hi, dtype=np.int64), embeddings, payloads
+            yield np.arange(lo, hi, dtype=np.int64), embeddings, payloads, thumbs
+
+
+Chunk = tuple  # (ids, vectors, payloads[, thumbnails]): per-item lists may be None
 
 
 def fill_index(
     index: Any,
-    chunks: Iterable[tuple[Any, Any, list[Any] | None]],
+    chunks: Iterable[Chunk],
     *,
     total: int | None = None,
     target_recall: float = 0.95,
@@ -115,6 +147,9 @@ def fill_index(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Add embedding chunks to ``index``; tune approximate FAISS indexes. Returns a summary dict.
+
+    A chunk is ``(ids, vectors, payloads)`` or ``(ids, vectors, payloads, thumbnails)``; the per-item lists
+    travel with their rows through the hold-back and gathering below.
 
     Tuning needs queries the index has not seen: a stored vector is trivially easy to find (in HNSW its own
     node sits next to its neighbours), which flattered the recall by several points in tests. So when
@@ -129,28 +164,28 @@ def fill_index(
     gather = kind == "ivf" and index.nlist is None
     hold = min(1.0, tune_queries / total) if approx and total else 0.0
     rng = np.random.default_rng(seed)
-    pending: list[tuple[Any, Any, list[Any] | None]] = []
-    held: list[tuple[Any, Any, list[Any] | None]] = []
-    for ids, vectors, payloads in chunks:
-        ids = np.asarray(ids)
+    pending: list[Chunk] = []
+    held: list[Chunk] = []
+    for raw in chunks:
+        chunk = _full_chunk(raw)
         if hold:
-            back = rng.random(ids.size) < hold
+            back = rng.random(chunk[0].size) < hold
             if back.all():
                 back[0] = False  # keep at least one row in the index to tune against
-            held.append(_subset(ids, vectors, payloads, back))
-            ids, vectors, payloads = _subset(ids, vectors, payloads, ~back)
+            held.append(_subset(chunk, back))
+            chunk = _subset(chunk, ~back)
         if gather:
-            pending.append((ids, vectors, payloads))
-        elif ids.size:
-            index.add(ids, vectors, payloads)
+            pending.append(chunk)
+        elif chunk[0].size:
+            index.add(*chunk)
     if pending:
         index.add(*_concat(pending))
     summary: dict[str, Any] = {"count": len(index)}
     if approx and len(index):
         if held and sum(h[0].size for h in held):
-            held_ids, held_vectors, held_payloads = _concat(held)
-            summary["tuned"] = index.tune(held_vectors, k=10, target_recall=target_recall)
-            index.add(held_ids, held_vectors, held_payloads)
+            held_chunk = _concat(held)
+            summary["tuned"] = index.tune(held_chunk[1], k=10, target_recall=target_recall)
+            index.add(*held_chunk)
         else:  # total unknown: stored vectors as queries, each one's own id left out of the recall
             all_ids = index.ids()
             sample = np.sort(rng.choice(all_ids, size=min(tune_queries, all_ids.size), replace=False))
@@ -161,23 +196,38 @@ def fill_index(
     return summary
 
 
-def _subset(ids: Any, vectors: Any, payloads: list[Any] | None, mask: Any) -> tuple[Any, Any, list[Any] | None]:
+def _full_chunk(chunk: Chunk) -> Chunk:
+    import numpy as np
+
+    if len(chunk) not in (3, 4):
+        raise ValueError(f"a chunk is (ids, vectors, payloads[, thumbnails]), got {len(chunk)} parts")
+    ids, vectors, payloads, *rest = chunk
+    return np.asarray(ids), vectors, payloads, rest[0] if rest else None
+
+
+def _subset(chunk: Chunk, mask: Any) -> Chunk:
     import numpy as np
     import scipy.sparse as sp
 
+    ids, vectors, *columns = chunk
     rows = np.flatnonzero(mask)
     sub = sp.csr_matrix(vectors)[rows] if sp.issparse(vectors) else np.asarray(vectors)[rows]
-    return ids[rows], sub, None if payloads is None else [payloads[i] for i in rows]
+    return (ids[rows], sub, *(None if col is None else [col[i] for i in rows] for col in columns))
 
 
-def _concat(parts: list[tuple[Any, Any, list[Any] | None]]) -> tuple[Any, Any, list[Any] | None]:
+def _concat(parts: list[Chunk]) -> Chunk:
     import numpy as np
     import scipy.sparse as sp
 
     ids = np.concatenate([p[0] for p in parts])
     vectors = sp.vstack([sp.csr_matrix(p[1]) for p in parts], format="csr")
-    payloads = None if any(p[2] is None for p in parts) else [x for p in parts for x in p[2]]
-    return ids, vectors, payloads
+    columns = [
+        None
+        if all(p[c] is None for p in parts)
+        else [x for p in parts for x in (p[c] if p[c] is not None else [None] * p[0].size)]
+        for c in range(2, len(parts[0]))
+    ]
+    return (ids, vectors, *columns)
 
 
 def build_index(
@@ -191,6 +241,7 @@ def build_index(
     batch_size: int = 64,
     limit: int | None = None,
     target_recall: float = 0.95,
+    thumbnail_px: int = DEFAULT_THUMBNAIL_PX,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed ``data`` with ``model`` and save an index in ``out``; returns the summary the CLI prints."""
@@ -211,7 +262,7 @@ def build_index(
         "data": data,
         "images": n,
     }
-    chunks = embed_source(runtime, source, data, n, batch_size=batch_size, progress=progress)
+    chunks = embed_source(runtime, source, data, n, batch_size=batch_size, progress=progress, thumbnail_px=thumbnail_px)
     summary = fill_index(index, chunks, total=n, target_recall=target_recall)
     manifest = index.save(out)
     return {
@@ -221,6 +272,8 @@ def build_index(
         "metric": metric,
         "dim": runtime.dim,
         "count": manifest["count"],
+        "thumbnails": index.thumbnail_count,
+        "thumbnail_bytes": manifest["files"].get("thumbnails", {}).get("bytes", 0),
         "tuned": summary.get("tuned"),
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -238,6 +291,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             limit=args.limit,
             target_recall=args.target_recall,
+            thumbnail_px=args.thumbnails,
             progress=not args.no_progress,
         )
     except (ValueError, OSError) as err:  # index, model, data-spec and image errors are all ValueErrors

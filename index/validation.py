@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from index.errors import DimensionMismatchError, InvalidInputError
+from index.thumbnails import MAX_THUMBNAIL_BYTES, PNG_SIGNATURE
 
 METRICS = ("ip", "cosine")
 # Ids are non-negative int64; -1 is the "no result" marker in search output (as in FAISS) and the largest
@@ -156,6 +157,30 @@ def check_payloads(payloads: Sequence[Any] | None, n: int) -> list[Any] | None:
         except (TypeError, ValueError) as err:
             raise InvalidInputError(f"payload {i} is not JSON-serialisable: {err}") from None
         out.append(json.loads(text))
+    return out
+
+
+def check_thumbnails(thumbnails: Sequence[bytes | None] | None, n: int) -> list[bytes | None] | None:
+    """One PNG (bytes) or None per id; anything else is refused before it reaches a backend."""
+    if thumbnails is None:
+        return None
+    if isinstance(thumbnails, str | bytes | bytearray) or not isinstance(thumbnails, Sequence):
+        raise InvalidInputError("thumbnails must be a list with one PNG (bytes, or None) per id")
+    if len(thumbnails) != n:
+        raise InvalidInputError(f"got {len(thumbnails)} thumbnails for {n} ids; pass one per id (None for none)")
+    out: list[bytes | None] = []
+    for i, thumb in enumerate(thumbnails):
+        if thumb is None:
+            out.append(None)
+            continue
+        if not isinstance(thumb, bytes | bytearray | memoryview):
+            raise InvalidInputError(f"thumbnail {i} must be PNG bytes, got {type(thumb).__name__}")
+        data = bytes(thumb)
+        if not data.startswith(PNG_SIGNATURE):
+            raise InvalidInputError(f"thumbnail {i} is not a PNG file")
+        if len(data) > MAX_THUMBNAIL_BYTES:
+            raise InvalidInputError(f"thumbnail {i} is {len(data)} bytes; at most {MAX_THUMBNAIL_BYTES} are stored")
+        out.append(data)
     return out
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_index_support import brute_force
 from test_serve_support import export_tiny_model
 
@@ -39,9 +42,12 @@ def embeddings(model, fashion):
 @pytest.fixture(scope="module")
 def built(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "index"
-    code = main(["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(out),
-                 "--limit", str(N), "--no-progress"])  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(out),
+                     "--limit", str(N), "--no-progress"])  # fmt: skip
     assert code == 0
+    (out.parent / "summary.json").write_text(printed.getvalue())
     return out
 
 
@@ -55,6 +61,23 @@ def test_build_writes_an_index_of_the_split(built, embeddings, fashion, capsys):
         assert payload["source"] == "fashion-mnist:test" and payload["class"]
     np.testing.assert_allclose(index.reconstruct([17]).toarray()[0], embeddings[17], rtol=1e-5, atol=1e-6)
     assert index.metadata["model"]["dim"] == embeddings.shape[1]
+    thumbs = index.thumbnails([0, 17, N - 1])  # on by default: one lossless PNG of each indexed image
+    for row, png in zip((0, 17, N - 1), thumbs, strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(fashion[row][0]))
+    assert index.thumbnail_count == N
+    summary = json.loads((built.parent / "summary.json").read_text())
+    assert summary["thumbnails"] == N and 0 < summary["thumbnail_bytes"] < N * 1024
+
+
+def test_build_without_thumbnails(model, tmp_path, capsys):
+    out = tmp_path / "plain"
+    args = ["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(out),
+            "--limit", "20", "--thumbnails", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["thumbnails"] == 0
+    index = load_index(out)
+    assert len(index) == 20 and index.thumbnail_count == 0
+    assert "thumbnails" not in json.loads((out / "manifest.json").read_text())["files"]
 
 
 def test_search_json_matches_brute_force(built, model, embeddings, fashion, tmp_path, capsys):
@@ -131,7 +154,9 @@ def test_errors_exit_2_with_one_line(model, built, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
-    for argv in (["search", "--model", "m", "--index", "i", "--image", "x", "-k", "0"], ["index"]):
+    bad_px = ["index", "build", "--model", "m", "--data", "d", "--out", "o", "--thumbnails"]
+    for argv in (["search", "--model", "m", "--index", "i", "--image", "x", "-k", "0"], ["index"],
+                 [*bad_px, "257"], [*bad_px, "-1"], [*bad_px, "big"]):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
