@@ -291,12 +291,16 @@ def create_app(
         index_info = None
         if state.store is not None:
             index_info = IndexInfo(**state.store.describe())
+        target_l0 = meta.get("expected_l0")
         return InfoResponse(
             model=meta,
             dim=state.dim,
             ood_calibrated=state.scorer is not None,
             ood=ood_summary,
             index=index_info,
+            target_l0=float(target_l0) if isinstance(target_l0, int | float) else None,
+            index_size=None if index_info is None else index_info.size,
+            backend=None if index_info is None else index_info.backend,
             limits=settings.public_limits(),
             version=_version(),
         )

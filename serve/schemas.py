@@ -168,6 +168,11 @@ class InfoResponse(BaseModel):
     ood_calibrated: bool
     ood: dict[str, Any] | None = Field(None, description="summary of the OOD calibration, when there is one")
     index: IndexInfo | None
+    target_l0: float | None = Field(
+        None, description="the model's expected fraction of active dimensions (its sparsity target), when it has one"
+    )
+    index_size: int | None = Field(None, description="items in the index (same as index.size); null without one")
+    backend: str | None = Field(None, description="index backend (csr, faiss, ...); null without an index")
     limits: dict[str, Any]
     version: str
 

@@ -29,6 +29,7 @@ from test_serve_support import (
     reference_embeddings,
 )
 
+from models.rgg_law import expected_l0
 from serve.app import create_app
 from serve.settings import ServeSettings
 
@@ -106,6 +107,10 @@ def test_health_ready_info_and_openapi(client):
     assert info["dim"] == DIM and info["ood_calibrated"] is False
     assert info["index"]["dim"] == DIM and info["limits"]["max_images_per_request"] == 8
     assert "api_key" not in json.dumps(info) and KEY not in json.dumps(info)
+    assert info["index_size"] == info["index"]["size"] and info["backend"] == info["index"]["backend"] == "csr"
+    meta = info["model"]  # the page's target l0: the analytic rate of the model's own RGN target
+    assert info["target_l0"] == pytest.approx(expected_l0(meta["target_p"], meta["target_mu"], meta["target_sigma"]))
+    assert 0 < info["target_l0"] < 1
     spec = client.get("/openapi.json").json()
     for path in ("/v1/embed", "/v1/search", "/v1/items", "/v1/items/{item_id}", "/v1/ood", "/healthz", "/readyz"):
         assert path in spec["paths"], path
@@ -446,7 +451,8 @@ def test_no_index_configured(model_path, tmp_path):
     app = create_app(make_settings(model_path, tmp_path, index_dir=None, api_key=None))
     with TestClient(app) as c:
         assert c.get("/readyz").status_code == 200
-        assert c.get("/v1/info").json()["index"] is None
+        info = c.get("/v1/info").json()
+        assert info["index"] is None and info["index_size"] is None and info["backend"] is None
         assert_error(c.post("/v1/search", json={"embedding": {"indices": [0], "values": [1.0]}}), 409, "no_index")
         assert_error(c.get("/v1/items/1"), 409, "no_index")
         assert c.post("/v1/embed", files=multipart(fashion_pngs(1))).status_code == 200
