@@ -44,6 +44,7 @@ from serve.parsing import (
     check_id,
     check_k,
     check_payload,
+    check_query,
     content_kind,
     embedding_row,
     form_files,
@@ -384,11 +385,14 @@ def create_app(
             image_blobs = [("image", decode_base64(body.image, "image"))] if body.image is not None else None
             row = None if body.embedding is None else embedding_row(body.embedding, state.dim, "embedding")
         check_k(k_value, settings)
+        if row is not None:
+            check_query(row, "the query embedding")
         if image_blobs is not None:
             vectors, _ = await embed_blobs(state, image_blobs)
             query_out = dense_to_outputs(state, vectors, False)[0]
             idx = np.flatnonzero(vectors[0])
             row = (idx.astype(np.int32), vectors[0][idx])
+            check_query(row, "the query image's embedding")
         assert row is not None
         query = rows_to_csr([row], state.dim)
         hits = await anyio.to_thread.run_sync(store.search, query, k_value, want_thumbs)

@@ -52,10 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-inflight", type=int, default=256, help="concurrent API requests before 503 (256)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     p.add_argument("--max-image-mp", type=float, default=40.0, help="largest image in megapixels (default 40)")
-    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
-    p.add_argument("--max-k", type=int, default=1000, help="largest k for search (default 1000)")
     p.add_argument(
-        "--compact-every", type=int, default=1000, help="write-ahead-log records between index snapshots (default 1000)"
+        "--max-request-mp",
+        type=float,
+        default=40.0,
+        help="decoded megapixels per request, all images together, checked from their headers (default 40)",
+    )
+    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
+    p.add_argument("--max-k", type=int, default=1000, help="largest k for search (default 1000, at most 100000)")
+    p.add_argument(
+        "--compact-every", type=int, default=1000, help="stored writes between index snapshots (default 1000)"
     )
     p.add_argument("--index-backend", default="csr", help="backend for a new index (default csr)")
     p.add_argument("--index-metric", default="cosine", help="metric for a new index (default cosine)")
@@ -90,6 +96,7 @@ def build_settings(args: argparse.Namespace):
             max_inflight=args.max_inflight,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024),
             max_image_pixels=int(args.max_image_mp * 1e6),
+            max_request_pixels=int(args.max_request_mp * 1e6),
             max_images_per_request=args.max_images,
             max_k=args.max_k,
             compact_every=args.compact_every,

@@ -11,7 +11,7 @@ import numpy as np
 
 from serve.batching import DynamicBatcher
 from serve.errors import ApiError
-from serve.images import open_image, thumbnail_png
+from serve.images import PixelGate, load_images, open_images, thumbnail_png
 from serve.metrics import ServeMetrics
 from serve.schemas import EmbeddingOut
 from serve.settings import ServeSettings
@@ -29,6 +29,11 @@ class ServeState:
     store: ItemStore | None = None
     batcher: DynamicBatcher | None = None
     draining: bool = False
+    pixel_gate: PixelGate | None = None
+
+    def __post_init__(self) -> None:
+        if self.pixel_gate is None:
+            self.pixel_gate = PixelGate(self.settings.decode_pixels_in_flight)
 
     @property
     def dim(self) -> int:
@@ -72,15 +77,20 @@ def _decode_and_preprocess(state: ServeState, blobs: list[tuple[str, bytes]], th
     from export.runtime import ImageDecodeError
 
     settings = state.settings
-    images = [
-        open_image(data, where, max_pixels=settings.max_image_pixels, formats=settings.image_formats)
-        for where, data in blobs
-    ]
-    thumbnails = [thumbnail_png(img, settings.thumbnail_px) for img in images] if thumbs else [None] * len(images)
-    try:
-        batch = state.runtime.preprocess(images)
-    except ImageDecodeError as err:
-        raise ApiError(422, "invalid_image", str(err)) from err
+    probed, pixels = open_images(
+        blobs,
+        max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        formats=settings.image_formats,
+    )
+    with state.pixel_gate.hold(pixels, timeout=settings.request_timeout_s):
+        images = load_images(probed, blobs)
+        thumbnails = [thumbnail_png(img, settings.thumbnail_px) for img in images] if thumbs else [None] * len(images)
+        try:
+            batch = state.runtime.preprocess(images)
+        except ImageDecodeError as err:
+            raise ApiError(422, "invalid_image", str(err)) from err
+        del images, probed  # the decoded pixels go before the gate opens for the next request
     return batch, thumbnails
 
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
@@ -31,41 +34,110 @@ def decode_base64(text: str, where: str) -> bytes:
         raise ApiError(422, "invalid_base64", f"{where}: not valid base64 ({err})") from err
 
 
-def open_image(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
-    """Decode one image fully, refusing unknown formats (415), oversized images (413) and corrupt data (422)."""
+def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """Open lazily: the format and the size come from the header, before a single pixel is decoded."""
     if not data:
         raise ApiError(422, "invalid_image", f"{where}: empty file")
     try:
         with warnings.catch_warnings():
-            # Our own limit below replaces PIL's global one (a warning at 89 MP, an error at twice that).
+            # Our own limits replace PIL's global one (a warning at 89 MP, an error at twice that).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)
-            fmt = (img.format or "").upper()
-            if fmt not in formats:
-                raise ApiError(
-                    415,
-                    "unsupported_image_format",
-                    f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {', '.join(formats)})",
-                )
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise ApiError(422, "invalid_image", f"{where}: image has no pixels")
-            if width * height > max_pixels:
-                raise ApiError(
-                    413,
-                    "image_too_large",
-                    f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
-                )
-            img.load()
-    except ApiError:
-        raise
     except UnidentifiedImageError as err:
         raise ApiError(415, "unsupported_image_format", f"{where}: not a recognised image file") from err
+    except Image.DecompressionBombError as err:
+        raise ApiError(413, "image_too_large", f"{where}: {err}") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ApiError(422, "corrupt_image", f"{where}: the image header is corrupt or truncated ({err})") from err
+    fmt = (img.format or "").upper()
+    if fmt not in formats:
+        raise ApiError(
+            415,
+            "unsupported_image_format",
+            f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {', '.join(formats)})",
+        )
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ApiError(422, "invalid_image", f"{where}: image has no pixels")
+    if width * height > max_pixels:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        )
+    return img
+
+
+def _load(img: Image.Image, where: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
     except Image.DecompressionBombError as err:
         raise ApiError(413, "image_too_large", f"{where}: {err}") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated/corrupt data inside a known format
         raise ApiError(422, "corrupt_image", f"{where}: the image data is corrupt or truncated ({err})") from err
     return img
+
+
+def open_image(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    """Decode one image fully, refusing unknown formats (415), oversized images (413) and corrupt data (422)."""
+    return _load(_probe(data, where, max_pixels=max_pixels, formats=formats), where)
+
+
+class PixelGate:
+    """Bounds the pixels being decoded at once across all requests, so memory stays bounded under any load.
+
+    A request takes its header-computed pixel count before decoding and returns it when its images are freed;
+    one that cannot get its share within `timeout` seconds is refused with 503 (the client retries), never queued
+    without bound.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, timeout: float) -> Iterator[None]:
+        pixels = min(pixels, self.capacity)
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.in_use + pixels <= self.capacity, timeout=timeout):
+                raise ApiError(
+                    503, "overloaded", "too many images are being decoded right now; retry later", {"Retry-After": "1"}
+                )
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= pixels
+                self._cond.notify_all()
+
+
+def open_images(
+    blobs: list[tuple[str, bytes]],
+    *,
+    max_pixels: int,
+    max_request_pixels: int,
+    formats: tuple[str, ...],
+) -> tuple[list[Image.Image], int]:
+    """Probe every image's header, refuse the request (413) when their pixels together exceed the per-request
+    budget, and only then decode. Returns the lazily opened images (load them with `load_images`) and the total."""
+    probed = [_probe(data, where, max_pixels=max_pixels, formats=formats) for where, data in blobs]
+    total = sum(img.size[0] * img.size[1] for img in probed)
+    if total > max_request_pixels:
+        raise ApiError(
+            413,
+            "too_many_pixels",
+            f"the request's {len(probed)} images hold {total} pixels together; the limit per request is "
+            f"{max_request_pixels} (send fewer or smaller images)",
+        )
+    return probed, total
+
+
+def load_images(images: list[Image.Image], blobs: list[tuple[str, bytes]]) -> list[Image.Image]:
+    return [_load(img, where) for img, (where, _) in zip(images, blobs, strict=True)]
 
 
 def thumbnail_png(img: Image.Image, px: int) -> bytes | None:

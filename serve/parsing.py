@@ -6,7 +6,7 @@ serve/app.py read like the API description and never produce a 500 for bad input
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 import numpy as np
@@ -17,37 +17,43 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.validation import MAX_ID
+from serve import strict_json
 from serve.errors import ApiError, format_validation
 from serve.schemas import EmbeddingIn
 from serve.settings import ServeSettings
 
 JSON_TYPES = ("application/json",)
 MULTIPART = "multipart/form-data"
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a valid JSON number (embeddings must be finite)")
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,20}")  # int() would also take "١٢", " 12 " and "1_2"
+F32_MAX = float(np.finfo(np.float32).max)
+# Largest L2 norm of a stored or query vector: the product of two such norms is a finite float32, so every
+# score and every stored (norm-scaled) value reads back as a number, never as inf or null.
+MAX_VECTOR_NORM = 1e19
 
 
 async def read_json(request: Request, model: type[BaseModel]) -> Any:
-    """Parse a JSON body strictly: malformed JSON is 400, NaN/Infinity and schema violations are 422."""
+    """Parse a JSON body strictly (serve/strict_json.py): malformed JSON is 400; too deep, non-finite numbers,
+    lone surrogates and schema violations are 422. The depth is bounded before anything recurses."""
     body = await request.body()
     if not body:
         raise ApiError(400, "malformed_json", "the request body is empty; expected a JSON object")
-    try:
-        obj = json.loads(body, parse_constant=_reject_constant)
-    except UnicodeDecodeError as err:
-        raise ApiError(400, "malformed_json", "the request body is not UTF-8 JSON") from err
-    except json.JSONDecodeError as err:
-        raise ApiError(
-            400, "malformed_json", f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from err
-    except ValueError as err:
-        raise ApiError(422, "invalid_number", str(err)) from err
+    obj = strict_loads(body, where="body")
     try:
         return model.model_validate(obj)
     except ValidationError as err:
         raise ApiError(422, "invalid_request", format_validation(err)) from err
+
+
+def strict_loads(
+    data: bytes | str, *, where: str, max_depth: int = strict_json.MAX_BODY_DEPTH, field_code: str | None = None
+) -> Any:
+    """`field_code`: the JSON is one field of a well-formed (multipart) body, so every refusal is a 422 with it."""
+    try:
+        return strict_json.loads(data, where=where, max_depth=max_depth)
+    except strict_json.JsonRejected as err:
+        if field_code is not None:
+            raise ApiError(422, field_code, str(err)) from None
+        raise ApiError(err.status, err.code, str(err)) from None
 
 
 def content_kind(request: Request) -> str:
@@ -118,17 +124,17 @@ def parse_bool(text: str | None, name: str, default: bool) -> bool:
 
 
 def parse_int(text: str | None, name: str, default: int) -> int:
+    """A form field integer: ASCII digits only (int() would accept Arabic-Indic digits, spaces, underscores)."""
     if text is None or text == "":
         return default
-    try:
-        return int(text)
-    except ValueError as err:
-        raise ApiError(422, "invalid_request", f"{name} must be an integer, got {text!r}") from err
+    if not _ASCII_INT.fullmatch(text):
+        raise ApiError(422, "invalid_request", f"{name} must be an integer written in ASCII digits, got {text[:40]!r}")
+    return int(text)
 
 
 def check_k(k: int, limits: ServeSettings) -> int:
-    if k < 1 or k > limits.max_k:
-        raise ApiError(422, "invalid_k", f"k must be between 1 and {limits.max_k}, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > limits.max_k:
+        raise ApiError(422, "invalid_k", f"k must be an integer between 1 and {limits.max_k}, got {str(k)[:40]}")
     return k
 
 
@@ -153,15 +159,36 @@ def embedding_row(emb: EmbeddingIn, dim: int, where: str) -> tuple[np.ndarray, n
             raise ApiError(422, "wrong_dimension", f"{where}: index {bad} is outside 0..{dim - 1}")
         if np.unique(indices).size != indices.size:
             raise ApiError(422, "invalid_embedding", f"{where}: indices contain repeats")
-    if not np.all(np.isfinite(values)) or np.any(np.abs(values) > np.finfo(np.float32).max):
-        raise ApiError(422, "invalid_embedding", f"{where}: values must be finite float32 numbers")
+    if not np.all(np.isfinite(values)) or np.any(np.abs(values) > F32_MAX):
+        raise ApiError(
+            422, "invalid_embedding", f"{where}: values must be finite float32 numbers (|v| <= {F32_MAX:.4g})"
+        )
     if np.any(values < 0):
         raise ApiError(
             422, "invalid_embedding", f"{where}: values must be non-negative (the model's codes are rectified)"
         )
+    as32 = values.astype(np.float32)
+    lost = (values != 0) & (as32 == 0)
+    if np.any(lost):
+        raise ApiError(
+            422, "invalid_embedding", f"{where}: value {values[lost][0]:.3g} is below the float32 range (stored as 0)"
+        )
+    norm = float(np.sqrt(np.sum(np.square(as32.astype(np.float64)))))
+    if norm > MAX_VECTOR_NORM:
+        raise ApiError(
+            422, "invalid_embedding", f"{where}: the vector's L2 norm {norm:.3g} exceeds {MAX_VECTOR_NORM:.0e}"
+        )
     keep = values != 0
     order = np.argsort(indices[keep], kind="stable")
-    return indices[keep][order].astype(np.int32), values[keep][order].astype(np.float32)
+    return indices[keep][order].astype(np.int32), as32[keep][order]
+
+
+def check_query(row: tuple[np.ndarray, np.ndarray], where: str) -> None:
+    """An empty or all-zero query scores 0 against everything: the "neighbours" would be arbitrary ids."""
+    if row[0].size == 0:
+        raise ApiError(
+            422, "empty_query", f"{where} has no non-zero values; an all-zero query matches nothing in particular"
+        )
 
 
 def rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], dim: int) -> sparse.csr_matrix:
@@ -173,23 +200,25 @@ def rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], dim: int) -> sparse.c
 
 
 def check_id(item_id: int) -> None:
-    if item_id < 0 or item_id > MAX_ID:
-        raise ApiError(422, "invalid_id", f"ids are integers from 0 to {MAX_ID}, got {item_id}")
+    if isinstance(item_id, bool) or not isinstance(item_id, int) or item_id < 0 or item_id > MAX_ID:
+        raise ApiError(422, "invalid_id", f"ids are integers from 0 to {MAX_ID}, got {str(item_id)[:40]}")
 
 
 def parse_ids(text: str | None, n: int) -> list[int]:
+    """Multipart ids: a JSON list of integers or comma-separated ASCII integers; no booleans, strings or floats."""
     if text is None or not text.strip():
         raise ApiError(422, "missing_ids", "multipart PUT needs an 'ids' field: one id per file")
-    raw: Any
-    try:
-        raw = json.loads(text) if text.strip().startswith("[") else [t for t in text.split(",") if t.strip()]
-        ids = [int(v) for v in raw]
-        if any(isinstance(v, float) and not float(v).is_integer() for v in raw):
-            raise ValueError
-    except (ValueError, TypeError) as err:
-        raise ApiError(
-            422, "invalid_id", f"ids must be integers (a JSON list or comma-separated), got {text!r}"
-        ) from err
+    shown = text[:80]
+    if text.strip().startswith("["):
+        raw = strict_loads(text, where="ids", max_depth=1, field_code="invalid_id")
+        if not isinstance(raw, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+            raise ApiError(422, "invalid_id", f"ids must be a JSON list of integers, got {shown!r}")
+        ids = list(raw)
+    else:
+        tokens = [t.strip() for t in text.split(",") if t.strip()]
+        if not all(_ASCII_INT.fullmatch(t) for t in tokens):
+            raise ApiError(422, "invalid_id", f"ids must be integers (a JSON list or comma-separated), got {shown!r}")
+        ids = [int(t) for t in tokens]
     if len(ids) != n:
         raise ApiError(422, "invalid_request", f"{len(ids)} ids for {n} files; give one id per file")
     for item_id in ids:
@@ -200,21 +229,17 @@ def parse_ids(text: str | None, n: int) -> list[int]:
 def parse_payloads(text: str | None, n: int) -> list[dict[str, Any] | None]:
     if text is None or not text.strip():
         return [None] * n
-    try:
-        raw = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as err:
-        raise ApiError(422, "invalid_payload", f"payloads must be a JSON list of objects: {err}") from err
+    raw = strict_loads(
+        text, where="payloads", max_depth=strict_json.MAX_PAYLOAD_DEPTH + 1, field_code="invalid_payload"
+    )
     if not isinstance(raw, list) or len(raw) != n or not all(p is None or isinstance(p, dict) for p in raw):
         raise ApiError(422, "invalid_payload", f"payloads must be a JSON list of {n} objects (or nulls)")
     return raw
 
 
 def check_payload(payload: dict[str, Any] | None, where: str, limit: int) -> None:
-    if payload is None:
-        return
+    """Strict JSON object, depth <= 32, valid Unicode, at most `limit` bytes: it must read back forever."""
     try:
-        size = len(json.dumps(payload, allow_nan=False).encode())
-    except ValueError as err:
-        raise ApiError(422, "invalid_payload", f"{where}: not JSON-serialisable ({err})") from err
-    if size > limit:
-        raise ApiError(413, "payload_too_large", f"{where}: {size} bytes of JSON exceeds the limit of {limit}")
+        strict_json.check_payload_value(payload, where, limit)
+    except strict_json.JsonRejected as err:
+        raise ApiError(err.status, err.code, str(err)) from None

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr, model_validator
 
 from index.validation import MAX_ID
 
 ItemId = int  # non-negative int64 ids, as the index stores them (the largest int64 is reserved by the index)
+# Request fields are strict: no "12" -> 12, no true -> 1, no 1.0 -> 1 (a client sending those has a bug to see).
+ItemIdIn = Annotated[StrictInt, Field(ge=0, le=MAX_ID, description="item id, 0 .. 2**63-2")]
+INT32_MAX = 2**31 - 1
+Dimension = Annotated[StrictInt, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]  # range vs dim checked after
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # JSON integers are accepted as numbers
+MAX_K_FIELD = 2**63 - 1  # the schema's bound; the server's own --max-k (in /v1/info limits) is checked after
 
 
 class StrictModel(BaseModel):
@@ -25,10 +31,14 @@ class EmbeddingIn(StrictModel):
     come from a different model or a bug on the client's side.
     """
 
-    indices: list[int] | None = Field(None, description="active dimensions (any order, no repeats)")
-    values: list[float] | None = Field(None, description="values of the active dimensions, same length")
-    dense: list[float] | None = Field(None, description="all `dim` values instead of indices/values")
-    dim: int | None = Field(None, description="optional; when given it must equal the model's dimension")
+    indices: list[Dimension] | None = Field(None, description="active dimensions (any order, no repeats)")
+    values: list[Number] | None = Field(
+        None, description="values of the active dimensions, same length; finite, non-negative float32"
+    )
+    dense: list[Number] | None = Field(None, description="all `dim` values instead of indices/values")
+    dim: Annotated[StrictInt, Field(ge=1, le=INT32_MAX)] | None = Field(
+        None, description="optional; when given it must equal the model's dimension"
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> EmbeddingIn:
@@ -64,8 +74,8 @@ class EmbeddingOut(BaseModel):
 
 
 class EmbedJSON(StrictModel):
-    images: list[str] = Field(description="base64-encoded image files (PNG, JPEG, ...); data: URLs accepted")
-    dense: bool = False
+    images: list[StrictStr] = Field(description="base64-encoded image files (PNG, JPEG, ...); data: URLs accepted")
+    dense: StrictBool = False
 
 
 class EmbedResponse(BaseModel):
@@ -75,9 +85,9 @@ class EmbedResponse(BaseModel):
 # --------------------------------------------------------------------------------------------- search
 class SearchJSON(StrictModel):
     embedding: EmbeddingIn | None = None
-    image: str | None = Field(None, description="base64 image instead of an embedding")
-    k: int = Field(10, ge=1)
-    thumbnails: bool = Field(False, description="include the stored thumbnail (base64 PNG) of each hit")
+    image: StrictStr | None = Field(None, description="base64 image instead of an embedding")
+    k: StrictInt = Field(10, ge=1, le=MAX_K_FIELD, description="number of neighbours, at most limits.max_k")
+    thumbnails: StrictBool = Field(False, description="include the stored thumbnail (base64 PNG) of each hit")
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchJSON:
@@ -100,8 +110,8 @@ class SearchResponse(BaseModel):
 
 # --------------------------------------------------------------------------------------------- items
 class ItemIn(StrictModel):
-    id: ItemId = Field(ge=0, le=MAX_ID)
-    image: str | None = Field(None, description="base64 image to embed")
+    id: ItemIdIn
+    image: StrictStr | None = Field(None, description="base64 image to embed")
     embedding: EmbeddingIn | None = None
     payload: dict[str, Any] | None = Field(None, description="any JSON object stored with the item")
 

@@ -34,8 +34,14 @@ class ServeSettings(BaseModel):
     # Request limits.
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Decoded pixels per request, checked from the image headers before any decoding (413 beyond). A decoded
+    # pixel costs at most ~10 bytes at the peak (RGBA decode + RGB copy + resize), so a maximal request takes
+    # ~0.4 GB; at most `concurrent_decodes` such requests decode at once (the rest wait, then get 503), which
+    # bounds decoding memory by concurrent_decodes x max_request_pixels x 10 B (~3.2 GB with the defaults).
+    max_request_pixels: int = Field(40_000_000, ge=1)
+    concurrent_decodes: int = Field(8, ge=1)
     max_images_per_request: int = Field(64, ge=1)
-    max_k: int = Field(1000, ge=1)
+    max_k: int = Field(1000, ge=1, le=100_000)
     max_payload_bytes: int = Field(16 * 1024, ge=2)
     max_items_per_request: int = Field(256, ge=1)
     image_formats: tuple[str, ...] = DEFAULT_IMAGE_FORMATS
@@ -76,11 +82,16 @@ class ServeSettings(BaseModel):
             kwargs["api_key"] = os.environ[API_KEY_ENV]
         return cls(**kwargs)
 
+    @property
+    def decode_pixels_in_flight(self) -> int:
+        return self.concurrent_decodes * self.max_request_pixels
+
     def public_limits(self) -> dict[str, object]:
         """The limits a client needs to size its requests (never the key)."""
         return {
             "max_body_bytes": self.max_body_bytes,
             "max_image_pixels": self.max_image_pixels,
+            "max_request_pixels": self.max_request_pixels,
             "max_images_per_request": self.max_images_per_request,
             "max_items_per_request": self.max_items_per_request,
             "max_k": self.max_k,

@@ -1,23 +1,35 @@
 """The served index: searches, durable writes and snapshots, behind one lock.
 
-Durability: every write is appended to a write-ahead log (serve/wal.py) and fsynced before the reply, then
-applied to the in-memory index. On start-up the last snapshot (the index directory as `index.save` wrote it) is
-loaded and the log replayed over it. Every `compact_every` records, and at a clean shutdown, the index is saved
-again (atomically, by the index package) and the log emptied. Writes are idempotent "set"/"delete" operations,
-so replaying records a snapshot already contains (a kill between the save and the log reset) is harmless.
+Durability, single node (csr/faiss backends): every write is committed to the SQLite database
+``INDEX_DIR/serve.sqlite3`` (serve/durable_log.py; WAL journal, synchronous=FULL) before the reply, then applied
+to the in-memory index. On start-up the last snapshot (the index directory as ``index.save`` wrote it) is loaded
+and the database rows written after it are applied over it. The snapshot's manifest records the sequence number
+it covers (``metadata["serve_seq"]``, committed in the same atomic manifest replace as the index files), so there is
+no window in which the snapshot and a side file disagree. Every ``compact_every`` writes, and at a clean shutdown,
+the index is saved again; the database keeps every row (it is the durable record, the snapshot only saves replay
+time). Thumbnails are a per-item attribute of the index (index/thumbnails.py) like the payload: the database row
+holds one beside the vector, the snapshot saves them with the index files.
 
-Consistency: writers are serialised by one mutex, so the log order is the order of application; searches and
-reads share a readers-writer lock that a write takes exclusively only while it changes the in-memory state
-(not while it waits for fsync), so a search sees each write entirely or not at all and searches run in
-parallel with each other.
+Durability, a backend that owns it (Milvus): when the index class says ``owns_durability = True`` the local
+database is not opened at all. Writes go straight to the backend and return only after it acknowledged them;
+thumbnails travel with the write and are read back from the backend. The seam such a backend implements, beside
+the ordinary VectorIndex interface:
+
+    owns_durability: ClassVar[bool] = True     the store opens no database and never calls save()
+    add(ids, vectors, payloads=, thumbnails=)   durable when it returns
+    remove(ids)                                 durable when it returns
+
+Validation (index/validation.py) runs in ``upsert`` before either path, so no backend ever sees what a single node
+would refuse.
+
+Consistency: writers are serialised by one mutex, so the database order is the order of application; searches
+and reads share a readers-writer lock that a write takes exclusively only while it changes the in-memory state
+(not while it waits for fsync), so a search sees each write entirely or not at all and searches run in parallel.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,25 +40,14 @@ from scipy import sparse
 
 from index.rwlock import RWLock
 from index.store import MANIFEST
-from index.validation import check_ids, check_payloads, check_vectors
-from models.atomic_io import atomic_write_text
-from serve.wal import WriteAheadLog
+from index.validation import check_ids, check_payloads, check_thumbnails, check_vectors
+from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, Row, StoreError, encode_payload
 
 log = logging.getLogger("lpjepa.serve")
 
-WAL_NAME = "serve-wal.log"
-STATE_NAME = "serve-state.json"
-THUMBS_NAME = "serve-thumbnails.json"
-STATE_FORMAT = "lpjepa-serve-state/1"
+SEQ_KEY = "serve_seq"  # index.metadata key: the database sequence number the snapshot includes
 
-
-class StoreError(ValueError):
-    """A write the store refuses (e.g. wrong dimension); carries the HTTP status the API should answer with."""
-
-    def __init__(self, message: str, status: int = 422, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+__all__ = ["DB_NAME", "CorruptStoreError", "Hit", "ItemStore", "StoreError", "StoredItem"]
 
 
 @dataclass
@@ -65,80 +66,35 @@ class StoredItem:
     thumbnail: bytes | None
 
 
-# ------------------------------------------------------------------------------------------ record codec
-_U32 = struct.Struct("<I")
-
-
-def encode_upsert(
-    ids: np.ndarray, matrix: sparse.csr_matrix, payloads: list[dict[str, Any] | None], thumbs: list[bytes | None]
-) -> bytes:
-    head = {
-        "op": "upsert",
-        "n": int(ids.size),
-        "dim": int(matrix.shape[1]),
-        "nnz": int(matrix.nnz),
-        "payloads": payloads,
-        "thumbs": [None if t is None else base64.b64encode(t).decode() for t in thumbs],
-    }
-    hjson = json.dumps(head, separators=(",", ":")).encode()
-    return b"".join(
-        [
-            _U32.pack(len(hjson)),
-            hjson,
-            ids.astype("<i8").tobytes(),
-            matrix.indptr.astype("<i8").tobytes(),
-            matrix.indices.astype("<i4").tobytes(),
-            matrix.data.astype("<f4").tobytes(),
-        ]
-    )
-
-
-def encode_delete(ids: np.ndarray) -> bytes:
-    hjson = json.dumps({"op": "delete", "ids": [int(i) for i in ids]}).encode()
-    return _U32.pack(len(hjson)) + hjson
-
-
-def decode_record(body: bytes) -> dict[str, Any]:
-    (hlen,) = _U32.unpack_from(body, 0)
-    head = json.loads(body[4 : 4 + hlen])
-    if head["op"] == "delete":
-        head["ids"] = np.asarray(head["ids"], dtype=np.int64)
-        return head
-    n, nnz, dim = head["n"], head["nnz"], head["dim"]
-    off = 4 + hlen
-    ids = np.frombuffer(body, "<i8", n, off)
-    off += 8 * n
-    indptr = np.frombuffer(body, "<i8", n + 1, off)
-    off += 8 * (n + 1)
-    indices = np.frombuffer(body, "<i4", nnz, off)
-    off += 4 * nnz
-    data = np.frombuffer(body, "<f4", nnz, off)
-    head["ids"] = ids.astype(np.int64)
-    head["matrix"] = sparse.csr_matrix(
-        (data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int64)), shape=(n, dim)
-    )
-    head["thumbs"] = [None if t is None else base64.b64decode(t) for t in head["thumbs"]]
-    return head
-
-
-# ------------------------------------------------------------------------------------------ the store
 class ItemStore:
-    """Index + thumbnails with write-ahead durability (payloads live in the index). Thread-safe; may block on I/O."""
+    """Index + durable database (or a self-durable backend). Thread-safe; may block on I/O."""
 
-    def __init__(self, directory: Path, index: Any, *, dim: int, compact_every: int, metrics: Any = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        index: Any,
+        *,
+        dim: int,
+        compact_every: int,
+        metrics: Any = None,
+        db: ItemLog | None = None,
+    ) -> None:
         self.directory = directory
         self.index = index
         self.dim = dim
         self.compact_every = compact_every
         self.metrics = metrics
-        self._writer = threading.Lock()  # one writer at a time: log order == apply order
-        self._rw = RWLock()  # readers: search/get; writer: applying a record (never held across fsync)
-        self.thumbs: dict[int, bytes] = {}
-        self.wal = WriteAheadLog(directory / WAL_NAME)
-        self.applied_seq = 0
+        self.db = db
+        self._writer = threading.Lock()  # one writer at a time: database order == apply order
+        self._rw = RWLock()  # readers: search/get; writer: applying a write (never held across fsync)
+        self.snapshot_seq = int((getattr(index, "metadata", None) or {}).get(SEQ_KEY, 0))
         self.snapshots = 0
         self.replayed = 0
         self._closed = False
+
+    @property
+    def backend_durable(self) -> bool:
+        return bool(getattr(self.index, "owns_durability", False))
 
     # -------------------------------------------------------------------- opening
     @classmethod
@@ -152,8 +108,9 @@ class ItemStore:
         compact_every: int = 1000,
         metrics: Any = None,
     ) -> ItemStore:
-        """Load the snapshot in `directory` (or create an empty index there) and replay the log over it."""
+        """Load the snapshot in `directory` (or create an empty index there) and apply the later writes over it."""
         from index.factory import create_index, load_index
+        from serve.migrate import LEGACY_WAL, migrate_legacy
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
@@ -162,38 +119,45 @@ class ItemStore:
             if (directory / MANIFEST).is_file():
                 index = load_index(directory, expected_dim=dim)
             else:
-                # A new index is saved before the log exists: the index refuses to write into a directory that
-                # holds files it does not know and no manifest.
+                # A new index is saved before the database exists: the index refuses to write into a directory
+                # that holds files it does not know and no manifest.
                 index = create_index(backend=backend, dim=dim, metric=metric)
-                index.save(directory)
+                if not getattr(index, "owns_durability", False):
+                    index.save(directory)
         except ValueError as err:  # the index package's errors (corrupt files, wrong format, bad options)
             raise StoreError(str(err)) from err
-        store = cls(directory, index, dim=dim, compact_every=compact_every, metrics=metrics)
-        store._load_side_files()
-        for seq, body in store.wal.open(min_seq=store.applied_seq):
-            if seq <= store.applied_seq:
-                continue  # already in the snapshot (a kill between the snapshot and the log reset)
-            try:
-                store._apply(decode_record(body))
-                store.replayed += 1
-            except (ValueError, KeyError, struct.error) as err:
-                log.error("write-ahead log record %d in %s could not be applied: %s", seq, directory, err)
+        if getattr(index, "owns_durability", False):
+            store = cls(directory, index, dim=dim, compact_every=compact_every, metrics=metrics)
+            index.prepare()
+            return store
+        db_path = directory / DB_NAME
+        if (directory / LEGACY_WAL).exists():
+            if db_path.exists():
+                log.warning("%s: ignoring %s, the database %s already holds the writes", directory, LEGACY_WAL, DB_NAME)
+            else:
+                index = migrate_legacy(directory, index, dim=dim)
+        db = ItemLog.open(db_path, dim=dim)
+        store = cls(directory, index, dim=dim, compact_every=compact_every, metrics=metrics, db=db)
+        if store.snapshot_seq > db.last_seq:
+            db.close()
+            raise CorruptStoreError(
+                db_path,
+                f"the index snapshot includes writes up to number {store.snapshot_seq} but the database ends at "
+                f"{db.last_seq}: acknowledged writes are missing from it",
+            )
+        try:
+            for rows in db.rows_after(store.snapshot_seq):
+                store._apply_rows(rows)
+                store.replayed += len(rows)
+        except ValueError as err:
+            db.close()
+            if isinstance(err, CorruptStoreError):
+                raise
+            raise CorruptStoreError(db_path, f"a stored write cannot be applied to the index ({err})") from None
         if store.replayed:
-            log.info("replayed %d write-ahead log records over the snapshot in %s", store.replayed, directory)
+            log.info("applied %d stored writes over the snapshot in %s", store.replayed, directory)
         index.prepare()  # search structures and compiled kernels now, not in the first request
         return store
-
-    def _load_side_files(self) -> None:
-        state_path = self.directory / STATE_NAME
-        try:
-            if state_path.is_file():
-                self.applied_seq = int(json.loads(state_path.read_text())["applied_seq"])
-            thumbs_path = self.directory / THUMBS_NAME
-            if thumbs_path.is_file():
-                raw = json.loads(thumbs_path.read_text())
-                self.thumbs = {int(k): base64.b64decode(v) for k, v in raw.items() if self.index.contains([int(k)])[0]}
-        except (ValueError, KeyError, TypeError) as err:  # written atomically, so only tampering gets here
-            raise StoreError(f"{self.directory}: unreadable server state ({err})") from err
 
     # -------------------------------------------------------------------- reads
     def __len__(self) -> int:
@@ -209,14 +173,10 @@ class ItemStore:
             keep = ids[0] >= 0
             ids_row, scores_row = ids[0][keep], scores[0][keep]
             payloads = self.index.payloads(ids_row) if ids_row.size else []
+            thumbs = self.index.thumbnails(ids_row) if thumbnails and ids_row.size else [None] * ids_row.size
             return [
-                Hit(
-                    id=int(i),
-                    score=float(sc),
-                    payload=p,
-                    thumbnail=self.thumbs.get(int(i)) if thumbnails else None,
-                )
-                for i, sc, p in zip(ids_row, scores_row, payloads, strict=True)
+                Hit(id=int(i), score=float(sc), payload=p, thumbnail=t)
+                for i, sc, p, t in zip(ids_row, scores_row, payloads, thumbs, strict=True)
             ]
 
     def get(self, item_id: int) -> StoredItem | None:
@@ -228,8 +188,13 @@ class ItemStore:
                 id=item_id,
                 payload=self.index.payload(item_id),
                 vector=(row.indices.astype(np.int64), row.data.astype(np.float32)),
-                thumbnail=self.thumbs.get(item_id),
+                thumbnail=self.index.thumbnails([item_id])[0],
             )
+
+    @property
+    def pending(self) -> int:
+        """Writes since the last snapshot (what a restart replays)."""
+        return 0 if self.db is None else self.db.last_seq - self.snapshot_seq
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -238,7 +203,8 @@ class ItemStore:
             "metric": self.index.metric,
             "backend": getattr(self.index, "backend", None),
             "directory": str(self.directory),
-            "wal_records": self.wal.records,
+            "durability": "backend" if self.db is None else "sqlite",
+            "wal_records": self.pending,
             "snapshots": self.snapshots,
         }
 
@@ -248,98 +214,111 @@ class ItemStore:
         ids: np.ndarray,
         matrix: sparse.csr_matrix,
         payloads: list[dict[str, Any] | None],
-        thumbs: list[bytes | None],
+        thumbs: list[bytes | None] | None,
     ) -> tuple[int, int]:
-        """Add or replace items; durable (fsynced) when it returns. Returns (created, replaced)."""
-        # Everything the index would refuse is refused here, before the record is logged: a logged record
-        # must apply, on this run and on every replay.
+        """Add or replace items; durable (fsynced, or acknowledged by the backend) when it returns.
+
+        Returns (created, replaced). Everything the index would refuse is refused here, before anything is
+        stored: a stored write must apply, on this run and on every restart.
+        """
         try:
             ids = check_ids(ids)
             matrix = sparse.csr_matrix(check_vectors(matrix, self.dim, what="embeddings"))
             payloads = check_payloads(payloads, ids.size) or [None] * ids.size
-        except ValueError as err:
+            thumbs = check_thumbnails(thumbs, ids.size) or [None] * ids.size
+            texts = [encode_payload(p) for p in payloads]
+        except (ValueError, UnicodeEncodeError) as err:
             code = "wrong_dimension" if "dimension" in str(err) else "invalid_request"
             raise StoreError(str(err), code=code) from err
-        if len(thumbs) != ids.size:
-            raise StoreError(f"got {len(thumbs)} thumbnail slots for {ids.size} ids")
-        body = encode_upsert(ids, matrix, payloads, thumbs)
         with self._writer:
             self._check_open()
             replaced = int(self.index.contains(ids).sum())
-            self._log(body)
-            self._apply({"op": "upsert", "ids": ids, "matrix": matrix, "payloads": payloads, "thumbs": thumbs})
-            self._maybe_compact()
+            if self.db is None:
+                self.index.add(ids, matrix, payloads=payloads, thumbnails=thumbs)
+            else:
+                self.db.upsert(ids, matrix, texts, thumbs)
+                self._count_write(ids.size)
+                with self._rw.write():
+                    self.index.add(ids, matrix, payloads=payloads, thumbnails=thumbs)  # replaces existing ids
+            self._written()
         return int(ids.size) - replaced, replaced
 
     def delete(self, item_id: int) -> bool:
-        """Remove one item; False when it does not exist (nothing is logged then)."""
+        """Remove one item; False when it does not exist (nothing is stored then)."""
         with self._writer:
             self._check_open()
             ids = check_ids([item_id])
             if not self.index.contains(ids)[0]:
                 return False
-            self._log(encode_delete(ids))
-            self._apply({"op": "delete", "ids": ids})
-            self._maybe_compact()
+            if self.db is None:
+                self.index.remove(ids)
+            else:
+                self.db.delete(ids.tolist())
+                self._count_write(1)
+                with self._rw.write():
+                    self.index.remove(ids)
+            self._written()
             return True
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("the index is closed (server shutting down)", status=503, code="shutting_down")
 
-    def _log(self, body: bytes) -> None:
-        self.wal.append(body)
+    def _count_write(self, n: int) -> None:
         if self.metrics is not None:
-            self.metrics.wal_records.inc()
+            self.metrics.wal_records.inc(n)
 
-    def _apply(self, record: dict[str, Any]) -> None:
-        """Idempotent: replaying a record the snapshot already holds leaves the same state."""
-        ids = record["ids"]
-        with self._rw.write():
-            if record["op"] == "upsert":
-                self.index.add(ids, record["matrix"], payloads=list(record["payloads"]))  # replaces existing ids
-                for i, thumb in zip(ids.tolist(), record["thumbs"], strict=True):
-                    if thumb is None:
-                        self.thumbs.pop(i, None)
-                    else:
-                        self.thumbs[i] = thumb
-            else:
-                present = ids[self.index.contains(ids)]
-                if present.size:
-                    self.index.remove(present)
-                for i in ids.tolist():
-                    self.thumbs.pop(i, None)
+    def _apply_rows(self, rows: list[Row]) -> None:
+        """Set each row's id to its stored state; idempotent, and order-free (one row per id)."""
+        live = [r for r in rows if not r.deleted]
+        dead = np.asarray([r.id for r in rows if r.deleted], dtype=np.int64)
+        if dead.size:
+            present = dead[self.index.contains(dead)]
+            if present.size:
+                self.index.remove(present)
+        if live:
+            indptr = np.zeros(len(live) + 1, dtype=np.int64)
+            indptr[1:] = np.cumsum([r.indices.size for r in live])
+            matrix = sparse.csr_matrix(
+                (np.concatenate([r.values for r in live]), np.concatenate([r.indices for r in live]), indptr),
+                shape=(len(live), self.dim),
+                dtype=np.float32,
+            )
+            self.index.add(
+                np.asarray([r.id for r in live], np.int64),
+                matrix,
+                payloads=[r.payload for r in live],
+                thumbnails=[r.thumbnail for r in live],
+            )
+
+    def _written(self) -> None:
         if self.metrics is not None:
             self.metrics.index_size.set(len(self.index))
-
-    def _maybe_compact(self) -> None:
-        if self.wal.records >= self.compact_every:
+        if self.pending >= self.compact_every:
             self.snapshot()
 
     def snapshot(self) -> None:
-        """Save the index and side files atomically, then empty the log (its records are all in the snapshot).
+        """Save the index atomically with the sequence number it includes (the database is left as it is).
 
-        Called with the writer mutex held (or before serving): no write can slip between the save and the reset.
+        Called with the writer mutex held (or before serving): no write can slip in between.
         """
-        seq = self.wal.last_seq
+        if self.db is None:
+            return
+        seq = self.db.last_seq
+        self.index.metadata[SEQ_KEY] = seq
         self.index.save(self.directory)  # atomic: a new generation committed by replacing its manifest
-        with self._rw.read():
-            thumbs = {str(k): base64.b64encode(v).decode() for k, v in self.thumbs.items()}
-        atomic_write_text(self.directory / THUMBS_NAME, json.dumps(thumbs))
-        state = {"format": STATE_FORMAT, "applied_seq": seq, "size": len(self.index)}
-        atomic_write_text(self.directory / STATE_NAME, json.dumps(state))
-        self.applied_seq = seq
-        self.wal.reset()
+        self.snapshot_seq = seq
         self.snapshots += 1
         if self.metrics is not None:
             self.metrics.compactions.inc()
 
     def close(self) -> None:
-        """Snapshot and release the log; later writes are refused with 503."""
+        """Snapshot and release the database; later writes are refused with 503."""
         with self._writer:
             if self._closed:
                 return
-            if self.wal.records:
+            if self.pending:
                 self.snapshot()
-            self.wal.close()
+            if self.db is not None:
+                self.db.close()
             self._closed = True

@@ -1,150 +1,27 @@
-"""Durability of the served index: the write-ahead log (torn tails, checksums, sequence numbers), its record codec,
-and the store's recovery after a kill (replay, idempotent replay over a newer snapshot, refusal before logging)."""
+"""Durability of the served index: the SQLite database (rows, checksums, sequence numbers), the store's recovery
+after a kill (replay, idempotent replay over a newer snapshot, refusal before storing), corruption detection at
+start-up (never a silent loss of rows) and the one-time migration of the old serve-wal.log."""
 
 from __future__ import annotations
 
+import base64
+import json
+import sqlite3
 import struct
 
 import numpy as np
 import pytest
 from scipy import sparse
 
-from serve.store import decode_record, encode_delete, encode_upsert
-from serve.wal import HEADER, WriteAheadLog, encode_record
+from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, encode_payload
+from serve.store import SEQ_KEY, ItemStore, StoreError
 
 
-def _bodies(n: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    return [rng.bytes(int(rng.integers(1, 200))) for _ in range(n)]
+def _png(tag: bytes) -> bytes:
+    """What the index accepts as a thumbnail (it checks the PNG signature and the size)."""
+    return b"\x89PNG\r\n\x1a\n" + tag
 
 
-def test_records_survive_reopen_in_order(tmp_path):
-    path = tmp_path / "wal.log"
-    wal = WriteAheadLog(path)
-    assert wal.open() == []
-    bodies = _bodies(20)
-    seqs = [wal.append(b) for b in bodies]
-    wal.close()
-    assert seqs == list(range(1, 21))
-    again = WriteAheadLog(path)
-    records = again.open()
-    assert [s for s, _ in records] == seqs
-    assert [b for _, b in records] == bodies
-    assert again.last_seq == 20 and again.records == 20 and again.dropped_bytes == 0
-    again.close()
-
-
-@pytest.mark.parametrize("cut", [1, HEADER.size - 1, HEADER.size, HEADER.size + 3])
-def test_torn_last_record_is_dropped_and_truncated(tmp_path, cut):
-    """A kill in the middle of a write leaves a prefix of the last record; it was never acknowledged."""
-    path = tmp_path / "wal.log"
-    wal = WriteAheadLog(path)
-    wal.open()
-    bodies = _bodies(5)
-    for b in bodies:
-        wal.append(b)
-    wal.close()
-    intact = path.stat().st_size
-    torn = encode_record(6, b"x" * 50)[:cut]
-    with open(path, "ab") as fh:
-        fh.write(torn)
-    again = WriteAheadLog(path)
-    records = again.open()
-    assert [b for _, b in records] == bodies
-    assert again.dropped_bytes == cut
-    assert path.stat().st_size == intact  # the torn bytes are gone, so new records do not follow garbage
-    assert again.append(b"next") == 6
-    again.close()
-    final = WriteAheadLog(path)
-    assert [b for _, b in final.open()] == [*bodies, b"next"]
-    final.close()
-
-
-def test_checksum_mismatch_stops_replay(tmp_path):
-    path = tmp_path / "wal.log"
-    wal = WriteAheadLog(path)
-    wal.open()
-    for b in _bodies(4):
-        wal.append(b)
-    wal.close()
-    data = bytearray(path.read_bytes())
-    # Flip one byte in the body of the third record.
-    offset = 0
-    for _ in range(2):
-        (length,) = struct.unpack_from("<I", data, offset + 4)
-        offset += HEADER.size + length
-    data[offset + HEADER.size] ^= 0xFF
-    path.write_bytes(bytes(data))
-    again = WriteAheadLog(path)
-    records = again.open()
-    assert [s for s, _ in records] == [1, 2]
-    assert path.stat().st_size == offset
-    again.close()
-
-
-def test_reset_keeps_counting_sequence_numbers(tmp_path):
-    path = tmp_path / "wal.log"
-    wal = WriteAheadLog(path)
-    wal.open()
-    wal.append(b"a")
-    wal.append(b"b")
-    wal.reset()
-    assert path.stat().st_size == 0 and wal.records == 0
-    assert wal.append(b"c") == 3
-    wal.close()
-    again = WriteAheadLog(path)
-    assert again.open(min_seq=2) == [(3, b"c")]
-    assert again.append(b"d") == 4
-    again.close()
-
-
-def test_records_older_than_the_snapshot_are_kept_in_order(tmp_path):
-    """A kill after the snapshot committed but before the log reset leaves records the snapshot already holds;
-    reopening must keep them (the store skips them by sequence number) and every record appended after."""
-    path = tmp_path / "wal.log"
-    wal = WriteAheadLog(path)
-    wal.open()
-    for b in (b"a", b"b", b"c"):
-        wal.append(b)
-    wal.close()
-    again = WriteAheadLog(path)
-    assert [s for s, _ in again.open(min_seq=3)] == [1, 2, 3]
-    assert again.append(b"d") == 4
-    again.close()
-    final = WriteAheadLog(path)
-    assert final.open(min_seq=3) == [(1, b"a"), (2, b"b"), (3, b"c"), (4, b"d")]
-    final.close()
-
-
-def test_append_before_open_is_an_error(tmp_path):
-    with pytest.raises(RuntimeError, match="open"):
-        WriteAheadLog(tmp_path / "w").append(b"x")
-
-
-def test_upsert_record_round_trip_is_exact():
-    rng = np.random.default_rng(1)
-    dense = rng.random((7, 33)).astype(np.float32)
-    dense[dense < 0.8] = 0
-    dense[3] = 0  # an all-zero code is legal
-    matrix = sparse.csr_matrix(dense)
-    ids = np.array([5, 2**62, 0, 9, 10, 11, 12], dtype=np.int64)
-    payloads = [{"label": i, "name": f"item {i}", "nested": {"x": [1, 2.5]}} if i % 2 else None for i in range(7)]
-    thumbs = [bytes([i]) * (i + 1) if i % 3 else None for i in range(7)]
-    record = decode_record(encode_upsert(ids, matrix, payloads, thumbs))
-    assert record["op"] == "upsert"
-    np.testing.assert_array_equal(record["ids"], ids)
-    np.testing.assert_array_equal(record["matrix"].toarray(), dense)  # float32 bit-exact
-    assert record["payloads"] == payloads
-    assert record["thumbs"] == thumbs
-
-
-def test_delete_record_round_trip():
-    record = decode_record(encode_delete(np.array([3, 2**63 - 1], dtype=np.int64)))
-    assert record["op"] == "delete"
-    assert record["ids"].tolist() == [3, 2**63 - 1]
-
-
-# ------------------------------------------------------------------------------------------ store recovery
 def _rows(n: int, dim: int = 16, seed: int = 0) -> sparse.csr_matrix:
     rng = np.random.default_rng(seed)
     dense = rng.random((n, dim)).astype(np.float32)
@@ -154,61 +31,106 @@ def _rows(n: int, dim: int = 16, seed: int = 0) -> sparse.csr_matrix:
 
 def _state(store) -> dict:
     ids = store.index.ids().tolist()
-    return {i: (store.index.payload(i), store.index.reconstruct([i]).toarray().round(6).tolist()) for i in ids}
+    return {
+        i: (store.index.payload(i), store.index.reconstruct([i]).toarray().round(6).tolist(), store.get(i).thumbnail)
+        for i in ids
+    }
 
 
-def test_store_replays_the_log_after_a_kill(tmp_path):
-    from serve.store import ItemStore
+def _abandon(store: ItemStore) -> None:
+    """What SIGKILL leaves: no snapshot; the database (and its journal) hold the writes."""
+    store.db._conn.close()  # noqa: SLF001 - a kill closes the file descriptors and nothing else
 
+
+# ------------------------------------------------------------------------------------------ the database
+def test_rows_round_trip_exactly(tmp_path):
+    rng = np.random.default_rng(1)
+    dense = rng.random((7, 33)).astype(np.float32)
+    dense[dense < 0.8] = 0
+    dense[3] = 0  # an all-zero code is legal in the store
+    matrix = sparse.csr_matrix(dense)
+    ids = np.array([5, 2**62, 0, 9, 10, 11, 12], dtype=np.int64)
+    payloads = [{"label": i, "name": f"item {i} é", "nested": {"x": [1, 2.5]}} if i % 2 else None for i in range(7)]
+    thumbs = [_png(bytes([i]) * (i + 1)) if i % 3 else None for i in range(7)]
+    db = ItemLog.open(tmp_path / DB_NAME, dim=33)
+    assert db.upsert(ids, matrix, [encode_payload(p) for p in payloads], thumbs) == 7
+    assert db.delete([9]) == 8
+    db.close()
+    again = ItemLog.open(tmp_path / DB_NAME, dim=33)
+    rows = {r.id: r for chunk in again.rows_after(0, chunk=3) for r in chunk}
+    assert sorted(rows) == sorted(ids.tolist())
+    for r, item_id in enumerate(ids.tolist()):
+        row = rows[item_id]
+        if item_id == 9:
+            assert row.deleted and row.seq == 8 and row.indices is None
+            continue
+        got = np.zeros(33, np.float32)
+        got[row.indices] = row.values
+        np.testing.assert_array_equal(got, dense[r])  # float32 bit-exact
+        assert row.payload == payloads[r] and row.thumbnail == thumbs[r]
+    assert [r.id for chunk in again.rows_after(5) for r in chunk] == [11, 12, 9]  # write order after seq 5
+    again.close()
+
+
+def test_database_settings_are_durable(tmp_path):
+    db = ItemLog.open(tmp_path / DB_NAME, dim=4)
+    assert db._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # noqa: SLF001
+    assert db._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # noqa: SLF001 - FULL
+    db.close()
+    with pytest.raises(StoreError, match="4-dimensional"):
+        ItemLog.open(tmp_path / DB_NAME, dim=8)
+
+
+def test_a_lone_surrogate_never_reaches_the_database():
+    with pytest.raises(UnicodeEncodeError):
+        encode_payload({"name": "\ud800"})
+    with pytest.raises(ValueError):
+        encode_payload({"x": float("nan")})
+
+
+# ------------------------------------------------------------------------------------------ store recovery
+def test_store_replays_the_database_after_a_kill(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=1000)
-    store.upsert(np.array([1, 2, 3]), _rows(3), [{"n": 1}, {"n": 2}, None], [b"t1", None, None])
+    store.upsert(np.array([1, 2, 3]), _rows(3), [{"n": 1}, {"n": 2}, None], [_png(b"t1"), None, _png(b"t3")])
     store.upsert(np.array([2]), _rows(1, seed=5), [{"n": "two"}], [None])  # replace
     assert store.delete(1) is True and store.delete(1) is False
     expected = _state(store)
-    store.wal.close()  # "kill": no snapshot, only the log holds these writes
+    _abandon(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
-    assert reopened.replayed == 3
-    assert _state(reopened) == expected and reopened.thumbs == {}
+    assert reopened.replayed == 3  # one row per id: 1 (tombstone), 2 (replaced), 3
+    assert _state(reopened) == expected and reopened.get(3).thumbnail == _png(b"t3")
     reopened.close()
-    assert (tmp_path / "idx" / "serve-wal.log").stat().st_size == 0
-    assert _state(ItemStore.open(tmp_path / "idx", dim=16)) == expected
+    third = ItemStore.open(tmp_path / "idx", dim=16)
+    assert third.replayed == 0 and third.snapshot_seq == 5  # the clean close saved a snapshot including write 5
+    assert _state(third) == expected
 
 
 def test_store_replay_is_idempotent_over_a_newer_snapshot(tmp_path):
-    """Kill after the index snapshot committed but before the server state and log caught up: the log's records
-    are applied a second time over a snapshot that already holds them, and the result is the same."""
-    from serve.store import ItemStore
-
+    """Rows a snapshot already holds are applied a second time over it, and the result is the same."""
     store = ItemStore.open(tmp_path / "idx", dim=16)
     store.upsert(np.arange(10, 20), _rows(10), [{"i": i} for i in range(10)], [None] * 10)
     store.delete(12)
-    store.upsert(np.array([13]), _rows(1, seed=9), [{"i": "new"}], [b"png"])
+    store.upsert(np.array([13]), _rows(1, seed=9), [{"i": "new"}], [_png(b"png")])
     expected = _state(store)
-    store.index.save(tmp_path / "idx")  # the snapshot commits ...
-    store.wal.close()  # ... and the process dies before writing serve-state.json and emptying the log
+    store.index.save(tmp_path / "idx")  # a snapshot that does not record which writes it includes
+    _abandon(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
-    assert reopened.replayed == 3 and _state(reopened) == expected and reopened.thumbs == {13: b"png"}
+    assert reopened.replayed == 10 and _state(reopened) == expected and reopened.get(13).thumbnail == _png(b"png")
 
 
-def test_store_drops_a_torn_tail_and_keeps_acknowledged_writes(tmp_path):
-    from serve.store import ItemStore, encode_upsert
-
-    store = ItemStore.open(tmp_path / "idx", dim=16)
-    for i in range(5):
-        store.upsert(np.array([i]), _rows(1, seed=i), [{"i": i}], [None])
+def test_compaction_snapshots_record_their_sequence_number(tmp_path):
+    store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=4)
+    for i in range(10):
+        store.upsert(np.array([i]), _rows(1, seed=i), [{"i": i}], [_png(bytes([i]))])
+    assert store.snapshots == 2 and store.snapshot_seq == 8 and store.pending == 2
     expected = _state(store)
-    store.wal.close()
-    torn = encode_record(99, encode_upsert(np.array([77]), _rows(1), [{"i": 77}], [None]))
-    with open(tmp_path / "idx" / "serve-wal.log", "ab") as fh:
-        fh.write(torn[: len(torn) - 5])  # the write of id 77 was cut by the kill: never acknowledged
+    _abandon(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
-    assert _state(reopened) == expected and 77 not in reopened
-    assert reopened.wal.dropped_bytes == len(torn) - 5
+    assert reopened.index.metadata[SEQ_KEY] == 8 and reopened.replayed == 2
+    assert _state(reopened) == expected  # thumbnails of items in the snapshot come from the database
 
 
-def test_store_refuses_what_the_index_would_refuse_before_logging(tmp_path):
-    from serve.store import ItemStore, StoreError
-
+def test_store_refuses_what_the_index_would_refuse_before_storing(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
     bad = _rows(1).toarray()
     bad[0, 3] = -1.0
@@ -218,10 +140,159 @@ def test_store_refuses_what_the_index_would_refuse_before_logging(tmp_path):
         store.upsert(np.array([1]), _rows(1, dim=17), [None], [None])
     with pytest.raises(StoreError, match="duplicates"):
         store.upsert(np.array([1, 1]), _rows(2), [None, None], [None, None])
-    assert store.wal.records == 0 and len(store) == 0
+    with pytest.raises(StoreError, match="surrogate"):
+        store.upsert(np.array([1]), _rows(1), [{"s": "\udfff"}], [None])
+    assert store.db.last_seq == 0 and len(store) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty"):
         ItemStore.open(tmp_path / "other", dim=16)
     with pytest.raises(StoreError):
         ItemStore.open(tmp_path / "idx", dim=32)
+
+
+# ------------------------------------------------------------------------------------------ corruption
+def _filled(tmp_path, n: int = 120) -> tuple[dict, bytes]:
+    store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=10**6)
+    for start in range(0, n, 10):
+        ids = np.arange(start, start + 10)
+        store.upsert(ids, _rows(10, seed=start), [{"i": int(i), "text": "x" * 40} for i in ids], [_png(b"png")] * 10)
+    expected = _state(store)
+    store.db.close()  # checkpointed: every row lives in serve.sqlite3 itself, no snapshot holds them
+    return expected, (tmp_path / "idx" / DB_NAME).read_bytes()
+
+
+def test_flipped_bytes_anywhere_are_refused_or_harmless(tmp_path):
+    """Defect 5: after a flip the server must refuse to start (naming the file and the recovery) or hold exactly
+    what was acknowledged; starting with rows missing is the one outcome that must never happen."""
+    expected, pristine = _filled(tmp_path)
+    path = tmp_path / "idx" / DB_NAME
+    refused = 0
+    positions = np.linspace(100, len(pristine) - 1, 60).astype(int)
+    for pos in positions:
+        data = bytearray(pristine)
+        data[pos] ^= 0x5A
+        path.write_bytes(bytes(data))
+        try:
+            store = ItemStore.open(tmp_path / "idx", dim=16)
+        except CorruptStoreError as err:
+            assert str(path) in str(err) and "lpjepa index repair" in str(err)
+            refused += 1
+            continue
+        assert _state(store) == expected, f"silent change after flipping byte {pos}"
+        store.db.close()
+    assert refused >= len(positions) // 3  # many bytes are unused page space; the rest must be caught
+
+
+def test_a_database_older_than_the_snapshot_is_refused(tmp_path):
+    store = ItemStore.open(tmp_path / "idx", dim=16)
+    store.upsert(np.array([1]), _rows(1), [None], [None])
+    store.close()  # snapshot includes write 1
+    (tmp_path / "idx" / DB_NAME).unlink()
+    with pytest.raises(CorruptStoreError, match="missing"):
+        ItemStore.open(tmp_path / "idx", dim=16)
+
+
+def test_not_a_database_is_refused(tmp_path):
+    ItemStore.open(tmp_path / "idx", dim=16).close()
+    (tmp_path / "idx" / DB_NAME).write_bytes(b"garbage" * 100)
+    with pytest.raises(CorruptStoreError, match="not a readable SQLite database"):
+        ItemStore.open(tmp_path / "idx", dim=16)
+
+
+def test_a_row_edited_behind_the_servers_back_fails_its_checksum(tmp_path):
+    store = ItemStore.open(tmp_path / "idx", dim=16)
+    store.upsert(np.array([1, 2]), _rows(2), [{"a": 1}, {"a": 2}], [None, None])
+    store.db.close()
+    with sqlite3.connect(tmp_path / "idx" / DB_NAME) as conn:
+        conn.execute("""UPDATE items SET payload = '{"a":3}' WHERE id = 2""")
+    with pytest.raises(CorruptStoreError, match="item 2"):
+        ItemStore.open(tmp_path / "idx", dim=16)
+
+
+# ------------------------------------------------------------------------------------------ migration
+def _legacy_record(seq: int, body: bytes) -> bytes:
+    import zlib
+
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("<Q", seq))) & 0xFFFFFFFF
+    return struct.pack("<4sIQI", b"LPW1", len(body), seq, crc) + body
+
+
+def _legacy_upsert(ids, matrix, payloads, thumbs) -> bytes:
+    head = {
+        "op": "upsert",
+        "n": len(ids),
+        "dim": matrix.shape[1],
+        "nnz": int(matrix.nnz),
+        "payloads": payloads,
+        "thumbs": [None if t is None else base64.b64encode(t).decode() for t in thumbs],
+    }
+    h = json.dumps(head).encode()
+    return b"".join(
+        [
+            struct.pack("<I", len(h)),
+            h,
+            np.asarray(ids).astype("<i8").tobytes(),
+            matrix.indptr.astype("<i8").tobytes(),
+            matrix.indices.astype("<i4").tobytes(),
+            matrix.data.astype("<f4").tobytes(),
+        ]
+    )
+
+
+def _legacy_dir(tmp_path):
+    """An index directory as the previous server left it: snapshot + serve-wal.log + side files."""
+    from index.factory import create_index
+
+    directory = tmp_path / "old"
+    index = create_index("csr", 16, "cosine")
+    index.add([100, 101], _rows(2, seed=3), payloads=[{"snap": 0}, {"snap": 1}])
+    index.save(directory)
+    (directory / "serve-state.json").write_text(json.dumps({"format": "lpjepa-serve-state/1", "applied_seq": 0}))
+    (directory / "serve-thumbnails.json").write_text(json.dumps({"100": base64.b64encode(_png(b"old")).decode()}))
+    delete = json.dumps({"op": "delete", "ids": [101]}).encode()
+    records = [
+        _legacy_record(1, _legacy_upsert([1, 2], _rows(2), [{"n": 1}, None], [_png(b"t1"), None])),
+        _legacy_record(2, _legacy_upsert([2], _rows(1, seed=7), [{"n": 2}], [_png(b"t2")])),
+        _legacy_record(3, struct.pack("<I", len(delete)) + delete),
+    ]
+    (directory / "serve-wal.log").write_bytes(b"".join(records))
+    return directory, records
+
+
+def test_an_old_log_is_migrated_once(tmp_path, caplog):
+    directory, _ = _legacy_dir(tmp_path)
+    with caplog.at_level("WARNING", logger="lpjepa.serve"):
+        store = ItemStore.open(directory, dim=16)
+    assert "migrated 3 old log records" in caplog.text
+    assert sorted(store.index.ids().tolist()) == [1, 2, 100]
+    assert store.index.payload(1) == {"n": 1} and store.index.payload(2) == {"n": 2}
+    assert [store.get(i).thumbnail for i in (1, 2, 100)] == [_png(b"t1"), _png(b"t2"), _png(b"old")]
+    np.testing.assert_allclose(store.index.reconstruct([2]).toarray(), _rows(1, seed=7).toarray(), rtol=1e-6)
+    expected = _state(store)
+    assert (directory / "serve-wal.log.migrated").exists() and not (directory / "serve-wal.log").exists()
+    _abandon(store)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lpjepa.serve"):
+        again = ItemStore.open(directory, dim=16)
+    assert "migrat" not in caplog.text and _state(again) == expected
+
+
+def test_an_old_log_damaged_in_the_middle_is_not_migrated(tmp_path):
+    """The old reader truncated at the first bad record and lost every later acknowledged write."""
+    directory, records = _legacy_dir(tmp_path)
+    data = bytearray((directory / "serve-wal.log").read_bytes())
+    data[len(records[0]) + 30] ^= 0xFF  # inside record 2; record 3 follows intact
+    (directory / "serve-wal.log").write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="serve-wal.log.*checksum mismatch.*lpjepa index repair"):
+        ItemStore.open(directory, dim=16)
+    assert not (directory / DB_NAME).exists() and (directory / "serve-wal.log").exists()
+
+
+def test_an_old_log_with_a_torn_tail_migrates_the_acknowledged_records(tmp_path):
+    directory, records = _legacy_dir(tmp_path)
+    torn = _legacy_record(4, _legacy_upsert([77], _rows(1), [None], [None]))
+    with open(directory / "serve-wal.log", "ab") as fh:
+        fh.write(torn[:-5])
+    store = ItemStore.open(directory, dim=16)
+    assert sorted(store.index.ids().tolist()) == [1, 2, 100]

@@ -1,0 +1,282 @@
+"""The single-node server's durable state: one SQLite database, ``INDEX_DIR/serve.sqlite3``, holding every write.
+
+Why SQLite and not a hand-rolled log: it is the most tested storage engine there is, its WAL journal with
+``synchronous=FULL`` makes a COMMIT return only after the journal frame is fsynced (so a 2xx survives SIGKILL and
+power loss), and ``PRAGMA integrity_check`` finds structural damage. What SQLite does not check is the *content* of
+a row (it keeps no page checksums), so every row carries a CRC32 of its fields, verified at start-up.
+
+Layout:
+
+    meta(key TEXT PRIMARY KEY, value TEXT)       format, dim, last_seq (the last write's sequence number)
+    items(id INTEGER PRIMARY KEY,                the item id (int64, as the index stores it)
+          seq INTEGER NOT NULL UNIQUE,           sequence number of the write that produced this row
+          deleted INTEGER NOT NULL,              1: a tombstone (the item was deleted)
+          indices BLOB, vals BLOB,               the sparse vector: little-endian int32 dims, float32 values
+          payload TEXT,                          the payload as strict JSON, NULL for none
+          thumbnail BLOB,                        PNG bytes, NULL for none
+          crc INTEGER NOT NULL)                  CRC32 of all the fields above
+
+One row per id holds its latest state, and ``seq`` grows with every write, so "the writes after the snapshot
+that covers sequence S" are the rows with ``seq > S``; applying them in any order gives the same index, because
+no id appears twice. The database is never compacted: it is the record of everything written through the
+server (the index snapshot beside it only saves replay time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import struct
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from models.atomic_io import fsync_path
+
+log = logging.getLogger("lpjepa.serve")
+
+DB_NAME = "serve.sqlite3"
+DB_FORMAT = "lpjepa-serve-db/1"
+REPAIR_HINT = (
+    "recover with `lpjepa index repair {dir}` (keeps every intact row and moves the damaged file aside) "
+    "or restore {path} from a backup"
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    deleted INTEGER NOT NULL CHECK (deleted IN (0, 1)),
+    indices BLOB,
+    vals BLOB,
+    payload TEXT,
+    thumbnail BLOB,
+    crc INTEGER NOT NULL
+);
+"""
+_COLUMNS = "id, seq, deleted, indices, vals, payload, thumbnail, crc"
+_HEAD = struct.Struct("<qqB")
+_LEN = struct.Struct("<q")
+
+
+class StoreError(ValueError):
+    """A write the store refuses (e.g. wrong dimension); carries the HTTP status the API should answer with."""
+
+    def __init__(self, message: str, status: int = 422, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class CorruptStoreError(StoreError):
+    """The durable state on disk is damaged or inconsistent: the server refuses to start rather than lose rows."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        hint = REPAIR_HINT.format(dir=path.parent, path=path)
+        super().__init__(f"{path}: {what}; the server will not start on damaged state: {hint}", 500, "corrupt_store")
+        self.path = path
+
+
+@dataclass
+class Row:
+    """One item's latest state as the database holds it."""
+
+    id: int
+    seq: int
+    deleted: bool
+    indices: np.ndarray | None  # int32
+    values: np.ndarray | None  # float32
+    payload: Any
+    thumbnail: bytes | None
+
+
+def row_crc(
+    item_id: int,
+    seq: int,
+    deleted: int,
+    indices: bytes | None,
+    vals: bytes | None,
+    payload: str | None,
+    thumb: bytes | None,
+) -> int:
+    """CRC32 over every field, each length-prefixed (-1 for NULL) so that no two different rows encode alike."""
+    crc = zlib.crc32(_HEAD.pack(item_id, seq, deleted))
+    for part in (indices, vals, None if payload is None else payload.encode("utf-8"), thumb):
+        crc = zlib.crc32(_LEN.pack(-1 if part is None else len(part)), crc)
+        if part:
+            crc = zlib.crc32(part, crc)
+    return crc
+
+
+def encode_payload(payload: Any) -> str | None:
+    """Strict JSON text (no NaN, valid UTF-8 all the way): what the database stores is what a reader gets back."""
+    if payload is None:
+        return None
+    text = json.dumps(payload, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    text.encode("utf-8")  # raises on a lone surrogate: it must never reach the database
+    return text
+
+
+def _decode_row(raw: tuple, path: Path) -> Row:
+    item_id, seq, deleted, indices, vals, payload, thumb, crc = raw
+    if row_crc(item_id, seq, deleted, indices, vals, payload, thumb) != crc:
+        raise CorruptStoreError(path, f"the row of item {item_id} (write {seq}) fails its checksum")
+    try:
+        idx = None if indices is None else np.frombuffer(indices, "<i4").astype(np.int32)
+        val = None if vals is None else np.frombuffer(vals, "<f4").astype(np.float32)
+        body = None if payload is None else json.loads(payload)
+    except ValueError as err:
+        raise CorruptStoreError(path, f"the row of item {item_id} cannot be decoded ({err})") from None
+    if not deleted and (idx is None or val is None or idx.size != val.size):
+        raise CorruptStoreError(path, f"the row of item {item_id} has no valid vector")
+    return Row(int(item_id), int(seq), bool(deleted), idx, val, body, thumb)
+
+
+class ItemLog:
+    """The database: ``write`` commits (fsynced) before it returns; one writer at a time (the store's mutex)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, dim: int, last_seq: int):
+        self.path = path
+        self.dim = dim
+        self.last_seq = last_seq
+        self._conn = conn
+
+    # ------------------------------------------------------------------ opening and checking
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, dim: int, verify: bool = True) -> ItemLog:
+        """Open (or create) the database and check it whole: structure, meta, every row's checksum."""
+        path = Path(path)
+        created = not path.exists()
+        try:
+            conn = _connect(path)
+            if created:
+                with conn:
+                    conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
+                    conn.executemany(
+                        "INSERT INTO meta(key, value) VALUES (?, ?)",
+                        [("format", DB_FORMAT), ("dim", str(dim)), ("last_seq", "0")],
+                    )
+                fsync_path(path.parent)
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as err:
+            raise CorruptStoreError(path, f"not a readable SQLite database ({err})") from None
+        if meta.get("format") != DB_FORMAT:
+            raise CorruptStoreError(path, f"unknown format {meta.get('format')!r} (expected {DB_FORMAT})")
+        try:
+            stored_dim, last_seq = int(meta["dim"]), int(meta["last_seq"])
+        except (KeyError, ValueError):
+            raise CorruptStoreError(path, f"meta table is damaged ({meta})") from None
+        if stored_dim != dim:
+            conn.close()
+            raise StoreError(f"{path} holds {stored_dim}-dimensional items but the model produces {dim}")
+        out = cls(path, conn, dim, last_seq)
+        if verify:
+            out.verify()
+        return out
+
+    def verify(self) -> int:
+        """PRAGMA integrity_check, then every row's checksum and sequence number; returns the number of rows."""
+        try:
+            problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check(20)").fetchall()]
+            if problems != ["ok"]:
+                raise CorruptStoreError(self.path, "integrity_check failed: " + "; ".join(problems[:5]))
+            n = 0
+            max_seq = 0
+            for raw in self._conn.execute(f"SELECT {_COLUMNS} FROM items"):
+                row = _decode_row(raw, self.path)
+                max_seq = max(max_seq, row.seq)
+                n += 1
+        except sqlite3.DatabaseError as err:
+            raise CorruptStoreError(self.path, f"reading the database failed ({err})") from None
+        if max_seq > self.last_seq:
+            raise CorruptStoreError(self.path, f"a row has write number {max_seq} beyond the last one {self.last_seq}")
+        return n
+
+    # ------------------------------------------------------------------ reads
+    def rows_after(self, seq: int, chunk: int = 4096) -> Iterator[list[Row]]:
+        """Rows written after sequence number `seq`, in write order, `chunk` at a time (bounded memory)."""
+        last = seq
+        while True:
+            raws = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM items WHERE seq > ? ORDER BY seq LIMIT ?", (last, chunk)
+            ).fetchall()
+            if not raws:
+                return
+            rows = [_decode_row(r, self.path) for r in raws]
+            last = rows[-1].seq
+            yield rows
+
+    def count_after(self, seq: int) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM items WHERE seq > ?", (seq,)).fetchone()[0])
+
+    # ------------------------------------------------------------------ writes
+    def upsert(
+        self,
+        ids: np.ndarray,
+        matrix: sparse.csr_matrix,
+        payload_texts: Sequence[str | None],
+        thumbs: Sequence[bytes | None],
+    ) -> int:
+        """Store the rows in one transaction, durable on return; returns the last sequence number used."""
+        rows = []
+        seq = self.last_seq
+        for r, item_id in enumerate(ids.tolist()):
+            seq += 1
+            lo, hi = matrix.indptr[r], matrix.indptr[r + 1]
+            idx = matrix.indices[lo:hi].astype("<i4").tobytes()
+            val = matrix.data[lo:hi].astype("<f4").tobytes()
+            text, thumb = payload_texts[r], thumbs[r]
+            rows.append((item_id, seq, 0, idx, val, text, thumb, row_crc(item_id, seq, 0, idx, val, text, thumb)))
+        self._commit(rows, seq)
+        return seq
+
+    def delete(self, ids: Sequence[int]) -> int:
+        rows = []
+        seq = self.last_seq
+        for item_id in ids:
+            seq += 1
+            rows.append(
+                (int(item_id), seq, 1, None, None, None, None, row_crc(int(item_id), seq, 1, None, None, None, None))
+            )
+        self._commit(rows, seq)
+        return seq
+
+    def _commit(self, rows: list[tuple], seq: int) -> None:
+        try:
+            with self._conn:  # BEGIN ... COMMIT (fsync of the WAL with synchronous=FULL), ROLLBACK on error
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(
+                    f"INSERT OR REPLACE INTO items({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+                )
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
+        except sqlite3.Error as err:
+            raise StoreError(
+                f"the write could not be stored ({err}); nothing was changed", 503, "storage_error"
+            ) from err
+        self.last_seq = seq
+
+    def close(self) -> None:
+        """Fold the journal into the database file (a clean start then has nothing to recover) and close."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as err:  # the data is safe in the journal either way
+            log.warning("checkpoint of %s at close failed: %s", self.path, err)
+        self._conn.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Autocommit connection (transactions are explicit), WAL journal, fsync on every commit."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.DatabaseError(f"cannot switch {path} to WAL journal mode (got {mode})")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
