@@ -21,10 +21,13 @@ lpjepa ood calibrate --model "$OUT/model.onnx" --data fashion-mnist --limit 5000
 echo "== 5/6 index fashion-mnist:test -> $OUT/index, then search"
 rm -rf "$OUT/index"
 lpjepa index build --model "$OUT/model.onnx" --data fashion-mnist:test --out "$OUT/index"
-python - "$OUT/query.png" <<'PY'
+python - "$OUT" <<'PY'
 import sys
 from pretrain.data.sources import open_source
-open_source("fashion-mnist:test")[0][0].save(sys.argv[1])
+fashion = open_source("fashion-mnist:test")
+fashion[0][0].save(f"{sys.argv[1]}/query.png")      # an indexed image: it finds itself first
+fashion[1][0].save(f"{sys.argv[1]}/query-2.png")
+open_source("mnist")[0][0].save(f"{sys.argv[1]}/digit.png")  # a handwritten digit: another distribution
 PY
 lpjepa search --model "$OUT/model.onnx" --index "$OUT/index" --image "$OUT/query.png" -k 5 --json
 echo "== 6/6 serve on 127.0.0.1:$PORT"
@@ -39,4 +42,16 @@ curl -sf "http://127.0.0.1:$PORT/readyz"; echo
 curl -sf -F "files=@$OUT/query.png" "http://127.0.0.1:$PORT/v1/embed" | head -c 300; echo
 curl -sf -F "file=@$OUT/query.png" "http://127.0.0.1:$PORT/v1/search?k=3"; echo
 curl -sf -F "files=@$OUT/query.png" "http://127.0.0.1:$PORT/v1/ood"; echo
+# The web page's neighbours are the index's thumbnails: every hit must carry one.
+curl -sf -F "file=@$OUT/query.png" -F thumbnails=true "http://127.0.0.1:$PORT/v1/search?k=8" | python -c '
+import json, sys
+hits = json.load(sys.stdin)["results"]
+with_thumb = sum(h["thumbnail"] is not None for h in hits)
+print(f"{with_thumb}/{len(hits)} neighbours carry a thumbnail")
+sys.exit(0 if hits and with_thumb == len(hits) else 1)'
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null && python -c "import selenium" 2>/dev/null; then
+  echo "== the web page after a search (headless chromium) -> $OUT/web.png"
+  python tests/test_serve_web.py --url "http://127.0.0.1:$PORT" --out "$OUT/web.png" \
+    "$OUT/query.png" "$OUT/digit.png"
+fi
 echo "demo done: artifacts in $OUT; run 'make serve' to keep the server up (web page at http://127.0.0.1:8000/)"

@@ -83,7 +83,7 @@ def search(driver: webdriver.Chrome, paths: list[Path], *, k: int = 8, timeout: 
     k_box.clear()
     k_box.send_keys(str(k))
     before = len(driver.find_elements(By.CSS_SELECTOR, "#results article.result"))
-    driver.find_element(By.ID, "file").send_keys("\n".join(str(p) for p in paths))
+    driver.find_element(By.ID, "file").send_keys("\n".join(str(Path(p).resolve()) for p in paths))
     want = before + len(paths)
     WebDriverWait(driver, timeout).until(
         lambda d: d.execute_script(
@@ -190,6 +190,13 @@ def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion,
     runtime = EmbeddingRuntime(str(model))
     expected = runtime.embed([p.read_bytes() for p in queries])
     index = load_index(index_dir)
+    with proc.client() as c:  # the API the page relies on returns the index build's thumbnails
+        item = c.get("/v1/items/3").json()
+        assert base64.b64decode(item["thumbnail"]) == index.thumbnails([3])[0]
+        body = {"image": base64.b64encode(indexed.read_bytes()).decode(), "k": 5, "thumbnails": True}
+        hits = c.post("/v1/search", json=body).json()["results"]
+        assert hits[0]["id"] == 3 and len(hits) == 5
+        assert all(base64.b64decode(h["thumbnail"]) == index.thumbnails([h["id"]])[0] for h in hits)
 
     with browser() as driver:
         open_page(driver, proc.url)

@@ -270,7 +270,8 @@ function drawNeighbours(card, results) {
     title.textContent = name || `item ${hit.id}`;
     const meta = document.createElement("span");
     meta.className = "hit-meta";
-    meta.textContent = `${num(hit.score)} \u00b7 #${hit.id}`;
+    meta.textContent = `${num(hit.score)}\u2002#${hit.id}`;
+    meta.title = `score ${num(hit.score, 4)}, item id ${hit.id}`;
     caption.append(title, meta);
     figure.appendChild(caption);
     if (hit.payload !== null && hit.payload !== undefined) figure.title = JSON.stringify(hit.payload);
