@@ -63,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-parity", action="store_true", help="skip the parity checks (not recommended)")
     p.add_argument(
+        "--no-features",
+        action="store_true",
+        help="do not add the encoder features as a second ONNX output (used by the feature_mahalanobis OOD score)",
+    )
+    p.add_argument(
         "--ood-calibration",
         type=Path,
         default=None,
@@ -143,6 +148,7 @@ def run_export(args: argparse.Namespace) -> int:
         parity_images=args.parity_images,
         calibration_images=args.calibration_images,
         exporter=args.exporter,
+        features=not args.no_features,
         ood_calibration=ood,
         tolerance=tolerance,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),

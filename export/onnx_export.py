@@ -33,6 +33,7 @@ DEFAULT_OPSET = 18
 MIN_OPSET = 17
 INPUT_NAME = "images"
 OUTPUT_NAME = "embedding"
+FEATURES_NAME = "features"  # optional second output: the backbone's pooled features, for OOD scoring
 DEFAULT_PARITY_IMAGES = 512
 DEFAULT_CALIBRATION_IMAGES = 256
 COLOUR_SAMPLE_KINDS = ("cifar10", "cifar100", "imagenet")
@@ -87,8 +88,12 @@ def _open(path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ torch -> onnx
-def _wrap(model: Any) -> Any:
-    """A module whose forward argument is named like the graph input, so dynamic_shapes can refer to it."""
+def _wrap(model: Any, features: bool = False) -> Any:
+    """A module whose forward argument is named like the graph input, so dynamic_shapes can refer to it.
+
+    With `features` the graph also returns the backbone features. They are an intermediate of the embedding, so
+    ONNX Runtime computes them anyway and a caller that asks only for the embedding pays nothing for them.
+    """
     from torch import nn
 
     class EmbeddingGraph(nn.Module):
@@ -97,19 +102,25 @@ def _wrap(model: Any) -> Any:
             self.encoder = encoder
 
         def forward(self, images):  # noqa: ANN001 - traced, not called by users
+            if features:
+                feats, emb = self.encoder.forward_features(images)
+                return emb, feats
             return self.encoder(images)
 
     return EmbeddingGraph(model).eval()
 
 
-def torch_to_onnx(model: Any, image_shape: tuple[int, int, int], opset: int, exporter: str) -> Any:
+def torch_to_onnx(
+    model: Any, image_shape: tuple[int, int, int], opset: int, exporter: str, *, features: bool = False
+) -> Any:
     """Trace `model` (eval mode) into an onnx.ModelProto with a dynamic batch axis named `batch`."""
     import io
 
     import onnx
     import torch
 
-    wrapped = _wrap(model)
+    wrapped = _wrap(model, features)
+    outputs = [OUTPUT_NAME, FEATURES_NAME] if features else [OUTPUT_NAME]
     # batch 2, not 1: torch.export specialises a dimension of size 1, which would pin the batch axis.
     example = torch.zeros((2, *image_shape), dtype=torch.float32)
     try:
@@ -121,7 +132,7 @@ def torch_to_onnx(model: Any, image_shape: tuple[int, int, int], opset: int, exp
                     (example,),
                     None,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=outputs,
                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
                     opset_version=opset,
                     dynamo=True,
@@ -136,8 +147,8 @@ def torch_to_onnx(model: Any, image_shape: tuple[int, int, int], opset: int, exp
                     (example,),
                     buffer,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    output_names=outputs,
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
                     opset_version=opset,
                     dynamo=False,
                 )
@@ -223,9 +234,17 @@ def expected_l0_for(config: Any) -> float | None:
 
 
 def build_metadata(
-    config: Any, checkpoint: Path, sha256: str, precision: str, opset: int, exporter: str
+    config: Any,
+    checkpoint: Path,
+    sha256: str,
+    precision: str,
+    opset: int,
+    exporter: str,
+    feature_dim: int | None = None,
 ) -> dict[str, Any]:
+    extra = {} if feature_dim is None else {"features_name": FEATURES_NAME, "feature_dim": int(feature_dim)}
     return {
+        **extra,
         "format": meta_io.FORMAT,
         "dim": int(config.embed_dim),
         "method": config.method,
@@ -298,6 +317,7 @@ def export_checkpoint(
     parity_images: int = DEFAULT_PARITY_IMAGES,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     exporter: str = "dynamo",
+    features: bool = True,
     ood_calibration: dict[str, Any] | None = None,
     tolerance: tuple[float, float] | None = None,
     log: Callable[[str], None] | None = None,
@@ -306,6 +326,8 @@ def export_checkpoint(
     """Export a checkpoint (file or run directory) to `out` and return the parity report.
 
     `tolerance` = (max l0 drift, min top-10 overlap) replaces export.parity.TOLERANCES for fp16/int8.
+    `features` adds the backbone features as a second graph output (`features`, metadata `feature_dim`) for the
+    OOD scores that use them; the served embedding is unchanged.
     Raises CheckpointError for an unusable checkpoint, ExportError for bad options or missing data, and
     ParityError (carrying the report) when a tolerance is broken; `out` is only written on success.
     """
@@ -334,9 +356,11 @@ def export_checkpoint(
         f"exporting {ckpt} ({config.backbone}, dim {config.embed_dim}) with the {exporter} exporter, "
         f"opset {chosen_opset}"
     )
-    proto = torch_to_onnx(model, (config.in_channels, config.image_size, config.image_size), chosen_opset, exporter)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    proto = torch_to_onnx(model, shape, chosen_opset, exporter, features=features)
     timings["export_s"] = time.perf_counter() - t0
-    metadata = build_metadata(config, ckpt, file_sha256(ckpt), precision, chosen_opset, exporter)
+    feature_dim = int(model.feature_dim) if features else None
+    metadata = build_metadata(config, ckpt, file_sha256(ckpt), precision, chosen_opset, exporter, feature_dim)
     if ood_calibration is not None:
         metadata[meta_io.OOD_KEY] = ood_calibration
     try:

@@ -81,9 +81,13 @@ class _OrtBackend:
             )
         self.input_name, self.output_name = input_name, output_name
         self.input_shape = list(inputs[input_name].shape)
+        self.outputs = outputs
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+    def run_outputs(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(names, {self.input_name: batch})
 
 
 class EmbeddingRuntime:
@@ -140,6 +144,12 @@ class EmbeddingRuntime:
         except ValueError as err:
             raise ModelLoadError(f"{self.path}: inconsistent input metadata: {err}") from err
         self._ood: dict[str, Any] | None | bool = False  # False = not read yet
+        # The optional second output (export --features, the default): backbone features for OOD scoring.
+        self.features_name: str | None = None
+        self.feature_dim: int | None = None
+        fname = m.get("features_name")
+        if isinstance(fname, str) and fname in getattr(self._backend, "outputs", ()) and m.get("feature_dim"):
+            self.features_name, self.feature_dim = fname, int(m["feature_dim"])
 
     def __repr__(self) -> str:
         return (
@@ -181,6 +191,47 @@ class EmbeddingRuntime:
             chunk = batch[start : start + self.batch_size]
             out[start : start + len(chunk)] = self._backend(chunk)
         return out
+
+    def run_with_features(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `run`, also returning the encoder features (N, feature_dim); needs a model exported with them."""
+        if self.features_name is None:
+            raise ValueError(f"{self.path} has no encoder-feature output; re-export it without --no-features")
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(batch.shape)}"
+            )
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        out = np.empty((batch.shape[0], self.dim), dtype=np.float32)
+        feats = np.empty((batch.shape[0], int(self.feature_dim or 0)), dtype=np.float32)
+        names = [self._backend.output_name, self.features_name]
+        for start in range(0, batch.shape[0], self.batch_size):
+            chunk = batch[start : start + self.batch_size]
+            emb, feat = self._backend.run_outputs(names, chunk)
+            out[start : start + len(chunk)] = emb
+            feats[start : start + len(chunk)] = feat
+        return out, feats
+
+    def run_joint(self, batch: np.ndarray) -> np.ndarray:
+        """(N, dim + feature_dim): embedding and features side by side, for callers that move one array (the
+        server's batcher splits rows, so both halves stay aligned)."""
+        emb, feats = self.run_with_features(batch)
+        return np.concatenate([emb, feats], axis=1)
+
+    def embed_with_features(
+        self, images: Sequence[ImageInput], *, batch_size: int | None = None
+    ) -> tuple[sparse.csr_matrix, np.ndarray]:
+        """Raw images -> (CSR embeddings, dense float32 features)."""
+        step = int(batch_size or self.batch_size)
+        embs, feats = [], []
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            emb, feat = self.run_with_features(self.preprocess(chunk, offset=start))
+            embs.append(sparse.csr_matrix(emb, dtype=np.float32))
+            feats.append(feat)
+        if not embs:
+            return sparse.csr_matrix((0, self.dim), dtype=np.float32), np.zeros((0, self.feature_dim or 0), np.float32)
+        return sparse.vstack(embs, format="csr"), np.concatenate(feats)
 
     def embed_dense(
         self, images: Sequence[ImageInput], *, batch_size: int | None = None, progress: bool = False

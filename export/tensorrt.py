@@ -72,6 +72,12 @@ def build_engine(
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    # The ONNX graph may also emit the encoder features (for OOD scoring on the ONNX runtime); an engine serves
+    # the embedding only, so every other output is unmarked and its buffers are never allocated.
+    for i in reversed(range(network.num_outputs)):
+        tensor = network.get_output(i)
+        if tensor.name == "features":
+            network.unmark_output(tensor)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     profile = builder.create_optimization_profile()

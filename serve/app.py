@@ -30,8 +30,10 @@ from serve.embedding import (
     dense_to_outputs,
     embed_blobs,
     embedding_out,
+    load_drift,
     load_runtime,
     load_scorer,
+    model_runner,
     ood_records,
     open_store,
 )
@@ -59,6 +61,7 @@ from serve.parsing import (
 )
 from serve.schemas import (
     DeleteResponse,
+    DriftResponse,
     EmbeddingIn,
     EmbedJSON,
     EmbedResponse,
@@ -135,13 +138,17 @@ def create_app(
             state.runtime = await anyio.to_thread.run_sync(load_runtime, settings)
         if state.scorer is None:
             state.scorer = load_scorer(state.runtime)
+        if state.drift is None:
+            state.drift = load_drift(state.scorer, settings)
+        if state.drift is not None:
+            metrics.attach_drift(state.drift)
         if state.store is None and settings.index_dir is not None:
             state.store = await anyio.to_thread.run_sync(open_store, settings, state.dim, metrics)
         if state.store is not None:
             state.store.metrics = metrics
             metrics.index_size.set(len(state.store))
         state.batcher = DynamicBatcher(
-            state.runtime.run,
+            model_runner(state),
             max_batch=settings.max_batch,
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -285,8 +292,12 @@ def create_app(
         if state.scorer is not None:
             cal = state.scorer.calibration or {}
             ood_summary = {
+                "served": state.scorer.score_name,
                 "threshold": float(state.scorer.threshold),
                 "tpr": state.scorer.tpr,
+                "scores": state.scorer.names,
+                "reason": (cal.get("selection") or {}).get("reason"),
+                "drift": state.drift is not None,
                 **{key: cal[key] for key in ("created", "n", "source") if key in cal},
             }
         index_info = None
@@ -323,8 +334,8 @@ def create_app(
             want_dense = want_dense or extra["json"].dense
         else:
             want_dense = want_dense or parse_bool(form_text(extra["form"], "dense"), "dense", False)
-        vectors, _ = await embed_blobs(state, blobs)
-        return EmbedResponse(embeddings=dense_to_outputs(state, vectors, want_dense))
+        vectors, _, feats = await embed_blobs(state, blobs)
+        return EmbedResponse(embeddings=dense_to_outputs(state, vectors, want_dense, feats))
 
     @app.post(
         "/v1/ood",
@@ -339,9 +350,29 @@ def create_app(
         ready_or_503()
         scorer = need_scorer()
         blobs, _ = await request_images(request, field_name="files")
-        vectors, _ = await embed_blobs(state, blobs)
-        records = ood_records(state, vectors) or []
-        return OODResponse(results=[OODOut(**r) for r in records], threshold=float(scorer.threshold), tpr=scorer.tpr)
+        vectors, _, feats = await embed_blobs(state, blobs)
+        records = ood_records(state, vectors, feats) or []
+        return OODResponse(
+            results=[OODOut(**r) for r in records],
+            score_name=scorer.score_name,
+            threshold=float(scorer.threshold),
+            tpr=scorer.tpr,
+        )
+
+    @app.get(
+        "/v1/drift",
+        response_model=DriftResponse,
+        tags=["ood"],
+        dependencies=[Depends(require_read)],
+        summary="Drift monitor: is recent embed/search/ood traffic still in-distribution?",
+    )
+    async def drift() -> DriftResponse:
+        if state.drift is None:
+            from serve.drift import disabled_snapshot
+
+            meta = getattr(state.runtime, "metadata", {}) or {}
+            return DriftResponse(**disabled_snapshot(settings.drift_false_alarm_rate, meta.get("expected_l0")))
+        return DriftResponse(**state.drift.snapshot())
 
     @app.post(
         "/v1/search",
@@ -388,8 +419,8 @@ def create_app(
         if row is not None:
             check_query(row, "the query embedding")
         if image_blobs is not None:
-            vectors, _ = await embed_blobs(state, image_blobs)
-            query_out = dense_to_outputs(state, vectors, False)[0]
+            vectors, _, feats = await embed_blobs(state, image_blobs)
+            query_out = dense_to_outputs(state, vectors, False, feats)[0]
             idx = np.flatnonzero(vectors[0])
             row = (idx.astype(np.int32), vectors[0][idx])
             check_query(row, "the query image's embedding")
@@ -474,7 +505,7 @@ def create_app(
             check_payload(payload, f"payload of item {ids[i]}", settings.max_payload_bytes)
         thumbs: list[bytes | None] = [None] * len(ids)
         if blobs:
-            vectors, blob_thumbs = await embed_blobs(state, blobs, thumbs=settings.thumbnail_px > 0)
+            vectors, blob_thumbs, _ = await embed_blobs(state, blobs, thumbs=settings.thumbnail_px > 0, observe=False)
             for j, pos in enumerate(image_pos):
                 nz = np.flatnonzero(vectors[j])
                 rows[pos] = (nz.astype(np.int32), vectors[j][nz])

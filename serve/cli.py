@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=48,
         help="thumbnail size stored for images added to the index (0 = none; default 48)",
     )
+    p.add_argument(
+        "--drift-false-alarm-rate",
+        type=float,
+        default=1e-4,
+        help="drift monitor: chance that one evaluation on in-distribution traffic alarms (default 1e-4)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -103,6 +109,7 @@ def build_settings(args: argparse.Namespace):
             index_backend=args.index_backend,
             index_metric=args.index_metric,
             thumbnail_px=args.thumbnail_px,
+            drift_false_alarm_rate=args.drift_false_alarm_rate,
         )
     except ValidationError as err:
         first = err.errors()[0]

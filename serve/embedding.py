@@ -4,7 +4,7 @@ dynamic-batched inference, and turning dense rows into the API's sparse embeddin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import numpy as np
@@ -30,6 +30,7 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     draining: bool = False
     pixel_gate: PixelGate | None = None
+    drift: Any = None  # serve.drift.DriftMonitor when the calibration has a drift section
 
     def __post_init__(self) -> None:
         if self.pixel_gate is None:
@@ -47,16 +48,45 @@ def load_runtime(settings: ServeSettings) -> Any:
 
 
 def load_scorer(runtime: Any) -> Any:
-    """The OOD scorer from the calibration stored with the model, or None when the model was never calibrated."""
+    """The OOD score suite from the calibration stored with the model (it flags with its served score), or None
+    when the model was never calibrated."""
     cal = getattr(runtime, "ood_calibration", None)
     if cal is None:
         return None
-    from serve.ood import OODScorer
+    from serve.ood.suite import ScoreSuite
 
-    scorer = OODScorer.from_calibration(cal)
+    scorer = ScoreSuite.from_calibration(cal)
     if scorer.dim != int(runtime.dim):
         raise ValueError(f"the OOD calibration has {scorer.dim} dimensions but the model has {runtime.dim}")
+    if scorer.needs_features() and not getattr(runtime, "feature_dim", None):
+        raise ValueError(
+            f"the calibration serves {scorer.served}, which needs the encoder features, but the model has no "
+            "feature output (re-export without --no-features, or recalibrate)"
+        )
     return scorer
+
+
+def load_drift(scorer: Any, settings: ServeSettings) -> Any:
+    """The drift monitor for the calibration's drift section, or None (no calibration, or one without it)."""
+    if scorer is None:
+        return None
+    from serve.drift import DriftMonitor
+
+    return DriftMonitor.from_calibration(scorer.calibration, false_alarm_rate=settings.drift_false_alarm_rate)
+
+
+def model_runner(state: ServeState) -> Any:
+    """What the batcher calls: embedding only, or embedding and features side by side (split in embed_blobs)
+    when the served OOD score needs the features."""
+    if state.scorer is not None and state.scorer.needs_features():
+        return state.runtime.run_joint
+    return state.runtime.run
+
+
+class EmbedOutput(NamedTuple):
+    dense: np.ndarray  # (N, dim) float32
+    thumbnails: list[bytes | None]
+    features: np.ndarray | None  # (N, feature_dim) when the served OOD score needs them
 
 
 def open_store(settings: ServeSettings, dim: int, metrics: ServeMetrics | None = None) -> ItemStore | None:
@@ -94,8 +124,11 @@ def _decode_and_preprocess(state: ServeState, blobs: list[tuple[str, bytes]], th
     return batch, thumbnails
 
 
-async def embed_blobs(state: ServeState, blobs: list[tuple[str, bytes]], *, thumbs: bool = False):
-    """Decode, preprocess (thread) and embed (batcher) images; returns (dense (N, dim) float32, thumbnails)."""
+async def embed_blobs(
+    state: ServeState, blobs: list[tuple[str, bytes]], *, thumbs: bool = False, observe: bool = True
+) -> EmbedOutput:
+    """Decode, preprocess (thread) and embed (batcher) images; returns (dense (N, dim) float32, thumbnails,
+    features or None). `observe` feeds the images to the drift monitor (embed, search and ood requests do)."""
     if not blobs:
         raise ApiError(422, "missing_images", "no images in the request")
     if len(blobs) > state.settings.max_images_per_request:
@@ -103,16 +136,23 @@ async def embed_blobs(state: ServeState, blobs: list[tuple[str, bytes]], *, thum
     assert state.batcher is not None
     with state.batcher.expecting() as ticket:
         batch, thumbnails = await anyio.to_thread.run_sync(_decode_and_preprocess, state, blobs, thumbs)
-        dense = np.asarray(await state.batcher.submit(batch, ticket), dtype=np.float32)
-    dense = np.where(np.isfinite(dense), dense, 0.0).astype(np.float32)
+        out = np.asarray(await state.batcher.submit(batch, ticket), dtype=np.float32)
+    features = None
+    if out.shape[1] > state.dim:  # the joint runner: embedding then features
+        out, features = out[:, : state.dim], np.ascontiguousarray(out[:, state.dim :])
+    dense = np.where(np.isfinite(out), out, 0.0).astype(np.float32)
     state.metrics.observe_l0(np.count_nonzero(dense, axis=1) / max(dense.shape[1], 1))
-    return dense, thumbnails
+    if observe and state.drift is not None:
+        state.drift.observe_dense(dense)
+    return EmbedOutput(dense, thumbnails, features)
 
 
-def ood_records(state: ServeState, dense: np.ndarray) -> list[dict[str, Any]] | None:
+def ood_records(
+    state: ServeState, dense: np.ndarray, features: np.ndarray | None = None
+) -> list[dict[str, Any]] | None:
     if state.scorer is None:
         return None
-    records = state.scorer.score(dense).to_records()
+    records = state.scorer.score(dense, features).to_records()
     flagged = sum(1 for r in records if r["is_ood"])
     if flagged:
         state.metrics.ood.inc(flagged)
@@ -136,11 +176,15 @@ def embedding_out(
         dense=full,
         ood_score=None if ood is None else ood["score"],
         is_ood=None if ood is None else ood["is_ood"],
+        ood_score_name=None if ood is None else ood["score_name"],
+        ood_threshold=None if ood is None else ood["threshold"],
     )
 
 
-def dense_to_outputs(state: ServeState, dense: np.ndarray, want_dense: bool) -> list[EmbeddingOut]:
-    records = ood_records(state, dense)
+def dense_to_outputs(
+    state: ServeState, dense: np.ndarray, want_dense: bool, features: np.ndarray | None = None
+) -> list[EmbeddingOut]:
+    records = ood_records(state, dense, features)
     out = []
     for i, row in enumerate(dense):
         idx = np.flatnonzero(row)

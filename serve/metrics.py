@@ -50,6 +50,29 @@ class ServeMetrics(BatchObserver):
         self.ood = Counter("lpjepa_ood_flagged", "Images flagged out-of-distribution", registry=r)
         self.wal_records = Counter("lpjepa_wal_records", "Write-ahead-log records written", registry=r)
         self.compactions = Counter("lpjepa_index_snapshots", "Index snapshots (WAL compactions)", registry=r)
+        self.drift_pvalue = Gauge(
+            "lpjepa_drift_pvalue", "Drift monitor p-value of the current window (NaN until full)", registry=r
+        )
+        self.drift_alarm = Gauge("lpjepa_drift_alarm", "1 while the drift monitor is alarmed", registry=r)
+        self.drift_window_l0 = Gauge(
+            "lpjepa_drift_window_l0", "Mean fraction of active dimensions over the drift window", registry=r
+        )
+
+    def attach_drift(self, monitor) -> None:
+        """Gauges read the monitor at scrape time, so requests never pay for the p-value."""
+        nan = float("nan")
+
+        def pvalue() -> float:
+            p = monitor.pvalues()[0]
+            return nan if p is None else p
+
+        def window_l0() -> float:
+            v = monitor.window_l0()
+            return nan if v is None else v
+
+        self.drift_pvalue.set_function(pvalue)
+        self.drift_alarm.set_function(lambda: 1.0 if monitor.alarm else 0.0)
+        self.drift_window_l0.set_function(window_l0)
 
     # BatchObserver hooks
     def batch_run(self, size: int, seconds: float) -> None:

@@ -55,11 +55,13 @@ class EmbeddingIn(StrictModel):
 
 
 class OODOut(BaseModel):
-    score: float = Field(description="combined OOD score; higher = more unusual")
+    score: float = Field(description="the served OOD score (see score_name); higher = more unusual")
     is_ood: bool = Field(description="score above the calibrated threshold")
     l0: float = Field(description="fraction of active dimensions")
     rate_score: float
     pattern_score: float
+    score_name: str = Field(description="which score `score` and `is_ood` are (chosen at calibration by evidence)")
+    threshold: float = Field(description="the served score's threshold")
 
 
 class EmbeddingOut(BaseModel):
@@ -71,6 +73,8 @@ class EmbeddingOut(BaseModel):
     dense: list[float] | None = Field(None, description="all values, only when requested with dense=true")
     ood_score: float | None = Field(None, description="OOD score, when the model carries an OOD calibration")
     is_ood: bool | None = Field(None, description="OOD flag, when the model carries an OOD calibration")
+    ood_score_name: str | None = Field(None, description="which score ood_score and is_ood are")
+    ood_threshold: float | None = Field(None, description="the served score's threshold")
 
 
 class EmbedJSON(StrictModel):
@@ -149,8 +153,26 @@ class DeleteResponse(BaseModel):
 # --------------------------------------------------------------------------------------------- ood / info
 class OODResponse(BaseModel):
     results: list[OODOut]
+    score_name: str = Field(description="the served score")
     threshold: float
     tpr: float | None = Field(None, description="in-distribution true-positive rate the threshold was set for")
+
+
+class DriftResponse(BaseModel):
+    enabled: bool = Field(description="false when the model has no calibration with a drift section")
+    alarm: bool = Field(description="the latest evaluation rejected 'recent traffic is in-distribution'")
+    pvalue: float | None = Field(None, description="Bonferroni-combined p-value of the current window")
+    test: str
+    window_size: int
+    window_count: int = Field(description="images in the window now (the test runs once it is full)")
+    window_l0: float | None = Field(None, description="mean fraction of active dimensions over the window")
+    target_l0: float | None = Field(None, description="the model's analytic expected l0")
+    false_alarm_rate: float = Field(description="chance that one evaluation on ID traffic raises the alarm")
+    pvalue_l0: float | None = None
+    pvalue_pattern: float | None = None
+    evaluations: int = 0
+    alarms: int = Field(0, description="alarm onsets since start")
+    images: int = Field(0, description="images observed since start")
 
 
 class ErrorDetail(BaseModel):

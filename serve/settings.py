@@ -62,6 +62,8 @@ class ServeSettings(BaseModel):
     index_backend: str = "csr"  # used only when --index names a directory that does not exist yet
     index_metric: str = "cosine"  # for a new index: an image's own item ranks first whatever its norm
     thumbnail_px: int = Field(48, ge=0, le=256)  # 0 disables thumbnails of indexed images
+    # Drift monitor (serve/drift.py): probability that one evaluation on in-distribution traffic raises the alarm.
+    drift_false_alarm_rate: float = Field(1e-4, gt=0.0, lt=1.0)
 
     @field_validator("api_key")
     @classmethod

@@ -17,7 +17,14 @@ from scipy import stats
 
 from export import metadata as meta_io
 from export.errors import ExportError, ParityError
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_checkpoint, load_images, torch_reference
+from export.onnx_export import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_checkpoint,
+    load_images,
+    torch_reference,
+)
 from export.parity import FP32_MAX_ABS_ERR, TOLERANCES, compare
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
@@ -100,21 +107,23 @@ def test_fp32_export_of_a_small_model_passes_parity_on_fashion_mnist(grey):
 def test_batch_axis_is_dynamic_and_named_batch(grey):
     run, out, _ = grey
     proto = onnx.load(str(out))
-    (inp,), (outp,) = proto.graph.input, proto.graph.output
-    assert inp.name == INPUT_NAME and outp.name == OUTPUT_NAME
+    (inp,), (outp, featp) = proto.graph.input, proto.graph.output
+    assert inp.name == INPUT_NAME and outp.name == OUTPUT_NAME and featp.name == FEATURES_NAME
     assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert outp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert featp.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [1, 28, 28]
     assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
     model, _ = load_checkpoint(run)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = _grey_batch(7)
     for n in (1, 7):
-        got = sess.run(None, {INPUT_NAME: x[:n].numpy()})[0]
+        got, feats = sess.run(None, {INPUT_NAME: x[:n].numpy()})
         with torch.no_grad():
-            ref = model(x[:n]).numpy()
-        assert got.shape == (n, 64)
+            ref_feats, ref = (t.numpy() for t in model.forward_features(x[:n]))
+        assert got.shape == (n, 64) and feats.shape == (n, model.feature_dim)
         assert np.abs(got - ref).max() <= FP32_MAX_ABS_ERR
+        assert np.abs(feats - ref_feats).max() <= 10 * FP32_MAX_ABS_ERR * max(1.0, float(np.abs(ref_feats).max()))
 
 
 def test_metadata_round_trip(grey):
@@ -127,6 +136,7 @@ def test_metadata_round_trip(grey):
     assert (meta["target_p"], meta["target_mu"], meta["target_sigma"]) == (1.0, -0.5, 0.7071067811865476)
     assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert meta["precision"] == "fp32" and meta["opset"] == 18 and meta["created_at"].endswith("+00:00")
+    assert meta["features_name"] == FEATURES_NAME and meta["feature_dim"] == load_checkpoint(run)[0].feature_dim
     # expected l0 = P(X > 0) for X ~ GN_1(-0.5, 1/sqrt 2), from scipy's gennorm as the independent reference
     p, mu, sigma = 1.0, -0.5, 0.7071067811865476
     assert meta["expected_l0"] == pytest.approx(stats.gennorm.sf(0, p, loc=mu, scale=sigma * p ** (1 / p)), rel=1e-9)

@@ -134,7 +134,11 @@ def test_evaluate_embeddings_report_fields_and_values():
     cal = calibrate(train)
     res = evaluate_embeddings(id_eval, ood, train, calibration=cal, expected_l0=0.25, k=50)
     rep = json.loads(json.dumps(res.report))
-    assert set(rep["methods"]) == {*OUR_METHODS, "knn", "mahalanobis", "l0_deviation"}
+    assert set(rep["methods"]) == {*OUR_METHODS, *cal["scores"], "knn", "mahalanobis", "l0_deviation"}
+    assert rep["served"] == cal["served"] and rep["methods"][cal["served"]]["served"] is True
+    assert sum(m["served"] for m in rep["methods"].values()) == 1
+    assert rep["methods"]["pattern_mixture"]["activation_statistics"] is True
+    assert rep["methods"]["code_mahalanobis"]["activation_statistics"] is False
     for entry in rep["methods"].values():
         assert {"auroc", "fpr95", "aupr", "aupr_in", "score_us", "fit_s", "needs"} <= set(entry)
         assert 0.0 <= entry["auroc"] <= 1.0 and 0.0 <= entry["fpr95"] <= 1.0

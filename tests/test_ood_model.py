@@ -14,7 +14,8 @@ from cli.main import main
 from models.checkpoint import save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 from models.encoder import build_model
-from serve.ood import OODScorer, calibrate_model
+from serve.ood import calibrate_model
+from serve.ood.suite import ScoreSuite
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calibrated(exported):
     model, _ = exported
-    cal = calibrate_model(model, "fashion-mnist", limit=600, progress=False)
+    cal = calibrate_model(model, "fashion-mnist", limit=600, shift_limit=200, progress=False)
     return model, cal
 
 
@@ -78,16 +79,19 @@ def test_calibration_round_trips_through_the_model_file(calibrated):
     stored = runtime.ood_calibration
     assert stored is not None
     assert json.loads(json.dumps(stored)) == json.loads(json.dumps(cal))
-    assert stored["version"] == 1 and stored["dim"] == runtime.dim == 64
+    assert stored["version"] == 2 and stored["dim"] == runtime.dim == 64
+    assert stored["feature_dim"] == runtime.feature_dim == 64  # width-0.125 ResNet-18 features
+    assert set(stored["selection"]["validation_sets"]) == {f"shift:{s}" for s in ("noise", "blur", "invert", "rotate")}
     assert stored["source"]["spec"] == "fashion-mnist" and stored["n"] == 600
     # The stored scorer scores fresh in-distribution images exactly as the in-memory one does, and keeps TPR.
     from pretrain.data.sources import open_source
 
     test = open_source("fashion-mnist:test")
-    emb = runtime.embed([test.image(i) for i in range(600)])
-    a = OODScorer.from_calibration(stored).score(emb)
-    b = OODScorer.from_calibration(cal).score(emb)
+    emb, feats = runtime.embed_with_features([test.image(i) for i in range(600)])
+    a = ScoreSuite.from_calibration(stored).score(emb, feats)
+    b = ScoreSuite.from_calibration(cal).score(emb, feats)
     np.testing.assert_array_equal(a.score, b.score)
+    assert a.score_name == cal["served"]
     # 95% target: sd ~0.009 from 600 fresh images plus ~0.012 from the 300-image held-out quantile
     assert 0.90 <= 1.0 - a.is_ood.mean() <= 0.995
 
@@ -106,12 +110,26 @@ def test_cli_calibrate_then_score_odd_images(exported, odd_folder, capsys, tmp_p
         "fashion-mnist:test",
         "--limit",
         "200",
+        "--validate-ood",
+        "mnist",
+        "--validate-ood",
+        "samples:cifar10",
+        "--validate-limit",
+        "100",
+        "--shift-limit",
+        "60",
         "--json",
         "--no-progress",
     )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["n"] == 200 and summary["dim"] == 64 and summary["holdout_tpr"] >= 0.95
+    sets = {"mnist", "samples:cifar10", "shift:noise", "shift:blur", "shift:invert", "shift:rotate"}
+    assert set(summary["validation_sets"]) == sets
+    assert {(r["score"], r["set"]) for r in summary["table"]} == {(n, st) for n in summary["scores"] for st in sets}
+    best = max(v["min_auroc"] for v in summary["summary"].values())
+    assert summary["summary"][summary["served"]]["min_auroc"] >= best - 0.005
+    assert summary["served"] in summary["reason"] and summary["drift_window"] == 64
 
     code, out, err = run_cli(capsys, "ood", "score", "--model", str(model), str(odd_folder), "--json", "--no-progress")
     assert code == 0, err
@@ -119,9 +137,10 @@ def test_cli_calibrate_then_score_odd_images(exported, odd_folder, capsys, tmp_p
     names = sorted(r["path"].rsplit("/", 1)[-1] for r in report["results"])
     assert names == ["alpha.png", "cmyk.jpg", "colour_large.jpg", "grey16.png", "palette.gif", "tiny.png"]
     assert [f["path"].rsplit("/", 1)[-1] for f in report["failed"]] == ["broken.png"]
+    assert report["score_name"] == summary["served"] and report["threshold"] == summary["threshold"]
     for r in report["results"]:
         assert np.isfinite(r["score"]) and 0.0 <= r["l0"] <= 1.0 and isinstance(r["is_ood"], bool)
-        assert r["is_ood"] == (r["score"] > report["threshold"])
+        assert r["is_ood"] == (r["score"] > report["threshold"]) and r["score_name"] == summary["served"]
 
     code, out, err = run_cli(
         capsys, "ood", "score", "--model", str(model), str(odd_folder / "tiny.png"), "--no-progress"
@@ -154,7 +173,10 @@ def test_cli_eval_json_fields(calibrated, capsys, tmp_path):
     assert code == 0, err
     rep = json.loads(out)
     assert json.loads(out_file.read_text()) == rep
-    assert set(rep["methods"]) == {"rate", "pattern", "combined", "knn", "mahalanobis", "l0_deviation"}
+    _, cal = calibrated
+    assert set(rep["methods"]) == {*cal["scores"], "knn", "mahalanobis"} and "feature_mahalanobis" in rep["methods"]
+    assert rep["served"] == cal["served"] and rep["methods"][cal["served"]]["served"] is True
+    assert rep["operating_point"]["score"] == cal["served"]
     for m in rep["methods"].values():
         assert {"auroc", "fpr95", "aupr", "aupr_in", "score_us", "needs"} <= set(m)
         assert 0.0 <= m["auroc"] <= 1.0
@@ -216,6 +238,7 @@ def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, ca
         (["ood", "calibrate", "--model", "MODEL", "--data", "fashion-mnist:val"], "splits train and test"),
         (["ood", "score", "--model", "PLAIN", "TINY"], "has no OOD calibration"),
         (["ood", "score", "--model", "MODEL", "/nonexistent/img.png"], "no such file or folder"),
+        (["ood", "calibrate", "--model", "MODEL", "--data", "mnist", "--validate-ood", "nope"], "unknown data spec"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(exported, odd_folder, capsys, argv, message):
@@ -242,3 +265,32 @@ def test_cli_score_with_a_foreign_calibration_is_a_clear_error(exported, odd_fol
     write_ood_calibration(model, {"version": 99, "dim": 64})
     code, _, err = run_cli(capsys, "ood", "score", "--model", str(model), str(odd_folder / "tiny.png"))
     assert code == 2 and "calibration version 99 is not supported" in err and err.count("\n") == 1
+
+
+def test_model_without_feature_output(exported, tmp_path):
+    """--no-features: the graph has one output, calibration fits no feature score, and a server refuses a
+    calibration that serves one (instead of failing on the first request)."""
+    from export.onnx_export import export_checkpoint
+    from export.runtime import EmbeddingRuntime
+    from serve.embedding import load_scorer
+
+    model, _ = exported
+    out = tmp_path / "nofeat.onnx"
+    export_checkpoint(str(model.parent / "model.safetensors"), str(out), parity=False, features=False)
+    runtime = EmbeddingRuntime(str(out))
+    assert runtime.feature_dim is None
+    with pytest.raises(ValueError, match="no encoder-feature output"):
+        runtime.run_with_features(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    cal = calibrate_model(out, "fashion-mnist", limit=120, shift_limit=40, progress=False, write=False)
+    assert "feature_mahalanobis" not in cal["scores"] and cal["feature_dim"] is None
+    with_feats = EmbeddingRuntime(str(model))
+    emb, feats = with_feats.run_with_features(np.zeros((3, 1, 28, 28), dtype=np.float32))
+    np.testing.assert_array_equal(emb, with_feats.run(np.zeros((3, 1, 28, 28), dtype=np.float32)))
+    assert feats.shape == (3, with_feats.feature_dim)
+
+    from export.metadata import write_ood_calibration
+
+    full = calibrate_model(model, "fashion-mnist", limit=120, shift_limit=40, progress=False, write=False)
+    write_ood_calibration(out, {**full, "served": "feature_mahalanobis"})
+    with pytest.raises(ValueError, match="needs the encoder features"):
+        load_scorer(EmbeddingRuntime(str(out)))

@@ -490,28 +490,35 @@ def test_api_key_from_environment(model_path, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ calibrated model
 def test_ood_scores_match_the_scorer(model_path, tmp_path_factory, tmp_path):
     from export.runtime import EmbeddingRuntime
-    from serve.ood import OODScorer
+    from serve.ood.suite import ScoreSuite
 
     calibrated, cal = calibrated_copy(model_path, tmp_path_factory.getbasetemp())
     images = fashion_images(4, offset=50)
     colour = [Image.open(p).convert("RGB") for p in cifar_files()[:3]]
-    expected = OODScorer.from_calibration(cal).score(EmbeddingRuntime(str(calibrated)).embed(images + colour))
+    runtime = EmbeddingRuntime(str(calibrated))
+    codes, feats = runtime.embed_with_features(images + colour)
+    expected = ScoreSuite.from_calibration(cal).score(codes, feats)
+    served, threshold = cal["served"], cal["scores"][cal["served"]]["threshold"]
     app = create_app(make_settings(calibrated, tmp_path, index_dir=None))
     with TestClient(app) as c:
         info = c.get("/v1/info").json()
         assert info["ood_calibrated"] is True and "ood_calibration" not in info["model"]
-        assert info["ood"]["threshold"] == pytest.approx(cal["thresholds"]["combined"]) and info["ood"]["tpr"] == 0.95
+        assert info["ood"]["threshold"] == pytest.approx(threshold) and info["ood"]["tpr"] == 0.95
+        assert info["ood"]["served"] == served
         data = [png_bytes(img) for img in images + colour]
         ood = c.post("/v1/ood", files=multipart(data))
         assert ood.status_code == 200, ood.text
         body = ood.json()
-        assert body["threshold"] == pytest.approx(cal["thresholds"]["combined"])
+        assert body["threshold"] == pytest.approx(threshold) and body["score_name"] == served
+        assert {r["score_name"] for r in body["results"]} == {served}
         np.testing.assert_allclose([r["score"] for r in body["results"]], expected.score, rtol=1e-5, atol=1e-6)
         assert [r["is_ood"] for r in body["results"]] == expected.is_ood.tolist()
         np.testing.assert_allclose([r["l0"] for r in body["results"]], expected.l0, rtol=1e-6)
         embedded = c.post("/v1/embed", json={"images": [b64(d) for d in data]}).json()["embeddings"]
         np.testing.assert_allclose([e["ood_score"] for e in embedded], expected.score, rtol=1e-5, atol=1e-6)
         assert [e["is_ood"] for e in embedded] == expected.is_ood.tolist()
+        assert {e["ood_score_name"] for e in embedded} == {served}
+        assert [e["ood_threshold"] for e in embedded] == pytest.approx([threshold] * len(data))
         metrics = c.get("/metrics").text
         assert f"lpjepa_ood_flagged_total {2.0 * int(expected.is_ood.sum())}" in metrics
 

@@ -82,7 +82,8 @@ def calibrated_copy(onnx_path: Path, base: Path, n_images: int = 200) -> tuple[P
                     shutil.copy(f, out / f.name)
             rt = EmbeddingRuntime(str(target))
             images = fashion_images(n_images, offset=1000)
-            cal = calibrate(rt.embed(images), tpr=0.95, seed=0)
+            codes, feats = rt.embed_with_features(images)  # no validation set: serves feature_mahalanobis
+            cal = calibrate(codes, features=feats, tpr=0.95, seed=0)
             write_ood_calibration(str(target), cal)
     rt = EmbeddingRuntime(str(target))
     assert rt.ood_calibration is not None

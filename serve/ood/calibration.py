@@ -17,15 +17,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from serve.drift import DEFAULT_WINDOW, fit_drift_null
+from serve.ood.detectors import Inputs, fit_detectors
 from serve.ood.scores import (
     CALIBRATION_VERSION,
     SCORE_NAMES,
     CalibrationError,
     OODScorer,
     SmoothedECDF,
-    activation_matrix,
     l0_fraction,
 )
+from serve.ood.selection import select_served
+from serve.ood.shifts import SHIFT_NAMES
+from serve.ood.suite import NEEDS, ScoreSuite
 
 MIN_PART = 20  # fewest embeddings in each of the fit and threshold parts
 
@@ -40,6 +44,7 @@ def conformal_threshold(scores: NDArray[Any], tpr: float) -> float:
 def calibrate(
     embeddings: Any,
     *,
+    features: Any = None,
     tpr: float = 0.95,
     fit_fraction: float = 0.5,
     seed: int = 0,
@@ -47,11 +52,18 @@ def calibrate(
     max_knots: int = 1024,
     expected_l0: float | None = None,
     source: dict[str, Any] | None = None,
+    validation: dict[str, Any] | None = None,
+    mixture_k: int = 16,
+    rank: int = 32,
+    drift_window: int = DEFAULT_WINDOW,
 ) -> dict[str, Any]:
-    """Fit the activation scores on in-distribution embeddings; returns a JSON-serialisable, versioned dict.
+    """Fit every OOD score on in-distribution embeddings; returns a JSON-serialisable, versioned dict.
 
     `alpha` is the Laplace pseudo-count added to both the fire and the not-fire count of each dimension, so a
-    dimension that never (or always) fired during calibration gives a large but finite NLL.
+    dimension that never (or always) fired during calibration gives a large but finite NLL. `features` are the
+    encoder features of the same inputs (enables feature_mahalanobis). `validation` maps names to OOD inputs
+    (`detectors.Inputs`, or codes) on which every score is evaluated against the held-out ID part; the score to
+    serve is chosen from that table (selection.select_served).
     """
     if not 0.0 < tpr < 1.0:
         raise CalibrationError(f"tpr must be strictly between 0 and 1, got {tpr}")
@@ -59,7 +71,8 @@ def calibrate(
         raise CalibrationError(f"fit_fraction must be strictly between 0 and 1, got {fit_fraction}")
     if not alpha > 0:
         raise CalibrationError(f"alpha (Laplace pseudo-count) must be positive, got {alpha}")
-    active = activation_matrix(embeddings)
+    inputs = embeddings if isinstance(embeddings, Inputs) else Inputs.from_arrays(embeddings, features)
+    active = inputs.active
     n, dim = active.shape
     if n < 2 * MIN_PART:
         raise CalibrationError(f"calibration needs at least {2 * MIN_PART} in-distribution embeddings, got {n}")
@@ -67,7 +80,8 @@ def calibrate(
         raise CalibrationError("embeddings have no dimensions")
     order = np.random.default_rng(seed).permutation(n)
     n_fit = int(np.clip(round(n * fit_fraction), MIN_PART, n - MIN_PART))
-    fit, held = active[order[:n_fit]], active[order[n_fit:]]
+    fit_rows, held_rows = np.sort(order[:n_fit]), np.sort(order[n_fit:])
+    fit, held = active[fit_rows], active[held_rows]
 
     counts = np.asarray(fit.sum(axis=0), dtype=np.float64).ravel()
     rates = (counts + alpha) / (n_fit + 2.0 * alpha)
@@ -90,6 +104,26 @@ def calibrate(
     held_scores = scorer.score(held)
     thresholds = {name: conformal_threshold(held_scores.by_name(name), tpr) for name in SCORE_NAMES}
     held_tpr = {name: float(np.mean(held_scores.by_name(name) <= thresholds[name])) for name in SCORE_NAMES}
+
+    detectors = fit_detectors(inputs.take(fit_rows), seed=seed, mixture_k=mixture_k, rank=rank, alpha=alpha)
+    scorer.thresholds = thresholds
+    suite = ScoreSuite(scorer, detectors, thresholds, "combined", expected_l0=expected_l0)
+    held_inputs = inputs.take(held_rows)
+    held_all = suite.score_all(held_inputs)
+    score_table: dict[str, Any] = {}
+    for name, values in held_all.items():
+        thr = conformal_threshold(values, tpr)
+        score_table[name] = {"threshold": thr, "holdout_tpr": float(np.mean(values <= thr)), "needs": NEEDS[name]}
+
+    val_scores = {}
+    for set_name, val in (validation or {}).items():
+        val_inputs = val if isinstance(val, Inputs) else Inputs.from_arrays(val)
+        if len(val_inputs) == 0:
+            continue
+        if val_inputs.features is None and inputs.features is not None:
+            raise CalibrationError(f"validation set {set_name!r} has no encoder features but the ID data has")
+        val_scores[set_name] = suite.score_all(val_inputs)
+    selection = select_served(held_all, val_scores, tpr=tpr)
 
     l0_all = l0_fraction(active)
     quantile_levels = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -119,6 +153,12 @@ def calibrate(
         "normalization": {name: {"mean": m, "std": s} for name, (m, s) in norm.items()},
         "thresholds": thresholds,
         "holdout_tpr": held_tpr,
+        "feature_dim": None if inputs.features is None else int(inputs.features.shape[1]),
+        "detectors": {name: det.state() for name, det in detectors.items()},
+        "scores": score_table,
+        "served": selection["served"],
+        "selection": selection,
+        "drift": fit_drift_null(fit, held, rates, ecdf, window=drift_window, seed=seed),
     }
     if source is not None:
         cal["source"] = dict(source)
@@ -135,30 +175,72 @@ def calibrate_model(
     batch_size: int = 256,
     progress: bool = True,
     write: bool = True,
+    validate_ood: list[str] | tuple[str, ...] = (),
+    validate_limit: int | None = 2000,
+    shifts: list[str] | tuple[str, ...] = SHIFT_NAMES,
+    shift_limit: int = 1000,
+    drift_window: int = DEFAULT_WINDOW,
 ) -> dict[str, Any]:
-    """Embed `data_spec` with the exported model, calibrate, and store the result with the model.
+    """Embed `data_spec` with the exported model, fit every score, choose the served one, store the result.
 
+    The served score is chosen on the held-out part of `data_spec` against each `validate_ood` spec (a seeded
+    subset of `validate_limit` images) and each synthetic shift of `shift_limit` images of `data_spec`.
     The calibration lands in the model's ONNX metadata (or its sidecar) through export.metadata, which is where
     EmbeddingRuntime.ood_calibration and therefore `lpjepa serve` look for it.
     """
     from export.metadata import write_ood_calibration
-    from serve.ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
+    from serve.ood.inputs import InputError, embed_images, embed_source, open_runtime, open_spec, subsample
+    from serve.ood.shifts import shifted_loaders
 
+    unknown = [name for name in shifts if name not in SHIFT_NAMES]
+    if unknown:
+        raise InputError(f"unknown synthetic shift {', '.join(unknown)}; choose from {', '.join(SHIFT_NAMES)}")
     runtime = open_runtime(model_path)
     source = open_spec(data_spec)
+    val_sources = {spec: open_spec(spec) for spec in dict.fromkeys(validate_ood)}  # bad spec: fail before work
     indices = subsample(len(source), limit, seed)
     embedded = embed_source(
         runtime, source, indices, batch_size=batch_size, progress=progress, desc=f"calibrate {data_spec}"
     )
     if embedded.n == 0:
         raise InputError(f"no image of {data_spec} could be decoded ({len(embedded.failed)} failed)")
+    validation: dict[str, Any] = {}
+    for spec, val_source in val_sources.items():
+        val = embed_source(
+            runtime,
+            val_source,
+            subsample(len(val_source), validate_limit, seed + 3),
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"validate {spec}",
+        )
+        if val.n == 0:
+            raise InputError(f"no image of the validation set {spec} could be decoded ({len(val.failed)} failed)")
+        validation[spec] = val.inputs()
+    shift_idx = subsample(len(source), shift_limit, seed + 4)
+    for shift in shifts:
+        loaders = shifted_loaders(source, shift_idx, shift, seed=seed)
+        val = embed_images(runtime, loaders, batch_size=batch_size, progress=progress, desc=f"shift {shift}")
+        if val.n:
+            validation[f"shift:{shift}"] = val.inputs()
     expected = runtime.metadata.get("expected_l0") if isinstance(runtime.metadata, dict) else None
     cal = calibrate(
-        embedded.matrix,
+        embedded.inputs(),
         tpr=tpr,
         seed=seed,
         expected_l0=None if expected is None else float(expected),
-        source={"spec": data_spec, "n_images": embedded.n, "failed": len(embedded.failed), "limit": limit},
+        validation=validation,
+        drift_window=drift_window,
+        source={
+            "spec": data_spec,
+            "n_images": embedded.n,
+            "failed": len(embedded.failed),
+            "limit": limit,
+            "validate_ood": list(val_sources),
+            "validate_limit": validate_limit,
+            "shifts": list(shifts),
+            "shift_limit": shift_limit,
+        },
     )
     if write:
         write_ood_calibration(str(model_path), cal)

@@ -26,6 +26,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _window(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"the drift window needs at least 2 images, got {text!r}")
+    return value
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (a file, a spec, a stored calibration), reported as one line, exit 2."""
     from export.errors import ModelLoadError
@@ -43,6 +50,7 @@ def _print_json(obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ calibrate
 def _calibrate(args: argparse.Namespace) -> int:
     from serve.ood.calibration import calibrate_model
+    from serve.ood.shifts import SHIFT_NAMES
 
     try:
         cal = calibrate_model(
@@ -53,9 +61,15 @@ def _calibrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             progress=not args.no_progress,
+            validate_ood=args.validate_ood,
+            validate_limit=args.validate_limit,
+            shifts=[] if args.no_shifts else list(SHIFT_NAMES),
+            shift_limit=args.shift_limit,
+            drift_window=args.drift_window,
         )
     except _user_errors() as err:
         raise CliError(str(err)) from err
+    selection = cal["selection"]
     summary = {
         "model": args.model,
         "data": args.data,
@@ -63,9 +77,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         "n_fit": cal["n_fit"],
         "n_holdout": cal["n_holdout"],
         "dim": cal["dim"],
+        "feature_dim": cal["feature_dim"],
         "tpr": cal["tpr"],
-        "threshold": cal["thresholds"]["combined"],
-        "holdout_tpr": cal["holdout_tpr"]["combined"],
+        "served": cal["served"],
+        "reason": selection["reason"],
+        "rule": selection["rule"],
+        "threshold": cal["scores"][cal["served"]]["threshold"],
+        "holdout_tpr": cal["scores"][cal["served"]]["holdout_tpr"],
+        "scores": cal["scores"],
+        "validation_sets": selection["validation_sets"],
+        "summary": selection["summary"],
+        "table": selection["table"],
+        "drift_window": cal["drift"]["window"],
         "l0_mean": cal["l0"]["mean"],
         "l0_std": cal["l0"]["std"],
         "l0_expected": cal["l0"]["expected"],
@@ -73,20 +96,31 @@ def _calibrate(args: argparse.Namespace) -> int:
     }
     if args.json:
         _print_json(summary)
-    else:
-        expected = "n/a" if summary["l0_expected"] is None else f"{summary['l0_expected']:.4f}"
-        print(
-            f"calibrated {args.model} on {cal['n']} images of {args.data} "
-            f"({cal['n_fit']} fit rates and l0, {cal['n_holdout']} set the threshold)"
-        )
-        print(
-            f"  l0 mean {summary['l0_mean']:.4f} (std {summary['l0_std']:.4f}, analytic {expected}); "
-            f"{summary['dead_dims']} of {summary['dim']} dimensions never fired"
-        )
-        print(
-            f"  threshold {summary['threshold']:.4f} on the combined score for {cal['tpr']:.0%} ID TPR "
-            f"(held-out TPR {summary['holdout_tpr']:.4f}); stored with the model"
-        )
+        return 0
+    expected = "n/a" if summary["l0_expected"] is None else f"{summary['l0_expected']:.4f}"
+    print(
+        f"calibrated {args.model} on {cal['n']} images of {args.data} "
+        f"({cal['n_fit']} fit the scores, {cal['n_holdout']} set thresholds and are the ID side of validation)"
+    )
+    print(
+        f"  l0 mean {summary['l0_mean']:.4f} (std {summary['l0_std']:.4f}, analytic {expected}); "
+        f"{summary['dead_dims']} of {summary['dim']} dimensions never fired"
+    )
+    if selection["summary"]:
+        sets = selection["validation_sets"]
+        by = {(r["score"], r["set"]): r for r in selection["table"]}
+        width = max(len(n) for n in selection["summary"]) + 2
+        print(f"  AUROC on the validation sets ({selection['rule']}):")
+        print("  " + f"{'score':<{width}}" + "".join(f"{name[:14]:>15}" for name in sets) + f"{'min':>8}")
+        for name, row in sorted(selection["summary"].items(), key=lambda kv: -kv[1]["min_auroc"]):
+            cells = "".join(f"{by[(name, st)]['auroc']:>15.3f}" for st in sets)
+            mark = "  <- served" if name == cal["served"] else ""
+            print(f"  {name:<{width}}{cells}{row['min_auroc']:>8.3f}{mark}")
+    print(f"  served: {selection['reason']}")
+    print(
+        f"  threshold {summary['threshold']:.4f} on {cal['served']} for {cal['tpr']:.0%} ID TPR "
+        f"(held-out TPR {summary['holdout_tpr']:.4f}); drift window {summary['drift_window']}; stored with the model"
+    )
     return 0
 
 
@@ -95,16 +129,19 @@ def _format_table(report: dict[str, Any]) -> str:
     lines = [
         f"ID {report['id']['spec']} ({report['id']['n']})  vs  OOD {report['ood']['spec']} "
         f"({report['ood']['n']}); baselines fitted on {report['train']['how']}",
-        f"{'method':<14}{'AUROC':>8}{'FPR@95':>8}{'AUPR':>8}{'us/input':>10}  needs at scoring time",
+        f"{'method':<20}{'AUROC':>8}{'FPR@95':>8}{'AUPR':>8}{'us/input':>10}  needs at scoring time",
     ]
     for name, m in report["methods"].items():
+        mark = "  [served]" if m.get("served") else ""
         lines.append(
-            f"{name:<14}{m['auroc']:>8.4f}{m['fpr95']:>8.4f}{m['aupr']:>8.4f}{m['score_us']:>10.2f}  {m['needs']}"
+            f"{name:<20}{m['auroc']:>8.4f}{m['fpr95']:>8.4f}{m['aupr']:>8.4f}{m['score_us']:>10.2f}  {m['needs']}{mark}"
         )
     op, l0 = report["operating_point"], report["l0"]
     expected = "n/a" if l0["expected"] is None else f"{l0['expected']:.4f}"
+    flagged = "n/a" if op["ood_detected"] is None else f"{op['ood_detected']:.4f}"
+    id_tpr = "n/a" if op["id_tpr"] is None else f"{op['id_tpr']:.4f}"
     lines.append(
-        f"threshold {op['threshold']:.4f}: ID TPR {op['id_tpr']:.4f}, OOD flagged {op['ood_detected']:.4f}"
+        f"served {report['served']}, threshold {op['threshold']:.4f}: ID TPR {id_tpr}, OOD flagged {flagged}"
         f"  (calibration: {report['calibration']['from']})"
     )
     lines.append(
@@ -147,7 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ score
 def _score(args: argparse.Namespace) -> int:
     from serve.ood.inputs import embed_images, image_paths, open_image, open_runtime
-    from serve.ood.scores import OODScorer
+    from serve.ood.suite import ScoreSuite
 
     try:
         files = image_paths(args.paths)
@@ -158,7 +195,9 @@ def _score(args: argparse.Namespace) -> int:
                 f"model {args.model} has no OOD calibration; run `lpjepa ood calibrate --model "
                 f"{args.model} --data SPEC` first"
             )
-        scorer = OODScorer.from_calibration(cal)
+        suite = ScoreSuite.from_calibration(cal)
+        if suite.needs_features() and not runtime.feature_dim:
+            raise CliError(f"the calibration serves {suite.served}, but {args.model} has no encoder-feature output")
         loaders = [(str(f), (lambda f=f: open_image(f))) for f in files]
         embedded = embed_images(
             runtime, loaders, batch_size=args.batch_size, progress=not args.no_progress, desc="score"
@@ -167,31 +206,33 @@ def _score(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from err
     records: list[dict[str, Any]] = []
     if embedded.n:
-        for pos, rec in zip(embedded.indices, scorer.score(embedded.matrix).to_records(), strict=True):
+        scored = suite.score(embedded.inputs()).to_records()
+        for pos, rec in zip(embedded.indices, scored, strict=True):
             records.append({"path": str(files[pos]), **rec})
     failed = [{"path": name, "error": reason} for name, reason in embedded.failed]
     if args.json:
         _print_json(
             {
                 "model": args.model,
-                "threshold": scorer.threshold,
-                "tpr": scorer.tpr,
+                "score_name": suite.served,
+                "threshold": suite.threshold,
+                "tpr": suite.tpr,
                 "results": records,
                 "failed": failed,
             }
         )
         return 0
     width = max([len(r["path"]) for r in records] + [4])
-    print(f"{'path':<{width}}  {'score':>8}  {'l0':>7}  {'rate':>7}  {'pattern':>8}  ood")
+    print(f"{'path':<{width}}  {'score':>9}  {'l0':>7}  {'rate':>7}  {'pattern':>8}  ood")
     for r in records:
         print(
-            f"{r['path']:<{width}}  {r['score']:>8.3f}  {r['l0']:>7.4f}  {r['rate_score']:>7.3f}  "
+            f"{r['path']:<{width}}  {r['score']:>9.3f}  {r['l0']:>7.4f}  {r['rate_score']:>7.3f}  "
             f"{r['pattern_score']:>8.4f}  {'yes' if r['is_ood'] else 'no'}"
         )
     for f in failed:
         print(f"{f['path']:<{width}}  unreadable: {f['error']}")
     n_ood = sum(r["is_ood"] for r in records)
-    print(f"{n_ood} of {len(records)} flagged out-of-distribution (threshold {scorer.threshold:.4f})")
+    print(f"{n_ood} of {len(records)} flagged out-of-distribution by {suite.served} (threshold {suite.threshold:.4f})")
     return 0
 
 
@@ -214,14 +255,32 @@ def register(subparsers: Any) -> None:
     cal = sub.add_parser(
         "calibrate",
         help="fit the OOD scores on in-distribution data and store them in the model",
-        description="Embed in-distribution images, fit l0 and per-dimension rates on one part, "
-        "set the threshold on the other, and store the calibration with the model.",
+        description="Embed in-distribution images, fit every OOD score on one part, set the thresholds on the "
+        "other, evaluate each score against the --validate-ood sets and synthetic shifts of the ID data, serve the "
+        "one with the best worst-case AUROC, and store the calibration (with the drift monitor's null) in the model.",
     )
     common(cal)
     cal.add_argument("--data", required=True, help="in-distribution data spec (built-in name or image folder)")
     cal.add_argument("--limit", type=_positive_int, default=None, help="use a seeded random subset of this size")
     cal.add_argument("--tpr", type=_fraction, default=0.95, help="in-distribution true positive rate (0.95)")
     cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument(
+        "--validate-ood",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an OOD data set to choose the served score on (repeatable), e.g. mnist or samples:cifar10",
+    )
+    cal.add_argument("--validate-limit", type=_positive_int, default=2000, help="images per --validate-ood set (2000)")
+    cal.add_argument("--shift-limit", type=_positive_int, default=1000, help="ID images per synthetic shift (1000)")
+    cal.add_argument(
+        "--no-shifts",
+        action="store_true",
+        help="do not validate on the synthetic shifts (noise, blur, invert, rotate) of the ID data",
+    )
+    cal.add_argument(
+        "--drift-window", type=_window, default=64, help="images in the server's drift-monitor window (64)"
+    )
     cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser(

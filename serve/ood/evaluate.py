@@ -18,20 +18,13 @@ from numpy.typing import NDArray
 
 from serve.ood.baselines import KNNDistance, Mahalanobis, l0_deviation
 from serve.ood.calibration import calibrate
+from serve.ood.detectors import Inputs
 from serve.ood.metrics import auroc, ood_metrics
-from serve.ood.scores import OODScorer, activation_matrix, l0_fraction
+from serve.ood.scores import l0_fraction
+from serve.ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 OUR_METHODS = ("rate", "pattern", "combined")
-# What each method needs at scoring time: the point of the activation scores is that they need no index.
-NEEDS = {
-    "rate": "calibration (l0 distribution)",
-    "pattern": "calibration (D rates)",
-    "combined": "calibration",
-    "knn": "index of ID train embeddings",
-    "mahalanobis": "D x D precision matrix",
-    "l0_deviation": "analytic E[l0] only",
-}
 _TEST_TO_TRAIN = {"test": "train", "val": "train", "t10k": "train"}
 
 
@@ -86,53 +79,67 @@ def evaluate_embeddings(
     k: int = 50,
     tpr: float = 0.95,
 ) -> EvalResult:
-    """Metrics of every method on fixed embeddings; `train_emb` fits KNN and Mahalanobis only."""
-    scorer = OODScorer.from_calibration(calibration)
-    n_id, n_ood = int(id_emb.shape[0]), int(ood_emb.shape[0])
+    """Metrics of every score of the calibration plus KNN and Mahalanobis fitted on `train_emb`.
+
+    The inputs may be `detectors.Inputs` (codes + encoder features) or plain code matrices; `report["served"]`
+    names the score the calibration serves (what a server's flag uses) and its method entry has served=True.
+    """
+    suite = ScoreSuite.from_calibration(calibration)
+    id_in, ood_in = _as_inputs(id_emb), _as_inputs(ood_emb)
+    train_codes = train_emb.codes if isinstance(train_emb, Inputs) else train_emb
+    n_id, n_ood = len(id_in), len(ood_in)
     n_total = n_id + n_ood
     methods: dict[str, dict[str, Any]] = {}
     s_id: dict[str, NDArray[np.float64]] = {}
     s_ood: dict[str, NDArray[np.float64]] = {}
 
-    (ours_id, ours_ood), secs = _timed(lambda: (scorer.score(id_emb), scorer.score(ood_emb)))
-    for name in OUR_METHODS:
-        s_id[name], s_ood[name] = ours_id.by_name(name), ours_ood.by_name(name)
+    for name in suite.names:
+        if suite.needs_features(name) and (id_in.features is None or ood_in.features is None):
+            continue
+        (s_id[name], s_ood[name]), secs = _timed(
+            lambda name=name: (suite.score_named(name, id_in), suite.score_named(name, ood_in))
+        )
         methods[name] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
 
-    k_used = min(k, int(train_emb.shape[0]))
-    knn, fit_s = _timed(lambda: KNNDistance(k_used).fit(train_emb))
-    (s_id["knn"], s_ood["knn"]), secs = _timed(lambda: (knn.score(id_emb), knn.score(ood_emb)))
+    k_used = min(k, int(train_codes.shape[0]))
+    knn, fit_s = _timed(lambda: KNNDistance(k_used).fit(train_codes))
+    (s_id["knn"], s_ood["knn"]), secs = _timed(lambda: (knn.score(id_in.codes), knn.score(ood_in.codes)))
     methods["knn"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "k": k_used}
 
-    maha, fit_s = _timed(lambda: Mahalanobis().fit(train_emb))
-    (s_id["mahalanobis"], s_ood["mahalanobis"]), secs = _timed(lambda: (maha.score(id_emb), maha.score(ood_emb)))
+    maha, fit_s = _timed(lambda: Mahalanobis().fit(train_codes))
+    (s_id["mahalanobis"], s_ood["mahalanobis"]), secs = _timed(
+        lambda: (maha.score(id_in.codes), maha.score(ood_in.codes))
+    )
     methods["mahalanobis"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "shrinkage": maha.shrinkage}
 
-    l0_id, l0_ood = ours_id.l0, ours_ood.l0
+    l0_id, l0_ood = l0_fraction(id_in.active), l0_fraction(ood_in.active)
     if expected_l0 is None:
         expected_l0 = calibration.get("l0", {}).get("expected")
-    if expected_l0 is not None:
+    if expected_l0 is not None and "l0_deviation" not in methods:
         (s_id["l0_deviation"], s_ood["l0_deviation"]), secs = _timed(
-            lambda: (
-                l0_deviation(l0_fraction(activation_matrix(id_emb)), expected_l0),
-                l0_deviation(l0_fraction(activation_matrix(ood_emb)), expected_l0),
-            )
+            lambda: (l0_deviation(l0_id, expected_l0), l0_deviation(l0_ood, expected_l0))
         )
         methods["l0_deviation"] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
 
     for name, entry in methods.items():
         entry.update(ood_metrics(s_id[name], s_ood[name], tpr))
         entry["needs"] = NEEDS[name]
+        entry["activation_statistics"] = name in ACTIVATION_STATISTICS
+        entry["served"] = name == suite.served
 
+    served_id, served_ood = s_id.get(suite.served), s_ood.get(suite.served)
     report = {
         "version": REPORT_VERSION,
         "metric_notes": "OOD is the positive class; fpr95 = FPR on ID at 95% TPR on OOD; aupr = AUPR-Out",
+        "served": suite.served,
+        "selection": {key: (calibration.get("selection") or {}).get(key) for key in ("rule", "reason")},
         "methods": methods,
         "operating_point": {
-            "threshold": scorer.threshold,
-            "calibrated_tpr": scorer.tpr,
-            "id_tpr": float(1.0 - np.mean(ours_id.is_ood)),
-            "ood_detected": float(np.mean(ours_ood.is_ood)),
+            "score": suite.served,
+            "threshold": suite.threshold,
+            "calibrated_tpr": suite.tpr,
+            "id_tpr": None if served_id is None else float(np.mean(served_id <= suite.threshold)),
+            "ood_detected": None if served_ood is None else float(np.mean(served_ood > suite.threshold)),
         },
         "l0": {
             "expected": None if expected_l0 is None else float(expected_l0),
@@ -143,9 +150,13 @@ def evaluate_embeddings(
             "calibration_mean": calibration.get("l0", {}).get("mean"),
         },
         "batch_l0_auroc": batch_l0_shift(l0_id, l0_ood, float(calibration.get("l0", {}).get("mean", np.mean(l0_id)))),
-        "dim": scorer.dim,
+        "dim": suite.dim,
     }
     return EvalResult(report=report, l0_id=l0_id, l0_ood=l0_ood, scores_id=s_id, scores_ood=s_ood)
+
+
+def _as_inputs(x: Any) -> Inputs:
+    return x if isinstance(x, Inputs) else Inputs.from_arrays(x)
 
 
 def train_spec_for(id_spec: str) -> str | None:
@@ -214,14 +225,14 @@ def evaluate_model(
     if stored is not None:
         calibration, cal_from = stored, "model"
     else:
-        calibration = calibrate(train.matrix, tpr=tpr, seed=seed, source={"spec": train_spec, "n": train.n})
+        calibration = calibrate(train.inputs(), tpr=tpr, seed=seed, source={"spec": train_spec, "n": train.n})
         cal_from = f"fitted at eval time on the ID train split ({train.n} embeddings)"
     meta = runtime.metadata if isinstance(runtime.metadata, dict) else {}
     expected = meta.get("expected_l0")
     result = evaluate_embeddings(
-        id_eval.matrix,
-        ood_eval.matrix,
-        train.matrix,
+        id_eval.inputs(),
+        ood_eval.inputs(),
+        train.inputs(),
         calibration=calibration,
         expected_l0=None if expected is None else float(expected),
         k=k,

@@ -26,6 +26,13 @@ class Embedded:
     matrix: sparse.csr_matrix
     indices: NDArray[np.int64]
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image name, reason)
+    features: NDArray[np.float32] | None = None  # encoder features, when the model exports them
+
+    def inputs(self) -> Any:
+        """The rows as `detectors.Inputs`, what every OOD score takes."""
+        from serve.ood.detectors import Inputs
+
+        return Inputs.from_arrays(self.matrix, self.features)
 
     @property
     def n(self) -> int:
@@ -66,9 +73,11 @@ def subsample(n: int, limit: int | None, seed: int) -> NDArray[np.int64]:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)).astype(np.int64)
 
 
-def _embed_batch(runtime: Any, images: list[Any]) -> sparse.csr_matrix:
+def _embed_batch(runtime: Any, images: list[Any]) -> tuple[sparse.csr_matrix, NDArray[np.float32] | None]:
+    if getattr(runtime, "feature_dim", None):
+        return runtime.embed_with_features(images)
     out = runtime.embed(images)
-    return out.tocsr() if sparse.issparse(out) else sparse.csr_matrix(np.asarray(out, dtype=np.float32))
+    return (out.tocsr() if sparse.issparse(out) else sparse.csr_matrix(np.asarray(out, dtype=np.float32))), None
 
 
 def embed_images(
@@ -79,6 +88,7 @@ def embed_images(
     from tqdm import tqdm
 
     blocks: list[sparse.csr_matrix] = []
+    feat_blocks: list[Any] = []
     kept: list[int] = []
     failed: list[tuple[int, str, str]] = []
     batch: list[Any] = []
@@ -88,14 +98,18 @@ def embed_images(
         if not batch:
             return
         try:
-            blocks.append(_embed_batch(runtime, batch))
+            emb, feats = _embed_batch(runtime, batch)
+            blocks.append(emb)
+            feat_blocks.append(feats)
             kept.extend(batch_idx)
         except ValueError:
             # The runtime refuses the whole batch for one image it cannot convert: redo it image by image so
             # only the culprit is dropped (and named).
             for img, pos in zip(batch, batch_idx, strict=True):
                 try:
-                    blocks.append(_embed_batch(runtime, [img]))
+                    emb, feats = _embed_batch(runtime, [img])
+                    blocks.append(emb)
+                    feat_blocks.append(feats)
                     kept.append(pos)
                 except ValueError as err:
                     failed.append((pos, loaders[pos][0], f"{type(err).__name__}: {err}"))
@@ -121,7 +135,11 @@ def embed_images(
     dim = int(getattr(runtime, "dim", 0))
     matrix = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, dim), dtype=np.float32)
     failures = [(name, reason) for _, name, reason in sorted(failed)]  # in input order
-    return Embedded(matrix=matrix, indices=np.asarray(kept, dtype=np.int64), failed=failures)
+    features = None
+    fdim = getattr(runtime, "feature_dim", None)
+    if fdim:
+        features = np.concatenate(feat_blocks) if feat_blocks else np.zeros((0, int(fdim)), dtype=np.float32)
+    return Embedded(matrix=matrix, indices=np.asarray(kept, dtype=np.int64), failed=failures, features=features)
 
 
 def embed_source(

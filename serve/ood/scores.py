@@ -17,7 +17,8 @@ from numpy.typing import NDArray
 from scipy import sparse
 from scipy.special import log_ndtr, logsumexp
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: activation scores only, served `combined`
 SCORE_NAMES = ("rate", "pattern", "combined")
 _CHUNK = 2048  # rows per block in the kernel CDF: bounds memory at _CHUNK x knots float64
 
@@ -213,9 +214,10 @@ class OODScorer:
         if not isinstance(cal, dict):
             raise CalibrationError(f"calibration must be a JSON object, got {type(cal).__name__}")
         version = cal.get("version")
-        if version != CALIBRATION_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CalibrationError(
-                f"calibration version {version!r} is not supported (this build reads version {CALIBRATION_VERSION})"
+                f"calibration version {version!r} is not supported (this build reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}); run `lpjepa ood calibrate` again"
             )
         dim = int(_number(cal, "dim", ""))
         if dim < 1:

@@ -1,0 +1,322 @@
+"""Drift monitor: is the recent traffic still the in-distribution data the model was calibrated on?
+
+Per input the activation rate says little (most MNIST images have an l0 inside the Fashion-MNIST band), but the
+mean over a window of inputs separates the two almost perfectly (docs/results/ood.md). The monitor keeps the
+last W embedded images (a ring of their active dimensions: memory O(W x nnz)) and, after every request that adds
+images, runs a windowed one-sample test of the window against the calibration:
+
+  l0 test       the number of active dimensions summed over the window, against its exact null distribution:
+                the W-fold convolution of the calibrated (kernel-smoothed) per-image l0 distribution. Two-sided.
+  pattern tests on the per-dimension firing counts c_j of the window, standardised as
+                d_j = (c_j - W r_j) / sqrt(max(W r_j (1 - r_j), 1)) with the calibrated rates r_j (the variance
+                floor, one expected firing per window, keeps a dimension that almost never fires from dominating).
+                Dimensions fire together, so sum_j d_j^2 is not chi-square with D degrees of freedom: its null is
+                dominated by a few correlated directions. Those are tested apart:
+    principal   Hotelling's T^2 in the top-m principal directions of the standardised firing covariance:
+                sum_k (u_k . d)^2 / lam_k, about chi2_m.
+    residual    the rest, ||d||^2 - sum_k (u_k . d)^2, whose remaining eigenvalues are flat.
+                Each gets Satterthwaite's scaled chi-square g chi2_h as its null, g and h matched to the
+                statistic's mean and variance over bootstrap windows of held-out calibration inputs, so the
+                skew of a window sum of W images (a strongly correlated direction is far from Gaussian at W = 64)
+                and the left-over correlation are both in the null.
+
+The three p-values are Bonferroni-combined, p = min(1, 3 min(p_l0, p_principal, p_residual)); the alarm is p < alpha,
+alpha being
+the configured false-alarm rate: the probability that one evaluation on in-distribution traffic raises the alarm.
+With one evaluation per request there are at most alpha x (requests) false alarms in expectation.
+
+Per request the cost is O(nnz) to update the ring and counts plus one O(D) dot product, under a lock; the
+p-values themselves are only computed when someone reads them (/v1/drift, /metrics): the alarm compares the
+window's statistics with critical values fixed at start-up.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import sparse, stats
+
+DEFAULT_WINDOW = 64
+DEFAULT_FALSE_ALARM_RATE = 1e-4
+N_TESTS = 3
+PRINCIPAL = 16  # principal directions tested by Hotelling's T^2
+TEST_NAME = (
+    "windowed: exact l0-sum test (W-fold convolution of the calibrated l0 distribution) + chi-square tests on the "
+    "per-dimension firing counts (Hotelling T^2 in the top principal directions, Satterthwaite on the rest), "
+    "Bonferroni-combined"
+)
+
+
+def chi_square(counts: NDArray[Any], expected: NDArray[Any], inv_var: NDArray[Any]) -> NDArray[np.float64]:
+    """Q per row of a (windows x D) count matrix (or one count vector)."""
+    d = np.asarray(counts, dtype=np.float64) - expected
+    return np.sum(d * d * inv_var, axis=-1)
+
+
+def chi_weights(rates: NDArray[Any], window: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(expected counts W r_j, 1 / max(W r_j (1 - r_j), 1))."""
+    r = np.asarray(rates, dtype=np.float64)
+    return window * r, 1.0 / np.maximum(window * r * (1.0 - r), 1.0)
+
+
+def l0_count_pmf(l0_cdf: Any, dim: int) -> NDArray[np.float64]:
+    """P(k active dimensions), k = 0..D, from the smoothed l0 CDF: mass between the half-lattice points."""
+    edges = (np.arange(dim + 2) - 0.5) / dim
+    cdf = l0_cdf.cdf(edges)
+    pmf = np.diff(cdf)
+    pmf[0] += cdf[0]
+    pmf[-1] += 1.0 - cdf[-1]
+    pmf = np.maximum(pmf, 0.0)
+    return pmf / pmf.sum()
+
+
+def fit_drift_null(
+    fit_active: Any,
+    held_active: Any,
+    rates: NDArray[Any],
+    l0_cdf: Any,
+    *,
+    window: int = DEFAULT_WINDOW,
+    n_windows: int = 4000,
+    principal: int = PRINCIPAL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The calibration's `drift` section: per-image l0 distribution, principal directions of the standardised
+    firing covariance, and the residual statistic's null moments from bootstrap windows.
+
+    The directions come from the fit part (where the rates were fitted) and everything the null depends on
+    (their variances, the residual's moments) from the held-out part: directions fitted to the same sample would
+    soak up more of its variance than of fresh data's, and the residual test would alarm too often.
+    """
+    from serve.ood.detectors import encode_array
+
+    f = sparse.csr_matrix(fit_active, dtype=np.float64)
+    a = sparse.csr_matrix(held_active, dtype=np.float64)
+    n, dim = a.shape
+    if window < 2:
+        raise ValueError(f"the drift window must hold at least 2 images, got {window}")
+    rng = np.random.default_rng(seed)
+    expected, inv_var = chi_weights(rates, window)
+    scale = np.sqrt(inv_var)
+
+    def std_cov(x: sparse.csr_matrix) -> NDArray[np.float64]:
+        mean = np.asarray(x.mean(axis=0)).ravel()
+        cov = (np.asarray((x.T @ x).todense()) - x.shape[0] * np.outer(mean, mean)) / max(x.shape[0] - 1, 1)
+        return window * cov * np.outer(scale, scale)
+
+    _, vecs = np.linalg.eigh(std_cov(f))
+    m = int(max(1, min(principal, dim - 1)))
+    comps = vecs[:, ::-1][:, :m].T  # m x D, in the standardised space
+    lam = np.maximum(np.einsum("kd,de,ke->k", comps, std_cov(a), comps), 1e-9)  # held-out variances
+    weights = comps * scale[None, :]  # applied to raw deviations c - W r
+    rest: list[NDArray[np.float64]] = []
+    hot: list[NDArray[np.float64]] = []
+    for start in range(0, n_windows, 500):
+        k = min(500, n_windows - start)
+        picks = rng.integers(0, n, size=(k, window))
+        select = sparse.csr_matrix(
+            (np.ones(k * window), (np.repeat(np.arange(k), window), picks.ravel())), shape=(k, n)
+        )
+        d = (select @ a).toarray() - expected
+        t = d @ weights.T
+        rest.append(chi_square(d, 0.0, inv_var) - np.sum(t * t, axis=1))
+        hot.append(np.sum(t * t / lam, axis=1))
+    return {
+        "window": int(window),
+        "l0_pmf": l0_count_pmf(l0_cdf, dim).tolist(),
+        "principal": {"components": encode_array(comps), "eigvals": lam.tolist(), **satterthwaite(hot)},
+        "residual": satterthwaite(rest),
+        "bootstrap_windows": int(n_windows),
+        "test": TEST_NAME,
+    }
+
+
+def satterthwaite(samples: list[NDArray[Any]]) -> dict[str, float]:
+    """Scaled chi-square g chi2_h with the samples' mean g h and variance 2 g^2 h."""
+    q = np.concatenate(samples)
+    mu, var = float(np.mean(q)), max(float(np.var(q, ddof=1)), 1e-12)
+    return {"scale": var / (2.0 * mu), "df": 2.0 * mu * mu / var, "mean": mu, "var": var}
+
+
+def window_sum_tails(pmf: NDArray[Any], window: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(P(S <= s), P(S >= s)) for S the sum of `window` i.i.d. counts with this pmf, s = 0..W*D (by FFT)."""
+    p = np.asarray(pmf, dtype=np.float64)
+    size = (p.size - 1) * window + 1
+    nfft = 1 << (size - 1).bit_length()
+    dist = np.fft.irfft(np.fft.rfft(p, nfft) ** window, nfft)[:size]
+    dist = np.maximum(dist, 0.0)
+    dist /= dist.sum()
+    cdf = np.cumsum(dist)
+    sf = np.cumsum(dist[::-1])[::-1]
+    return np.minimum(cdf, 1.0), np.minimum(sf, 1.0)
+
+
+class DriftMonitor:
+    """Sliding-window drift test over the images the server embeds; thread-safe, bounded memory."""
+
+    def __init__(
+        self,
+        rates: NDArray[Any],
+        section: dict[str, Any],
+        *,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_l0: float | None = None,
+    ) -> None:
+        if not 0.0 < false_alarm_rate < 1.0:
+            raise ValueError(f"false_alarm_rate must be strictly between 0 and 1, got {false_alarm_rate}")
+        self.rates = np.asarray(rates, dtype=np.float64)
+        self.dim = int(self.rates.size)
+        self.window = int(section["window"])
+        pmf = np.asarray(section["l0_pmf"], dtype=np.float64)
+        if pmf.shape != (self.dim + 1,) or self.window < 2:
+            raise ValueError("the calibration's drift section does not match the model's dimension")
+        self.false_alarm_rate = float(false_alarm_rate)
+        self.target_l0 = None if target_l0 is None else float(target_l0)
+        from serve.ood.detectors import decode_array
+
+        comps = decode_array(section["principal"]["components"], "drift.principal.components")
+        self.eigvals = np.asarray(section["principal"]["eigvals"], dtype=np.float64)
+        if comps.ndim != 2 or comps.shape[1] != self.dim or self.eigvals.shape != (comps.shape[0],):
+            raise ValueError("the calibration's drift section has inconsistent principal directions")
+        self.scale = float(section["residual"]["scale"])
+        self.df = float(section["residual"]["df"])
+        self._expected, self._inv_var = chi_weights(self.rates, self.window)
+        self._weights = comps * np.sqrt(self._inv_var)[None, :]
+        self._inv_lam = 1.0 / self.eigvals
+        cdf, sf = window_sum_tails(pmf, self.window)
+        self._p_l0 = np.minimum(1.0, 2.0 * np.minimum(cdf, sf))
+        level = self.false_alarm_rate / N_TESTS
+        self._l0_reject = self._p_l0 < level  # lookup by window l0 sum
+        self.t2_scale = float(section["principal"]["scale"])
+        self.t2_df = float(section["principal"]["df"])
+        self._t2_crit = self.t2_scale * float(stats.chi2.isf(level, self.t2_df))
+        self._q_crit = self.scale * float(stats.chi2.isf(level, self.df))
+        self._lock = threading.Lock()
+        self.reset()
+
+    @classmethod
+    def from_calibration(
+        cls, cal: dict[str, Any] | None, *, false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE
+    ) -> DriftMonitor | None:
+        """None when there is no calibration or it has no drift section (written before the monitor existed)."""
+        if not isinstance(cal, dict) or not isinstance(cal.get("drift"), dict):
+            return None
+        target = (cal.get("l0") or {}).get("expected")
+        return cls(cal["rates"], cal["drift"], false_alarm_rate=false_alarm_rate, target_l0=target)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._ring: list[NDArray[np.int64] | None] = [None] * self.window
+            self._pos = 0
+            self._count = 0
+            self._counts = np.zeros(self.dim, dtype=np.int64)
+            self._l0_sum = 0
+            self._q: float | None = None
+            self._t2: float | None = None
+            self._alarm = False
+            self.evaluations = 0
+            self.alarms = 0  # alarm onsets (no alarm -> alarm)
+            self.images = 0
+
+    # ---------------------------------------------------------------- feeding
+    def observe_rows(self, rows: list[NDArray[Any]]) -> bool:
+        """Add the active-dimension indices of some images (one request); returns the alarm state after it."""
+        if not rows:
+            return self._alarm
+        with self._lock:
+            counts, ring, w = self._counts, self._ring, self.window
+            for idx in rows:
+                old = ring[self._pos]
+                if old is not None:
+                    counts[old] -= 1
+                    self._l0_sum -= old.size
+                else:
+                    self._count += 1
+                idx = np.asarray(idx, dtype=np.int64)
+                counts[idx] += 1
+                self._l0_sum += idx.size
+                ring[self._pos] = idx
+                self._pos = (self._pos + 1) % w
+            self.images += len(rows)
+            if self._count == w:
+                d = counts - self._expected
+                t = self._weights @ d
+                tt = t * t
+                self._t2 = float(np.dot(tt, self._inv_lam))
+                self._q = float(np.dot(d * d, self._inv_var)) - float(np.sum(tt))
+                reject = bool(self._l0_reject[self._l0_sum]) or self._t2 > self._t2_crit or self._q > self._q_crit
+                self.evaluations += 1
+                if reject and not self._alarm:
+                    self.alarms += 1
+                self._alarm = reject
+            return self._alarm
+
+    def observe_dense(self, dense: NDArray[Any]) -> bool:
+        return self.observe_rows([np.flatnonzero(row) for row in np.atleast_2d(dense)])
+
+    def observe_csr(self, matrix: Any) -> bool:
+        m = sparse.csr_matrix(matrix)
+        m.eliminate_zeros()
+        return self.observe_rows([m.indices[m.indptr[i] : m.indptr[i + 1]] for i in range(m.shape[0])])
+
+    # ---------------------------------------------------------------- reading
+    def pvalues(self) -> tuple[float | None, float | None, float | None]:
+        """(combined, l0, pattern) p-values of the current window, pattern being the smaller of the principal
+        and residual tests' (Bonferroni over all three in the combined one); None until the window is full."""
+        with self._lock:
+            if self._count < self.window or self._q is None or self._t2 is None:
+                return None, None, None
+            p_l0 = float(self._p_l0[self._l0_sum])
+            q, t2 = self._q, self._t2
+        p_t2 = float(stats.chi2.sf(t2 / self.t2_scale, self.t2_df))
+        p_rest = float(stats.chi2.sf(max(q, 0.0) / self.scale, self.df))
+        p_pat = min(p_t2, p_rest)
+        return min(1.0, N_TESTS * min(p_l0, p_pat)), p_l0, p_pat
+
+    @property
+    def alarm(self) -> bool:
+        return self._alarm
+
+    def window_l0(self) -> float | None:
+        with self._lock:
+            return None if self._count == 0 else self._l0_sum / (self._count * self.dim)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The GET /v1/drift body (CONTRACTS.md) plus the two component p-values and counters."""
+        p, p_l0, p_pat = self.pvalues()
+        with self._lock:
+            count, alarm = self._count, self._alarm
+            window_l0 = None if count == 0 else self._l0_sum / (count * self.dim)
+            extra = {"evaluations": self.evaluations, "alarms": self.alarms, "images": self.images}
+        return {
+            "enabled": True,
+            "alarm": alarm,
+            "pvalue": p,
+            "test": TEST_NAME,
+            "window_size": self.window,
+            "window_count": count,
+            "window_l0": window_l0,
+            "target_l0": self.target_l0,
+            "false_alarm_rate": self.false_alarm_rate,
+            "pvalue_l0": p_l0,
+            "pvalue_pattern": p_pat,
+            **extra,
+        }
+
+
+def disabled_snapshot(false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE, target_l0: float | None = None) -> dict:
+    """What GET /v1/drift answers when the model has no calibration (or one without a drift section)."""
+    return {
+        "enabled": False,
+        "alarm": False,
+        "pvalue": None,
+        "test": TEST_NAME,
+        "window_size": 0,
+        "window_count": 0,
+        "window_l0": None,
+        "target_l0": target_l0,
+        "false_alarm_rate": float(false_alarm_rate),
+    }

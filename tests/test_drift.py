@@ -1,0 +1,129 @@
+"""Drift monitor: exact null of the l0 test, Monte Carlo false-alarm rate, detection of a shifted stream, and
+thread safety. Codes are synthetic with correlated dimensions (a shared latent), like a trained model's."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from scipy import sparse, stats
+
+from serve.drift import DriftMonitor, chi_square, chi_weights, disabled_snapshot, window_sum_tails
+from serve.ood import calibrate
+
+DIM = 64
+
+
+def stream(rng: np.random.Generator, n: int, loc: np.ndarray, latent: float = 0.8) -> np.ndarray:
+    """Rectified codes whose dimensions fire together through one shared latent factor per image."""
+    z = rng.normal(size=(n, 1))
+    return np.maximum(loc + latent * z + rng.normal(0, 0.7, (n, loc.size)), 0.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(0)
+    loc = rng.normal(-0.6, 0.6, DIM)
+    cal = calibrate(stream(rng, 6000, loc), seed=0, drift_window=32)
+    return loc, cal
+
+
+def test_window_sum_tails_match_direct_convolution_and_binomial():
+    pmf = np.array([0.5, 0.3, 0.15, 0.05])
+    cdf, sf = window_sum_tails(pmf, 5)
+    direct = pmf
+    for _ in range(4):
+        direct = np.convolve(direct, pmf)
+    np.testing.assert_allclose(cdf, np.cumsum(direct), atol=1e-12)
+    np.testing.assert_allclose(sf, np.cumsum(direct[::-1])[::-1], atol=1e-12)
+    cdf, _ = window_sum_tails(np.array([0.9, 0.1]), 64)  # Bernoulli(0.1) summed over 64: Binomial(64, 0.1)
+    np.testing.assert_allclose(cdf, stats.binom.cdf(np.arange(65), 64, 0.1), rtol=1e-9, atol=1e-14)
+
+
+def test_chi_square_statistic_by_hand():
+    rates = np.array([0.5, 0.01, 0.2])
+    expected, inv_var = chi_weights(rates, 10)
+    counts = np.array([7, 1, 2])
+    want = (7 - 5) ** 2 / 2.5 + (1 - 0.1) ** 2 / 1.0 + (2 - 2) ** 2 / 1.6
+    assert float(chi_square(counts, expected, inv_var)) == pytest.approx(want)
+
+
+def test_id_stream_raises_no_alarm_and_shifted_stream_does(world):
+    loc, cal = world
+    rng = np.random.default_rng(1)
+    mon = DriftMonitor.from_calibration(cal, false_alarm_rate=1e-4)
+    assert mon is not None and mon.window == 32
+    assert mon.snapshot()["pvalue"] is None  # window not yet full
+    for row in stream(rng, 3000, loc):
+        mon.observe_dense(row)
+    snap = mon.snapshot()
+    assert snap["alarms"] == 0 and not snap["alarm"] and snap["pvalue"] > 1e-4
+    assert snap["window_count"] == 32 and abs(snap["window_l0"] - cal["l0"]["mean"]) < 0.1
+    # Same mean activation rate, different dimensions: only the pattern test can see it.
+    shifted = np.roll(loc, 7)
+    seen = 0
+    for row in stream(rng, 200, shifted):
+        seen += 1
+        if mon.observe_dense(row):
+            break
+    assert mon.alarm and seen <= 32, seen
+    p, p_l0, p_pat = mon.pvalues()
+    assert p < 1e-4 and p_pat < p_l0
+
+
+def test_false_alarm_rate_by_monte_carlo(world):
+    """Independent ID windows (a fresh monitor each, one evaluation per window): the rejection rate must not
+    exceed the configured rate beyond sampling error, and must not be zero (a test that never rejects has no
+    power to check)."""
+    loc, cal = world
+    rng = np.random.default_rng(2)
+    alpha, trials = 0.02, 2500
+    mon = DriftMonitor.from_calibration(cal, false_alarm_rate=alpha)
+    codes = stream(rng, trials * mon.window, loc)
+    active = sparse.csr_matrix(codes)
+    rejections = 0
+    for t in range(trials):
+        mon.reset()
+        block = active[t * mon.window : (t + 1) * mon.window]
+        rejections += mon.observe_csr(block)
+    rate = rejections / trials
+    upper = alpha + 3 * np.sqrt(alpha * (1 - alpha) / trials)
+    assert 0.2 * alpha < rate <= upper, rate
+    # The combined p-value is Bonferroni: the alarm is exactly p < alpha.
+    p, _, _ = mon.pvalues()
+    assert (p < alpha) == mon.alarm
+
+
+def test_observe_is_thread_safe_and_memory_is_bounded(world):
+    loc, cal = world
+    mon = DriftMonitor.from_calibration(cal)
+    rows = stream(np.random.default_rng(3), 4000, loc)
+
+    def feed(part: np.ndarray) -> None:
+        for i in range(0, len(part), 3):
+            mon.observe_dense(part[i : i + 3])
+
+    threads = [threading.Thread(target=feed, args=(rows[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert mon.images == 4000
+    ring = [r for r in mon._ring if r is not None]
+    assert len(ring) == mon.window
+    counts = np.zeros(DIM, dtype=np.int64)
+    for r in ring:
+        counts[r] += 1
+    np.testing.assert_array_equal(mon._counts, counts)  # the running counts are exactly the ring's
+    assert mon._l0_sum == sum(r.size for r in ring)
+
+
+def test_disabled_without_drift_section_and_bad_rate(world):
+    _, cal = world
+    assert DriftMonitor.from_calibration(None) is None
+    assert DriftMonitor.from_calibration({k: v for k, v in cal.items() if k != "drift"}) is None
+    with pytest.raises(ValueError, match="false_alarm_rate"):
+        DriftMonitor.from_calibration(cal, false_alarm_rate=0.0)
+    snap = disabled_snapshot(1e-4, 0.5)
+    assert snap["enabled"] is False and snap["pvalue"] is None and snap["target_l0"] == 0.5
