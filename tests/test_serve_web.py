@@ -238,16 +238,17 @@ def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion,
         assert shot.size[0] == 1280 and shot.size[1] > 1000 and pixels.std() > 5  # rendered, not a blank page
 
 
-def test_non_image_and_corrupt_files_fail_inline_without_stopping_the_others(served, fashion, tmp_path):
+def test_bad_files_fail_inline_in_words_without_stopping_the_others(served, fashion, tmp_path):
     proc, _, _ = served
     notes = tmp_path / "notes.txt"
     notes.write_text("this is not an image\n" * 20)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    huge = save_png(Image.new("L", (7000, 7000), 200), tmp_path / "huge.png")  # 49 MP: over the 40 MP limit
     good = save_png(fashion.image(10), tmp_path / "good.png")
     with browser() as driver:
         open_page(driver, proc.url)
-        cards = search(driver, [notes, broken, good])
+        cards = search(driver, [notes, broken, huge, good])
     by_name = {c["name"]: c for c in cards}
     assert by_name["notes.txt"]["state"] == "error" and by_name["notes.txt"]["status"] == "415"
     assert "Not an image this server accepts" in by_name["notes.txt"]["error"]
@@ -255,6 +256,8 @@ def test_non_image_and_corrupt_files_fail_inline_without_stopping_the_others(ser
     assert by_name["broken.png"]["state"] == "error" and by_name["broken.png"]["status"] == "422"
     assert "could not use this file" in by_name["broken.png"]["error"]
     assert "broken.png" in by_name["broken.png"]["error"]  # the server's message names the file
+    assert by_name["huge.png"]["state"] == "error" and by_name["huge.png"]["status"] == "413"
+    assert "Too large for this server" in by_name["huge.png"]["error"]
     assert by_name["good.png"]["state"] == "done" and by_name["good.png"]["hits"][0]["id"] == 10
 
 
