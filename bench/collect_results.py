@@ -12,7 +12,17 @@ import argparse
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ORDER = ("models-target", "pretrain", "pretrain-loader", "pretrain-evaluate", "export", "index", "serve", "ood")
+ORDER = (
+    "models-target",
+    "pretrain",
+    "pretrain-loader",
+    "pretrain-evaluate",
+    "export",
+    "index",
+    "serve",
+    "ood",
+    "gpu-check",
+)
 
 
 def main() -> None:

@@ -168,12 +168,24 @@ class TrainNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _init_distributed() -> tuple[bool, int]:
-    """Join the torchrun process group when launched under torchrun; returns (distributed, local_rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+def _launched_by_torchrun() -> bool:
+    """torchrun sets TORCHELASTIC_RUN_ID in every worker; a plain process with WORLD_SIZE > 1 is also a rank."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _init_distributed(want_device: str = "auto") -> tuple[bool, int]:
+    """Join the torchrun process group when launched under torchrun; returns (distributed, local_rank).
+
+    A one-process torchrun joins a group too, so `torchrun --nproc_per_node 1` runs the real DDP path (process
+    group, DistributedDataParallel wrapper, collectives) rather than silently the single-process one; that is
+    how scripts/gpu_check.sh proves the NCCL path on a one-GPU machine. NCCL only when training on CUDA:
+    train.device=cpu on a GPU machine uses gloo.
+    """
+    if not _launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         return is_distributed(), int(os.environ.get("LOCAL_RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    on_cuda = want_device.startswith("cuda") or (want_device == "auto" and torch.cuda.is_available())
+    backend = "nccl" if on_cuda and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
@@ -351,7 +363,7 @@ def train(
 ) -> RunResult:
     """Train (or resume) a run in `run_dir`; returns how it ended. Raises TrainError/DataSpecError/ValueError."""
     run_dir = Path(run_dir)
-    distributed, local_rank = _init_distributed()
+    distributed, local_rank = _init_distributed(cfg.train.device)
     rank, world = get_rank(), get_world_size()
     clean = False
     try:
@@ -608,6 +620,7 @@ def _train(
         "total_steps": total,
         "elapsed_s": round(elapsed, 2),
         "world_size": world,
+        "ddp_backend": str(dist.get_backend()) if distributed else None,
         "device": str(device),
         "precision": str(amp_dtype or "fp32"),
         "target_l0": target_l0,
