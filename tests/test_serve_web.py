@@ -216,6 +216,8 @@ def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion,
             result = verdict["results"][0]
             assert card["verdict"] == ("ood" if result["is_ood"] else "in")
             assert f"{result['score']:.3f}" in card["badge"]
+            if result.get("score_name"):  # the served score, named on the badge
+                assert result["score_name"] in card["badge"]
             assert f"threshold {verdict['threshold']:.3f}" in card["badge"]
             assert len(card["hits"]) == 8
             for hit in card["hits"]:  # every neighbour shows the thumbnail the index build stored for it
@@ -300,6 +302,33 @@ def test_controls_are_labelled_and_reachable_by_keyboard(served):
             ActionChains(driver).send_keys(Keys.TAB).perform()
             reached.append(driver.execute_script("return document.activeElement.id || document.activeElement.tagName"))
         assert {"file", "k", "api-key", "clear"} <= set(reached), reached
+
+
+def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
+    """A full window of real MNIST digits (another distribution) through /v1/embed: the status panel must say so.
+    Runs after the searches above (module order), whose few Fashion-MNIST inputs share the window."""
+    proc, _, _ = served
+    from test_serve_support import png_bytes
+
+    from pretrain.data.sources import open_source
+
+    with proc.client() as c:
+        drift = c.get("/v1/drift").json()
+        if not drift.get("enabled"):
+            pytest.skip("this server's model has no drift reference")
+        digits = open_source("mnist")
+        window = int(drift["window_size"])
+        for lo in range(0, window, 32):
+            files = [("files", (f"{i}.png", png_bytes(digits.image(i)), "image/png")) for i in range(lo, lo + 32)]
+            assert c.post("/v1/embed", files=files).status_code == 200
+        drift = c.get("/v1/drift").json()
+    assert drift["alarm"], drift  # 64 digits against a Fashion-MNIST calibration at a 1e-4 false-alarm rate
+    with browser() as driver:
+        open_page(driver, proc.url)
+        WebDriverWait(driver, 20).until(lambda d: d.find_element(By.ID, "st-drift").get_attribute("data-state"))
+        panel = driver.find_element(By.ID, "st-drift")
+        assert panel.get_attribute("data-state") == "alarm" and "ALARM" in panel.text, panel.text
+        assert f"p = {drift['pvalue']:.2g}"[:6] in panel.text
 
 
 # ------------------------------------------------------------------------------------------ script entry

@@ -127,17 +127,23 @@ async function loadDrift() {
   }
   page.drift = drift;
   const el = $("st-drift");
+  el.title = drift.test ? `test: ${drift.test}` : "";
   if (!drift.enabled) {
-    el.textContent = "off (the model has no calibration)";
+    const calibrated = page.info && page.info.ood_calibrated;
+    el.textContent = calibrated ? "off (this model's calibration has no drift reference)"
+      : "off (the model has no OOD calibration)";
     el.dataset.state = "off";
   } else if (!drift.window_count) {
-    el.textContent = `watching; no traffic yet (window of ${drift.window_size})`;
+    el.textContent = `watching; no traffic yet (window of ${drift.window_size} inputs)`;
+    el.dataset.state = "ok";
+  } else if (!isNum(drift.pvalue)) {
+    el.textContent = `collecting: ${drift.window_count} of ${drift.window_size} inputs for the first test`;
     el.dataset.state = "ok";
   } else {
-    const p = isNum(drift.pvalue) ? ` p = ${drift.pvalue.toPrecision(2)}` : "";
-    const test = drift.test ? `${drift.test},` : "";
+    const p = `p = ${drift.pvalue.toPrecision(2)}, `;
+    const rate = isNum(drift.false_alarm_rate) ? ` at false-alarm rate ${drift.false_alarm_rate}` : "";
     const seen = `${drift.window_count}/${drift.window_size} recent inputs`;
-    el.textContent = (drift.alarm ? "ALARM: traffic has drifted" : "no drift") + ` (${test}${p}; ${seen})`;
+    el.textContent = (drift.alarm ? "ALARM: recent traffic has drifted" : "no drift") + ` (${p}${seen}${rate})`;
     el.dataset.state = drift.alarm ? "alarm" : "ok";
   }
   drawRecent();
