@@ -38,6 +38,8 @@ class ModelConfig:
     backbone: str = "resnet18"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     projector_dims: list[int] = field(default_factory=lambda: [512, 512, 512])
+    # BatchNorm in the projector's hidden layers (SimCLR/NCL's reference projector has none).
+    projector_bn: bool = True
     rectify: bool = True
     in_channels: int = 3
     image_size: int = 32

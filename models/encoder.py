@@ -20,7 +20,9 @@ class Encoder(nn.Module):
             config.backbone, config.in_channels, config.image_size, **dict(config.backbone_kwargs)
         )
         self.feature_dim = int(self.backbone.out_dim)
-        self.projector = build_projector(self.feature_dim, list(config.projector_dims), config.rectify)
+        self.projector = build_projector(
+            self.feature_dim, list(config.projector_dims), config.rectify, batch_norm=config.projector_bn
+        )
         self.embed_dim = config.embed_dim
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

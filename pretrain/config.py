@@ -24,8 +24,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("lars", "adamw", "sgd")
 PROJECTION_KINDS = ("random", "eigen")
 RECIPES = ("auto", "grey", "color")
-DEAD_DIM_FIXES = ("none", "marginal", "threshold", "threshold_sym", "leaky")
+DEAD_DIM_FIXES = ("none", "marginal", "threshold", "threshold_sym", "leaky", "quantile", "quantile_shift")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PROJECTOR_CHOICES = ("auto", "dims")
+# The baselines' own projectors in the reference (solo-learn configs): (widths, BatchNorm in the hidden layers).
+# VICReg: 2048-2048-2048 with BN; SimCLR and NCL: Linear-ReLU-Linear 2048 -> 256 without BN. The Rectified
+# LpJEPA family, LeJEPA and the ablation cells use `model.projector_dims` (the rectified MLP, with BN).
+REFERENCE_PROJECTORS: dict[str, tuple[list[int], bool]] = {
+    "vicreg": ([2048, 2048, 2048], True),
+    "nvicreg_relu": ([2048, 2048, 2048], True),
+    "simclr": ([2048, 256], False),
+    "ncl_relu": ([2048, 256], False),
+}
 
 
 class ConfigError(ValueError):
@@ -72,6 +82,10 @@ class ModelSection:
     backbone: str = "resnet18"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     projector_dims: list[int] = field(default_factory=lambda: [512, 512, 512])
+    # "auto": the baselines get their reference projector (REFERENCE_PROJECTORS, written into projector_dims and
+    # projector_bn when the config is loaded); "dims": projector_dims / projector_bn as given, for every method.
+    projector: str = "auto"
+    projector_bn: bool = True
     image_size: int = 32
     in_channels: int = 0
     mean: list[float] = field(default_factory=list)
@@ -88,6 +102,9 @@ class MethodConfig:
     p: float = 1.0
     mu: float = 0.0
     sigma: str | float = "gn"
+    # Target activation rate: when set, mu is solved from it (models.rgg_law.mu_for_l0: Phi(mu / sigma) = l0)
+    # and stored in `mu` beside it, so config.json, the checkpoint and the served model all carry the solved mu.
+    l0: float | None = None
     w_inv: float = 25.0
     w_rdm: float = 125.0
     num_projections: int = 512
@@ -101,6 +118,8 @@ class MethodConfig:
     leaky_slope: float = 0.1
     # Share of the RDMReg weight given to the coordinate axes (measured: 0.2 keeps accuracy, 0.5 costs 1.5 pt).
     marginal_weight: float = 0.2
+    # Weight of the quantile rate term ("quantile", "quantile_shift"), as a share of w_rdm.
+    rate_weight: float = 0.2
     lejepa_lambda: float = 0.05
     lejepa_projections: int = 1024
     vicreg_sim: float = 25.0
@@ -115,7 +134,11 @@ class OptimConfig:
     lr: float = 0.3
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    # Per-method learning rate (the reference's own lr for each baseline in a LARS recipe); when the method is
+    # listed, its entry replaces `lr` as the config is loaded (config.json stores the lr actually used).
+    lr_by_method: dict[str, Any] = field(default_factory=dict)
     eta: float = 0.02  # LARS trust coefficient
+    clip_lr: bool = True  # LARS: per-layer step min(trust, lr), as every reference config (solo-learn clip_lr)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     warmup_fraction: float = 0.1  # used when warmup_steps is 0
@@ -164,6 +187,32 @@ class TrainConfig:
             return "marginal" if self.method.name == "rectified_lpjepa" else "none"
         return self.method.dead_dim_fix
 
+    def resolve_method_defaults(self) -> None:
+        """The baselines' reference projector (model.projector = "auto") and lr (optim.lr_by_method)."""
+        name = self.method.name
+        if self.model.projector == "auto" and name in REFERENCE_PROJECTORS:
+            dims, bn = REFERENCE_PROJECTORS[name]
+            self.model.projector_dims, self.model.projector_bn = list(dims), bn
+        if name in self.optim.lr_by_method:
+            lr = self.optim.lr_by_method[name]
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+                raise ConfigError(f"optim.lr_by_method.{name}: must be a positive number, got {lr!r}")
+            self.optim.lr = float(lr)
+
+    def resolve_target(self) -> None:
+        """Solve mu from `method.l0` when it is set (validate() calls this, so every loaded config is resolved)."""
+        m = self.method
+        if m.l0 is None:
+            return
+        if not (0.0 < m.l0 < 1.0):
+            raise ConfigError(f"method.l0: must lie strictly between 0 and 1 (a rate), got {m.l0!r}")
+        from models.rgg_law import mu_for_l0
+
+        try:
+            m.mu = float(mu_for_l0(m.p, m.l0, m.sigma)[0])
+        except ValueError as err:
+            raise ConfigError(f"method.l0: {err}") from err
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -185,6 +234,10 @@ class TrainConfig:
                 raise ConfigError(f"{key}: {msg}")
 
         m, o, t, a, d = self.method, self.optim, self.train, self.augment, self.model
+        need(m.p > 0 and math.isfinite(m.p), "method.p", "must be a finite number > 0")
+        self.resolve_target()
+        need(d.projector in PROJECTOR_CHOICES, "model.projector", f"must be one of {PROJECTOR_CHOICES}")
+        self.resolve_method_defaults()
         need(m.name in METHODS, "method.name", f"unknown method {m.name!r}; choose one of {', '.join(METHODS)}")
         need(d.backbone in BACKBONES, "model.backbone", f"unknown backbone {d.backbone!r}; one of {BACKBONES}")
         need(o.name in OPTIMIZERS, "optim.name", f"unknown optimizer {o.name!r}; choose one of {OPTIMIZERS}")
@@ -204,6 +257,7 @@ class TrainConfig:
             f"must be null or one of {DEAD_DIM_FIXES}",
         )
         need(0 <= m.marginal_weight <= 1, "method.marginal_weight", "must lie in [0, 1]")
+        need(m.rate_weight >= 0, "method.rate_weight", "must be >= 0")
         need(0 <= m.leaky_slope <= 1, "method.leaky_slope", "must lie in [0, 1]")
         need(m.num_projections >= 1, "method.num_projections", "must be >= 1")
         need(m.lejepa_projections >= 1, "method.lejepa_projections", "must be >= 1")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import rgg_law
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.distributed import gather_with_grad
 from pretrain.losses import RELU_FEATURE_METHODS, build_loss
@@ -43,6 +44,8 @@ from pretrain.losses.precision import fp32_region
 SLICED_METHODS = frozenset({"rectified_lpjepa", "ablation_gn_raw", "ablation_gn_relu", "ablation_rgn_raw"})
 RGN_TARGET_METHODS = frozenset({"rectified_lpjepa", "ablation_rgn_raw"})
 MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym"})
+# Quantile (pinball) rate terms on the pre-activation: fixed point P(h_j > 0) = r for every dimension j.
+RATE_FIXES = frozenset({"quantile", "quantile_shift"})
 
 
 def rectifies(method: str) -> bool:
@@ -67,6 +70,36 @@ class _LeakyBackwardReLU(torch.autograd.Function):
 
 def leaky_backward_relu(h: torch.Tensor, slope: float) -> torch.Tensor:
     return _LeakyBackwardReLU.apply(h, slope)
+
+
+def rep_relu(h: torch.Tensor) -> torch.Tensor:
+    """RepReLU of NCL (the reference's `non_neg: rep_relu`): the value of ReLU(h), the gradient of GELU(h).
+
+    GELU's derivative is non-zero for negative inputs, so a unit that is off still learns; the forward value
+    (and hence every exported code) is the exact ReLU.
+    """
+    g = F.gelu(h)
+    return g - g.detach() + F.relu(h).detach()
+
+
+def pinball_rate(h: torch.Tensor, rate: float, shift_only: bool = False) -> torch.Tensor:
+    """(1/D) sum_j mean_i rho_{1-r}(h_ij), rho_tau(u) = u (tau - 1[u < 0]): the quantile ("pinball") loss whose
+    minimiser over a location puts 0 at the (1 - r) quantile of every column, i.e. P(h_j > 0) = r.
+
+    Per sample the gradient is (1 - r) where h > 0 and -r where h < 0, summed over a column (a_j - r) with a_j
+    its firing fraction: the push does not fade as h -> 0+ (the rectified W2's 2h does) and does not need
+    N r >= 1 target positives in the batch, so a column that fires too often is pushed down, one that fires
+    too rarely (a dead one included) is pulled up, at a rate set by the distance to r alone.
+
+    ``shift_only`` passes to every sample of column j the column's mean gradient (a_j - r) / (N D): the term then
+    moves only each column's location (the last layer's bias can absorb it) and leaves the shape of the
+    distribution to the sliced W2; the plain version also pulls every sample toward 0 from both sides.
+    """
+    if shift_only:
+        m = h.mean(dim=0, keepdim=True)
+        h = h.detach() + (m - m.detach())
+    tau = 1.0 - rate
+    return (h * (tau - (h < 0).to(h.dtype))).mean()
 
 
 def marginal_w2(h: torch.Tensor, y: torch.Tensor, rectified: bool) -> torch.Tensor:
@@ -122,8 +155,13 @@ class Objective(nn.Module):
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs rectified features and an RGN target")
         if self.fix == "leaky" and not self.relu:
             raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
+        if self.fix in RATE_FIXES and m.name not in SLICED_METHODS:
+            raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a target with a rate (a sliced-W2 method)")
         self.alpha = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
         self.w_rdm = float(m.w_rdm)
+        self.rate_weight = float(m.rate_weight) if self.fix in RATE_FIXES else 0.0
+        # The target's activation rate P(X > 0) = Phi(mu / sigma); the same for the GN and RGN cells.
+        self.rate = rgg_law.expected_l0(self.p, self.mu, self.sigma)
         if m.name in SLICED_METHODS:
             self.loss = build_loss(
                 m.name,
@@ -151,14 +189,24 @@ class Objective(nn.Module):
             return h
         if self.fix == "leaky":
             return leaky_backward_relu(h, self.slope)
+        if self.method == "ncl_relu":
+            return rep_relu(h)
         return F.relu(h)
 
     def _target(self, shape: tuple[int, int], device: torch.device, rectified: bool) -> torch.Tensor:
         from models import rgg
 
         sampler = rgg.sample_rgn if rectified else rgg.sample_gn
-        y = sampler(shape, self.p, self.mu, self.sigma, generator=self.generator, device=self.generator.device)
-        return y.to(device)
+        y = sampler(
+            shape,
+            self.p,
+            self.mu,
+            self.sigma,
+            generator=self.generator,
+            device=self.generator.device,
+            dtype=torch.float32,
+        )
+        return y.to(device=device, dtype=torch.float32)
 
     def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
         """hs: per-view pre-activations (global views first). Two-view losses average over the view pairs
@@ -190,5 +238,15 @@ class Objective(nn.Module):
             marg = marg / len(hs)
             total = total + self.w_rdm * self.alpha * marg
             parts["marginal"] = float(marg.detach())
+            parts["loss"] = float(total.detach())
+        if self.rate_weight > 0:
+            term = torch.zeros((), device=zs[0].device)
+            for h in hs:
+                hg = gather_with_grad(h)
+                with fp32_region(hg):
+                    term = term + pinball_rate(hg.float(), self.rate, shift_only=self.fix == "quantile_shift")
+            term = term / len(hs)
+            total = total + self.w_rdm * self.rate_weight * term
+            parts["rate_term"] = float(term.detach())
             parts["loss"] = float(total.detach())
         return total, parts, zs

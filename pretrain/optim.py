@@ -19,9 +19,12 @@ from pretrain.config import OptimConfig
 class LARS(Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as in solo-learn.
 
-    Each parameter's update is scaled by eta * ||w|| / (||g|| + wd ||w||). Parameter groups with
-    `lars_exclude=True` (biases and normalisation weights) get neither the trust ratio nor weight decay:
-    scaling a BN gain by its own norm stalls it, and decaying it fights the normalisation.
+    Each parameter's update is scaled by the trust ratio eta * ||w|| / (||g|| + wd ||w||). With `clip_lr`
+    (every reference config sets it) the per-layer step is min(trust, lr) instead of lr * trust: solo-learn
+    multiplies the gradient by min(trust / lr, 1) and then steps by lr. Without the clip the step on a ResNet-18
+    at initialisation is ~0.03x the reference's. Parameter groups with `lars_exclude=True` (biases and
+    normalisation weights) get neither the trust ratio nor weight decay: scaling a BN gain by its own norm
+    stalls it, and decaying it fights the normalisation.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class LARS(Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.02,
         eps: float = 1e-8,
+        clip_lr: bool = True,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"LARS: lr must be positive, got {lr}")
@@ -43,6 +47,7 @@ class LARS(Optimizer):
                 "weight_decay": weight_decay,
                 "eta": eta,
                 "eps": eps,
+                "clip_lr": bool(clip_lr),
                 "lars_exclude": False,
             },
         )
@@ -65,6 +70,8 @@ class LARS(Optimizer):
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(p.grad)
                     trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    if group.get("clip_lr", False):
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     scale = torch.where((w_norm > 0) & (g_norm > 0), trust, torch.ones_like(trust))
                     g = g * scale
                 state = self.state[p]
@@ -92,7 +99,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "lars":
-        return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta)
+        return LARS(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, clip_lr=cfg.clip_lr
+        )
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":

@@ -33,14 +33,18 @@ from pretrain.config import TrainConfig
 from pretrain.data.loader import build_batches, default_stats, detect_channels
 from pretrain.data.sources import open_source
 from pretrain.distributed import broadcast_seed, get_rank, get_world_size, is_distributed, shutdown
+from pretrain.evaluate.sparsity import NEAR_DEAD_FRACTION
 from pretrain.methods import Objective, rectifies
 from pretrain.optim import WarmupCosine, build_optimizer
 from pretrain.state import STATE_FILENAME, TrainState, capture_rng, load_state, restore_rng, save_state
 
 CONFIG_FILENAME = "config.json"
 METRICS_FILENAME = "metrics.jsonl"
+# One line per log step: the per-dimension activation rate of the projector output over that log window (train
+# mode, local batch), so the histogram of rates can be followed through training (bench/diagnose_sparsity.py).
+RATES_FILENAME = "dim_rates.jsonl"
 SUMMARY_FILENAME = "summary.json"
-RUN_FILES = (CONFIG_FILENAME, MODEL_FILENAME, STATE_FILENAME, METRICS_FILENAME, SUMMARY_FILENAME)
+RUN_FILES = (CONFIG_FILENAME, MODEL_FILENAME, STATE_FILENAME, METRICS_FILENAME, RATES_FILENAME, SUMMARY_FILENAME)
 # Keys that may differ between the original run and its --resume: they change speed or logging, not the result.
 RUNTIME_KEYS = frozenset(
     {
@@ -286,11 +290,24 @@ class Window:
     probe_n: int = 0
     parts: dict[str, float] | None = None
     active: torch.Tensor | None = None
+    fired: torch.Tensor | None = None  # per dimension: how many samples were non-zero
+    samples: int = 0
 
     def reset(self) -> None:
-        self.steps = self.images = self.probe_n = 0
+        self.steps = self.images = self.probe_n = self.samples = 0
         self.l0 = self.probe_hits = self.probe_code_hits = 0.0
-        self.parts, self.active, self.start = {}, None, time.perf_counter()
+        self.parts, self.active, self.fired, self.start = {}, None, None, time.perf_counter()
+
+    def rate_record(self, target_l0: float | None) -> tuple[dict[str, Any], list[float]]:
+        """Percentiles of the per-dimension rates of this window, near-dead count, and the rates themselves."""
+        if self.fired is None or not self.samples:
+            return {}, []
+        rates = (self.fired.double() / self.samples).cpu()
+        q = torch.quantile(rates, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+        rec: dict[str, Any] = {"rate_p05": round(q[0], 6), "rate_p50": round(q[1], 6), "rate_p95": round(q[2], 6)}
+        if target_l0:
+            rec["near_dead_dims"] = int((rates < NEAR_DEAD_FRACTION * target_l0).sum())
+        return rec, [round(float(r), 5) for r in rates]
 
 
 def _write_metrics_line(path: Path, record: dict[str, Any]) -> None:
@@ -342,6 +359,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         backbone=cfg.model.backbone,
         backbone_kwargs=dict(cfg.model.backbone_kwargs),
         projector_dims=list(cfg.model.projector_dims),
+        projector_bn=bool(cfg.model.projector_bn),
         rectify=rectifies(m.name),
         in_channels=cfg.model.in_channels,
         image_size=cfg.model.image_size,
@@ -453,6 +471,7 @@ def _train(
             return RunResult(COMPLETED, start, total, run_dir, summary)
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILENAME, start)
+            _truncate_metrics(run_dir / RATES_FILENAME, start)
 
     model: nn.Module = net
     if distributed:
@@ -554,6 +573,9 @@ def _train(
                 z0 = zs[0].detach()
                 active = (z0 > 0).any(dim=0)
                 window.active = active if window.active is None else window.active | active
+                fired = (z0 > 0).sum(dim=0)
+                window.fired = fired if window.fired is None else window.fired + fired
+                window.samples += int(z0.shape[0])
                 window.l0 += float((z0 > 0).float().mean())
                 if logits_f is not None and batch.labels is not None:
                     window.probe_hits += float((logits_f.argmax(1) == batch.labels).sum())
@@ -583,6 +605,8 @@ def _train(
                 }
                 if target_l0 is not None:
                     record["target_l0"] = round(target_l0, 6)
+                rate_stats, rates = window.rate_record(target_l0)
+                record.update(rate_stats)
                 if window.probe_n:
                     record["probe_acc"] = round(window.probe_hits / window.probe_n, 4)
                     record["probe_code_acc"] = round(window.probe_code_hits / window.probe_n, 4)
@@ -590,6 +614,8 @@ def _train(
                 last_record = record
                 if rank == 0:
                     _write_metrics_line(run_dir / METRICS_FILENAME, record)
+                    if rates:
+                        _write_metrics_line(run_dir / RATES_FILENAME, {"step": step, "rates": rates})
                     if bar is not None:
                         bar.set_postfix(
                             loss=f"{record['loss']:.3g}",

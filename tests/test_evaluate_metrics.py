@@ -12,7 +12,15 @@ from scipy import stats
 
 from models.rgg_law import expected_l0, expected_l1
 from pretrain.evaluate.nhsic import centred_gram, nhsic, nhsic_matrix, nhsic_pair
-from pretrain.evaluate.sparsity import dead_fraction, l0_fraction, l1_metric, l1_metric_rows, sparsity_report
+from pretrain.evaluate.sparsity import (
+    dead_fraction,
+    dimension_rates,
+    l0_fraction,
+    l1_metric,
+    l1_metric_rows,
+    rate_report,
+    sparsity_report,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -142,3 +150,22 @@ def test_metric_input_errors():
         l0_fraction(torch.zeros(0, 3))
     with pytest.raises(ValueError):
         nhsic(torch.zeros(1, 3))
+
+
+def test_rate_report_against_numpy():
+    """Per-dimension rates, their percentiles (numpy's linear interpolation), the relative l0 error and the
+    near-dead count (rate < 10% of the target) on a matrix with known column rates."""
+    rng = np.random.default_rng(0)
+    col_rates = np.array([0.0, 0.001, 0.004, 0.02, 0.05, 0.3, 0.5, 0.9])
+    z = (rng.random((20000, 8)) < col_rates) * rng.exponential(size=(20000, 8))
+    t = torch.from_numpy(z)
+    rates = (z != 0).mean(0)
+    np.testing.assert_allclose(dimension_rates(t).numpy(), rates)
+    rep = rate_report(t, target_l0=0.05)
+    for q in (5, 25, 50, 75, 95):
+        assert rep[f"rate_p{q:02d}"] == pytest.approx(np.percentile(rates, q), rel=1e-12)
+    assert rep["l0_rel_err"] == pytest.approx((rates.mean() - 0.05) / 0.05, rel=1e-12)
+    assert rep["near_dead_dims"] == int((rates < 0.005).sum()) == 3  # the columns at 0, 0.001 and 0.004
+    assert rep["near_dead_frac"] == pytest.approx(3 / 8)
+    none = rate_report(t, target_l0=None)
+    assert none["l0_rel_err"] is None and none["near_dead_dims"] is None

@@ -111,17 +111,58 @@ def test_adam_on_rdmreg_moves_activation_rate_to_target(relu, mu, projection):
     assert torch.isfinite(value)
 
 
-def test_eigen_directions_are_bottom_eigenvectors_then_unit_random():
+def test_eigen_directions_are_bottom_singular_vectors_then_unit_random():
     z = torch.randn(400, 6, generator=gen(0)) * torch.tensor([3.0, 0.2, 1.0, 0.5, 2.0, 0.1])
     c = eigen_directions(z, 10, gen(1))
     assert c.shape == (10, 6)
     cov = np.cov(z.numpy().astype(np.float64), rowvar=False)
     vals, vecs = np.linalg.eigh(cov)
-    for k in range(3):  # bottom half = 3 eigenvectors, up to sign
-        assert abs(float(np.dot(c[k].numpy(), vecs[:, k]))) == pytest.approx(1.0, abs=1e-4)
+    for k in range(3):  # bottom half = 3 eigenvectors (N > D: the row space is all of R^D), descending, up to sign
+        assert abs(float(np.dot(c[k].numpy(), vecs[:, 2 - k]))) == pytest.approx(1.0, abs=1e-4)
     np.testing.assert_allclose(c.norm(dim=1).numpy(), 1.0, atol=1e-5)
     assert c[3:].abs().sum() > 0
     assert vals[0] < vals[3]
+
+
+def test_eigen_directions_lie_in_the_batch_row_space_when_the_batch_is_small():
+    """N = 8 <= D/2 = 16: the bottom eigenvectors of Cov(z) would be null-space directions (every sample
+    projects to the same value); the SVD directions are numpy's bottom-half right singular vectors instead."""
+    z = torch.randn(8, 32, generator=gen(3)) * torch.linspace(0.2, 3.0, 32)
+    c = eigen_directions(z, 20, gen(4))
+    zc = z.double().numpy() - z.double().numpy().mean(0)
+    _, svals, vt = np.linalg.svd(zc, full_matrices=False)
+    k = min(z.shape)
+    bottom = vt[k // 2 : -1]  # bottom half of 8 without the last: the centring made its singular value 0
+    assert svals[-1] < 1e-8 * svals[0] and len(bottom) == 3
+    assert c.shape == (20, 32)
+    for row, ref in zip(c[: len(bottom)].double().numpy(), bottom, strict=True):
+        assert abs(float(row @ ref)) == pytest.approx(1.0, abs=1e-4)
+    assert abs(float(c[3].double().numpy() @ vt[-1])) < 0.9  # the null direction was replaced by a random one
+    proj = zc @ c[: len(bottom)].double().numpy().T  # inside the row space the samples are spread out
+    assert (proj.std(axis=0) > 1e-3).all()
+    cov_vecs = np.linalg.eigh(np.cov(zc, rowvar=False))[1][:, :4]  # what the old eigen variant took
+    assert np.allclose(zc @ cov_vecs, 0.0, atol=1e-4)  # ... and there every sample projects to the same value
+
+
+def test_rectified_loss_shares_the_random_directions_between_views():
+    """The value equals the reference's formula with ONE set of directions for both views: rebuild it from a
+    twin generator in the loss's draw order (directions, then view 1's target, then view 2's)."""
+    from models import rgg
+
+    z1 = torch.relu(torch.randn(64, 8, generator=gen(0)))
+    z2 = torch.relu(torch.randn(64, 8, generator=gen(1)))
+    loss = RectifiedLpJEPALoss(w_inv=0.0, w_rdm=1.0, num_projections=32, mu=-0.5, generator=gen(5))
+    total, _ = loss(z1, z2)
+    twin = gen(5)
+    c = torch.randn(32, 8, generator=twin)
+    c = (c / c.norm(dim=1, keepdim=True)).numpy().astype(np.float64)
+    ys = [rgg.sample_rgn((64, 8), 1.0, -0.5, SIGMA_GN_P1, generator=twin).double().numpy() for _ in range(2)]
+
+    def sw(x: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean((np.sort(x @ c.T, axis=0) - np.sort(y @ c.T, axis=0)) ** 2))
+
+    expected = 0.5 * (sw(z1.double().numpy(), ys[0]) + sw(z2.double().numpy(), ys[1]))
+    assert total.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_eigen_rdmreg_is_finite_and_differentiable():
@@ -175,7 +216,8 @@ def test_rectified_lpjepa_total_is_weighted_sum_of_parts():
     z2 = torch.relu(torch.randn(32, 8, generator=gen(1)))
     total, parts = RectifiedLpJEPALoss(w_inv=25.0, w_rdm=125.0, num_projections=64, seed=5)(z1, z2)
     rdm = RDMReg(64, seed=5)
-    expected_rdm = 0.5 * (rdm(z1) + rdm(z2)).item()
+    c = rdm.directions(z1)  # one set for both views, drawn before the targets
+    expected_rdm = 0.5 * (rdm(z1, directions=c) + rdm(z2, directions=c)).item()
     expected_inv = float(((z1 - z2) ** 2).mean())
     assert parts["rdmreg"] == pytest.approx(expected_rdm, rel=1e-6)
     assert parts["invariance"] == pytest.approx(expected_inv, rel=1e-6)

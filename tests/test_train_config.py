@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -29,6 +30,42 @@ def test_gpu_recipes_follow_method_md():
     inet = load_config("imagenet100-gpu")
     assert inet.model.backbone == "resnet50" and inet.model.projector_dims == [2048] * 3
     assert inet.method.w_rdm == 125 and inet.model.image_size == 224
+    # the reference yaml: batch 128, 1000 epochs, crop 0.2-1, lr 0.165 scaled by solo-learn's batch / 256
+    assert inet.train.batch_size == 128 and inet.train.epochs == 1000 and inet.augment.crop_scale == [0.2, 1.0]
+    assert inet.optim.lr == pytest.approx(0.165 * 128 / 256) and inet.optim.clip_lr and inet.optim.eta == 0.02
+    assert c100.optim.clip_lr
+
+
+def test_baselines_get_their_reference_projector_and_lr():
+    """solo-learn's configs: VICReg 2048-2048-2048 (BN) at lr 0.3, SimCLR/NCL 2048 -> 256 without BN at lr 0.4."""
+    v = load_config("cifar10-gpu", ["method.name=vicreg"])
+    assert (v.model.projector_dims, v.model.projector_bn, v.optim.lr) == ([2048] * 3, True, 0.3)
+    s = load_config("cifar10-gpu", ["method.name=simclr"])
+    assert (s.model.projector_dims, s.model.projector_bn, s.optim.lr) == ([2048, 256], False, 0.4)
+    n = load_config("fmnist-cpu", ["method.name=ncl_relu"])
+    assert (n.model.projector_dims, n.model.projector_bn) == ([2048, 256], False)
+    r = load_config("cifar10-gpu")  # Rectified LpJEPA keeps the recipe's own projector and lr
+    assert (r.model.projector_dims, r.model.projector_bn, r.optim.lr) == ([512] * 3, True, 0.03)
+    keep = load_config("fmnist-cpu", ["method.name=vicreg", "model.projector=dims"])
+    assert keep.model.projector_dims == [512] * 3  # "dims": what the config says, for every method
+    with pytest.raises(ConfigError, match="lr_by_method"):
+        load_config("fmnist-cpu", ['optim.lr_by_method={"vicreg": -1}', "method.name=vicreg"])
+
+
+def test_method_l0_solves_mu_against_scipy():
+    """method.l0 = r sets mu so that P(X > 0) = r under scipy's gennorm; stored in method.mu, kept on reload."""
+    from scipy import stats
+
+    for p, rate, sigma in ((1.0, 0.01, "gn"), (2.0, 0.2, "gn"), (1.0, 0.05, 0.5)):
+        cfg = load_config("smoke", [f"method.p={p}", f"method.l0={rate}", f"method.sigma={json.dumps(sigma)}"])
+        sig = 1 / math.sqrt(2) if (p, sigma) == (1.0, "gn") else (1.0 if sigma == "gn" else sigma)
+        law = stats.gennorm(beta=p, loc=cfg.method.mu, scale=sig * p ** (1 / p))
+        assert law.sf(0.0) == pytest.approx(rate, rel=1e-6)
+        again = TrainConfig.from_dict(json.loads(cfg.to_json()))
+        assert again.method.mu == cfg.method.mu and again.method.l0 == rate
+    for bad in ("0", "1", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="method.l0"):
+            load_config("smoke", [f"method.l0={bad}"])
 
 
 def test_overrides_are_typed():

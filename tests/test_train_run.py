@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,6 +68,35 @@ def test_train_writes_a_complete_run(tmp_path, capsys):
     assert state.step == 6 and state.total_steps == 6
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 6
+    rates = [json.loads(line) for line in (run / "dim_rates.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rates] == [1, 2, 3, 4, 5, 6] and all(len(r["rates"]) == 32 for r in rates)
+    last = np.array(rates[-1]["rates"])  # one step of 32 samples: rates are multiples of 1/32
+    assert rows[-1]["rate_p50"] == pytest.approx(np.percentile(last, 50), abs=1e-5)
+    assert rows[-1]["near_dead_dims"] == int((last < 0.1 * 0.5).sum())
+    assert np.allclose(last * 32, np.round(last * 32), atol=1e-3)
+
+
+def test_eval_reports_online_probes_and_train_mode_l0(tmp_path):
+    """The online probes stored in train_state.pt, scored on the eval features by hand, match the report;
+    l0 in train mode (batch statistics) is reported beside the eval-mode l0."""
+    from pretrain.evaluate import evaluate_checkpoint, extract
+    from pretrain.evaluate.splits import resolve_splits
+
+    run = tmp_path / "run"
+    assert main(_args(run, steps=4)) == 0
+    report = evaluate_checkpoint(
+        run, "fashion-mnist:test", max_train=200, limit=100, batch_size=50, progress=False, dim_rates=True
+    )
+    model, _ = load_checkpoint(run)
+    splits = resolve_splits("fashion-mnist:test", max_train=200, limit=100, seed=0)
+    feats, z, y = extract(model, splits.eval_source, model.config, 50, indices=splits.eval_indices, progress=False)
+    probe = load_state(run / "train_state.pt").probe
+    for key, x, name in (("online_linear_acc", feats, "probe_feat"), ("online_proj_linear_acc", z, "probe_code")):
+        logits = x.double().numpy() @ probe[f"{name}.weight"].double().numpy().T + probe[f"{name}.bias"].numpy()
+        assert report[key] == pytest.approx(float((logits.argmax(1) == y.numpy()).mean())), key
+    assert 0 < report["l0_train_mode"] <= 1 and report["l0_train_mode"] != report["l0"]
+    assert report["near_dead_dims"] is not None and "rate_p95" in report
+    np.testing.assert_allclose(report["dim_rates"], (z > 0).double().mean(0).numpy(), atol=1e-6)
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):

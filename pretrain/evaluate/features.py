@@ -115,11 +115,14 @@ def extract(
     indices: Sequence[int] | np.ndarray | None = None,
     progress: bool = True,
     desc: str = "extract",
+    train_mode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(backbone features, projector outputs, labels) of `source[indices]`, float32/int64 on the CPU.
 
     The model runs in eval mode (BatchNorm running statistics), and its previous mode is restored so a trainer
     can call this in the middle of training. Inputs go to the device the model's parameters live on.
+    ``train_mode`` runs a throw-away copy in train mode instead (BatchNorm normalises each batch by its own
+    statistics, as the training loss saw it): the l0 the objective was steering, beside the deployed one.
     """
     from tqdm.auto import tqdm
 
@@ -132,8 +135,12 @@ def extract(
     batches = _array_batches if source.array is not None else _pil_batches
     device = _model_device(model)
     encoder = getattr(model, "module", model)
+    if train_mode:
+        import copy
+
+        encoder = copy.deepcopy(encoder)  # its running statistics may move; the caller's must not
     was_training = encoder.training
-    encoder.eval()
+    encoder.train(train_mode)
     feats_out: list[torch.Tensor] = []
     z_out: list[torch.Tensor] = []
     try:

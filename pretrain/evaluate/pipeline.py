@@ -23,7 +23,7 @@ from models.rgg_law import expected_l0, expected_l1
 from pretrain.evaluate.features import extract
 from pretrain.evaluate.nhsic import DEFAULT_DIMS, DEFAULT_SAMPLES, nhsic
 from pretrain.evaluate.probes import KNN_K, KNN_TEMPERATURE, knn_accuracy, linear_probe
-from pretrain.evaluate.sparsity import sparsity_report
+from pretrain.evaluate.sparsity import dimension_rates, l0_fraction, rate_report, sparsity_report
 from pretrain.evaluate.splits import EvalError, resolve_splits
 
 REQUIRED_KEYS = (
@@ -111,6 +111,29 @@ def evaluate_embeddings(
     return out
 
 
+def online_probe_accuracy(
+    run: str | Path, eval_feats: torch.Tensor, eval_z: torch.Tensor, eval_y: torch.Tensor
+) -> dict[str, float]:
+    """Accuracy of the online probes stored in a run folder's train_state.pt on the evaluation features;
+    {} when the path is not a run folder with probes (a bare model file, a run trained without labels)."""
+    from pretrain.state import STATE_FILENAME, load_state
+
+    path = Path(run)
+    state_path = path / STATE_FILENAME if path.is_dir() else path.parent / STATE_FILENAME
+    if not state_path.is_file():
+        return {}
+    probe = load_state(state_path).probe or {}
+    out: dict[str, float] = {}
+    for key, feats in (("online_linear_acc", eval_feats), ("online_proj_linear_acc", eval_z)):
+        name = "probe_feat" if key == "online_linear_acc" else "probe_code"
+        w, b = probe.get(f"{name}.weight"), probe.get(f"{name}.bias")
+        if w is None or b is None or w.shape[1] != feats.shape[1]:
+            continue
+        logits = feats.float() @ w.float().T + b.float()
+        out[key] = float((logits.argmax(1) == eval_y).double().mean())
+    return out
+
+
 def _channel_note(data_channels: int | None, config: ModelConfig) -> str | None:
     mode = pil_mode(config.in_channels)
     if data_channels is None:
@@ -137,12 +160,20 @@ def evaluate_checkpoint(
     device: str | torch.device = "cpu",
     progress: bool = True,
     seed: int = 0,
+    train_mode_l0: bool = True,
+    online: bool = True,
+    dim_rates: bool = False,
 ) -> dict[str, Any]:
     """Offline evaluation of a checkpoint (path, run directory, or an Encoder in memory) on `data_spec`.
 
     Probes train on the data set's train split (at most `max_train` images) and are scored on the named split
     (at most `limit` images); see pretrain.evaluate.splits for the hold-out used when there is no train split.
-    Raises CheckpointError, DataSpecError or EvalError with a message naming the problem.
+    ``train_mode_l0`` adds `l0_train_mode` (BatchNorm on batch statistics; see `extract`). ``online`` adds the
+    accuracy of the run's ONLINE linear probes (trained inside the train step on detached features, the
+    reference's protocol) when `checkpoint` is a run folder that holds them (`online_linear_acc`,
+    `online_proj_linear_acc`). ``dim_rates`` adds the per-dimension activation rates themselves (`dim_rates`, a
+    list of D floats, for histograms). Raises CheckpointError, DataSpecError or EvalError with a message naming the
+    problem.
     """
     if k < 1:
         raise EvalError(f"k must be positive, got {k}")
@@ -198,6 +229,18 @@ def evaluate_checkpoint(
             raise EvalError(f"the model produced non-finite {name} (NaN/inf weights or activations in the checkpoint?)")
     result = evaluate_embeddings(tr_feats, tr_z, tr_y, ev_feats, ev_z, ev_y, k=k, device=dev, seed=seed)
     exp_l0, exp_l1 = target_expected(config)
+    result.update(rate_report(ev_z, exp_l0))
+    if dim_rates:
+        result["dim_rates"] = [round(float(r), 6) for r in dimension_rates(ev_z)]
+    t_extra = time.perf_counter()
+    if train_mode_l0:
+        _, z_train_mode, _ = extract(
+            model, splits.eval_source, config, batch_size, indices=splits.eval_indices, progress=False, train_mode=True
+        )
+        result["l0_train_mode"] = l0_fraction(z_train_mode)
+    if online and not isinstance(checkpoint, Encoder):
+        result.update(online_probe_accuracy(checkpoint, ev_feats, ev_z, ev_y))
+    result["timings"]["extra_s"] = time.perf_counter() - t_extra
     if exp_l0 is None:
         notes.append(f"method {config.method} has no RGN target, so expected_l0 is null")
     if not config.rectify:

@@ -59,3 +59,32 @@ def sparsity_report(z: torch.Tensor) -> dict[str, float | int]:
         "dead_dims_count": int(mask.sum()),
         "zero_rows": int((z == 0).all(1).sum()),
     }
+
+
+# A dimension firing at less than this fraction of the target rate is "near dead" (issue 15's definition).
+NEAR_DEAD_FRACTION = 0.1
+RATE_PERCENTILES = (5, 25, 50, 75, 95)
+
+
+def dimension_rates(z: torch.Tensor) -> torch.Tensor:
+    """Per-dimension activation rate: the fraction of samples on which each dimension is non-zero (float64)."""
+    return (_check(z) != 0).double().mean(0)
+
+
+def rate_report(z: torch.Tensor, target_l0: float | None) -> dict[str, object]:
+    """Per-dimension rate percentiles, and against the designed rate: the relative l0 error
+    (l0 - target) / target and the near-dead dimensions (rate < NEAR_DEAD_FRACTION x target).
+
+    The mean l0 alone can look right while most dimensions are dead and the survivors fire too often; the
+    percentiles and the near-dead count show the shape of the per-dimension rates behind it.
+    """
+    rates = dimension_rates(z)
+    q = torch.quantile(rates, torch.tensor([p / 100 for p in RATE_PERCENTILES], dtype=torch.float64))
+    out: dict[str, object] = {f"rate_p{p:02d}": float(v) for p, v in zip(RATE_PERCENTILES, q, strict=True)}
+    if target_l0:
+        l0 = float(rates.mean())
+        near = int((rates < NEAR_DEAD_FRACTION * target_l0).sum())
+        out.update(l0_rel_err=(l0 - target_l0) / target_l0, near_dead_dims=near, near_dead_frac=near / rates.numel())
+    else:
+        out.update(l0_rel_err=None, near_dead_dims=None, near_dead_frac=None)
+    return out

@@ -18,7 +18,7 @@ from pretrain.losses.precision import fp32_region
 from pretrain.losses.randomness import SharedGenerator, random_unit_directions
 from pretrain.losses.validation import check_embeddings
 
-PROJECTIONS = ("random", "eigen")
+PROJECTIONS = ("random", "eigen", "svd")
 
 
 def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -38,27 +38,50 @@ def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, directions: torch.Tens
 
 @torch.no_grad()
 def eigen_directions(z: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
-    """Eigenvectors of Cov(z) for the bottom half of its spectrum, topped up with random unit vectors.
+    """The bottom half of the right singular vectors of the centred batch, topped up with random unit vectors.
 
-    Low-variance eigen-directions are where a collapsing or correlated code differs most from the isotropic
-    product target, so slicing along them removes second-order dependence faster than random slices alone.
-    The eigendecomposition runs in fp32 without autograd (the directions are constants of the step) and is
-    broadcast from rank 0 because eigh is not guaranteed bitwise-identical across devices.
+    Low-variance directions are where a collapsing or correlated code differs most from the isotropic product
+    target, so slicing along them removes second-order dependence faster than random slices alone. They are
+    taken from the SVD of the centred n x D batch, i.e. inside its row space (as the reference's
+    "torch_svd_bottom_half_eigen_and_random"): of the min(n, D) singular vectors, the bottom half. The
+    eigenvectors of Cov(z) with the smallest eigenvalues are NOT the same when n <= D/2: they are then null-space
+    directions along which every sample projects to the same value, which adds nothing but rank noise.
+    The SVD runs in fp32 without autograd (the directions are constants of the step) and is broadcast from
+    rank 0 because it is not guaranteed bitwise-identical across devices.
     """
+    return _with_random(_bottom_singular(z, num), num, z, generator)
+
+
+@torch.no_grad()
+def svd_directions(z: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
+    """All min(n, D) right singular vectors of the centred batch (the reference's "torch_svd_and_random"),
+    topped up with random unit vectors."""
+    return _with_random(_bottom_singular(z, num, half=False), num, z, generator)
+
+
+def _bottom_singular(z: torch.Tensor, num: int, half: bool = True) -> torch.Tensor:
     n, d = z.shape
     zf = z.detach().float()
     zc = zf - zf.mean(dim=0, keepdim=True)
-    cov = zc.T @ zc / max(n - 1, 1)
-    m = min(num, d // 2)
+    k = min(n, d)
     try:
-        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-        eig = vecs[:, :m].T.contiguous()
+        _, svals, vt = torch.linalg.svd(zc, full_matrices=False)  # k x D, descending singular values
     except torch.linalg.LinAlgError:
-        warnings.warn("RDMReg(eigen): eigh did not converge; using random directions this step", stacklevel=2)
-        eig = random_unit_directions(m, d, generator, z.device)
-    broadcast_(eig)
-    rest = random_unit_directions(num - m, d, generator, z.device)
-    return torch.cat([eig, rest], dim=0)
+        warnings.warn("RDMReg(eigen): the SVD did not converge; using random directions this step", stacklevel=3)
+        return torch.empty(0, d, device=z.device)
+    rows = vt[k // 2 :] if half else vt
+    # Singular values ~0 (the centring removes one; a collapsed batch more) leave the row space: every sample
+    # projects alike there, so those vectors are dropped and random ones take their place.
+    keep = svals[k // 2 :] if half else svals
+    rows = rows[keep > 1e-6 * svals[0].clamp_min(1e-30)]
+    rows = rows[-num:].contiguous()  # never more than num directions
+    broadcast_(rows)
+    return rows
+
+
+def _with_random(rows: torch.Tensor, num: int, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    rest = random_unit_directions(num - rows.shape[0], z.shape[1], generator, z.device)
+    return torch.cat([rows, rest], dim=0)
 
 
 class RDMReg(nn.Module):
@@ -71,8 +94,8 @@ class RDMReg(nn.Module):
         num_projections: K, directions per call (reference 8192; 512 is enough at small scale).
         p, mu, sigma: the target GN_p(mu, sigma) before rectification.
         rectified_target: True -> RGN (ReLU of GN samples); False -> plain GN (the ablation cells).
-        projection: "random" (unit Gaussian directions) or "eigen" (bottom-half eigenvectors of Cov(Z), filled
-            up with random ones).
+        projection: "random" (unit Gaussian directions), "eigen" (the bottom half of the batch's right singular
+            vectors, filled up with random ones) or "svd" (all of them, filled up with random ones).
         generator: optional torch.Generator; under DDP seed it identically on every rank. Without it the loss
             makes its own, seeded by ``seed`` or by torch's global RNG and broadcast from rank 0.
         seed: seed for the internal generator (ignored when ``generator`` is given).
@@ -123,17 +146,41 @@ class RDMReg(nn.Module):
         return y.to(device=device, dtype=torch.float32)
 
     def directions(self, z: torch.Tensor) -> torch.Tensor:
+        """K unit directions for one view (random ones are independent of ``z``)."""
         gen = self._rng.get(z.device)
         if self.projection == "eigen":
             return eigen_directions(z, self.num_projections, gen)
+        if self.projection == "svd":
+            return svd_directions(z, self.num_projections, gen)
         return random_unit_directions(self.num_projections, z.shape[1], gen, z.device)
 
-    def forward(self, z: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
-        """Sliced W2^2 of the global batch of ``z`` vs a fresh target draw; ``gathered`` skips the gather."""
+    def view_directions(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Directions for each view of one step, the random ones SHARED by the views (as in the reference):
+        "random" gives every view the same K directions; "eigen"/"svd" give each view its own singular vectors
+        (they are a property of that view's batch) completed by one shared random set."""
+        gen = self._rng.get(zs[0].device)
+        if self.projection == "random":
+            c = random_unit_directions(self.num_projections, zs[0].shape[1], gen, zs[0].device)
+            return [c] * len(zs)
+        with torch.no_grad():
+            rows = [_bottom_singular(z, self.num_projections, half=self.projection == "eigen") for z in zs]
+        fill = random_unit_directions(self.num_projections - rows[0].shape[0], zs[0].shape[1], gen, zs[0].device)
+        out = []
+        for r in rows:
+            extra = self.num_projections - r.shape[0] - fill.shape[0]
+            parts = [r, fill] if extra <= 0 else [r, fill, random_unit_directions(extra, r.shape[1], gen, r.device)]
+            out.append(torch.cat(parts, dim=0)[: self.num_projections])
+        return out
+
+    def forward(
+        self, z: torch.Tensor, *, gathered: bool = False, directions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sliced W2^2 of the global batch of ``z`` vs a fresh target draw; ``gathered`` skips the gather;
+        ``directions`` (K x D) are used instead of a fresh draw (the two views of a step share them)."""
         check_embeddings("RDMReg", z)
         zg = z if gathered else gather_with_grad(z)
         with fp32_region(zg):
             zg = zg.float()
-            c = self.directions(zg)
+            c = self.directions(zg) if directions is None else directions
             y = self.sample_target(tuple(zg.shape), zg.device)
             return sliced_wasserstein2(zg, y, c)

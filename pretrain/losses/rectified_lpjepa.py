@@ -50,7 +50,8 @@ class RectifiedLpJEPALoss(nn.Module):
         with fp32_region(g1):
             g1, g2 = g1.float(), g2.float()
             inv = invariance_loss(g1, g2)
-            rdm = 0.5 * (self.rdm(g1, gathered=True) + self.rdm(g2, gathered=True))
+            c1, c2 = self.rdm.view_directions([g1, g2])  # one random set per step, shared by the views
+            rdm = 0.5 * (self.rdm(g1, gathered=True, directions=c1) + self.rdm(g2, gathered=True, directions=c2))
             total = self.w_inv * inv + self.w_rdm * rdm
         parts = {
             "loss": float(total.detach()),
