@@ -129,7 +129,7 @@ class VectorIndex(ABC):
     def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` scores (float32) and ids (int64) per query row, best first."""
         k = check_k(k)
-        q = check_vectors(queries, self._dim, what="queries")
+        q = check_vectors(queries, self._dim, what="queries", copy=False)
         if self._metric == "cosine":
             q = normalize_rows(q, row_norms(q))
         nq = n_rows(q)
@@ -302,8 +302,16 @@ def _unknown(missing: np.ndarray, asked: int) -> UnknownIdError:
     return UnknownIdError(f"unknown ids: {shown}{more} ({missing.size} of {asked} not in the index)")
 
 
+# Up to this k, results are ordered by a compiled insertion sort (~1 us instead of ~40 us for a lexsort).
+_COMPILED_FINISH_K = 64
+
+
 def _finish(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mark empty slots (-1, -inf) and order each row by score, ties by ascending id, for reproducible output."""
+    if scores.ndim == 2 and scores.shape == ids.shape and scores.shape[1] <= _COMPILED_FINISH_K:
+        from index.compiled import finish_topk  # numba: imported when a search first needs it
+
+        return finish_topk(np.asarray(scores, np.float32), np.asarray(ids, np.int64))
     scores = np.asarray(scores, dtype=np.float32)
     ids = np.asarray(ids, dtype=np.int64).copy()
     empty = ~np.isfinite(scores) | (ids < 0)

@@ -1,4 +1,5 @@
-"""The compiled loops of the csr backend (numba): the top-k heap scan and the inverted-index search.
+"""The compiled loops of the csr backend (numba): the top-k heap scan, the exact inverted-index search and the
+approximate (pruned, rescored) one.
 
 They live in one module on purpose: numba's on-disk cache (``cache=True``) is keyed on the source file of the
 function it compiled, so a kernel calling a jitted function from another module would keep running a stale
@@ -121,6 +122,186 @@ def search_inverted(
             n = min(tile, n_rows - r0)
             mask = alive[r0 : r0 + n] if alive.size else none
             scan_row(acc, n, s, r, row_offset + r0, mask, True)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rescore(x_indptr: np.ndarray, x_indices: np.ndarray, x_data: np.ndarray, row: int, qdense: np.ndarray) -> float:
+    """Exact score of one stored row against the dense query, from the forward index (the CSR rows).
+
+    Bit-identical to the inverted-index sum: both add the same float32 products in ascending dimension order
+    (dimensions the query lacks add +0.0, which changes nothing).
+    """
+    total = np.float32(0.0)
+    for p in range(x_indptr[row], x_indptr[row + 1]):
+        total += qdense[x_indices[p]] * x_data[p]
+    return total
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _offer(s: np.ndarray, r: np.ndarray, value: float, row: int) -> None:
+    """Push (value, row) unless the heap already holds ``row``: the approximate search meets a row more than once
+    (probe, then its tile) and in no particular row order, so ties are decided here by row, not arrival."""
+    if value > s[0] or (value == s[0] and row < r[0]):
+        for i in range(r.size):
+            if r[i] == row:
+                return
+        _replace_worst(s, r, value, row)
+
+
+@njit(nogil=True, cache=True)
+def search_approx(
+    indptr: np.ndarray,
+    rows: np.ndarray,
+    data: np.ndarray,
+    n_rows: int,
+    dim: int,
+    tile: int,
+    top_rows: np.ndarray,
+    x_indptr: np.ndarray,
+    x_indices: np.ndarray,
+    x_data: np.ndarray,
+    q_indptr: np.ndarray,
+    q_indices: np.ndarray,
+    q_data: np.ndarray,
+    lo: int,
+    hi: int,
+    heap_scores: np.ndarray,
+    heap_rows: np.ndarray,
+    heap_lo: int,
+    row_offset: int,
+    alive: np.ndarray,
+    acc: np.ndarray,
+    touched: np.ndarray,
+    qdense: np.ndarray,
+    cut: float,
+    slack: float,
+    probe_rows: int,
+) -> int:
+    """Approximate top-k over impact-ordered tiles (see :mod:`index.approx` for the method and its guarantee).
+
+    Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
+    for e in range(q_indptr[lo], q_indptr[hi]):
+        if q_indices[e] < 0 or q_indices[e] >= dim:
+            return 1
+    masked = alive.size > 0
+    n_tiles = (n_rows + tile - 1) // tile
+    for q in range(lo, hi):
+        a, b = q_indptr[q], q_indptr[q + 1]
+        s = heap_scores[heap_lo + q - lo]
+        r = heap_rows[heap_lo + q - lo]
+        for e in range(a, b):
+            qdense[q_indices[e]] = q_data[e]
+        # Probe: the rows holding each query dimension's largest values, scored exactly, give the first
+        # threshold (a true lower bound of the k-th best score).
+        per_dim = min(top_rows.shape[1], max(2, probe_rows // max(1, b - a)))
+        for e in range(a, b):
+            j = q_indices[e]
+            for i in range(per_dim):
+                row = top_rows[j, i]
+                if row < 0:
+                    break
+                if masked and not alive[row]:
+                    continue
+                _offer(s, r, _rescore(x_indptr, x_indices, x_data, row, qdense), row_offset + row)
+        for t in range(n_tiles):
+            theta = s[0]
+            base = t * dim
+            nt = 0
+            worst_missed = np.float32(0.0)  # largest contribution left out of this tile's partial scores
+            for e in range(a, b):
+                j = q_indices[e]
+                w = q_data[e]
+                p0, p1 = indptr[base + j], indptr[base + j + 1]
+                if theta > 0 and p1 > p0:
+                    c = cut * theta / w
+                    left, right = p0, p1  # first entry below the cut (lists are sorted by value, descending)
+                    while left < right:
+                        mid = (left + right) // 2
+                        if data[mid] >= c:
+                            left = mid + 1
+                        else:
+                            right = mid
+                    if left < p1:
+                        worst_missed = max(worst_missed, w * data[left])
+                    p1 = left
+                for p in range(p0, p1):
+                    lr = rows[p]
+                    if acc[lr] == 0:
+                        touched[nt] = lr
+                        nt += 1
+                    acc[lr] += w * data[p]
+            r0 = t * tile
+            for i in range(nt):
+                lr = touched[i]
+                v = acc[lr]
+                acc[lr] = 0
+                # a row of the true top-k missing at most one contribution (< worst_missed) still passes
+                if v + slack * worst_missed < s[0]:
+                    continue
+                row = r0 + lr
+                if masked and not alive[row]:
+                    continue
+                if worst_missed > 0:
+                    v = _rescore(x_indptr, x_indices, x_data, row, qdense)
+                _offer(s, r, v, row_offset + row)
+        for e in range(a, b):
+            qdense[q_indices[e]] = 0
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def csr_problem(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dim: int) -> int:
+    """Why a CSR matrix is not already a clean, canonical embedding batch: 0 = it is; 1 = a NaN or infinite
+    value; 2 = a negative value; 3 = not canonical (unsorted or repeated column, stored zero, bad row
+    pointers); 4 = a column outside [0, dim). One pass, so single queries skip scipy's copy and re-sort."""
+    n = indptr.size - 1
+    if n < 0 or indptr[0] != 0 or indptr[n] > data.size or data.size != indices.size:
+        return 3
+    for i in range(n):
+        a, b = indptr[i], indptr[i + 1]
+        if b < a:
+            return 3
+        last = -1
+        for p in range(a, b):
+            v = data[p]
+            if not np.isfinite(v):
+                return 1
+            if v < 0:
+                return 2
+            j = indices[p]
+            if j < 0 or j >= dim:
+                return 4
+            if j <= last or v == 0:
+                return 3
+            last = j
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def finish_topk(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Results in their final order: per row best score first, ties by ascending id, empty slots (non-finite
+    score or id < 0) last as (-inf, -1). Insertion sort: k is small."""
+    n, k = scores.shape
+    out_s = np.empty((n, k), np.float32)
+    out_i = np.empty((n, k), np.int64)
+    big = np.iinfo(np.int64).max
+    for q in range(n):
+        for j in range(k):
+            v = np.float32(scores[q, j])
+            d = ids[q, j]
+            if not np.isfinite(v) or d < 0:
+                v, d = np.float32(-np.inf), big
+            i = j
+            while i > 0 and (out_s[q, i - 1] < v or (out_s[q, i - 1] == v and out_i[q, i - 1] > d)):
+                out_s[q, i] = out_s[q, i - 1]
+                out_i[q, i] = out_i[q, i - 1]
+                i -= 1
+            out_s[q, i] = v
+            out_i[q, i] = d
+        for j in range(k):
+            if out_i[q, j] == big:
+                out_i[q, j] = -1
+    return out_s, out_i
 
 
 def warmup() -> None:

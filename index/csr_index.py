@@ -10,12 +10,17 @@ and once dead rows exceed ``compact_ratio`` of all rows the blocks are rewritten
 Each search picks the cheapest exact kernel for the data it holds (see :mod:`index.kernels`), works through
 the database in chunks whose score buffers stay under ``chunk_mb``, and spreads query blocks over ``threads``
 worker threads (the compiled inverted-index search, scipy's sparse products and BLAS all release the GIL).
+
+``mode="approx"`` (an index option, or per call ``search(..., mode="approx")``) trades a little recall for
+speed: pruned, impact-ordered posting lists with exact rescoring (:mod:`index.approx`), tuned by ``approx_cut``
+(0 = exact) and :meth:`CsrIndex.tune_approx`. Exact is the default.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,20 +29,22 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from index import compiled, inverted, store
+from index import approx, compiled, inverted, store
 from index.base import VectorIndex
 from index.errors import CorruptIndexError, InvalidInputError
 from index.inverted import TiledInverted, build_inverted, search_inverted
 from index.kernels import KERNELS, CostModel, row_slice, scores_dense, scores_spdense
 from index.rowmap import RowMap, RowMapped
 from index.topk import RunningTopK
-from index.validation import MAX_ID, Vectors
+from index.validation import MAX_ID, Vectors, check_vectors
 
 # Queries per sparse-kernel task: enough to amortise a thread-pool hand-off (~50 us), few enough that the
 # workers finish together.
 SPARSE_CHUNK_QUERIES = 32
 # Estimated work of one core (cost model) above which a single query's tiles are split between the workers.
 SPLIT_MIN_WORK_NS = 500_000
+MODES = ("exact", "approx")
+_CALL = threading.local()  # per-call search options (``search(..., mode=...)``), read by ``_search``
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
@@ -87,12 +94,13 @@ def _vstack(blocks: list[sp.csr_matrix], dim: int) -> sp.csr_matrix:
 class _Block:
     """One CSR block of consecutive global rows, with caches built on first use."""
 
-    __slots__ = ("x", "start", "inv", "colcount")
+    __slots__ = ("x", "start", "inv", "impact", "colcount")
 
     def __init__(self, x: sp.csr_matrix, start: int) -> None:
         self.x = x
         self.start = start
         self.inv: TiledInverted | None = None  # inverted index, for the sparse kernel
+        self.impact: approx.ImpactTiles | None = None  # impact-ordered lists, for the approximate mode
         self.colcount: np.ndarray | None = None  # non-zeros per dimension, for the cost model
 
     @property
@@ -115,8 +123,14 @@ class CsrIndex(RowMapped, VectorIndex):
         chunk_mb: float = 64.0,
         compact_ratio: float = 0.25,
         costs: CostModel | None = None,
+        mode: str = "exact",
+        approx_cut: float = approx.DEFAULT_CUT,
+        approx_slack: float = approx.DEFAULT_SLACK,
     ) -> None:
         super().__init__(dim, metric)
+        if mode not in MODES:
+            raise InvalidInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        approx.check_params(approx_cut, approx_slack)
         if kernel not in KERNELS:
             raise InvalidInputError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -130,6 +144,9 @@ class CsrIndex(RowMapped, VectorIndex):
         self.chunk_bytes = int(chunk_mb * 2**20)
         self.compact_ratio = float(compact_ratio)
         self.costs = costs or CostModel()
+        self.mode = mode
+        self.approx_cut = float(approx_cut)
+        self.approx_slack = float(approx_slack)
         self.last_kernel: str | None = None  # the kernel the latest search ran (benchmarks report it)
         self._blocks: list[_Block] = []
         self._row_ids = np.empty(0, np.int64)  # id of each global row (dead rows keep their old id)
@@ -149,6 +166,8 @@ class CsrIndex(RowMapped, VectorIndex):
             total += b.x.data.nbytes + b.x.indices.nbytes + b.x.indptr.nbytes
             if b.inv is not None:
                 total += b.inv.nbytes
+            if b.impact is not None:
+                total += b.impact.nbytes
         return int(total)
 
     # ------------------------------------------------------------------ writes
@@ -202,10 +221,20 @@ class CsrIndex(RowMapped, VectorIndex):
 
     # ------------------------------------------------------------------ search
     def _inverted(self, block: _Block) -> TiledInverted:
+        """The lists the exact kernel walks: impact-ordered ones serve as well when they exist (same sums,
+        added in the same dimension order), so an approximate index holds one copy."""
         with self._cache_lock:
+            if block.inv is None and block.impact is not None:
+                return block.impact.inv
             if block.inv is None:
                 block.inv = build_inverted(block.x)
             return block.inv
+
+    def _impact(self, block: _Block) -> approx.ImpactTiles:
+        with self._cache_lock:
+            if block.impact is None:
+                block.impact = approx.build_impact(block.x)
+            return block.impact
 
     def _colcount(self, block: _Block) -> np.ndarray:
         with self._cache_lock:
@@ -222,6 +251,10 @@ class CsrIndex(RowMapped, VectorIndex):
         with self._lock.read():
             colcount = self._colcounts()
             if not self._blocks:
+                return
+            if self.mode == "approx":
+                for block in self._blocks:
+                    self._impact(block)
                 return
             expected_products = float((colcount.astype(np.float64) ** 2).sum() / max(1, self.total_rows))
             single = self.costs.choose(
@@ -258,20 +291,122 @@ class CsrIndex(RowMapped, VectorIndex):
             sparse_products=sparse_products,
         )
 
+    def search(self, queries: Any, k: int = 10, *, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` scores and ids per query row, best first; ``mode`` overrides the index's mode for this call
+        ("exact": the true top-k; "approx": see :mod:`index.approx`, returned scores are still exact)."""
+        if mode is not None and mode not in MODES:
+            raise InvalidInputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        return self._search_with(queries, k, mode=mode)
+
+    def _search_with(self, queries: Any, k: int, **call: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``VectorIndex.search`` with per-call options (mode, cut, slack) for ``_search``, kept thread-local so
+        that concurrent searches (and a tuning run) never see each other's."""
+        previous = getattr(_CALL, "options", None)
+        _CALL.options = call
+        try:
+            return super().search(queries, k)
+        finally:
+            _CALL.options = previous
+
     def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = queries if sp.issparse(queries) else sp.csr_matrix(queries)
-        products = self._sparse_products(q)
-        kernel = self._choose(q.shape[0], products)
-        self.last_kernel = kernel
         top = RunningTopK(q.shape[0], k)
         parts = [(b, self._alive[b.start : b.start + b.rows] if self._n_dead else None) for b in self._blocks]
+        products = self._sparse_products(q)
+        call = getattr(_CALL, "options", None) or {}
+        cut = call.get("cut", self.approx_cut)
+        if (call.get("mode") or self.mode) == "approx" and self._approx_pays(q.shape[0], products, cut):
+            self.last_kernel = "approx"
+            self._search_approx(parts, q, top, cut, call.get("slack", self.approx_slack))
+            return self._results(top)
+        kernel = self._choose(q.shape[0], products)
+        self.last_kernel = kernel
         if kernel == "sparse":
             self._search_sparse(parts, q, top, split_tiles=self._split_tiles(q.shape[0], products))
         else:
             getattr(self, f"_search_{kernel}")(parts, q, top)
+        return self._results(top)
+
+    def _results(self, top: RunningTopK) -> tuple[np.ndarray, np.ndarray]:
         rows = top.rows
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
         return top.scores, ids
+
+    def _approx_pays(self, n_queries: int, sparse_products: float, cut: float) -> bool:
+        """Whether the approximate kernel is worth running instead of the exact ones: not at ``approx_cut`` 0
+        (it would be exact, only slower), not when the exact inverted-index work per query is below
+        ``APPROX_MIN_PRODUCTS`` (the probe and rescoring cost more than the pruning saves), and not above the
+        cost model's density limit, where no posting lists are built (they would double the memory)."""
+        if cut <= 0 or sparse_products < approx.APPROX_MIN_PRODUCTS * n_queries:
+            return False
+        nnz = sum(b.x.nnz for b in self._blocks)
+        return nnz <= self.costs.sparse_max_density * max(1, self.total_rows) * self._dim
+
+    def _search_approx(self, parts: list, q: sp.csr_matrix, top: RunningTopK, cut: float, slack: float) -> None:
+        def task(lo: int, hi: int) -> None:
+            for block, alive in parts:
+                approx.search_approx(
+                    self._impact(block), block.x, q, lo, hi, top.scores, top.rows, lo, block.start, alive, cut, slack
+                )
+
+        ranges = self._query_ranges(q.shape[0], SPARSE_CHUNK_QUERIES)
+        _run([lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads)
+
+    def tune_approx(
+        self,
+        queries: Any,
+        k: int = 10,
+        target_recall: float = 0.997,
+        grid: tuple[tuple[float, float], ...] = approx.TUNE_GRID,
+    ) -> dict[str, Any]:
+        """Set ``approx_cut`` / ``approx_slack`` to the fastest pair of ``grid`` whose recall@k against the exact
+        search reaches ``target_recall`` on ``queries`` (held out from the data, as they would come at serving
+        time); if none does, to (0, slack): exact.
+
+        Speed is the median single-query latency over (up to 100 of) the queries, as served. Recall counts a
+        returned row as correct when its score reaches the true k-th best (scores are exact in both modes, so
+        rows tied with the k-th are not misses); a query with fewer than k positive scores is judged on those.
+        Returns ``{"param", "value", "slack", "recall", "tried"}``, like
+        :meth:`index.faiss_index.FaissIndex.tune`'s report.
+        """
+        if not 0 < target_recall <= 1:
+            raise InvalidInputError(f"target_recall must be in (0, 1], got {target_recall!r}")
+        q = check_vectors(queries, self._dim, what="tuning queries")
+        truth, _ = self._search_with(q, k, mode="exact")
+        kth = np.where(truth[:, -1:] > 0, truth[:, -1:], np.float32(np.finfo(np.float32).tiny))
+        positive = (truth > 0).sum(axis=1)
+        singles = [row_slice(q, i, i + 1) for i in range(min(100, q.shape[0]))]
+        tried = []
+        for cut, slack in grid:
+            approx.check_params(cut, slack)
+            found, _ = self._search_with(q, k, mode="approx", cut=cut, slack=slack)
+            ok = (found >= kth - 1e-6 * np.maximum(1.0, np.abs(kth))).sum(axis=1)
+            recall = (
+                float(np.mean(np.minimum(ok, positive)[positive > 0] / positive[positive > 0]))
+                if positive.any()
+                else 1.0
+            )
+            latency = []
+            for single in singles:
+                t0 = time.perf_counter()
+                self._search_with(single, k, mode="approx", cut=cut, slack=slack)
+                latency.append(time.perf_counter() - t0)
+            tried.append({"cut": cut, "slack": slack, "recall": recall, "latency_us": 1e6 * float(np.median(latency))})
+        good = [t for t in tried if t["recall"] >= target_recall]
+        best = (
+            min(good, key=lambda t: t["latency_us"])
+            if good
+            else {"cut": 0.0, "slack": self.approx_slack, "recall": 1.0}
+        )
+        with self._lock.write():
+            self.approx_cut, self.approx_slack = float(best["cut"]), float(best["slack"])
+        return {
+            "param": "approx_cut",
+            "value": self.approx_cut,
+            "slack": self.approx_slack,
+            "recall": best["recall"],
+            "tried": tried,
+        }
 
     def _query_ranges(self, n: int, size: int) -> list[tuple[int, int]]:
         size = max(1, min(size, -(-n // self.threads)))  # at least one range per worker
@@ -379,7 +514,14 @@ class CsrIndex(RowMapped, VectorIndex):
         self._compact()
 
     def _options(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "chunk_mb": self.chunk_bytes / 2**20, "compact_ratio": self.compact_ratio}
+        return {
+            "kernel": self.kernel,
+            "chunk_mb": self.chunk_bytes / 2**20,
+            "compact_ratio": self.compact_ratio,
+            "mode": self.mode,
+            "approx_cut": self.approx_cut,
+            "approx_slack": self.approx_slack,
+        }
 
     @classmethod
     def _file_roles(cls) -> tuple[str, ...]:
@@ -417,7 +559,8 @@ class CsrIndex(RowMapped, VectorIndex):
             problems.append("invalid or duplicate ids")
         if problems:
             raise CorruptIndexError(f"{paths['data'].parent}: inconsistent CSR files: {problems[0]}")
-        kwargs = {key: options[key] for key in ("kernel", "chunk_mb", "compact_ratio") if key in options}
+        names = ("kernel", "chunk_mb", "compact_ratio", "mode", "approx_cut", "approx_slack")
+        kwargs = {key: options[key] for key in names if key in options}
         try:
             index = cls(dim, metric, **kwargs)
         except ValueError as err:
