@@ -16,6 +16,7 @@ STAGE_CLIS = (
     "pretrain.cli",  # train, eval
     "export.cli",  # export
     "index.cli",  # index, search
+    "index.milvus_cli",  # milvus serve
     "serve.cli",  # serve
     "serve.ood.cli",  # ood calibrate, ood eval, ood score
 )

@@ -1,7 +1,8 @@
-"""Index stage: exact sparse (CSR) and FAISS vector indexes with caller-chosen ids, payloads and atomic files.
+"""Index stage: exact sparse (CSR), FAISS and Milvus vector indexes with caller-chosen ids, payloads, atomic files.
 
 Entry points: :func:`index.factory.create_index`, :func:`index.factory.load_index`; errors in
-:mod:`index.errors` (all ``ValueError`` subclasses). numpy, scipy and faiss load on first use of the factory,
+:mod:`index.errors` (``ValueError`` subclasses for bad input or files; ``BackendUnavailableError``, a
+``ConnectionError``, when a Milvus server cannot be reached). numpy, scipy and faiss load on first use of the factory,
 so importing the package (as ``lpjepa --help`` does through ``index.cli``) stays cheap.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from index.errors import (
+    BackendUnavailableError,
     CorruptIndexError,
     DimensionMismatchError,
     IndexError_,
@@ -18,11 +20,12 @@ from index.errors import (
     UnknownIdError,
 )
 
-BACKENDS = ("csr", "faiss")
+BACKENDS = ("csr", "faiss", "milvus")
 _LAZY = {"create_index", "load_index"}
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailableError",
     "CorruptIndexError",
     "DimensionMismatchError",
     "IndexError_",

@@ -18,6 +18,7 @@ from typing import Any
 from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 from cli.parser import OneLineParser
+from index.milvus_cli import add_milvus_arguments, milvus_options, reject_milvus_flags_without_backend
 from index.thumbnails import DEFAULT_PX as DEFAULT_THUMBNAIL_PX
 from index.thumbnails import MAX_PX as MAX_THUMBNAIL_PX
 from models.atomic_io import file_sha256
@@ -46,6 +47,25 @@ def _recall_target(text: str) -> float:
     return value
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def shard_rows(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Rows [lo, hi) of shard I of N over n rows: contiguous, sizes differ by at most one, together all rows."""
+    if shard is None:
+        return 0, n
+    i, parts = shard
+    return i * n // parts, (i + 1) * n // parts
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build a vector index of a data set's embeddings")
     actions = index.add_subparsers(dest="index_command", metavar="ACTION", parser_class=OneLineParser)
@@ -58,8 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--model", required=True, help="exported model (.onnx)")
     build.add_argument("--data", required=True, help="data spec: fashion-mnist[:test], mnist, or an image folder")
-    build.add_argument("--out", required=True, help="index directory to create or replace atomically")
-    build.add_argument("--backend", choices=("csr", "faiss"), default="csr", help="default: csr (exact, sparse)")
+    build.add_argument("--out", help="index directory to create or replace atomically (csr, faiss)")
+    build.add_argument(
+        "--backend",
+        choices=("csr", "faiss", "milvus"),
+        default="csr",
+        help="default: csr (exact, sparse); milvus writes into --collection at --milvus-uri instead of --out",
+    )
     build.add_argument(
         "--faiss-index",
         default="Flat",
@@ -88,23 +113,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"store a PNG thumbnail per image, longest side at most PX pixels (never enlarged; 0 = none;"
         f" at most {MAX_THUMBNAIL_PX}; default {DEFAULT_THUMBNAIL_PX}), shown by the server's web page",
     )
+    build.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="with --backend milvus: embed only the I-th of N contiguous slices of the data set (0-based) into the "
+        "shared collection, so N processes or machines build one index; without it an existing collection is replaced",
+    )
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_milvus_arguments(build, index_kind=True)
     build.set_defaults(func=_cmd_build)
 
     search = subparsers.add_parser("search", help="find the indexed images most similar to an image")
     search.add_argument("--model", required=True, help="exported model (.onnx), the one that built the index")
-    search.add_argument("--index", required=True, help="index directory written by `lpjepa index build`")
+    search.add_argument("--index", help="index directory written by `lpjepa index build` (csr, faiss)")
+    search.add_argument(
+        "--backend", choices=("csr", "faiss", "milvus"), help="milvus: search --collection at --milvus-uri"
+    )
     search.add_argument("--image", required=True, help="query image file")
     search.add_argument("-k", "--k", type=_positive_int, default=10, help="number of results (default 10)")
     search.add_argument("--json", action="store_true", help='print {"results": [{"id", "score", "payload"}]}')
+    add_milvus_arguments(search)
     search.set_defaults(func=_cmd_search)
 
 
 # ---------------------------------------------------------------------- building
 def embed_source(
-    runtime: Any, source: Any, spec: str, n: int, *, batch_size: int, progress: bool, thumbnail_px: int = 0
+    runtime: Any,
+    source: Any,
+    spec: str,
+    n: int,
+    *,
+    batch_size: int,
+    progress: bool,
+    thumbnail_px: int = 0,
+    start: int = 0,
 ) -> Iterator[tuple[Any, Any, list[dict[str, Any]], list[bytes | None] | None]]:
-    """Yield (ids, CSR embeddings, payloads, thumbnails) for rows 0..n-1 of ``source`` in chunks of CHUNK_IMAGES.
+    """Yield (ids, CSR embeddings, payloads, thumbnails) for rows start..n-1 of ``source`` in chunks of CHUNK_IMAGES.
 
     Thumbnails (PNG, longest side ``thumbnail_px``) are made from the decoded image the model sees, so they show
     exactly what was indexed; None for the whole chunk when ``thumbnail_px`` is 0.
@@ -115,8 +160,8 @@ def embed_source(
     from index.thumbnails import thumbnail_png
 
     classes = list(getattr(source, "classes", []) or [])
-    with tqdm(total=n, desc="index build", unit="img", disable=not progress, file=sys.stderr) as bar:
-        for lo in range(0, n, CHUNK_IMAGES):
+    with tqdm(total=n - start, desc="index build", unit="img", disable=not progress, file=sys.stderr) as bar:
+        for lo in range(start, n, CHUNK_IMAGES):
             hi = min(n, lo + CHUNK_IMAGES)
             images, payloads = [], []
             thumbs: list[bytes | None] | None = [] if thumbnail_px else None
@@ -233,7 +278,7 @@ def _concat(parts: list[Chunk]) -> Chunk:
 def build_index(
     model: str,
     data: str,
-    out: str,
+    out: str | None,
     *,
     backend: str = "csr",
     faiss_index: str = "Flat",
@@ -243,30 +288,65 @@ def build_index(
     target_recall: float = 0.95,
     thumbnail_px: int = DEFAULT_THUMBNAIL_PX,
     progress: bool = True,
+    milvus: dict[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Embed ``data`` with ``model`` and save an index in ``out``; returns the summary the CLI prints."""
+    """Embed ``data`` with ``model`` and save an index in ``out`` (or the Milvus collection of ``milvus``, the
+    options of :class:`index.milvus_index.MilvusIndex`); returns the summary the CLI prints.
+
+    With Milvus, ``shard=(i, n)`` embeds only slice i of n (``shard_rows``) into the shared collection, which is
+    created by whichever shard comes first and must hold the same model's vectors; without a shard an existing
+    collection is dropped and rebuilt (not atomic: Milvus has no collection swap).
+    """
     from export.runtime import EmbeddingRuntime
     from index.factory import create_index
     from pretrain.data.sources import open_source
 
     t0 = time.perf_counter()
-    options = {"spec": faiss_index} if backend == "faiss" else {}
+    if backend == "milvus":
+        if out is not None:
+            raise CliError("--out is for csr and faiss; a milvus index is written to --collection at --milvus-uri")
+        if not milvus:
+            raise CliError("--backend milvus needs --milvus-uri")
+    else:
+        if out is None:
+            raise CliError(f"--backend {backend} needs --out DIR")
+        if shard is not None:
+            raise CliError("--shard needs --backend milvus (the shards write into one shared collection)")
+    options: dict[str, Any] = {"spec": faiss_index} if backend == "faiss" else dict(milvus or {})
     runtime = EmbeddingRuntime(model, batch_size=batch_size)
+    model_sha = file_sha256(model)
+    if backend == "milvus" and shard is None:
+        from index.milvus_index import drop_collection
+
+        drop_collection(**options)
     index = create_index(backend, runtime.dim, metric, **options)  # bad options fail before any embedding
     source = open_source(data)
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise CliError(f"data spec {data!r} holds no images")
-    index.metadata = {
-        "model": {"path": str(Path(model).resolve()), "sha256": file_sha256(model), "dim": runtime.dim},
+    metadata = {
+        "model": {"path": str(Path(model).resolve()), "sha256": model_sha, "dim": runtime.dim},
         "data": data,
         "images": n,
     }
-    chunks = embed_source(runtime, source, data, n, batch_size=batch_size, progress=progress, thumbnail_px=thumbnail_px)
-    summary = fill_index(index, chunks, total=n, target_recall=target_recall)
+    if backend == "milvus" and index.metadata:  # a shard joining a collection another shard created
+        built_with = (index.metadata.get("model") or {}).get("sha256")
+        if built_with != model_sha or index.metadata.get("data") != data or index.metadata.get("images") != n:
+            raise CliError(
+                f"collection {options['collection']!r} holds another build (model sha256 {str(built_with)[:12]}, "
+                f"data {index.metadata.get('data')!r}, {index.metadata.get('images')} images); the shards of one "
+                "index need the same --model, --data and --limit"
+            )
+    index.metadata = metadata
+    lo, hi = shard_rows(n, shard)
+    chunks = embed_source(
+        runtime, source, data, hi, batch_size=batch_size, progress=progress, thumbnail_px=thumbnail_px, start=lo
+    )
+    summary = fill_index(index, chunks, total=hi - lo, target_recall=target_recall)
     manifest = index.save(out)
-    return {
-        "out": str(out),
+    result = {
+        "out": None if out is None else str(out),
         "backend": backend,
         "faiss_index": faiss_index if backend == "faiss" else None,
         "metric": metric,
@@ -277,9 +357,18 @@ def build_index(
         "tuned": summary.get("tuned"),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if backend == "milvus":
+        result.update(
+            collection=options["collection"],
+            milvus_index=index.index_kind,
+            shard=None if shard is None else f"{shard[0]}/{shard[1]}",
+            rows=[lo, hi],
+        )
+    return result
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    reject_milvus_flags_without_backend(args)
     try:
         summary = build_index(
             args.model,
@@ -293,6 +382,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             target_recall=args.target_recall,
             thumbnail_px=args.thumbnails,
             progress=not args.no_progress,
+            milvus=milvus_options(args) if args.backend == "milvus" else None,
+            shard=args.shard,
         )
     except (ValueError, OSError) as err:  # index, model, data-spec and image errors are all ValueErrors
         raise CliError(_one_line(err)) from None
@@ -301,13 +392,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- searching
-def search_image(model: str, index_dir: str, image: str, k: int = 10) -> dict[str, Any]:
-    """Embed ``image`` and return {"results": [{"id", "score", "payload"}, ...]} best first."""
+def search_image(
+    model: str, index_dir: str | None, image: str, k: int = 10, *, milvus: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Embed ``image`` and return {"results": [{"id", "score", "payload"}, ...]} best first.
+
+    The index is the directory ``index_dir`` or, with ``milvus`` (uri, collection, token, timeout_s), a collection.
+    """
     from export.runtime import EmbeddingRuntime
     from index.factory import load_index
 
     runtime = EmbeddingRuntime(model, batch_size=1)
-    index = load_index(index_dir, expected_dim=runtime.dim)
+    if milvus is not None:
+        from index.milvus_index import open_milvus_index
+
+        index = open_milvus_index(**milvus, expected_dim=runtime.dim)
+    else:
+        index = load_index(index_dir, expected_dim=runtime.dim)
     path = Path(image)
     if not path.is_file():
         raise CliError(f"no image file at {path}")
@@ -324,8 +425,14 @@ def search_image(model: str, index_dir: str, image: str, k: int = 10) -> dict[st
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    reject_milvus_flags_without_backend(args)
+    milvus = milvus_options(args) if args.backend == "milvus" else None
+    if milvus is None and not args.index:
+        raise CliError("give --index DIR, or --backend milvus --milvus-uri URI")
+    if milvus is not None and args.index:
+        raise CliError("--index is for csr and faiss; with --backend milvus give --milvus-uri and --collection")
     try:
-        found = search_image(args.model, args.index, args.image, args.k)
+        found = search_image(args.model, args.index, args.image, args.k, milvus=milvus)
     except (ValueError, OSError) as err:
         raise CliError(_one_line(err)) from None
     if "warning" in found:

@@ -29,3 +29,11 @@ class CorruptIndexError(IndexError_):
 
 class IndexMismatchError(IndexError_):
     """A well-formed index that is not what the caller expects (dimension, metric, backend, format version)."""
+
+
+class BackendUnavailableError(ConnectionError):
+    """The store behind the index (a Milvus server) cannot be reached or failed; the request may be retried.
+
+    Not a ValueError: nothing is wrong with the request. The server answers 503 with Retry-After; the CLI prints one
+    line and exits 2 (it catches OSError, of which ConnectionError is a subclass).
+    """

@@ -20,11 +20,17 @@ def _backend_class(name: str) -> type[VectorIndex]:
         from index.faiss_index import FaissIndex
 
         return FaissIndex
+    if name == "milvus":
+        from index.milvus_index import MilvusIndex
+
+        return MilvusIndex
     raise InvalidInputError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def create_index(backend: str = "csr", dim: int = 0, metric: str = "ip", **options: Any) -> VectorIndex:
-    """``create_index("csr", 512, "cosine")`` or ``create_index("faiss", 512, spec="HNSW32")``."""
+    """``create_index("csr", 512, "cosine")``, ``create_index("faiss", 512, spec="HNSW32")`` or
+    ``create_index("milvus", 512, uri="x.db" | "http://host:19530", collection="lpjepa", token=None,
+    index="exact" | "wand", timeout_s=10.0, batch_rows=2000)`` (see index/milvus_index.py)."""
     cls = _backend_class(backend)
     try:
         return cls(dim, metric, **options)

@@ -160,3 +160,80 @@ def test_errors_exit_2_with_one_line(model, built, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------- the milvus backend (a real local Milvus)
+def _milvus_build(model, uri, collection, *extra):
+    return ["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--limit", str(N), "--backend",
+            "milvus", "--milvus-uri", uri, "--collection", collection, "--no-progress", *extra]  # fmt: skip
+
+
+def test_milvus_build_equals_the_csr_build_and_n_shards_equal_one_build(built, model, milvus_server, tmp_path, capsys):
+    """One build into a collection holds what the csr directory holds; 3 shard builds into another collection
+    hold exactly the same ids, payloads and vectors; `lpjepa search --backend milvus` ranks like csr."""
+    from index.milvus_index import open_milvus_index
+
+    uri = milvus_server.uri
+    assert main(_milvus_build(model, uri, "cli_single")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == N and summary["collection"] == "cli_single" and summary["rows"] == [0, N]
+    for i in range(3):
+        assert main(_milvus_build(model, uri, "cli_sharded", "--shard", f"{i}/3")) == 0
+        part = json.loads(capsys.readouterr().out)
+        assert part["shard"] == f"{i}/3" and part["rows"] == [i * N // 3, (i + 1) * N // 3]
+    reference = load_index(built)
+    single = open_milvus_index(uri, "cli_single", expected_dim=reference.dim)
+    sharded = open_milvus_index(uri, "cli_sharded", expected_dim=reference.dim)
+    ids = reference.ids()
+    for index in (single, sharded):
+        assert index.ids().tolist() == ids.tolist() and index.metric == "cosine"
+        assert index.payloads(ids) == reference.payloads(ids)
+        np.testing.assert_allclose(index.reconstruct(ids).toarray(), reference.reconstruct(ids).toarray(), rtol=1e-5)
+        assert index.metadata["model"]["sha256"] == reference.metadata["model"]["sha256"]
+
+    image = tmp_path / "q.png"
+    from pretrain.data.sources import open_source
+
+    open_source("fashion-mnist:test")[17][0].save(image)
+    results = {}
+    milvus_flags = ["--backend", "milvus", "--milvus-uri", uri, "--collection", "cli_sharded"]
+    for name, where in (("csr", ["--index", str(built)]), ("milvus", milvus_flags)):
+        assert main(["search", "--model", str(model), *where, "--image", str(image), "-k", "5", "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)["results"]
+    assert [r["id"] for r in results["milvus"]] == [r["id"] for r in results["csr"]]
+    np.testing.assert_allclose([r["score"] for r in results["milvus"]], [r["score"] for r in results["csr"]], rtol=1e-5)
+
+    # a rebuild without --shard replaces the collection; a shard of another model's build is refused
+    assert main(_milvus_build(model, uri, "cli_sharded", "--limit", "30")) == 0
+    capsys.readouterr()
+    assert len(open_milvus_index(uri, "cli_sharded")) == 30
+    assert main(_milvus_build(model, uri, "cli_sharded", "--shard", "1/2")) == 2  # --limit N: not that build
+    assert "the shards of one index need the same" in capsys.readouterr().err
+
+
+def test_milvus_cli_errors_exit_2_with_one_line(model, milvus_server, tmp_path, capsys):
+    image = tmp_path / "q.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(image)
+    base = ["index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--limit", "5", "--no-progress"]
+    dead = "http://127.0.0.1:1"
+    cases = [
+        (base + ["--backend", "milvus"], "needs --milvus-uri"),
+        (base + ["--backend", "milvus", "--milvus-uri", milvus_server.uri, "--out", str(tmp_path / "o")],
+         "--out is for csr and faiss"),
+        (base + ["--out", str(tmp_path / "o"), "--shard", "0/2"], "--shard needs --backend milvus"),
+        (base + ["--out", str(tmp_path / "o"), "--milvus-uri", milvus_server.uri], "--milvus-uri is for --backend"),
+        (base + ["--backend", "milvus", "--milvus-uri", dead, "--milvus-timeout", "1"], "cannot connect to Milvus"),
+        (["search", "--model", str(model), "--image", str(image)], "give --index DIR, or --backend milvus"),
+        (["search", "--model", str(model), "--image", str(image), "--backend", "milvus", "--milvus-uri",
+          milvus_server.uri, "--collection", "never_built"], "has no collection 'never_built'"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    for bad in ("2/2", "1/0", "x"):
+        with pytest.raises(SystemExit):
+            main(base + ["--backend", "milvus", "--milvus-uri", milvus_server.uri, "--shard", bad])

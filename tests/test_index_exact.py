@@ -21,8 +21,12 @@ EXACT = [
     ("csr", {"kernel": "dense"}),
     ("csr", {"kernel": "auto"}),
     ("faiss", {"spec": "Flat"}),
+    ("milvus", {"milvus": True, "index": "exact"}),  # a real Milvus (tests/conftest.py)
+    ("milvus", {"milvus": True, "index": "wand"}),
 ]
-IDS = pytest.mark.parametrize("backend,options", EXACT, ids=[f"{b}-{next(iter(o.values()))}" for b, o in EXACT])
+IDS = pytest.mark.parametrize(
+    "backend,options", EXACT, ids=[f"{b}-{list(o.values())[-1]}" for b, o in EXACT], indirect=["options"]
+)
 
 
 @pytest.fixture(scope="module")
