@@ -124,3 +124,25 @@ def test_a_damaged_or_inconsistent_thumbnail_file_is_detected(tmp_path, fashion)
     reseal(other.read_bytes())
     with pytest.raises(CorruptIndexError, match="thumbnails for ids not in the index"):
         load_index(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("spec", ["HNSW16", "IVF4"])
+def test_fill_index_keeps_each_thumbnail_with_its_row(spec):
+    """The CLI's filling path holds rows back (HNSW tuning) or gathers all chunks (IVF training): thumbnails
+    must travel with their rows through both, as payloads do."""
+    from index.cli import fill_index
+
+    rng = np.random.default_rng(4)
+    pngs = {}
+    for i in range(600):  # a real PNG per row: 2 x 2 random pixels, so a row that got another row's shows
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (2, 2), dtype=np.uint8)).save(buf, format="PNG")
+        pngs[i] = buf.getvalue()
+    chunks = [
+        (np.arange(lo, lo + 200), random_csr(200, D, 0.4, seed=lo), None, [pngs[i] for i in range(lo, lo + 200)])
+        for lo in range(0, 600, 200)
+    ]
+    index = create_index("faiss", D, "cosine", spec=spec)
+    summary = fill_index(index, chunks, total=600, tune_queries=100)
+    assert summary["count"] == 600 and index.thumbnail_count == 600
+    assert index.thumbnails(np.arange(600)) == [pngs[i] for i in range(600)]
