@@ -43,6 +43,7 @@ except ImportError:  # pragma: no cover - selenium is in the dev extra
     webdriver = None
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Debian's chromium and chromium-driver"),
     pytest.mark.skipif(webdriver is None, reason="needs selenium (pip install -e '.[dev]')"),
 ]
@@ -251,6 +252,8 @@ def test_bad_files_fail_inline_in_words_without_stopping_the_others(served, fash
     with browser() as driver:
         open_page(driver, proc.url)
         cards = search(driver, [notes, broken, huge, good])
+        live = driver.find_element(By.ID, "live").get_attribute("textContent")  # what a screen reader announces
+        assert live == "4 images searched, 3 failed; results below.", live
     by_name = {c["name"]: c for c in cards}
     assert by_name["notes.txt"]["state"] == "error" and by_name["notes.txt"]["status"] == "415"
     assert "Not an image this server accepts" in by_name["notes.txt"]["error"]

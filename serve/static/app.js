@@ -357,11 +357,15 @@ async function handleFiles(fileList) {
   $("results").prepend(...cards.map(([card]) => card)); // this batch on top, in the order chosen
   page.pending += files.length;
   document.body.dataset.state = "busy";
+  $("live").textContent = `Searching ${files.length} image${files.length > 1 ? "s" : ""}\u2026`;
   for (const [card, file] of cards) {
     await processFile(card, file); // one at a time: the server batches concurrent users, not one page's files
     page.pending -= 1;
   }
   document.body.dataset.state = page.pending ? "busy" : "done";
+  const failed = cards.filter(([card]) => card.dataset.state === "error").length;
+  $("live").textContent = `${files.length} image${files.length > 1 ? "s" : ""} searched` +
+    (failed ? `, ${failed} failed` : "") + "; results below.";
   await loadDrift();
 }
 
