@@ -122,3 +122,17 @@ def test_synthetic_fallback_reads_as_fashion_mnist(tmp_path, monkeypatch):
         r, q = divmod(c, 4)
         mean = train.array[train.labels == c].mean(axis=0)
         assert np.all(mean[2 + 8 * r : 10 + 8 * r, 2 + 6 * q : 10 + 6 * q] == 230)
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the default --device cuda would run the whole check")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "--device cpu" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
