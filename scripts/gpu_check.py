@@ -22,7 +22,7 @@ is the median over log windows after the first (which holds the warm-up).
 Packages: the check needs only what the device machine's image holds (torch, torchvision, numpy, scipy,
 Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime). It blocks the modules that image lacks or that only
 [dev] provides (see ABSENT_ON_DEVICE) before importing the project, so a CPU run here proves the check does
-not need them; faiss is unblocked only for the faiss step, which is optional.
+not need them; faiss and numba are unblocked only for the optional faiss step (index/'s top-k uses numba).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = "lpjepa-gpu-check/1"
 JSON_NAME = "gpu_check.json"
 # Absent from the device machine's image (KINDS.md, package list of 2026-11-17) or needed only by [dev]: the
-# check must run without them. faiss is lifted again for the optional faiss step.
+# check must run without them. faiss and numba (which the image does have; index/ uses it) are lifted again for
+# the optional faiss step.
 ABSENT_ON_DEVICE = (
     "fastapi",
     "starlette",
@@ -526,6 +527,7 @@ def tensorrt_check(run_dir: str, out: Path, parity_images: int) -> dict[str, Any
 def faiss_check(embeddings: Any, device: str) -> dict[str, Any]:
     """The product's FAISS backend on the exported embeddings, against exact inner-product top-10 by numpy."""
     unblock("faiss")
+    unblock("numba")  # index/ ranks results with numba kernels; the device image has numba, only fastapi is missing
     if importlib.util.find_spec("faiss") is None:
         return {"status": NOT_AVAILABLE, "reason": "the faiss package is not installed"}
     import faiss

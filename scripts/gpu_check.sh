@@ -24,7 +24,7 @@
 # Packages: only what the device machine's image holds (library KINDS.md: Python 3.12, torch + CUDA,
 # torchvision, numpy, scipy, Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime). The check blocks
 # fastapi, pydantic, faiss, numba, uvicorn and the [dev] packages before importing the project, proving it
-# needs none of them. So NO wheels need carrying today. If a future image lacks one of the modules above, name
+# needs none of them (faiss and numba are lifted for the optional faiss step). So NO wheels need carrying today. If a future image lacks one of the modules above, name
 # its wheel(s) in GPU_CHECK_WHEELS (e.g. GPU_CHECK_WHEELS="tqdm==4.67.1 safetensors==0.5.3") for
 # --prepare-carry: they are fetched with `pip download` for CPython 3.12 / manylinux x86-64 into
 # .gpucheck/wheels and installed by this script on the device into a private --target folder.
