@@ -24,10 +24,11 @@
 # Packages: only what the device machine's image holds (library KINDS.md: Python 3.12, torch + CUDA,
 # torchvision, numpy, scipy, Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime). The check blocks
 # fastapi, pydantic, faiss, numba, uvicorn and the [dev] packages before importing the project, proving it
-# needs none of them (faiss and numba are lifted for the optional faiss step). So NO wheels need carrying today. If a future image lacks one of the modules above, name
-# its wheel(s) in GPU_CHECK_WHEELS (e.g. GPU_CHECK_WHEELS="tqdm==4.67.1 safetensors==0.5.3") for
-# --prepare-carry: they are fetched with `pip download` for CPython 3.12 / manylinux x86-64 into
-# .gpucheck/wheels and installed by this script on the device into a private --target folder.
+# needs none of them (faiss and numba are lifted for the optional faiss step). So NO wheels need carrying today.
+# If a future image lacks one of the modules above, name its wheel(s) in GPU_CHECK_WHEELS for --prepare-carry
+# (e.g. GPU_CHECK_WHEELS="tqdm==4.67.1 safetensors==0.5.3"): they are fetched with `pip download` for
+# CPython 3.12 / manylinux x86-64 into .gpucheck/wheels, and this script installs them on the device into a
+# private --target folder.
 #
 # Data: --prepare-carry copies the real Fashion-MNIST (Debian package dataset-fashion-mnist, 30 MB) into
 # .gpucheck/fashion-mnist; without it the check falls back to synthetic images in Fashion-MNIST's format and
@@ -54,7 +55,8 @@ if [[ "${1:-}" == "--prepare-carry" ]]; then
         mkdir -p "$CARRY/fashion-mnist"
         cp "$src"/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz "$CARRY/fashion-mnist/"
     else
-        echo "gpu_check: no Fashion-MNIST in $src (apt-get install dataset-fashion-mnist); the GPU run will use synthetic data" >&2
+        echo "gpu_check: no Fashion-MNIST in $src (apt-get install dataset-fashion-mnist);" \
+            "the GPU run will use synthetic data" >&2
     fi
     if [[ -n "${GPU_CHECK_WHEELS:-}" ]]; then
         # shellcheck disable=SC2086  # the list is meant to split into package==version words
