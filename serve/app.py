@@ -108,17 +108,22 @@ def body_doc(json_model: type[BaseModel] | None, multipart: dict[str, Any] | Non
     return {"requestBody": {"required": True, "content": content}}
 
 
-ERRORS = {
-    status: {"model": ErrorResponse, "description": desc}
-    for status, desc in {
-        400: "malformed body",
-        401: "missing or wrong API key",
-        413: "body, image or count over a limit",
-        415: "unsupported content or image type",
-        422: "invalid input",
-        503: "overloaded, loading or shutting down",
-    }.items()
+ERROR_DESCRIPTIONS = {
+    400: "malformed body (not JSON, not UTF-8, broken multipart)",
+    401: "missing or wrong API key",
+    404: "no item with this id",
+    409: "this server has no index, or the model no OOD calibration",
+    413: "body, image, pixel budget, payload or count over a limit",
+    415: "unsupported content or image type",
+    422: "invalid input (the message names the field)",
+    503: "overloaded, loading or shutting down (Retry-After)",
 }
+
+
+def error_docs(*statuses: int, auth: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route: exactly the error statuses it can answer (401 only where a key is due)."""
+    wanted = sorted({*statuses, *((401,) if auth else ())})
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in wanted}
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -199,6 +204,13 @@ def create_app(
     async def require_read(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]) -> None:
         if settings.auth_reads:
             _check_key(creds)
+
+    # Declare the bearer scheme only on the routes that check it: an open route that advertises auth misleads
+    # clients (and is a contract violation schemathesis reports).
+    auth_writes = settings.api_key is not None
+    auth_reads = auth_writes and settings.auth_reads
+    read_deps = [Depends(require_read)] if auth_reads else []
+    write_deps = [Depends(require_write)] if auth_writes else []
 
     def ready_or_503() -> None:
         if state.draining:
@@ -281,8 +293,9 @@ def create_app(
         "/v1/info",
         response_model=InfoResponse,
         tags=["model"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="Model metadata, index state and limits",
+        responses=error_docs(503, auth=auth_reads),
     )
     async def info() -> InfoResponse:
         ready_or_503()
@@ -321,10 +334,10 @@ def create_app(
         "/v1/embed",
         response_model=EmbedResponse,
         tags=["model"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="Sparse embeddings (and OOD scores) of one or many images",
         openapi_extra=body_doc(EmbedJSON, {"files": IMAGE_FILES_SCHEMA, "dense": {"type": "boolean"}}),
-        responses=ERRORS,
+        responses=error_docs(400, 413, 415, 422, 503, auth=auth_reads),
     )
     async def embed(request: Request, dense: bool | None = Query(None, description="also return dense vectors")):
         ready_or_503()
@@ -341,10 +354,10 @@ def create_app(
         "/v1/ood",
         response_model=OODResponse,
         tags=["ood"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="OOD scores of one or many images (needs a calibrated model)",
         openapi_extra=body_doc(EmbedJSON, {"files": IMAGE_FILES_SCHEMA}),
-        responses={**ERRORS, 409: ERRORS[422]},
+        responses=error_docs(400, 409, 413, 415, 422, 503, auth=auth_reads),
     )
     async def ood(request: Request):
         ready_or_503()
@@ -378,7 +391,7 @@ def create_app(
         "/v1/search",
         response_model=SearchResponse,
         tags=["index"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="Nearest items to an image or an embedding, best first",
         openapi_extra=body_doc(
             SearchJSON,
@@ -388,13 +401,15 @@ def create_app(
                 "thumbnails": {"type": "boolean"},
             },
         ),
-        responses={**ERRORS, 409: ERRORS[422]},
+        responses=error_docs(400, 409, 413, 415, 422, 503, auth=auth_reads),
     )
     async def search(
         request: Request,
         k: int | None = Query(None, description="number of neighbours"),
         thumbnails: bool | None = Query(None),
     ):
+        if k is not None:  # FastAPI's int would also take "1_0"; the raw text must be ASCII digits
+            k = parse_int(request.query_params.get("k"), "k", 10)
         store = need_store()
         kind = content_kind(request)
         query_out = None
@@ -442,12 +457,13 @@ def create_app(
         "/v1/items/{item_id}",
         response_model=ItemOut,
         tags=["index"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="One stored item: payload, embedding and thumbnail",
-        responses={404: ERRORS[422], **ERRORS},
+        responses=error_docs(404, 409, 422, 503, auth=auth_reads),
     )
-    async def get_item(item_id: int, thumbnail: bool = Query(True)):
+    async def get_item(request: Request, item_id: int, thumbnail: bool = Query(True)):
         store = need_store()
+        item_id = parse_int(request.path_params["item_id"], "item_id", 0)
         check_id(item_id)
         item = await anyio.to_thread.run_sync(store.get, item_id)
         if item is None:
@@ -463,7 +479,7 @@ def create_app(
         "/v1/items",
         response_model=PutItemsResponse,
         tags=["index"],
-        dependencies=[Depends(require_write)],
+        dependencies=write_deps,
         summary="Add or replace items (durable before the reply)",
         openapi_extra=body_doc(
             PutItemsJSON,
@@ -473,7 +489,7 @@ def create_app(
                 "payloads": {"type": "string", "description": "optional JSON list of objects, one per file"},
             },
         ),
-        responses={**ERRORS, 409: ERRORS[422]},
+        responses=error_docs(400, 409, 413, 415, 422, 503, auth=auth_writes),
     )
     async def put_items(request: Request):
         store = need_store()
@@ -523,12 +539,13 @@ def create_app(
         "/v1/items/{item_id}",
         response_model=DeleteResponse,
         tags=["index"],
-        dependencies=[Depends(require_write)],
+        dependencies=write_deps,
         summary="Delete one item (durable before the reply)",
-        responses={404: ERRORS[422], **ERRORS},
+        responses=error_docs(404, 409, 422, 503, auth=auth_writes),
     )
-    async def delete_item(item_id: int):
+    async def delete_item(request: Request, item_id: int):
         store = need_store()
+        item_id = parse_int(request.path_params["item_id"], "item_id", 0)
         check_id(item_id)
         deleted = await anyio.to_thread.run_sync(store.delete, item_id)
         if not deleted:

@@ -162,6 +162,8 @@ def ood_records(
 def embedding_out(
     row_indices: np.ndarray, row_values: np.ndarray, dim: int, *, dense: bool = False, ood: dict[str, Any] | None = None
 ) -> EmbeddingOut:
+    order = np.argsort(row_indices, kind="stable")  # the contract says ascending; csr/cosine rows come reversed
+    row_indices, row_values = row_indices[order], row_values[order]
     full = None
     if dense:
         vec = np.zeros(dim, dtype=np.float32)

@@ -24,7 +24,7 @@ from serve.settings import ServeSettings
 
 JSON_TYPES = ("application/json",)
 MULTIPART = "multipart/form-data"
-_ASCII_INT = re.compile(r"[+-]?[0-9]{1,20}")  # int() would also take "١٢", " 12 " and "1_2"
+_ASCII_INT = re.compile(r"-?[0-9]{1,20}")  # int() would also take "١٢", " 12 " and "1_2"
 F32_MAX = float(np.finfo(np.float32).max)
 # Largest L2 norm of a stored or query vector: the product of two such norms is a finite float32, so every
 # score and every stored (norm-scaled) value reads back as a number, never as inf or null.
