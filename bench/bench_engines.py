@@ -624,6 +624,7 @@ def main() -> int:
         engines: list[Engine] = [
             CsrEngine(f"csr-exact@{args.baseline}", baseline_cls),
             CsrEngine("csr-exact"),
+            CsrEngine("csr-exact-plain", pruned_exact=False),
             CsrEngine("csr-approx", mode="approx"),
             SeismicEngine(args.seismic_tune_s),
             MilvusEngine("exact", workdir),

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from index.csr_index import CsrIndex  # noqa: E402
 from index.faiss_index import FaissIndex  # noqa: E402
@@ -302,37 +303,42 @@ def calibrate(log) -> None:
     are far less disturbed by other jobs on the machine than wall-clock time.
     """
     from scipy.optimize import nnls
+    from sparse_data import zipf_sparse
 
     model = CostModel()
     samples: dict[str, list[tuple[list[float], float]]] = {"sparse": [], "spdense": [], "dense": []}
-    for d in (512, 2048):
-        for p in (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5):
-            x = random_sparse(50_000, d, p, seed=1)
-            index = CsrIndex(d, threads=1)
-            index.add(np.arange(x.shape[0]), x)
-            index.prepare()
-            for nq in (1, 8, 200):
-                q = random_sparse(nq, d, p, seed=2)
-                products = index._sparse_products(q)
-                blocks = -(-nq // model.query_block)
-                scores = x.shape[0] * nq
-                features = {
-                    "sparse": [products, nq, scores],
-                    "spdense": [x.nnz * nq, x.nnz * blocks, scores],
-                    "dense": [x.shape[0] * d * nq, x.shape[0] * d, scores],
-                }
-                for kernel in ("sparse", "spdense", "dense"):
-                    if kernel == "sparse" and products > 3e8:
-                        continue
-                    index.kernel = kernel
-                    cpu = []
-                    for _ in range(3):
-                        t0 = time.process_time()
-                        index.search(q, 10)
-                        cpu.append(time.process_time() - t0)
-                    t = statistics.median(cpu)
-                    samples[kernel].append((features[kernel], t * 1e9))
-                    log(f"  d={d} p={p:.3f} nq={nq} {kernel:8s} {t * 1e3:9.2f} ms")
+    # Uniform positions and Zipf-like popularity (learned codes; long lists for the common dimensions, which
+    # the queries use as often): a model fitted on uniform data alone picked spdense at 100k x 512, 5%,
+    # batch 100 on skewed data, 1.5-1.7x slower than the sparse kernel (issue 18).
+    grid = [("uniform", random_sparse, d, p) for d in (512, 2048) for p in (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)]
+    grid += [("zipf", zipf_sparse, 512, p) for p in (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)]
+    for kind, make, d, p in grid:
+        x = make(50_000, d, p, seed=1)
+        index = CsrIndex(d, threads=1, pruned_exact=False)
+        index.add(np.arange(x.shape[0]), x)
+        index.prepare()
+        for nq in (1, 8, 200):
+            q = make(nq, d, p, seed=2)
+            products = index._sparse_products(q)
+            blocks = -(-nq // model.query_block)
+            scores = x.shape[0] * nq
+            features = {
+                "sparse": [products, nq, scores],
+                "spdense": [x.nnz * nq, x.nnz * blocks, scores],
+                "dense": [x.shape[0] * d * nq, x.shape[0] * d, scores],
+            }
+            for kernel in ("sparse", "spdense", "dense"):
+                if kernel == "sparse" and products > 3e8:
+                    continue
+                index.kernel = kernel
+                cpu = []
+                for _ in range(3):
+                    t0 = time.process_time()
+                    index.search(q, 10)
+                    cpu.append(time.process_time() - t0)
+                t = statistics.median(cpu)
+                samples[kernel].append((features[kernel], t * 1e9))
+                log(f"  {kind:7s} d={d} p={p:.3f} nq={nq} {kernel:8s} {t * 1e3:9.2f} ms")
     # One joint fit: each kernel's own two terms plus a shared term per (query x row) for the top-k selection,
     # which every kernel pays alike and which therefore does not enter the model's choice.
     kernels = ("sparse", "spdense", "dense")
@@ -355,6 +361,31 @@ def calibrate(log) -> None:
         f"spdense_per_fma={coef[2]:.4g}, spdense_per_pass={coef[3]:.4g}, "
         f"dense_per_fma={coef[4]:.4g}, dense_per_element={coef[5]:.4g})"
     )
+    # The case the uniform-only fit got wrong: what does the new fit pick, and what do the kernels take?
+    fitted = CostModel(
+        sparse_per_product=coef[0],
+        sparse_per_query=coef[1],
+        spdense_per_fma=coef[2],
+        spdense_per_pass=coef[3],
+        dense_per_fma=coef[4],
+        dense_per_element=coef[5],
+    )
+    x = zipf_sparse(100_000, 512, 0.05, seed=1)
+    q = zipf_sparse(100, 512, 0.05, seed=2)
+    index = CsrIndex(512, threads=1, pruned_exact=False, costs=fitted)
+    index.add(np.arange(x.shape[0]), x)
+    index.prepare()
+    chosen = index.choose_kernel(q)
+    measured = {}
+    for kernel in ("sparse", "spdense"):
+        index.kernel = kernel
+        cpu = []
+        for _ in range(3):
+            t0 = time.process_time()
+            index.search(q, 10)
+            cpu.append(time.process_time() - t0)
+        measured[kernel] = statistics.median(cpu) * 1e3
+    log(f"  check, zipf 100k x 512 at 5%, batch 100: fit picks {chosen}; measured {measured} (ms, one core)")
 
 
 def main() -> int:

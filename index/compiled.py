@@ -149,6 +149,15 @@ def _offer(s: np.ndarray, r: np.ndarray, value: float, row: int) -> None:
 
 
 @njit(nogil=True, cache=True)
+def merge_heaps(s: np.ndarray, r: np.ndarray, ps: np.ndarray, pr: np.ndarray) -> None:
+    """Offer every filled slot of the heaps ``(ps, pr)`` (same queries, other rows) to the heaps ``(s, r)``."""
+    for q in range(s.shape[0]):
+        for j in range(ps.shape[1]):
+            if pr[q, j] >= 0:
+                _offer(s[q], r[q], ps[q, j], pr[q, j])
+
+
+@njit(nogil=True, cache=True)
 def search_approx(
     indptr: np.ndarray,
     rows: np.ndarray,
@@ -176,8 +185,11 @@ def search_approx(
     cut: float,
     slack: float,
     probe_rows: int,
+    safe: bool,
 ) -> int:
-    """Approximate top-k over impact-ordered tiles (see :mod:`index.approx` for the method and its guarantee).
+    """Top-k over impact-ordered tiles (see :mod:`index.approx` for the method and its guarantee): approximate,
+    or with ``safe`` exact (each list cut at ``cut * theta / (nnz(q) * q_j)``, so all left-out parts together stay
+    below ``cut * theta``, and a row is skipped only if its partial score plus all of them cannot enter).
 
     Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
     for e in range(q_indptr[lo], q_indptr[hi]):
@@ -208,12 +220,14 @@ def search_approx(
             base = t * dim
             nt = 0
             worst_missed = np.float32(0.0)  # largest contribution left out of this tile's partial scores
+            all_missed = np.float32(0.0)  # their sum over the cut lists: a bound on what any row lacks
+            per_list = cut / (b - a) if safe else cut
             for e in range(a, b):
                 j = q_indices[e]
                 w = q_data[e]
                 p0, p1 = indptr[base + j], indptr[base + j + 1]
                 if theta > 0 and p1 > p0:
-                    c = cut * theta / w
+                    c = per_list * theta / w
                     left, right = p0, p1  # first entry below the cut (lists are sorted by value, descending)
                     while left < right:
                         mid = (left + right) // 2
@@ -223,20 +237,23 @@ def search_approx(
                             right = mid
                     if left < p1:
                         worst_missed = max(worst_missed, w * data[left])
+                        all_missed += w * data[left]
                     p1 = left
-                for p in range(p0, p1):
+                for p in range(p0, p1):  # branch-free: the append is undone unless the row was untouched
                     lr = rows[p]
-                    if acc[lr] == 0:
-                        touched[nt] = lr
-                        nt += 1
-                    acc[lr] += w * data[p]
+                    old = acc[lr]
+                    touched[nt] = lr
+                    nt += old == 0
+                    acc[lr] = old + w * data[p]
             r0 = t * tile
             for i in range(nt):
                 lr = touched[i]
                 v = acc[lr]
                 acc[lr] = 0
-                # a row of the true top-k missing at most one contribution (< worst_missed) still passes
-                if v + slack * worst_missed < s[0]:
+                # approximate: a row of the true top-k missing at most `slack` contributions (each at most
+                # worst_missed) still passes; safe: no row that could enter is skipped
+                bound = all_missed if safe else slack * worst_missed
+                if v + bound < s[0]:
                     continue
                 row = r0 + lr
                 if masked and not alive[row]:

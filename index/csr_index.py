@@ -41,8 +41,11 @@ from index.validation import MAX_ID, Vectors, check_vectors
 # Queries per sparse-kernel task: enough to amortise a thread-pool hand-off (~50 us), few enough that the
 # workers finish together.
 SPARSE_CHUNK_QUERIES = 32
-# Estimated work of one core (cost model) above which a single query's tiles are split between the workers.
-SPLIT_MIN_WORK_NS = 500_000
+# Estimated work of one core (cost model) above which a single query's tiles are split between the workers,
+# if there are at least SPLIT_MIN_TILES_PER_WORKER tiles each (fewer split unevenly: 100k rows are 2 tiles of 65k
+# and 35k rows, and at 100k x 512, 5% the split made a query slower, 0.29 -> 0.41 ms).
+SPLIT_MIN_WORK_NS = 100_000
+SPLIT_MIN_TILES_PER_WORKER = 4
 MODES = ("exact", "approx")
 _CALL = threading.local()  # per-call search options (``search(..., mode=...)``), read by ``_search``
 
@@ -65,12 +68,18 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _run(tasks: list[Callable[[], None]], threads: int) -> None:
+    """Run ``tasks`` on ``threads`` workers, the calling thread being one of them (one pool hand-off fewer:
+    ~20-50 us, which is most of a split single query's gain)."""
     if threads <= 1 or len(tasks) <= 1:
         for task in tasks:
             task()
         return
-    for future in [_pool(threads).submit(task) for task in tasks]:
-        future.result()
+    futures = [_pool(threads - 1).submit(task) for task in tasks[1:]]
+    try:
+        tasks[0]()
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _vstack(blocks: list[sp.csr_matrix], dim: int) -> sp.csr_matrix:
@@ -124,6 +133,7 @@ class CsrIndex(RowMapped, VectorIndex):
         compact_ratio: float = 0.25,
         costs: CostModel | None = None,
         mode: str = "exact",
+        pruned_exact: bool = True,
         approx_cut: float = approx.DEFAULT_CUT,
         approx_slack: float = approx.DEFAULT_SLACK,
     ) -> None:
@@ -145,6 +155,9 @@ class CsrIndex(RowMapped, VectorIndex):
         self.compact_ratio = float(compact_ratio)
         self.costs = costs or CostModel()
         self.mode = mode
+        if not isinstance(pruned_exact, bool):
+            raise InvalidInputError(f"pruned_exact must be true or false, got {pruned_exact!r}")
+        self.pruned_exact = pruned_exact
         self.approx_cut = float(approx_cut)
         self.approx_slack = float(approx_slack)
         self.last_kernel: str | None = None  # the kernel the latest search ran (benchmarks report it)
@@ -252,9 +265,10 @@ class CsrIndex(RowMapped, VectorIndex):
             colcount = self._colcounts()
             if not self._blocks:
                 return
-            if self.mode == "approx":
-                for block in self._blocks:
+            for block in self._blocks:
+                if self.mode == "approx" or self._pruned(block):
                     self._impact(block)
+            if self.mode == "approx" or all(self._pruned(b) for b in self._blocks):
                 return
             expected_products = float((colcount.astype(np.float64) ** 2).sum() / max(1, self.total_rows))
             single = self.costs.choose(
@@ -421,13 +435,32 @@ class CsrIndex(RowMapped, VectorIndex):
 
     def _search_sparse(self, parts: list, q: sp.csr_matrix, top: RunningTopK, *, split_tiles: bool) -> None:
         # The kernel fuses the top-k into its scan (index.inverted), so no score block is ever materialised:
-        # memory is one tile accumulator per worker.
+        # memory is one tile accumulator per worker. Large blocks take the pruned exact kernel instead
+        # (index.approx with safe bounds): same results, without reading every list entry or scanning every row.
         n = q.shape[0]
-        if not split_tiles:  # one task per query range, each walking every block: no shared heaps
+        pruned = [self._pruned(block) for block, _ in parts]
+        if not split_tiles or any(pruned):  # one task per query range, each walking every block: no shared heaps
 
             def task(lo: int, hi: int) -> None:
-                for block, alive in parts:
-                    search_inverted(self._inverted(block), q, lo, hi, top.scores, top.rows, lo, block.start, alive)
+                for (block, alive), prune in zip(parts, pruned, strict=True):
+                    if prune:
+                        approx.search_approx(
+                            self._impact(block),
+                            block.x,
+                            q,
+                            lo,
+                            hi,
+                            top.scores,
+                            top.rows,
+                            lo,
+                            block.start,
+                            alive,
+                            approx.SAFE_CUT,
+                            0.0,
+                            safe=True,
+                        )
+                    else:
+                        search_inverted(self._inverted(block), q, lo, hi, top.scores, top.rows, lo, block.start, alive)
 
             ranges = self._query_ranges(n, SPARSE_CHUNK_QUERIES)
             _run([lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads)
@@ -450,11 +483,20 @@ class CsrIndex(RowMapped, VectorIndex):
         _run([lambda r=r, p=p: tile_task(r, p) for r, p in work], self.threads)
         top.absorb([p for _, p in work])
 
+    def _pruned(self, block: _Block) -> bool:
+        """Whether the exact search of ``block`` uses the pruned kernel: for blocks of at least
+        ``approx.SAFE_MIN_ROWS`` rows, where reading every posting and scanning every row's score cost more than
+        the probe and the rescoring (see index.approx)."""
+        return self.pruned_exact and block.rows >= approx.SAFE_MIN_ROWS
+
     def _split_tiles(self, n_queries: int, sparse_products: float) -> bool:
         """Split tiles rather than queries: only for fewer queries than workers and enough work to beat the
         pool hand-off and merge (~0.15 ms). Measured on one query: 1M x 512, 5%: 1.67 -> 1.24 ms; 100k x 512, 5%
         (0.3 ms of work, two unequal tiles) got slower, 0.29 -> 0.41 ms."""
-        if n_queries >= self.threads or self.total_rows <= inverted.TILE_ROWS:
+        if (
+            n_queries >= self.threads
+            or self.total_rows < SPLIT_MIN_TILES_PER_WORKER * self.threads * inverted.TILE_ROWS
+        ):
             return False
         return self.costs.sparse_per_product * sparse_products > SPLIT_MIN_WORK_NS
 
@@ -519,6 +561,7 @@ class CsrIndex(RowMapped, VectorIndex):
             "chunk_mb": self.chunk_bytes / 2**20,
             "compact_ratio": self.compact_ratio,
             "mode": self.mode,
+            "pruned_exact": self.pruned_exact,
             "approx_cut": self.approx_cut,
             "approx_slack": self.approx_slack,
         }
@@ -559,7 +602,7 @@ class CsrIndex(RowMapped, VectorIndex):
             problems.append("invalid or duplicate ids")
         if problems:
             raise CorruptIndexError(f"{paths['data'].parent}: inconsistent CSR files: {problems[0]}")
-        names = ("kernel", "chunk_mb", "compact_ratio", "mode", "approx_cut", "approx_slack")
+        names = ("kernel", "chunk_mb", "compact_ratio", "mode", "pruned_exact", "approx_cut", "approx_slack")
         kwargs = {key: options[key] for key in names if key in options}
         try:
             index = cls(dim, metric, **kwargs)

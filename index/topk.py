@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.compiled import push_block
+from index.compiled import merge_heaps, push_block
 
 
 def check_heaps(scores: np.ndarray, rows: np.ndarray, lo: int, count: int) -> None:
@@ -59,13 +59,10 @@ class RunningTopK:
     def absorb(self, parts: list[RunningTopK]) -> None:
         """Keep the best ``k`` of this top-k and ``parts`` (top-ks of the same queries over other rows).
 
-        Ties go to the smaller row, as in ``push``. The result is stored worst first: an ascending array is
-        itself a valid heap, so pushing more blocks afterwards stays correct.
+        Ties go to the smaller row, as in ``push``; the heaps stay heaps, so pushing more blocks afterwards stays
+        correct. Compiled: a numpy lexsort merge cost ~40 us, a third of a split single query's gain.
         """
-        scores = np.concatenate([self.scores, *(p.scores for p in parts)], axis=1)
-        rows = np.concatenate([self.rows, *(p.rows for p in parts)], axis=1)
-        empty_last = np.where(rows < 0, np.iinfo(np.int64).max, rows)
-        best_first = np.lexsort((empty_last, -scores.astype(np.float64)), axis=-1)[:, : self.k]
-        worst_first = best_first[:, ::-1]
-        self.scores[:] = np.take_along_axis(scores, worst_first, axis=1)
-        self.rows[:] = np.take_along_axis(rows, worst_first, axis=1)
+        for part in parts:
+            if part.scores.shape != self.scores.shape:
+                raise ValueError(f"cannot merge a {part.scores.shape} top-k into a {self.scores.shape} one")
+            merge_heaps(self.scores, self.rows, part.scores, part.rows)

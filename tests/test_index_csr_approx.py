@@ -280,3 +280,63 @@ def test_clean_queries_are_not_copied_and_bad_ones_still_fail():
     outside = sp.csr_matrix((np.array([1.0], np.float32), np.array([9], np.int32), np.array([0, 1])), shape=(1, 4))
     with pytest.raises(InvalidInputError):
         index.search(outside, 1)
+
+
+# ------------------------------------------------------------------ the exact mode's pruned kernel
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Make the pruned exact kernel run on test-sized data: 512-row tiles, blocks of 2,000+ rows pruned."""
+    from index import approx, inverted
+
+    monkeypatch.setattr(inverted, "TILE_ROWS", 512)
+    monkeypatch.setattr(approx, "SAFE_MIN_ROWS", 2000)
+
+
+def _both(x, metric="ip", **options):
+    out = []
+    for pruned in (True, False):
+        index = create_index("csr", x.shape[1], metric, pruned_exact=pruned, kernel="sparse", **options)
+        out.append(index)
+    return out
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_pruned_exact_kernel_returns_exactly_what_the_plain_one_does(small_tiles, metric):
+    rng = np.random.default_rng(11)
+    x = zipf_csr(12_000, 96, 0.05, seed=4)
+    ties = sp.csr_matrix((rng.random((3000, 96)) < 0.05) * rng.integers(1, 3, (3000, 96)), dtype=np.float32)
+    q = sp.vstack([zipf_csr(120, 96, 0.05, seed=5), ties[:40]]).tocsr()
+    pruned, plain = _both(x, metric)
+    for index in (pruned, plain):
+        index.add(np.arange(x.shape[0]), x)
+        index.add(np.arange(50_000, 53_000), ties)  # a second block, of tied integer scores
+        index.remove(np.arange(0, 12_000, 7))  # dead rows inside the pruned block
+    assert pruned._pruned(pruned._blocks[0]) and not plain._pruned(plain._blocks[0])
+    for k in (1, 10, 40):
+        a, b = pruned.search(q, k), plain.search(q, k)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+        assert not np.isin(a[1], np.arange(0, 12_000, 7)).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2000, 5000), st.sampled_from([0.01, 0.05, 0.2]), st.integers(1, 15), st.integers(0, 2**31 - 1))
+def test_pruned_exact_kernel_property(n, density, k, seed):
+    from index import approx, inverted
+
+    saved = inverted.TILE_ROWS, approx.SAFE_MIN_ROWS
+    inverted.TILE_ROWS, approx.SAFE_MIN_ROWS = 700, 1000
+    try:
+        rng = np.random.default_rng(seed)
+        x = sp.csr_matrix(np.where(rng.random((n, 48)) < density, rng.integers(1, 4, (n, 48)), 0), dtype=np.float32)
+        q = sp.csr_matrix(np.where(rng.random((6, 48)) < 0.3, rng.random((6, 48)), 0), dtype=np.float32)
+        pruned, plain = _both(x)
+        for index in (pruned, plain):
+            index.add(np.arange(n), x)
+        a, b = pruned.search(q, k), plain.search(q, k)
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], b[0])
+    finally:
+        inverted.TILE_ROWS, approx.SAFE_MIN_ROWS = saved
