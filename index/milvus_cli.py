@@ -21,7 +21,7 @@ TOKEN_ENV = "LPJEPA_MILVUS_TOKEN"
 DEFAULT_COLLECTION = "lpjepa"  # index.milvus_index.DEFAULT_COLLECTION (not imported: --help stays light)
 
 
-def add_milvus_arguments(parser: argparse.ArgumentParser, *, index_kind: bool = False) -> None:
+def add_milvus_arguments(parser: argparse.ArgumentParser, *, index_kind: bool = False, timeout_s: float = 10.0) -> None:
     group = parser.add_argument_group("Milvus (with --backend milvus)")
     group.add_argument(
         "--milvus-uri",
@@ -34,7 +34,11 @@ def add_milvus_arguments(parser: argparse.ArgumentParser, *, index_kind: bool = 
         "--collection", metavar="NAME", default=DEFAULT_COLLECTION, help=f"collection (default {DEFAULT_COLLECTION})"
     )
     group.add_argument(
-        "--milvus-timeout", metavar="S", type=float, default=10.0, help="seconds per Milvus call (default 10)"
+        "--milvus-timeout",
+        metavar="S",
+        type=float,
+        default=timeout_s,
+        help=f"seconds per Milvus call (default {timeout_s:g}); a dead Milvus is reported after about twice this",
     )
     if index_kind:
         group.add_argument(
@@ -62,8 +66,8 @@ def milvus_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def reject_milvus_flags_without_backend(args: argparse.Namespace) -> None:
-    if args.milvus_uri and getattr(args, "backend", None) != "milvus":
+def reject_milvus_flags_without_backend(args: argparse.Namespace, backend: str | None = None) -> None:
+    if args.milvus_uri and (backend or getattr(args, "backend", None)) != "milvus":
         raise CliError("--milvus-uri is for --backend milvus")
 
 

@@ -367,6 +367,55 @@ class MilvusIndex(VectorIndex):
                         scores[r, n : n + pad.size] = 0.0
         return _finish(scores, found)
 
+    def search_items(
+        self, queries: Any, k: int = 10, *, thumbnails: bool = False
+    ) -> list[tuple[int, float, Any, bytes | None]]:
+        """(id, score, payload, thumbnail or None) of the first query row's top ``k``, best first, in one search
+        call that returns the payloads with the hits (the server's path; ``search`` + ``payloads`` is two)."""
+        k = check_k(k)
+        if k > MAX_TOPK:
+            raise InvalidInputError(f"the milvus backend returns at most {MAX_TOPK} results per query, got k={k}")
+        q = check_vectors(queries, self._dim, what="queries")
+        if self._metric == "cosine":
+            q = normalize_rows(q, row_norms(q))
+        if n_rows(q) == 0:
+            return []
+        if not self._exists:
+            self._refresh()
+            if not self._exists:
+                return []
+        csr = sp.csr_matrix(q, dtype=np.float32)
+        fields = ["payload", "thumb"] if thumbnails else ["payload"]
+        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+        result = self._call(
+            "search",
+            "search",
+            self.collection,
+            data=[_row_dict(csr, 0)],
+            anns_field="vec",
+            limit=k,
+            search_params=params,
+            output_fields=fields,
+        )
+        hits = [
+            (int(h["id"]), float(h["distance"]), h["entity"].get("payload"), h["entity"].get("thumb"))
+            for h in result[0][:k]
+        ]
+        if len(hits) < k:
+            count = self._count()
+            if len(hits) < min(k, count):  # items sharing no dimension with the query score 0
+                pad = self._smallest_ids_except(np.array([h[0] for h in hits], np.int64), min(k, count) - len(hits))
+                rows = self._query_ids(pad, fields)
+                hits += [
+                    (int(i), 0.0, rows[int(i)].get("payload"), rows[int(i)].get("thumb")) for i in pad if int(i) in rows
+                ]
+        # the order of _finish: score, then ascending id among ties
+        hits.sort(key=lambda h: (-np.float32(h[1]), h[0]))
+        return [
+            (i, float(np.float32(sc)), (p or {}).get("v"), _thumb_bytes(t) if thumbnails else None)
+            for i, sc, p, t in hits
+        ]
+
     def _smallest_ids_except(self, exclude: np.ndarray, n: int) -> np.ndarray:
         skip = ", ".join(str(int(i)) for i in exclude)
         expr = f"id not in [{skip}]" if skip else "id >= 0"

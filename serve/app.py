@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from index.errors import BackendUnavailableError
 from serve.batching import DynamicBatcher
 from serve.embedding import (
     ServeState,
@@ -37,7 +38,7 @@ from serve.embedding import (
     ood_records,
     open_store,
 )
-from serve.errors import ApiError, install_error_handlers
+from serve.errors import ApiError, error_response, install_error_handlers
 from serve.images import decode_base64
 from serve.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from serve.metrics import MetricsMiddleware, ServeMetrics
@@ -83,6 +84,7 @@ from serve.store import ItemStore, StoreError
 
 log = logging.getLogger("lpjepa.serve")
 STATIC_DIR = Path(__file__).parent / "static"
+BACKEND_RETRY_AFTER_S = 2  # Retry-After of a 503 when Milvus does not answer
 # Module level: with postponed annotations FastAPI resolves `Depends(BEARER)` in the module's namespace.
 BEARER = HTTPBearer(auto_error=False, description="API key as a bearer token (lpjepa serve --api-key)")
 
@@ -147,7 +149,7 @@ def create_app(
             state.drift = load_drift(state.scorer, settings)
         if state.drift is not None:
             metrics.attach_drift(state.drift)
-        if state.store is None and settings.index_dir is not None:
+        if state.store is None and settings.has_index:
             state.store = await anyio.to_thread.run_sync(open_store, settings, state.dim, metrics)
         if state.store is not None:
             state.store.metrics = metrics
@@ -181,6 +183,14 @@ def create_app(
     )
     app.state.serve = state
     install_error_handlers(app)
+
+    @app.exception_handler(BackendUnavailableError)
+    async def _backend_unavailable(request: Request, exc: BackendUnavailableError) -> JSONResponse:
+        # Milvus down or failing: the client may retry (a write that got this answer was not acknowledged by Milvus;
+        # an upsert is idempotent, so retrying it is safe). Never a 500.
+        log.warning("backend unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "backend_unavailable", str(exc), {"Retry-After": str(BACKEND_RETRY_AFTER_S)})
+
     app.add_middleware(ConcurrencyLimitMiddleware, max_inflight=settings.max_inflight)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413/503 refusals too
@@ -269,9 +279,15 @@ def create_app(
         checks = {
             "model": state.runtime is not None,
             "batcher": state.batcher is not None and state.batcher.alive,
-            "index": settings.index_dir is None or state.store is not None,
+            "index": not settings.has_index or state.store is not None,
             "accepting": not state.draining,
         }
+        if state.store is not None and state.store.backend_durable:
+            try:  # the index lives in Milvus: ready only while it answers
+                await anyio.to_thread.run_sync(state.store.ping)
+                checks["backend"] = True
+            except BackendUnavailableError:
+                checks["backend"] = False
         if all(checks.values()):
             return Health(status="ready", checks=checks)
         failing = ", ".join(name for name, ok in checks.items() if not ok)
@@ -284,7 +300,8 @@ def create_app(
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
         if state.store is not None:
-            metrics.index_size.set(len(state.store))
+            with contextlib.suppress(BackendUnavailableError):  # metrics stay scrapeable while Milvus is down
+                metrics.index_size.set(await anyio.to_thread.run_sync(len, state.store))
         payload, ctype = metrics.render()
         return Response(payload, media_type=ctype)
 
@@ -315,7 +332,7 @@ def create_app(
             }
         index_info = None
         if state.store is not None:
-            index_info = IndexInfo(**state.store.describe())
+            index_info = IndexInfo(**await anyio.to_thread.run_sync(state.store.describe))
         target_l0 = meta.get("expected_l0")
         return InfoResponse(
             model=meta,
@@ -533,7 +550,8 @@ def create_app(
             )
         except StoreError as err:
             raise ApiError(err.status, err.code, str(err)) from err
-        return PutItemsResponse(ids=ids, created=created, replaced=replaced, index_size=len(store))
+        size = await anyio.to_thread.run_sync(len, store)  # a round trip when the index is remote
+        return PutItemsResponse(ids=ids, created=created, replaced=replaced, index_size=size)
 
     @app.delete(
         "/v1/items/{item_id}",
@@ -550,10 +568,23 @@ def create_app(
         deleted = await anyio.to_thread.run_sync(store.delete, item_id)
         if not deleted:
             raise ApiError(404, "unknown_id", f"no item with id {item_id}")
-        return DeleteResponse(id=item_id, deleted=True, index_size=len(store))
+        size = await anyio.to_thread.run_sync(len, store)
+        return DeleteResponse(id=item_id, deleted=True, index_size=size)
 
     _install_openapi(app)
     return app
+
+
+SETTINGS_ENV = "LPJEPA_SERVE_SETTINGS"  # `lpjepa serve --workers N` hands each worker its settings as JSON here
+
+
+def app_from_env() -> FastAPI:
+    """The app of one `lpjepa serve --workers N` process (uvicorn factory): settings from $LPJEPA_SERVE_SETTINGS,
+    model and Milvus collection opened in the lifespan."""
+    import os
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(ServeSettings.model_validate_json(os.environ[SETTINGS_ENV]))
 
 
 REQUEST_MODELS = (EmbedJSON, SearchJSON, PutItemsJSON, EmbeddingIn)

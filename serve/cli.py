@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 from pathlib import Path
 
+from cli.argtypes import positive_int
 from cli.errors import CliError
+from index.milvus_cli import TOKEN_ENV as MILVUS_TOKEN_ENV
+from index.milvus_cli import add_milvus_arguments, reject_milvus_flags_without_backend
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +68,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--compact-every", type=int, default=1000, help="stored writes between index snapshots (default 1000)"
     )
     p.add_argument("--index-backend", default="csr", help="backend for a new index (default csr)")
+    p.add_argument(
+        "--backend",
+        choices=("csr", "faiss", "milvus"),
+        default=None,
+        help="csr/faiss: the index lives in this process (--index DIR, durable in DIR/serve.sqlite3); milvus: in the "
+        "collection at --milvus-uri, and the server keeps no state of its own (same as --index-backend)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server processes on the port (default 1); more than one needs --backend milvus with an http:// uri,"
+        " the only mode in which processes share the index",
+    )
     p.add_argument("--index-metric", default="cosine", help="metric for a new index (default cosine)")
     p.add_argument(
         "--thumbnail-px",
@@ -78,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drift monitor: chance that one evaluation on in-distribution traffic alarms (default 1e-4)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_milvus_arguments(p, index_kind=True, timeout_s=5.0)
     p.set_defaults(func=run)
 
 
@@ -106,8 +125,13 @@ def build_settings(args: argparse.Namespace):
             max_images_per_request=args.max_images,
             max_k=args.max_k,
             compact_every=args.compact_every,
-            index_backend=args.index_backend,
+            index_backend=args.backend or args.index_backend,
             index_metric=args.index_metric,
+            milvus_uri=args.milvus_uri,
+            milvus_token=args.milvus_token or os.environ.get(MILVUS_TOKEN_ENV) or None,
+            milvus_collection=args.collection,
+            milvus_index=args.milvus_index,
+            milvus_timeout_s=args.milvus_timeout,
             thumbnail_px=args.thumbnail_px,
             drift_false_alarm_rate=args.drift_false_alarm_rate,
         )
@@ -118,11 +142,19 @@ def build_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    reject_milvus_flags_without_backend(args, args.backend or args.index_backend)
     settings = build_settings(args)
     if args.auth_reads and settings.api_key is None:
         raise CliError("--auth-reads needs --api-key (or LPJEPA_API_KEY)")
     if not settings.model_path.is_file():
         raise CliError(f"no model file at {settings.model_path} (export one with `lpjepa export`)")
+    if settings.index_backend == "milvus" and settings.index_dir is not None:
+        raise CliError("--index is for csr and faiss; with --backend milvus the index is --collection at --milvus-uri")
+    if args.workers > 1 and (settings.index_backend != "milvus" or "://" not in str(settings.milvus_uri)):
+        raise CliError(
+            "--workers > 1 needs --backend milvus --milvus-uri http://HOST:PORT: a csr/faiss index, or a Milvus"
+            " Lite file, lives in one process"
+        )
 
     import uvicorn
 
@@ -148,7 +180,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             store = open_store(settings, int(runtime.dim))
         except (StoreError, ValueError, OSError) as err:
-            raise CliError(f"cannot open index {settings.index_dir}: {err}") from err
+            where = settings.index_dir if settings.index_backend != "milvus" else settings.milvus_collection
+            raise CliError(f"cannot open index {where}: {err}") from err
+        if args.workers > 1:  # checked: the index is in Milvus; each worker process opens its own everything
+            store.close()
+            store = None
+            return _run_workers(settings, sock, args)
         app = create_app(settings, runtime=runtime, store=store, scorer=scorer)
         config = uvicorn.Config(
             app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=args.log_level == "debug"
@@ -164,6 +201,32 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         if store is not None:
             store.close()
+    return 0
+
+
+def _run_workers(settings, sock: socket.socket, args: argparse.Namespace) -> int:
+    """uvicorn's own supervisor: N spawned processes on the one bound socket, each loading the model and opening
+    the Milvus collection itself (serve.app.app_from_env), restarted by uvicorn if one dies."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from serve.app import SETTINGS_ENV
+
+    if settings.model_threads is None:  # N processes x all cores each would oversubscribe the CPU
+        settings = settings.model_copy(update={"model_threads": max(1, (os.cpu_count() or 1) // args.workers)})
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    config = uvicorn.Config(
+        "serve.app:app_from_env",
+        factory=True,
+        workers=args.workers,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        access_log=args.log_level == "debug",
+    )
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"lpjepa serve: listening on http://{shown}:{port} ({args.workers} workers)", flush=True)
+    Multiprocess(config, sockets=[sock]).run()
     return 0
 
 

@@ -90,6 +90,8 @@ class EmbedOutput(NamedTuple):
 
 
 def open_store(settings: ServeSettings, dim: int, metrics: ServeMetrics | None = None) -> ItemStore | None:
+    if settings.index_backend == "milvus":
+        return ItemStore.open_backend(milvus_index(settings, dim), dim=dim, metrics=metrics)
     if settings.index_dir is None:
         return None
     return ItemStore.open(
@@ -99,6 +101,22 @@ def open_store(settings: ServeSettings, dim: int, metrics: ServeMetrics | None =
         metric=settings.index_metric,
         compact_every=settings.compact_every,
         metrics=metrics,
+    )
+
+
+def milvus_index(settings: ServeSettings, dim: int) -> Any:
+    """The collection the settings name, created (empty) when missing; a model of another dimension is refused."""
+    from index.factory import create_index
+
+    return create_index(
+        "milvus",
+        dim,
+        settings.index_metric,
+        uri=settings.milvus_uri,
+        collection=settings.milvus_collection,
+        token=settings.milvus_token,
+        index=settings.milvus_index,
+        timeout_s=settings.milvus_timeout_s,
     )
 
 

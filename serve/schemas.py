@@ -189,7 +189,9 @@ class IndexInfo(BaseModel):
     dim: int
     metric: str | None = None
     backend: str | None = None
-    directory: str
+    directory: str | None = Field(None, description="index directory (csr, faiss); null for a Milvus collection")
+    collection: str | None = Field(None, description="the Milvus collection (backend milvus)")
+    durability: str | None = Field(None, description="who keeps acknowledged writes: sqlite (this server) or backend")
     wal_records: int
     snapshots: int
 

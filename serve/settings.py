@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_KEY_ENV = "LPJEPA_API_KEY"
 
@@ -62,8 +62,25 @@ class ServeSettings(BaseModel):
     index_backend: str = "csr"  # used only when --index names a directory that does not exist yet
     index_metric: str = "cosine"  # for a new index: an image's own item ranks first whatever its norm
     thumbnail_px: int = Field(48, ge=0, le=256)  # 0 disables thumbnails of indexed images
+    # Milvus (index_backend="milvus"): the server keeps no state of its own; any number of replicas share it.
+    milvus_uri: str | None = None  # a .db file (embedded, this process only) or http://host:port
+    milvus_token: str | None = None  # never reported by /v1/info
+    milvus_collection: str = "lpjepa"
+    milvus_index: str = "exact"  # for a new collection: exact or wand
+    milvus_timeout_s: float = Field(5.0, gt=0.0)  # per Milvus call; a dead Milvus is a 503 after ~2x this
     # Drift monitor (serve/drift.py): probability that one evaluation on in-distribution traffic raises the alarm.
     drift_false_alarm_rate: float = Field(1e-4, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _milvus_needs_uri(self) -> ServeSettings:
+        if self.index_backend == "milvus" and not self.milvus_uri:
+            raise ValueError("index_backend 'milvus' needs milvus_uri (a .db file or http://host:port)")
+        return self
+
+    @property
+    def has_index(self) -> bool:
+        """Whether this server serves an index: a directory, or a Milvus collection."""
+        return self.index_dir is not None or self.index_backend == "milvus"
 
     @field_validator("api_key")
     @classmethod

@@ -71,7 +71,7 @@ class ItemStore:
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | None,
         index: Any,
         *,
         dim: int,
@@ -159,6 +159,23 @@ class ItemStore:
         index.prepare()  # search structures and compiled kernels now, not in the first request
         return store
 
+    @classmethod
+    def open_backend(cls, index: Any, *, dim: int, metrics: Any = None) -> ItemStore:
+        """A store over an index that owns its durability (Milvus) and has no directory: nothing local at all."""
+        if not getattr(index, "owns_durability", False):
+            raise StoreError(f"the {getattr(index, 'backend', '?')} backend keeps no durable state of its own")
+        if index.dim != dim:
+            raise StoreError(f"the index has dimension {index.dim} but the model produces {dim}")
+        store = cls(None, index, dim=dim, compact_every=1, metrics=metrics)
+        index.prepare()
+        return store
+
+    def ping(self) -> None:
+        """Raise (BackendUnavailableError) when the backend does not answer; a no-op for in-process indexes."""
+        ping = getattr(self.index, "ping", None)
+        if ping is not None:
+            ping()
+
     # -------------------------------------------------------------------- reads
     def __len__(self) -> int:
         return len(self.index)
@@ -168,6 +185,9 @@ class ItemStore:
 
     def search(self, queries: sparse.csr_matrix, k: int, thumbnails: bool = False) -> list[Hit]:
         """Top-k of one query row, best first; fewer when the index holds fewer items."""
+        if self.db is None and hasattr(self.index, "search_items"):  # one round trip to a remote backend
+            found = self.index.search_items(queries, k, thumbnails=thumbnails)
+            return [Hit(id=i, score=sc, payload=p, thumbnail=t) for i, sc, p, t in found]
         with self._rw.read():
             scores, ids = self.index.search(queries, k)
             keep = ids[0] >= 0
@@ -180,6 +200,11 @@ class ItemStore:
             ]
 
     def get(self, item_id: int) -> StoredItem | None:
+        if self.db is None and hasattr(self.index, "items"):  # one round trip to a remote backend
+            item = self.index.items([item_id]).get(item_id)
+            if item is None:
+                return None
+            return StoredItem(item_id, item["payload"], (item["indices"], item["values"]), item["thumbnail"])
         with self._rw.read():
             if not self.index.contains([item_id])[0]:
                 return None
@@ -202,7 +227,8 @@ class ItemStore:
             "dim": self.dim,
             "metric": self.index.metric,
             "backend": getattr(self.index, "backend", None),
-            "directory": str(self.directory),
+            "directory": None if self.directory is None else str(self.directory),
+            "collection": getattr(self.index, "collection", None),
             "durability": "backend" if self.db is None else "sqlite",
             "wal_records": self.pending,
             "snapshots": self.snapshots,
@@ -321,4 +347,6 @@ class ItemStore:
                 self.snapshot()
             if self.db is not None:
                 self.db.close()
+            if self.backend_durable and hasattr(self.index, "close"):
+                self.index.close()
             self._closed = True
