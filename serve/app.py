@@ -393,8 +393,9 @@ def create_app(
         "/v1/drift",
         response_model=DriftResponse,
         tags=["ood"],
-        dependencies=[Depends(require_read)],
+        dependencies=read_deps,
         summary="Drift monitor: is recent embed/search/ood traffic still in-distribution?",
+        responses=error_docs(503, auth=auth_reads),
     )
     async def drift() -> DriftResponse:
         if state.drift is None:

@@ -305,6 +305,7 @@ def _secured(spec: dict) -> set[tuple[str, str]]:
                 ("post", "/v1/embed"),
                 ("post", "/v1/search"),
                 ("post", "/v1/ood"),
+                ("get", "/v1/drift"),
             },
         ),
     ],
