@@ -5,7 +5,8 @@ w_inv 25, w_rdm 125, K = 512 random slices) on a small MLP projector (Linear-BN-
 views of a fixed non-linear latent-variable data set, batch 256, AdamW with warmup + cosine. It runs in
 seconds per configuration, so it can sweep what the full recipe cannot afford: the fix, the number of steps,
 the number of slices and the term's weight. Each row is measured on 8,192 fresh samples in eval mode:
-l0 and its relative error against the analytic rate, dead and near-dead dimensions (rate < 10% of the
+l0 and its relative error against the analytic rate, l0 in train mode (BatchNorm on batch statistics),
+dead and near-dead dimensions (rate < 10% of the
 target), per-dimension rate percentiles, the share of active values that are tiny (< 0.05 sigma: the pile of
 small positives the straight-through term leaves, against the target's own share), and l1/l0 (mean active
 value over sigma; the target's is printed beside it).
@@ -72,6 +73,16 @@ def rates_of(net: nn.Module, data: ToyData, n: int, seed: int) -> tuple[torch.Te
     return (h > 0).double().mean(0), h
 
 
+def train_mode_l0(net: nn.Module, data: ToyData, seed: int, batches: int = 16) -> float:
+    """l0 with BatchNorm on batch statistics (batches of 256, as in training), on a copy of the network."""
+    import copy
+
+    twin = copy.deepcopy(net).train()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return float(torch.stack([(twin(data.batch(256, g)[0]) > 0).double().mean() for _ in range(batches)]).mean())
+
+
 def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
     overrides = [s for s in sets if not s.startswith("steps=")]
     cfg = load_config("fmnist-cpu", [f"method.mu={args.mu}", f"method.num_projections={args.k}", *overrides])
@@ -113,6 +124,7 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
         "l0": float(rates.mean()),
         "target_l0": target,
         "rel_err": float(rates.mean()) / target - 1.0,
+        "l0_train_mode": train_mode_l0(net, data, 321),
         "dead": int((rates == 0).sum()),
         "near_dead": int((rates < 0.1 * target).sum()),
         "rate_p05": float(rates.quantile(0.05)),
@@ -150,8 +162,17 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         ("quantile_shift 1.0", ["method.dead_dim_fix=quantile_shift", "method.rate_weight=1.0"]),
         ("quantile 0.05", ["method.dead_dim_fix=quantile", "method.rate_weight=0.05"]),
         ("quantile 1.0", ["method.dead_dim_fix=quantile", "method.rate_weight=1.0"]),
+        ("quantile 3.0", ["method.dead_dim_fix=quantile", "method.rate_weight=3.0"]),
         ("quantile_shift 5.0", ["method.dead_dim_fix=quantile_shift", "method.rate_weight=5.0"]),
         ("quantile_shift 25", ["method.dead_dim_fix=quantile_shift", "method.rate_weight=25.0"]),
+        ("threshold_q 0.2 (deterministic quantiles)", ["method.dead_dim_fix=threshold_q"]),
+        ("threshold_q 0.5", ["method.dead_dim_fix=threshold_q", "method.marginal_weight=0.5"]),
+        ("marginal 1.0 (axes only, no random slices)", ["method.dead_dim_fix=marginal", "method.marginal_weight=1.0"]),
+        ("threshold_q 1.0 (axes only)", ["method.dead_dim_fix=threshold_q", "method.marginal_weight=1.0"]),
+        ("marginal 0.2, w_inv=0", ["method.dead_dim_fix=marginal", "method.w_inv=0.0"]),
+        ("marginal+quantile 0.2/1.0", ["method.dead_dim_fix=marginal+quantile", "method.rate_weight=1.0"]),
+        ("marginal+quantile_shift 0.2/5", ["method.dead_dim_fix=marginal+quantile_shift", "method.rate_weight=5.0"]),
+        ("threshold_q+quantile 0.2/1.0", ["method.dead_dim_fix=threshold_q+quantile", "method.rate_weight=1.0"]),
     ]
     return rows
 
@@ -203,8 +224,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     header = (
         f"{'objective (mu=' + format(args.mu, 'g') + ', D=' + str(args.dim) + ')':46s} {'steps':>5s} {'l0':>7s} "
-        f"{'rel err':>8s} {'dead':>4s} {'near':>4s} {'p05':>7s} {'p50':>7s} {'p95':>7s} {'tiny':>5s} {'tgt':>5s} "
-        f"{'act/s':>5s} {'tgt':>5s} {'s':>5s}"
+        f"{'rel err':>8s} {'train':>7s} {'dead':>4s} {'near':>4s} {'p05':>7s} {'p50':>7s} {'p95':>7s} "
+        f"{'tiny':>5s} {'tgt':>5s} {'act/s':>5s} {'tgt':>5s} {'s':>5s}"
     )
     print(header)
     for label, sets in plan(args.quick):
@@ -215,7 +236,8 @@ def main() -> None:
         r = run(sets, args, snapshots=snaps if args.out else 0)
         results[label] = r
         print(
-            f"{label:46s} {r['steps']:5d} {r['l0']:7.4f} {r['rel_err']:+8.2f} {r['dead']:4d} {r['near_dead']:4d} "
+            f"{label:46s} {r['steps']:5d} {r['l0']:7.4f} {r['rel_err']:+8.2f} {r['l0_train_mode']:7.4f} "
+            f"{r['dead']:4d} {r['near_dead']:4d} "
             f"{r['rate_p05']:7.4f} {r['rate_p50']:7.4f} {r['rate_p95']:7.4f} {r['tiny_share']:5.2f} "
             f"{r['target_tiny_share']:5.2f} {r['mean_active']:5.2f} {r['target_mean_active']:5.2f} {r['wall_s']:5.0f}",
             flush=True,

@@ -24,7 +24,19 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("lars", "adamw", "sgd")
 PROJECTION_KINDS = ("random", "eigen")
 RECIPES = ("auto", "grey", "color")
-DEAD_DIM_FIXES = ("none", "marginal", "threshold", "threshold_sym", "leaky", "quantile", "quantile_shift")
+DEAD_DIM_FIXES = (
+    "none",
+    "marginal",
+    "threshold",
+    "threshold_sym",
+    "threshold_q",
+    "leaky",
+    "quantile",
+    "quantile_shift",
+    "marginal+quantile",
+    "marginal+quantile_shift",
+    "threshold_q+quantile",
+)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROJECTOR_CHOICES = ("auto", "dims")
 # The baselines' own projectors in the reference (solo-learn configs): (widths, BatchNorm in the hidden layers).

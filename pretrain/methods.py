@@ -43,7 +43,7 @@ from pretrain.losses.precision import fp32_region
 
 SLICED_METHODS = frozenset({"rectified_lpjepa", "ablation_gn_raw", "ablation_gn_relu", "ablation_rgn_raw"})
 RGN_TARGET_METHODS = frozenset({"rectified_lpjepa", "ablation_rgn_raw"})
-MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym"})
+MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q"})
 # Quantile (pinball) rate terms on the pre-activation: fixed point P(h_j > 0) = r for every dimension j.
 RATE_FIXES = frozenset({"quantile", "quantile_shift"})
 
@@ -145,7 +145,10 @@ class Objective(nn.Module):
         m = cfg.method
         self.method = m.name
         self.relu = rectifies(m.name)
-        self.fix = cfg.dead_dim_fix
+        # "axis+rate" combines an axis fix (marginal, threshold*) with a rate term (quantile, quantile_shift).
+        self.fix, _, self.rate_fix = cfg.dead_dim_fix.partition("+")
+        if self.fix in RATE_FIXES and not self.rate_fix:
+            self.fix, self.rate_fix = "none", self.fix
         self.slope = float(m.leaky_slope)
         self.generator = generator
         self.p, self.mu, self.sigma = float(m.p), float(m.mu), float(sigma)
@@ -155,11 +158,13 @@ class Objective(nn.Module):
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs rectified features and an RGN target")
         if self.fix == "leaky" and not self.relu:
             raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
-        if self.fix in RATE_FIXES and m.name not in SLICED_METHODS:
-            raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a target with a rate (a sliced-W2 method)")
+        if self.rate_fix and (self.rate_fix not in RATE_FIXES or self.fix not in MARGINAL_FIXES | {"none"}):
+            raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} is not an axis fix + a rate term")
+        if self.rate_fix and m.name not in SLICED_METHODS:
+            raise ConfigError(f"method.dead_dim_fix: {self.rate_fix!r} needs a target with a rate (a sliced-W2 method)")
         self.alpha = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
         self.w_rdm = float(m.w_rdm)
-        self.rate_weight = float(m.rate_weight) if self.fix in RATE_FIXES else 0.0
+        self.rate_weight = float(m.rate_weight) if self.rate_fix else 0.0
         # The target's activation rate P(X > 0) = Phi(mu / sigma); the same for the GN and RGN cells.
         self.rate = rgg_law.expected_l0(self.p, self.mu, self.sigma)
         if m.name in SLICED_METHODS:
@@ -208,6 +213,15 @@ class Objective(nn.Module):
         )
         return y.to(device=device, dtype=torch.float32)
 
+    def _quantiles(self, n: int, device: torch.device) -> torch.Tensor:
+        """The n mid-point quantiles of GN_p(mu, sigma), ppf((i + 1/2) / n), as an n x 1 column (cached per n):
+        a draw without sampling noise, so each batch asks exactly the same number of samples to fire."""
+        cache = self.__dict__.setdefault("_quantile_cache", {})
+        if n not in cache:
+            q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+            cache[n] = torch.from_numpy(rgg_law.gn_ppf(q.numpy(), self.p, self.mu, self.sigma)).float()[:, None]
+        return cache[n].to(device)
+
     def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
         """hs: per-view pre-activations (global views first). Two-view losses average over the view pairs
         (global, other); LeJEPA takes all views at once, as in its reference code."""
@@ -229,7 +243,10 @@ class Objective(nn.Module):
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
                     hg = hg.float()
-                    if self.fix.startswith("threshold"):
+                    if self.fix == "threshold_q":
+                        x = self._quantiles(hg.shape[0], hg.device).expand_as(hg)
+                        marg = marg + threshold_marginal_w2(hg, x, symmetric=True)
+                    elif self.fix.startswith("threshold"):
                         x = self._target(tuple(hg.shape), hg.device, rectified=False)
                         marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "threshold_sym")
                     else:  # straight-through variant; raw features: plain per-axis W2
@@ -244,7 +261,7 @@ class Objective(nn.Module):
             for h in hs:
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
-                    term = term + pinball_rate(hg.float(), self.rate, shift_only=self.fix == "quantile_shift")
+                    term = term + pinball_rate(hg.float(), self.rate, shift_only=self.rate_fix == "quantile_shift")
             term = term / len(hs)
             total = total + self.w_rdm * self.rate_weight * term
             parts["rate_term"] = float(term.detach())

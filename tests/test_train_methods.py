@@ -408,3 +408,23 @@ def test_other_backbones_train(backbone, kwargs, fmnist):
     assert torch.isfinite(loss) and all(
         p.grad is not None and torch.isfinite(p.grad).all() for p in net.encoder.backbone.parameters()
     )
+
+
+def test_deterministic_quantiles_and_combined_fixes():
+    """threshold_q matches against scipy's GN mid-point quantiles ppf((i + 1/2) / n); "axis+rate" fixes add
+    both terms; a malformed combination is refused with the key named."""
+    from scipy import stats
+
+    cfg = load_config("smoke", ["method.mu=-2", "method.num_projections=16", "method.dead_dim_fix=threshold_q"])
+    obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+    q = obj._quantiles(64, torch.device("cpu")).squeeze(1).double().numpy()
+    ref = stats.gennorm(beta=1.0, loc=-2.0, scale=sigma_gn(1.0)).ppf((np.arange(64) + 0.5) / 64)
+    np.testing.assert_allclose(q, ref, rtol=1e-5, atol=1e-6)
+    h = [torch.randn(64, 8, requires_grad=True) for _ in range(2)]
+    _, parts, _ = obj(h, n_global=2)
+    assert "marginal" in parts and "rate_term" not in parts
+    both = load_config("smoke", ["method.mu=-2", "method.num_projections=16", "method.dead_dim_fix=marginal+quantile"])
+    _, parts, _ = Objective(both, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))(h, n_global=2)
+    assert "marginal" in parts and "rate_term" in parts
+    with pytest.raises(ConfigError, match="dead_dim_fix"):
+        load_config("smoke", ["method.dead_dim_fix=quantile+marginal"])
