@@ -124,6 +124,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_milvus_arguments(build, index_kind=True)
     build.set_defaults(func=_cmd_build)
 
+    repair = actions.add_parser(
+        "repair",
+        help="recover the server's database (serve.sqlite3) of an index directory after damage",
+        description="Copy every intact row of INDEX_DIR/serve.sqlite3 (CRC-checked) into a new database, keep the "
+        "damaged file as serve.sqlite3.damaged-<time>, and report what was kept and lost; salvages an old "
+        "serve-wal.log that the migration refused. Run it when `lpjepa serve` refuses to start on damaged state.",
+    )
+    repair.add_argument("index_dir", help="index directory served by `lpjepa serve --index`")
+    repair.set_defaults(func=_cmd_repair)
+
     search = subparsers.add_parser("search", help="find the indexed images most similar to an image")
     search.add_argument("--model", required=True, help="exported model (.onnx), the one that built the index")
     search.add_argument("--index", help="index directory written by `lpjepa index build` (csr, faiss)")
@@ -388,6 +398,25 @@ def _cmd_build(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:  # index, model, data-spec and image errors are all ValueErrors
         raise CliError(_one_line(err)) from None
     print(json.dumps(summary))
+    return 0
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from serve.repair import repair
+
+    try:
+        report = repair(args.index_dir)
+    except (ValueError, OSError) as err:  # no index, unloadable snapshot: only a restore from backup helps
+        raise CliError(
+            f"cannot repair {args.index_dir}: {_one_line(err)}; restore the directory from a backup"
+        ) from None
+    print(json.dumps(report.as_dict()))
+    if report.lost_after_snapshot or report.unreadable_regions:
+        print(
+            f"lpjepa index repair: {report.lost_after_snapshot} damaged writes after the last snapshot are lost and "
+            f"{report.unreadable_regions} regions were unreadable; restore from a backup if you need them",
+            file=sys.stderr,
+        )
     return 0
 
 

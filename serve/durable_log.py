@@ -127,6 +127,13 @@ def encode_payload(payload: Any) -> str | None:
 
 def _decode_row(raw: tuple, path: Path) -> Row:
     item_id, seq, deleted, indices, vals, payload, thumb, crc = raw
+    typed = (
+        all(isinstance(v, int) for v in (item_id, seq, deleted, crc))
+        and all(v is None or isinstance(v, bytes) for v in (indices, vals, thumb))
+        and (payload is None or isinstance(payload, str))
+    )
+    if not typed:  # a flipped type byte in the record header changes what SQLite hands back
+        raise CorruptStoreError(path, f"a row (item {item_id!r}) holds values of the wrong type")
     if row_crc(item_id, seq, deleted, indices, vals, payload, thumb) != crc:
         raise CorruptStoreError(path, f"the row of item {item_id} (write {seq}) fails its checksum")
     try:
