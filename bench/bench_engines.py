@@ -268,6 +268,7 @@ class MilvusEngine(Engine):
         from index import create_index
 
         uri = self.workdir / f"{self.name}-{os.getpid()}-{time.monotonic_ns()}.db"
+        rss0 = _children_rss()
         t0 = time.perf_counter()
         self.index = create_index("milvus", x.shape[1], "ip", uri=str(uri), index=self.kind, batch_rows=5000)
         step = 50_000
@@ -276,7 +277,7 @@ class MilvusEngine(Engine):
             self.index.add(np.arange(lo, hi), x[lo:hi])
         self.index.prepare()
         self.build_s = time.perf_counter() - t0
-        self.memory_mb = _children_rss() / 2**20
+        self.memory_mb = (_children_rss() - rss0) / 2**20  # the Milvus Lite process this index started
         self.setting = "SPARSE_INVERTED_INDEX" if self.kind == "exact" else "SPARSE_WAND"
 
     def search1(self, query) -> np.ndarray:
@@ -392,7 +393,7 @@ def bench_cell(cell: dict, engines: list[Engine], args, log) -> list[dict]:
         log(f"    built {engine.name:16s} in {engine.build_s:6.1f}s (+{engine.tune_s:.1f}s tuning) {engine.setting}")
         built.append(engine)
     big = x.shape[0] >= 500_000
-    n_single = {e.name: cell["singles"] for e in built}
+    n_single = {e.name: min(cell["singles"], queries.shape[0]) for e in built}
     for e in built:
         if e.name.startswith("faiss"):
             n_single[e.name] = min(cell["singles"], 10 if big else 30)
@@ -457,6 +458,107 @@ def bench_cell(cell: dict, engines: list[Engine], args, log) -> list[dict]:
     return rows
 
 
+def profile_exact(baseline_cls: type, n: int, density: float, n_queries: int, log) -> list[dict]:
+    """Where one exact single query's time goes, today's kernel against this checkout's, at ``n`` x 512.
+
+    Components (medians over ``n_queries`` different queries, interleaved, one thread): the whole ``search``
+    call; the compiled kernel alone (called directly on another query, so its caches are as cold); the top-k
+    scan alone (the heap scan over ``n`` zero scores, what every plain-kernel query pays after accumulating);
+    Python around the kernel = search - kernel; posting traversal + accumulation = plain kernel - scan.
+    """
+    from index import approx, compiled
+    from index.inverted import search_inverted
+    from index.topk import RunningTopK
+
+    base_pkg = importlib.import_module(baseline_cls.__module__.rsplit(".", 1)[0] + ".inverted")
+    x = zipf_sparse(n, 512, density, seed=1)
+    q = zipf_sparse(2 * n_queries, 512, density, seed=2)
+    qs = [q[i] for i in range(q.shape[0])]
+    before = baseline_cls(512, "ip", threads=1)
+    after = CsrIndex(512, "ip", threads=1)
+    for index in (before, after):
+        index.add(np.arange(n), x)
+        index.prepare()
+    b_inv = before._blocks[0].inv
+    block = after._blocks[0]
+    zeros = np.zeros(min(n, 1 << 16), np.float32)
+    none = np.empty(0, np.bool_)
+    t: dict[str, list[float]] = {
+        k: [] for k in ("before_search", "before_kernel", "after_search", "after_kernel", "scan")
+    }
+
+    def kernel_before(query):
+        top = RunningTopK(1, K)
+        base_pkg.search_inverted(b_inv, query, 0, 1, top.scores, top.rows, 0, 0)
+
+    def kernel_after(query):
+        top = RunningTopK(1, K)
+        if after._pruned(block):
+            approx.search_approx(
+                block.impact, block.x, query, 0, 1, top.scores, top.rows, 0, 0, None, approx.SAFE_CUT, 0.0, safe=True
+            )
+        else:
+            search_inverted(after._inverted(block), query, 0, 1, top.scores, top.rows, 0, 0)
+
+    def scan():
+        s, r = np.full(K, -np.inf, np.float32), np.full(K, -1, np.int64)
+        for lo in range(0, n, zeros.size):
+            compiled.scan_row(zeros, min(zeros.size, n - lo), s, r, lo, none, True)
+
+    for i in range(n_queries):
+        a, b = qs[i], qs[n_queries + i]
+        for name, fn, arg in (
+            ("before_search", before.search, a),
+            ("before_kernel", kernel_before, b),
+            ("after_search", after.search, a),
+            ("after_kernel", kernel_after, b),
+        ):
+            t0 = time.perf_counter()
+            fn(arg) if name.endswith("kernel") else fn(arg, K)
+            t[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        scan()
+        t["scan"].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
+    rows = [
+        {
+            "cell": f"{n // 1_000_000}M @ {density:.0%}" if n >= 1_000_000 else f"{n // 1000}k @ {density:.0%}",
+            "search_before_us": med["before_search"],
+            "search_after_us": med["after_search"],
+            "kernel_before_us": med["before_kernel"],
+            "kernel_after_us": med["after_kernel"],
+            "python_before_us": med["before_search"] - med["before_kernel"],
+            "python_after_us": med["after_search"] - med["after_kernel"],
+            "scan_us": med["scan"],
+            "traversal_before_us": med["before_kernel"] - med["scan"],
+            "after_kernel": "pruned exact" if after._pruned(block) else "plain",
+            "load_avg": os.getloadavg()[0],
+        }
+    ]
+    log(f"  profile {rows[0]}")
+    return rows
+
+
+def profile_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Where an exact single query's time goes (--profile; one thread, medians, microseconds)",
+        "",
+        "| cell | search, before | search, after | kernel, before | kernel, after | Python around it, before | "
+        "after | of the before kernel: top-k scan of every row | posting traversal + accumulation | after kernel |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['search_before_us']:.0f} | {r['search_after_us']:.0f} | {r['kernel_before_us']:.0f} | "
+            f"{r['kernel_after_us']:.0f} | {r['python_before_us']:.0f} | {r['python_after_us']:.0f} | "
+            f"{r['scan_us']:.0f} | {r['traversal_before_us']:.0f} | {r['after_kernel']} |"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- cells
 def synthetic_cells(quick: bool, n_queries: int) -> list[dict]:
     sizes = (
@@ -474,7 +576,7 @@ def synthetic_cells(quick: bool, n_queries: int) -> list[dict]:
                     zipf_sparse(n_queries, 512, density, seed=2),
                     zipf_sparse(200, 512, density, seed=3),
                 ),
-                "singles": 300 if n < 1_000_000 else 200,
+                "singles": 300 if n < 1_000_000 else (200 if density < 0.05 else 100),
                 "rounds": 3,
             }
         )
@@ -502,8 +604,10 @@ def real_cell(db_dir: Path, query_dir: Path, n_queries: int) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def markdown(rows: list[dict], command: str, seconds: float, notes: list[str], baseline: str) -> str:
-    loads = [r["load_avg"] for r in rows]
+def markdown(
+    rows: list[dict], command: str, seconds: float, notes: list[str], baseline: str, profile: list[dict]
+) -> str:
+    loads = [r["load_avg"] for r in rows + profile] or [os.getloadavg()[0]]
     lines = [
         SECTION_BEGIN,
         "# Sparse engines: csr exact / approx vs Seismic, Milvus Lite, FAISS Flat (bench/bench_engines.py)",
@@ -559,6 +663,7 @@ def markdown(rows: list[dict], command: str, seconds: float, notes: list[str], b
         if ex and base:
             parts.append(f"csr exact / today's at batch 1: {ex['qps_batch1'] / base['qps_batch1']:.2f}x")
         lines.append(f"- {cell}: " + "; ".join(parts))
+    lines += profile_markdown(profile)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines.append(SECTION_END)
@@ -590,7 +695,10 @@ def main() -> int:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the 'today' csr backend")
     parser.add_argument("--milvus-singles", type=int, default=100, help="single Milvus queries timed below 1M")
     parser.add_argument("--milvus-singles-1m", type=int, default=30, help="single Milvus queries timed at 1M")
-    parser.add_argument("--seismic-tune-s", type=float, default=120.0, help="stop widening Seismic's grid after")
+    parser.add_argument("--seismic-tune-s", type=float, default=60.0, help="stop widening Seismic's grid after")
+    parser.add_argument("--milvus-1m-cells", default="1M @ 1%", help="comma-separated 1M cells that run Milvus")
+    parser.add_argument("--milvus-1m-kinds", default="exact", help="Milvus index kinds run in those cells")
+    parser.add_argument("--profile", action="store_true", help="also profile exact single queries at 1M")
     parser.add_argument("--real-db", default=str(ROOT / "artifacts/demo/index-train"))
     parser.add_argument("--real-queries", default=str(ROOT / "artifacts/demo/index-test"))
     parser.add_argument("--out", default=str(ROOT / "docs/results/index.md"))
@@ -617,6 +725,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_engines_"))
     baseline_cls = load_baseline(args.baseline)
     rows: list[dict] = []
+    profile: list[dict] = []
+    if args.profile:
+        log("profile of exact single queries")
+        sizes = [(20_000, 0.01)] if args.quick else [(1_000_000, 0.01), (1_000_000, 0.05)]
+        for n, density in sizes:
+            profile += profile_exact(baseline_cls, n, density, 100 if density < 0.05 else 40, log)
     for i, cell in enumerate(cells, 1):
         log(f"[{i}/{len(cells)}] {cell['name']}  ({(time.perf_counter() - t_start) / 60:.1f} min)")
         x, queries, tune_q = cell.pop("make")()
@@ -634,12 +748,20 @@ def main() -> int:
         if args.engines:
             wanted = {e.strip() for e in args.engines.split(",")}
             engines = [e for e in engines if e.name in wanted or e.name.split("@")[0] in wanted]
+        if x.shape[0] >= 500_000:  # Milvus Lite inserts ~2.6k rows/s here: ~6.5 min per 1M-row index
+            keep = (
+                {f"milvus-{kind}" for kind in args.milvus_1m_kinds.split(",")}
+                if cell["name"] in args.milvus_1m_cells.split(",")
+                else set()
+            )
+            engines = [e for e in engines if not e.name.startswith("milvus") or e.name in keep]
         rows += bench_cell(cell, engines, args, log)
         del cell["x"], cell["queries"], cell["tune"]
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv[1:]), "rows": rows}, indent=1))
+        saved = {"command": " ".join(sys.argv[1:]), "rows": rows, "profile": profile}
+        Path(args.json).write_text(json.dumps(saved, indent=1))
     seconds = time.perf_counter() - t_start
-    text = markdown(rows, " ".join(sys.argv[1:]), seconds, notes, args.baseline)
+    text = markdown(rows, " ".join(sys.argv[1:]), seconds, notes, args.baseline, profile)
     write_section(Path(args.out), text)
     print(text)
     return 0

@@ -105,7 +105,11 @@ def search_inverted(
     row_offset: int,
     alive: np.ndarray,
     acc: np.ndarray,
-) -> None:
+) -> int:
+    """Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
+    for e in range(q_indptr[lo], q_indptr[hi]):
+        if q_indices[e] < 0 or q_indices[e] >= dim:
+            return 1
     none = np.empty(0, np.bool_)
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
@@ -122,6 +126,7 @@ def search_inverted(
             n = min(tile, n_rows - r0)
             mask = alive[r0 : r0 + n] if alive.size else none
             scan_row(acc, n, s, r, row_offset + r0, mask, True)
+    return 0
 
 
 @njit(nogil=True, cache=True, inline="always")

@@ -168,6 +168,7 @@ class CsrIndex(RowMapped, VectorIndex):
         self._map = RowMap()  # live id -> global row
         self._n_dead = 0
         self._cache_lock = threading.Lock()  # searches share the read lock but build caches lazily
+        self._colcount_cache: np.ndarray | None = None  # _colcounts(); dropped whenever the blocks change
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -196,6 +197,7 @@ class CsrIndex(RowMapped, VectorIndex):
         self._alive[replaced] = False
         self._n_dead += int(replaced.size)
         self._blocks.append(_Block(x, start))
+        self._colcount_cache = None
         while len(self._blocks) >= 2 and self._blocks[-2].rows <= 2 * self._blocks[-1].rows:
             newer = self._blocks.pop()
             older = self._blocks.pop()
@@ -231,6 +233,7 @@ class CsrIndex(RowMapped, VectorIndex):
         self._alive = np.ones(self._row_ids.size, bool)
         self._n_dead = 0
         self._blocks = [_Block(_vstack(parts, self._dim), 0)] if parts else []
+        self._colcount_cache = None
 
     # ------------------------------------------------------------------ search
     def _inverted(self, block: _Block) -> TiledInverted:
@@ -283,8 +286,12 @@ class CsrIndex(RowMapped, VectorIndex):
                     self._inverted(block)
 
     def _colcounts(self) -> np.ndarray:
-        """Stored non-zeros per dimension, over all blocks."""
-        return sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
+        """Stored non-zeros per dimension, over all blocks (cached until the blocks change)."""
+        total = self._colcount_cache
+        if total is None:
+            total = sum((self._colcount(b) for b in self._blocks), np.zeros(self._dim, np.int64))
+            self._colcount_cache = total
+        return total
 
     def _sparse_products(self, queries: sp.csr_matrix) -> float:
         """Multiply-adds the inverted index would do for these queries (posting-list entries they visit)."""

@@ -25,6 +25,7 @@ from index.topk import check_heaps
 
 TILE_ROWS = 1 << 16  # local rows are uint16
 _LOCAL = threading.local()
+_NO_MASK = np.empty(0, np.bool_)
 
 
 @dataclass(frozen=True)
@@ -112,18 +113,15 @@ def search_inverted(
     check_heaps(heap_scores, heap_rows, heap_lo, hi - lo)
     if inv.n_rows == 0 or hi == lo:
         return
-    mask = np.empty(0, np.bool_) if alive is None else np.ascontiguousarray(alive, np.bool_)
+    mask = _NO_MASK if alive is None else np.ascontiguousarray(alive, np.bool_)
     if mask.size not in (0, inv.n_rows):
         raise ValueError(f"alive mask has {mask.size} flags for {inv.n_rows} rows")
     # one compiled signature whatever index types scipy chose for the queries
     q_indptr = queries.indptr.astype(np.int64, copy=False)
     q_indices = queries.indices.astype(np.int32, copy=False)
     q_data = queries.data.astype(np.float32, copy=False)
-    used = q_indices[q_indptr[lo] : q_indptr[hi]]
-    if used.size and (used.min() < 0 or used.max() >= inv.dim):  # scipy does not check this on construction
-        raise ValueError(f"query column indices outside [0, {inv.dim})")
     acc = _accumulator(min(inv.tile, inv.n_rows))
-    compiled.search_inverted(
+    status = compiled.search_inverted(
         inv.indptr,
         inv.rows,
         inv.data,
@@ -144,3 +142,5 @@ def search_inverted(
         mask,
         acc,
     )
+    if status:  # the kernel checks the query columns (scipy does not on construction) before it reads anything
+        raise ValueError(f"query column indices outside [0, {inv.dim})")

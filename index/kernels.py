@@ -48,17 +48,21 @@ class CostModel:
     """Nanoseconds of one core per unit of work of each kernel, fitted on the project's 2-core AMD EPYC box.
 
     Only the ratios matter (every kernel spreads over the cores alike, and the top-k selection that all of them
-    pay is left out). The defaults come from ``bench/bench_index.py --calibrate`` (50k rows, D 512 and 2048,
-    density 0.5% to 50%, 1 to 200 queries; median relative error of the fit 26%) and can be overridden with
-    ``CsrIndex(..., costs=CostModel(...))`` on a machine where they differ.
+    pay is left out). The defaults come from ``bench/bench_index.py --calibrate`` (50k rows; uniform positions
+    at D 512 and 2048, density 0.5% to 50%, and Zipf-like dimension popularity at D 512, 0.5% to 25%, the
+    skew of learned codes; 1 to 200 queries; median relative error of the fit 21%, the log in
+    docs/results/index-calibrate.log). The uniform-only fit had a posting-list entry at 0.86 ns and an spdense
+    multiply-add at 0.18 ns; the joint fit has 1.20 and 0.21 ns. Checked on the case the issue
+    reported (100k x 512 at 5%, Zipf, batch 100): the fit picks ``sparse``, measured 36 ms against 115 ms for
+    ``spdense`` on one core. Override with ``CsrIndex(..., costs=CostModel(...))`` on a machine where they differ.
     """
 
-    sparse_per_product: float = 0.8631  # one scattered multiply-add (posting list entry x query weight)
+    sparse_per_product: float = 1.201  # one scattered multiply-add (posting list entry x query weight)
     sparse_per_query: float = 0.0  # per-query overhead (the fit found it negligible)
-    spdense_per_fma: float = 0.1811  # one vectorised multiply-add (database non-zero x query)
-    spdense_per_pass: float = 0.661  # streaming one database non-zero per query block
-    dense_per_fma: float = 0.02239  # one sgemm multiply-add (database element x query)
-    dense_per_element: float = 0.8625  # densifying one database element (once per search)
+    spdense_per_fma: float = 0.2122  # one vectorised multiply-add (database non-zero x query)
+    spdense_per_pass: float = 1.328  # streaming one database non-zero per query block
+    dense_per_fma: float = 0.01829  # one sgemm multiply-add (database element x query)
+    dense_per_element: float = 1.388  # densifying one database element (once per search)
     query_block: int = 64  # queries per spdense block
     # The inverted index costs as much memory as the data. Above this density it is never built: at 75% it
     # halved single-query latency (100k x 2048: 94 ms instead of 189 ms) yet FAISS Flat on the dense copy took
