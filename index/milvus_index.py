@@ -38,11 +38,13 @@ backends). ``k`` is capped by Milvus at 16384.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import json
 import logging
 import math
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -142,6 +144,9 @@ class MilvusIndex(VectorIndex):
         self._rpc_timeout = max(1, math.ceil(self.timeout_s))
         self.batch_rows = batch_rows
         self._token = token
+        self._closed = False
+        if _is_local_file(self.uri):
+            _LOCAL_USERS[_local_key(self.uri)] += 1
         self._client = self._connect()
         self._broken = False
         self._exists = False
@@ -179,6 +184,8 @@ class MilvusIndex(VectorIndex):
         """A fresh client after a failure: gRPC's own reconnect backoff grows to minutes while a server is down."""
         with contextlib.suppress(Exception):  # the broken channel; the new client gets a fresh alias
             self._client.close()
+        if _is_local_file(self.uri):  # a dead embedded engine stays registered in pymilvus: stop it, start anew
+            _restart_local(self.uri)
         self._client = self._connect()
         self._broken = False
 
@@ -192,8 +199,13 @@ class MilvusIndex(VectorIndex):
         return not self._broken
 
     def close(self) -> None:
+        """Close the connection; the last index of a process on a Milvus Lite file also stops its engine process
+        (pymilvus starts one per file and never stops it), so the file can be opened by another process."""
         with contextlib.suppress(Exception):  # closing a dead connection must not fail a shutdown
             self._client.close()
+        if _is_local_file(self.uri) and not self._closed:
+            self._closed = True
+            _release_local(self.uri)
 
     # ------------------------------------------------------------------ collection
     def _refresh(self) -> None:
@@ -683,6 +695,33 @@ def drop_collection(
 
 
 # ---------------------------------------------------------------------- helpers
+_LOCAL_USERS: collections.Counter[str] = collections.Counter()  # open indexes per Milvus Lite file, this process
+_LOCAL_LOCK = threading.Lock()
+
+
+def _local_key(uri: str) -> str:
+    return str(Path(uri).absolute().resolve())
+
+
+def _release_local(uri: str) -> None:
+    key = _local_key(uri)
+    with _LOCAL_LOCK:
+        _LOCAL_USERS[key] -= 1
+        if _LOCAL_USERS[key] > 0:
+            return
+        del _LOCAL_USERS[key]
+    _restart_local(uri)
+
+
+def _restart_local(uri: str) -> None:
+    """Stop pymilvus's embedded engine of ``uri`` (if any); the next connection starts a new one."""
+    with contextlib.suppress(Exception):
+        from milvus_lite.server_manager import server_manager_instance
+
+        if _local_key(uri) in server_manager_instance._servers:
+            server_manager_instance.release_server(uri)
+
+
 def _alias() -> str:
     """A connection of its own: pymilvus shares one connection per uri + token in a process by default, and
     ``close()`` (or a reconnect) of one client would then cut off every other index on that uri."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import re
@@ -43,7 +44,60 @@ def model_path(tmp_path_factory):
     return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
+# The index-related tests run three times: the in-process index (csr, durable in SQLite), the same API on an
+# embedded Milvus Lite file (--milvus-uri ./x.db) and on a Milvus server (--milvus-uri http://127.0.0.1:PORT, the
+# session's local server). The others involve no index and run once.
+STORE_MODES = ("local", "milvus-file", "milvus-server")
+INDEX_TESTS = {
+    "test_health_ready_info_and_openapi",
+    "test_items_put_get_replace_delete",
+    "test_search_ranks_like_brute_force",
+    "test_search_by_image_finds_the_same_image_first",
+    "test_search_with_k_larger_than_index_returns_what_exists",
+    "test_bad_embeddings_and_search_parameters",
+    "test_bad_item_writes",
+    "test_auth_reads_flag_and_open_ops_endpoints",
+    "test_metrics_expose_requests_batches_queue_index_and_l0",
+    "test_concurrent_writes_and_searches_stay_consistent",
+}
+_store = {"mode": "local", "uri": None}
+
+
+def pytest_generate_tests(metafunc):
+    modes = STORE_MODES if metafunc.function.__name__ in INDEX_TESTS else STORE_MODES[:1]
+    metafunc.parametrize("store_mode", modes, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def store_mode(request):
+    _store["mode"] = request.param
+    _store["uri"] = request.getfixturevalue("milvus_server").uri if request.param == "milvus-server" else None
+    yield request.param
+    _store["mode"] = "local"
+
+
+@pytest.fixture(autouse=True)
+def _in_store_mode(store_mode):
+    """Every test takes part in the parametrization (and so runs after its mode was set)."""
+
+
+def backend_name() -> str:
+    return "csr" if _store["mode"] == "local" else "milvus"
+
+
 def make_settings(model_path, tmp_path, **overrides) -> ServeSettings:
+    """Settings of a test app; in the Milvus store modes an index directory becomes a collection of that name."""
+    settings = _settings(model_path, tmp_path, **overrides)
+    if _store["mode"] == "local" or settings.index_dir is None:
+        return settings
+    name = "api_" + hashlib.sha1(str(settings.index_dir).encode()).hexdigest()[:16]  # same dir, same collection
+    uri = str(settings.index_dir.parent / "milvus.db") if _store["mode"] == "milvus-file" else _store["uri"]
+    return settings.model_copy(
+        update={"index_dir": None, "index_backend": "milvus", "milvus_uri": uri, "milvus_collection": name}
+    )
+
+
+def _settings(model_path, tmp_path, **overrides) -> ServeSettings:
     base = dict(
         model_path=model_path,
         index_dir=tmp_path / "index",
@@ -60,7 +114,7 @@ def make_settings(model_path, tmp_path, **overrides) -> ServeSettings:
 
 
 @pytest.fixture(scope="module")
-def client(model_path, tmp_path_factory):
+def client(model_path, tmp_path_factory, store_mode):
     app = create_app(make_settings(model_path, tmp_path_factory.mktemp("api")))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
@@ -107,7 +161,7 @@ def test_health_ready_info_and_openapi(client):
     assert info["dim"] == DIM and info["ood_calibrated"] is False
     assert info["index"]["dim"] == DIM and info["limits"]["max_images_per_request"] == 8
     assert "api_key" not in json.dumps(info) and KEY not in json.dumps(info)
-    assert info["index_size"] == info["index"]["size"] and info["backend"] == info["index"]["backend"] == "csr"
+    assert info["index_size"] == info["index"]["size"] and info["backend"] == info["index"]["backend"] == backend_name()
     meta = info["model"]  # the page's target l0: the analytic rate of the model's own RGN target
     assert info["target_l0"] == pytest.approx(expected_l0(meta["target_p"], meta["target_mu"], meta["target_sigma"]))
     assert 0 < info["target_l0"] < 1

@@ -14,7 +14,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from test_serve_support import ServerProcess, export_tiny_model
+from test_serve_support import ServerProcess, export_tiny_model, run_cli
 
 from index.milvus_server import LocalMilvus, free_port
 
@@ -170,3 +170,32 @@ def test_workers_processes_serve_one_collection(model_path, milvus_server):
                 assert hits[0]["id"] == 4
     finally:
         assert proc.stop() in (0, -15)
+
+
+def test_embedded_milvus_file_persists_across_restarts_and_cli_errors(model_path, tmp_path):
+    db = str(tmp_path / "x.db")
+    first = replica(model_path, db, "embedded")
+    with first.client() as c:
+        assert put(c, 7).status_code == 200
+    assert first.stop() in (0, -15)
+    second = replica(model_path, db, "embedded")  # the first let go of the file: a new process may open it
+    try:
+        with second.client() as c:
+            assert c.get("/v1/items/7").json()["payload"] == {"id": 7}
+            assert c.post("/v1/search", json={"embedding": embedding(7), "k": 1}).json()["results"][0]["id"] == 7
+    finally:
+        second.stop()
+    base = ["serve", "--model", str(model_path), "--port", "0"]
+    for argv, message in [
+        (base + ["--backend", "milvus"], "needs milvus_uri"),
+        (base + ["--backend", "milvus", "--milvus-uri", db, "--workers", "2"], "--workers > 1 needs"),
+        (base + ["--milvus-uri", db], "--milvus-uri is for --backend milvus"),
+        (base + ["--backend", "milvus", "--milvus-uri", db, "--index", str(tmp_path / "i")], "--index is for csr"),
+        (base + ["--backend", "milvus", "--milvus-uri", f"http://127.0.0.1:{free_port()}", "--milvus-timeout", "1"],
+         "cannot connect to Milvus"),
+    ]:  # fmt: skip
+        done = run_cli(*argv)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, (
+            argv,
+            done.stderr,
+        )
