@@ -33,7 +33,9 @@ def default_providers() -> list[str]:
 
 
 class _OrtBackend:
-    def __init__(self, path: Path, providers: Sequence[str] | None, num_threads: int | None) -> None:
+    def __init__(
+        self, path: Path, providers: Sequence[str] | None, num_threads: int | None, spin: bool | None = None
+    ) -> None:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
@@ -55,6 +57,10 @@ class _OrtBackend:
                 raise ValueError(f"num_threads must be >= 1, got {num_threads}")
             options.intra_op_num_threads = int(num_threads)
             options.inter_op_num_threads = 1
+        if spin is not None:  # None: onnxruntime's default (its idle pool threads spin-wait)
+            flag = "1" if spin else "0"
+            options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+            options.add_session_config_entry("session.inter_op.allow_spinning", flag)
         chosen = list(providers) if providers is not None else default_providers()
         unknown = [p for p in chosen if p not in ort.get_available_providers()]
         if unknown:
@@ -101,6 +107,7 @@ class EmbeddingRuntime:
         providers: Sequence[str] | None = None,
         batch_size: int = 64,
         num_threads: int | None = None,
+        spin: bool | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -114,7 +121,7 @@ class EmbeddingRuntime:
             self.metadata = meta_io.read_metadata(self.path)
             self._backend: Any = TensorRTBackend(self.path, self.metadata)
         elif suffix in meta_io.ONNX_SUFFIXES:
-            self._backend = _OrtBackend(self.path, providers, num_threads)
+            self._backend = _OrtBackend(self.path, providers, num_threads, spin)
             self.metadata = meta_io.validate(meta_io.decode(self._backend.props), str(self.path))
         else:
             raise ModelLoadError(

@@ -35,7 +35,6 @@ from serve.embedding import (
     load_runtime,
     load_scorer,
     model_runner,
-    ood_records,
     open_store,
 )
 from serve.errors import ApiError, error_response, install_error_handlers
@@ -364,8 +363,8 @@ def create_app(
             want_dense = want_dense or extra["json"].dense
         else:
             want_dense = want_dense or parse_bool(form_text(extra["form"], "dense"), "dense", False)
-        vectors, _, feats = await embed_blobs(state, blobs)
-        return EmbedResponse(embeddings=dense_to_outputs(state, vectors, want_dense, feats))
+        out = await embed_blobs(state, blobs)
+        return EmbedResponse(embeddings=dense_to_outputs(state, out.dense, want_dense, out.features, out.ood))
 
     @app.post(
         "/v1/ood",
@@ -380,8 +379,8 @@ def create_app(
         ready_or_503()
         scorer = need_scorer()
         blobs, _ = await request_images(request, field_name="files")
-        vectors, _, feats = await embed_blobs(state, blobs)
-        records = ood_records(state, vectors, feats) or []
+        out = await embed_blobs(state, blobs)
+        records = out.ood or []
         return OODResponse(
             results=[OODOut(**r) for r in records],
             score_name=scorer.score_name,
@@ -452,8 +451,9 @@ def create_app(
         if row is not None:
             check_query(row, "the query embedding")
         if image_blobs is not None:
-            vectors, _, feats = await embed_blobs(state, image_blobs)
-            query_out = dense_to_outputs(state, vectors, False, feats)[0]
+            embedded = await embed_blobs(state, image_blobs)
+            vectors = embedded.dense
+            query_out = dense_to_outputs(state, vectors, False, embedded.features, embedded.ood)[0]
             idx = np.flatnonzero(vectors[0])
             row = (idx.astype(np.int32), vectors[0][idx])
             check_query(row, "the query image's embedding")
@@ -539,7 +539,9 @@ def create_app(
             check_payload(payload, f"payload of item {ids[i]}", settings.max_payload_bytes)
         thumbs: list[bytes | None] = [None] * len(ids)
         if blobs:
-            vectors, blob_thumbs, _ = await embed_blobs(state, blobs, thumbs=settings.thumbnail_px > 0, observe=False)
+            vectors, blob_thumbs, _, _ = await embed_blobs(
+                state, blobs, thumbs=settings.thumbnail_px > 0, observe=False
+            )
             for j, pos in enumerate(image_pos):
                 nz = np.flatnonzero(vectors[j])
                 rows[pos] = (nz.astype(np.int32), vectors[j][nz])

@@ -6,6 +6,10 @@ company (at most `max_wait_ms` after the first request arrived) only while other
 their way, i.e. still being decoded: a lone request is never delayed, and under load the requests that arrive
 while the model is busy form the next batch by themselves. The queue is bounded in images: past `max_queue`
 new work is refused with 503 + Retry-After right away instead of piling up until every caller times out.
+
+A request may submit a callable instead of its batch (its decoding): the model thread runs it just before the
+model call, so a batch of small images costs one thread hand-off instead of one per request, and the model
+function may return row-aligned tuples (embeddings, features, OOD records) so per-batch work is done once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +30,35 @@ from serve.errors import ApiError
 
 log = logging.getLogger("lpjepa.serve")
 
-RunFn = Callable[[np.ndarray], np.ndarray]
+# The model call: a (N, C, H, W) batch -> an (N, ...) array, or a tuple of row-aligned arrays/lists (None allowed),
+# e.g. (embeddings, features, OOD records), so work that is cheaper per batch than per request happens once.
+RunFn = Callable[[np.ndarray], Any]
+# What a request submits: its preprocessed batch, or a callable that produces it in the model thread (decoding
+# small images there costs one thread hand-off per model batch instead of one per request).
+Work = np.ndarray | Callable[[], np.ndarray]
+
+
+def _rows(out: Any, start: int, stop: int) -> Any:
+    """Rows start:stop of a model output (an array or a tuple of row-aligned sequences / None)."""
+    if isinstance(out, tuple):
+        return tuple(None if part is None else part[start:stop] for part in out)
+    return out[start:stop]
+
+
+def _concat(parts: list[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(_concat_one([p[i] for p in parts]) for i in range(len(parts[0])))
+    return _concat_one(parts)
+
+
+def _concat_one(parts: list[Any]) -> Any:
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts, axis=0)
+    return [row for part in parts for row in part]
 
 
 def overloaded(message: str) -> ApiError:
@@ -34,13 +67,17 @@ def overloaded(message: str) -> ApiError:
 
 @dataclass
 class _Job:
-    batch: np.ndarray
+    work: Work
+    size: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
-    @property
-    def size(self) -> int:
-        return int(self.batch.shape[0])
+    def materialize(self) -> np.ndarray:
+        """The job's input batch; runs its preparation (decoding) when it was submitted as a callable."""
+        batch = self.work() if callable(self.work) else self.work
+        if batch.shape[0] != self.size:
+            raise ValueError(f"a job announced {self.size} images but prepared {batch.shape[0]}")
+        return batch
 
 
 class Ticket:
@@ -144,23 +181,33 @@ class DynamicBatcher:
         finally:
             ticket.release()
 
-    async def submit(self, batch: np.ndarray, ticket: Ticket | None = None) -> np.ndarray:
-        """Embed a (N, C, H, W) batch; returns (N, dim). Raises ApiError 503 when overloaded or stopping."""
+    async def submit(self, batch: Work, ticket: Ticket | None = None, *, size: int | None = None) -> Any:
+        """Embed a (N, C, H, W) batch; returns the model's rows for it ((N, dim), or a tuple of row-aligned parts).
+
+        `batch` may be a callable that returns the batch; it then runs in the model thread just before the model
+        call (its exception, e.g. an ApiError for a corrupt image, fails this request only) and `size` must say
+        how many images it will produce. Raises ApiError 503 when overloaded or stopping.
+        """
         if ticket is not None:
             ticket.release()
         if self._closed:
             raise ApiError(503, "shutting_down", "the server is shutting down")
-        n = int(batch.shape[0])
+        if callable(batch):
+            if size is None:
+                raise ValueError("submit(callable) needs size=")
+            n = int(size)
+        else:
+            n = int(batch.shape[0])
         if n == 0:
             raise ValueError("empty batch")
         if self.queued_images + n > self.max_queue:
             raise overloaded(
                 f"model queue is full ({self.queued_images} images waiting, limit {self.max_queue}); retry later"
             )
-        if not self.enabled:
-            return await self._run_alone(batch)
         loop = asyncio.get_running_loop()
-        job = _Job(batch, loop.create_future())
+        job = _Job(batch, n, loop.create_future())
+        if not self.enabled:
+            return await self._run_alone(job)
         self._pending.append(job)
         self._pending_images += n
         self._observer.queue_depth(self.queued_images)
@@ -175,13 +222,13 @@ class DynamicBatcher:
             job.future.cancel()
             raise
 
-    async def _run_alone(self, batch: np.ndarray) -> np.ndarray:
-        n = int(batch.shape[0])
+    async def _run_alone(self, job: _Job) -> Any:
+        n = job.size
         self._inflight_images += n
         self._observer.queue_depth(self.queued_images)
         loop = asyncio.get_running_loop()
         try:
-            fut = loop.run_in_executor(self._executor, self._timed_run, batch)
+            fut = loop.run_in_executor(self._executor, lambda: self._run_chunked(job.materialize()))
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except asyncio.TimeoutError as err:
             raise overloaded(f"the model did not answer within {self.timeout_s:g} s; retry later") from err
@@ -189,7 +236,7 @@ class DynamicBatcher:
             self._inflight_images -= n
             self._observer.queue_depth(self.queued_images)
 
-    def _timed_run(self, batch: np.ndarray) -> np.ndarray:
+    def _timed_run(self, batch: np.ndarray) -> Any:
         start = time.perf_counter()
         out = self._run(batch)
         self._observer.batch_run(int(batch.shape[0]), time.perf_counter() - start)
@@ -237,8 +284,7 @@ class DynamicBatcher:
             n = sum(job.size for job in jobs)
             self._inflight_images += n
             try:
-                stacked = jobs[0].batch if len(jobs) == 1 else np.concatenate([j.batch for j in jobs], axis=0)
-                out = await loop.run_in_executor(self._executor, self._run_chunked, stacked)
+                out, failed = await loop.run_in_executor(self._executor, self._run_jobs, jobs)
             except asyncio.CancelledError:
                 for job in jobs:
                     if not job.future.done():
@@ -251,16 +297,35 @@ class DynamicBatcher:
                         job.future.set_exception(ApiError(500, "model_error", f"model inference failed: {err}"))
             else:
                 offset = 0
-                for job in jobs:
+                for i, job in enumerate(jobs):
+                    if i in failed:  # this request's own preparation failed (e.g. a corrupt image)
+                        if not job.future.done():
+                            job.future.set_exception(failed[i])
+                        continue
                     if not job.future.done():
-                        job.future.set_result(out[offset : offset + job.size])
+                        job.future.set_result(_rows(out, offset, offset + job.size))
                     offset += job.size
             finally:
                 self._inflight_images -= n
                 self._observer.queue_depth(self.queued_images)
 
-    def _run_chunked(self, stacked: np.ndarray) -> np.ndarray:
+    def _run_jobs(self, jobs: list[_Job]) -> tuple[Any, dict[int, BaseException]]:
+        """Model thread: prepare every job (a failure fails that job alone), then one model call for the rest."""
+        batches: list[np.ndarray] = []
+        failed: dict[int, BaseException] = {}
+        for i, job in enumerate(jobs):
+            try:
+                batches.append(job.materialize())
+            except Exception as err:  # noqa: BLE001 - handed to that job's caller, who maps it to a response
+                failed[i] = err
+        if not batches:
+            return None, failed
+        stacked = batches[0] if len(batches) == 1 else np.concatenate(batches, axis=0)
+        return self._run_chunked(stacked), failed
+
+    def _run_chunked(self, stacked: np.ndarray) -> Any:
         if stacked.shape[0] <= self.max_batch:
             return self._timed_run(stacked)
-        parts = [self._timed_run(stacked[i : i + self.max_batch]) for i in range(0, stacked.shape[0], self.max_batch)]
-        return np.concatenate(parts, axis=0)
+        return _concat(
+            [self._timed_run(stacked[i : i + self.max_batch]) for i in range(0, stacked.shape[0], self.max_batch)]
+        )

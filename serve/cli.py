@@ -45,6 +45,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="one model call per request (the benchmark baseline)",
     )
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model call (default: all cores)")
+    p.add_argument(
+        "--model-spin",
+        action="store_true",
+        help="let ONNX Runtime's idle threads spin-wait (faster on dedicated cores; off by default: on a shared "
+        "or small machine they take the cores HTTP needs)",
+    )
+    p.add_argument(
+        "--batch-decode-pixels",
+        type=int,
+        default=65_536,
+        help="requests with at most this many pixels are decoded by the model thread with their batch; larger ones "
+        "in the decode pool (default 65536; 0 = always the pool)",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per model call (default 64)")
     p.add_argument(
         "--max-wait-ms",
@@ -116,6 +129,8 @@ def build_settings(args: argparse.Namespace):
             batching=args.batching,
             max_batch=args.max_batch,
             model_threads=args.threads,
+            model_spin=args.model_spin,
+            batch_decode_pixels=args.batch_decode_pixels,
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,
             max_inflight=args.max_inflight,

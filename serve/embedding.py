@@ -3,6 +3,7 @@ dynamic-batched inference, and turning dense rows into the API's sparse embeddin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -44,7 +45,12 @@ class ServeState:
 def load_runtime(settings: ServeSettings) -> Any:
     from export.runtime import EmbeddingRuntime
 
-    return EmbeddingRuntime(str(settings.model_path), batch_size=settings.max_batch, num_threads=settings.model_threads)
+    return EmbeddingRuntime(
+        str(settings.model_path),
+        batch_size=settings.max_batch,
+        num_threads=settings.model_threads,
+        spin=settings.model_spin,
+    )
 
 
 def load_scorer(runtime: Any) -> Any:
@@ -76,17 +82,34 @@ def load_drift(scorer: Any, settings: ServeSettings) -> Any:
 
 
 def model_runner(state: ServeState) -> Any:
-    """What the batcher calls: embedding only, or embedding and features side by side (split in embed_blobs)
-    when the served OOD score needs the features."""
-    if state.scorer is not None and state.scorer.needs_features():
-        return state.runtime.run_joint
-    return state.runtime.run
+    """What the batcher calls, once per model batch: the model (and its feature output when the served OOD score
+    needs it), non-finite values zeroed, the l0 metrics and the OOD scores of the whole batch. Scoring a batch
+    at once costs about what scoring one image does, so per-request work stays on the event loop only for
+    HTTP and JSON. Returns row-aligned (dense (N, dim) float32, features or None, OOD records or None)."""
+    runtime, metrics = state.runtime, state.metrics
+    joint = state.scorer is not None and state.scorer.needs_features()
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[dict[str, Any]] | None]:
+        if joint:
+            out, features = runtime.run_with_features(batch)
+        else:
+            out, features = runtime.run(batch), None
+        dense = np.asarray(out, dtype=np.float32)
+        bad = ~np.isfinite(dense)
+        if bad.any():
+            dense = np.where(bad, np.float32(0.0), dense)
+        metrics.observe_l0(np.count_nonzero(dense, axis=1) / max(dense.shape[1], 1))
+        records = None if state.scorer is None else state.scorer.score(dense, features).to_records()
+        return dense, features, records
+
+    return run
 
 
 class EmbedOutput(NamedTuple):
     dense: np.ndarray  # (N, dim) float32
     thumbnails: list[bytes | None]
     features: np.ndarray | None  # (N, feature_dim) when the served OOD score needs them
+    ood: list[dict[str, Any]] | None = None  # per-image OOD records (scored with the batch), None uncalibrated
 
 
 def open_store(settings: ServeSettings, dim: int, metrics: ServeMetrics | None = None) -> ItemStore | None:
@@ -120,49 +143,82 @@ def milvus_index(settings: ServeSettings, dim: int) -> Any:
     )
 
 
-def _decode_and_preprocess(state: ServeState, blobs: list[tuple[str, bytes]], thumbs: bool):
-    """Runs in a worker thread: PIL decode and resizing are CPU work that must not stall the event loop."""
-    from export.runtime import ImageDecodeError
-
+def _probe(state: ServeState, blobs: list[tuple[str, bytes]]) -> tuple[list[Any], int]:
     settings = state.settings
-    probed, pixels = open_images(
+    return open_images(
         blobs,
         max_pixels=settings.max_image_pixels,
         max_request_pixels=settings.max_request_pixels,
         formats=settings.image_formats,
     )
+
+
+def _preprocess(state: ServeState, probed: list[Any], blobs: list[tuple[str, bytes]]) -> np.ndarray:
+    from export.runtime import ImageDecodeError
+
+    images = load_images(probed, blobs)
+    try:
+        return state.runtime.preprocess(images)
+    except ImageDecodeError as err:
+        raise ApiError(422, "invalid_image", str(err)) from err
+
+
+def _decode_and_preprocess(
+    state: ServeState, blobs: list[tuple[str, bytes]], thumbs: bool, probed: list[Any] | None = None
+) -> tuple[np.ndarray, list[bytes | None]]:
+    """Runs in a worker thread: PIL decode and resizing are CPU work that must not stall the event loop."""
+    settings = state.settings
+    if probed is None:
+        probed, pixels = _probe(state, blobs)
+    else:
+        pixels = sum(img.size[0] * img.size[1] for img in probed)
     with state.pixel_gate.hold(pixels, timeout=settings.request_timeout_s):
-        images = load_images(probed, blobs)
-        thumbnails = [thumbnail_png(img, settings.thumbnail_px) for img in images] if thumbs else [None] * len(images)
-        try:
-            batch = state.runtime.preprocess(images)
-        except ImageDecodeError as err:
-            raise ApiError(422, "invalid_image", str(err)) from err
-        del images, probed  # the decoded pixels go before the gate opens for the next request
+        if thumbs:
+            images = load_images(probed, blobs)
+            thumbnails = [thumbnail_png(img, settings.thumbnail_px) for img in images]
+            del images
+        else:
+            thumbnails = [None] * len(blobs)
+        batch = _preprocess(state, probed, blobs)  # PIL caches the decoded pixels: loading twice decodes once
+        del probed  # the decoded pixels go before the gate opens for the next request
     return batch, thumbnails
 
 
 async def embed_blobs(
     state: ServeState, blobs: list[tuple[str, bytes]], *, thumbs: bool = False, observe: bool = True
 ) -> EmbedOutput:
-    """Decode, preprocess (thread) and embed (batcher) images; returns (dense (N, dim) float32, thumbnails,
-    features or None). `observe` feeds the images to the drift monitor (embed, search and ood requests do)."""
+    """Decode, preprocess and embed (batcher) images; returns (dense (N, dim) float32, thumbnails, features or
+    None, OOD records or None). `observe` feeds the images to the drift monitor (embed, search and ood requests
+    do).
+
+    Small images (their headers, read here, say at most `batch_decode_pixels` together) are decoded by the
+    model thread as part of the batch: for a 28 px PNG a thread hand-off costs more than the decode. Larger
+    ones, and requests that need thumbnails, decode in the thread pool under the decode gate, as before.
+    """
     if not blobs:
         raise ApiError(422, "missing_images", "no images in the request")
-    if len(blobs) > state.settings.max_images_per_request:
-        raise ApiError(413, "too_many_images", f"at most {state.settings.max_images_per_request} images per request")
+    settings = state.settings
+    if len(blobs) > settings.max_images_per_request:
+        raise ApiError(413, "too_many_images", f"at most {settings.max_images_per_request} images per request")
     assert state.batcher is not None
     with state.batcher.expecting() as ticket:
-        batch, thumbnails = await anyio.to_thread.run_sync(_decode_and_preprocess, state, blobs, thumbs)
-        out = np.asarray(await state.batcher.submit(batch, ticket), dtype=np.float32)
-    features = None
-    if out.shape[1] > state.dim:  # the joint runner: embedding then features
-        out, features = out[:, : state.dim], np.ascontiguousarray(out[:, state.dim :])
-    dense = np.where(np.isfinite(out), out, 0.0).astype(np.float32)
-    state.metrics.observe_l0(np.count_nonzero(dense, axis=1) / max(dense.shape[1], 1))
-    if observe and state.drift is not None:
-        state.drift.observe_dense(dense)
-    return EmbedOutput(dense, thumbnails, features)
+        probed, pixels = _probe(state, blobs)  # headers only: format and size checks, no pixel decoded
+        if not thumbs and pixels <= settings.batch_decode_pixels:
+            thumbnails: list[bytes | None] = [None] * len(blobs)
+            work = functools.partial(_preprocess, state, probed, blobs)
+            out = await state.batcher.submit(work, ticket, size=len(blobs))
+        else:
+            batch, thumbnails = await anyio.to_thread.run_sync(_decode_and_preprocess, state, blobs, thumbs, probed)
+            out = await state.batcher.submit(batch, ticket)
+    dense, features, records = out
+    if observe:
+        if records is not None:
+            flagged = sum(1 for r in records if r["is_ood"])
+            if flagged:
+                state.metrics.ood.inc(flagged)
+        if state.drift is not None:
+            state.drift.observe_dense(dense)
+    return EmbedOutput(dense, thumbnails, features, records)
 
 
 def ood_records(
@@ -202,9 +258,15 @@ def embedding_out(
 
 
 def dense_to_outputs(
-    state: ServeState, dense: np.ndarray, want_dense: bool, features: np.ndarray | None = None
+    state: ServeState,
+    dense: np.ndarray,
+    want_dense: bool,
+    features: np.ndarray | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> list[EmbeddingOut]:
-    records = ood_records(state, dense, features)
+    """`records`: the OOD records embed_blobs already scored with the batch; computed here when not given."""
+    if records is None:
+        records = ood_records(state, dense, features)
     out = []
     for i, row in enumerate(dense):
         idx = np.flatnonzero(row)

@@ -49,6 +49,14 @@ class ServeSettings(BaseModel):
 
     # Model execution.
     model_threads: int | None = Field(None, ge=1)  # ONNX Runtime intra-op threads; None = one per core
+    # ONNX Runtime's idle threads spin-wait for work by default: on a dedicated machine that shaves microseconds,
+    # on a small or shared one the spinning threads take the cores the event loop needs (measured: 2 spinning
+    # threads ran the demo model 4-6x slower than 2 sleeping ones under load). Off unless asked for.
+    model_spin: bool = False
+    # A request whose images hold at most this many pixels together (from their headers) is decoded by the model
+    # thread as part of its batch (one thread hand-off per batch); larger ones decode in the thread pool. 0: always
+    # the pool.
+    batch_decode_pixels: int = Field(65_536, ge=0)
 
     # Dynamic batching.
     batching: bool = True
