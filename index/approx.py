@@ -48,6 +48,7 @@ APPROX_MIN_PRODUCTS = 10_000
 # blocks of at least SAFE_MIN_ROWS rows. Measured on one core, Zipf data (kernel only): 1M x 512 at 1% 290 ->
 # 208 us, at 5% 20.6 -> 10.6 ms; 100k at 1% no gain (42 -> 38 us), at 5% a loss (0.41 -> 0.66 ms).
 SAFE_CUT = 0.4
+SAFE_LISTS = 4  # only the query's longest lists are cut (they hold most of the work under Zipf popularity)
 SAFE_MIN_ROWS = 4 * TILE_ROWS
 TOP_ROWS = 16  # rows kept per dimension for the probe (its largest values)
 PROBE_ROWS = 128  # rows probed per query in all, spread over its dimensions (at least 2 each)
@@ -62,10 +63,11 @@ class ImpactTiles:
 
     inv: TiledInverted
     top_rows: np.ndarray  # int64, (dim, TOP_ROWS)
+    lengths: np.ndarray  # int64, (dim,): entries per dimension over all tiles
 
     @property
     def nbytes(self) -> int:
-        return int(self.inv.nbytes + self.top_rows.nbytes)
+        return int(self.inv.nbytes + self.top_rows.nbytes + self.lengths.nbytes)
 
 
 def sort_by_impact(inv: TiledInverted) -> TiledInverted:
@@ -132,7 +134,8 @@ def top_rows_per_dim(inv: TiledInverted, top: int = TOP_ROWS) -> np.ndarray:
 
 def build_impact(x: sp.csr_matrix, tile: int | None = None) -> ImpactTiles:
     inv = sort_by_impact(build_inverted(x, tile))
-    return ImpactTiles(inv=inv, top_rows=top_rows_per_dim(inv))
+    lengths = np.bincount(x.indices, minlength=x.shape[1]).astype(np.int64)
+    return ImpactTiles(inv=inv, top_rows=top_rows_per_dim(inv), lengths=lengths)
 
 
 def check_params(cut: float, slack: float) -> None:
@@ -213,6 +216,8 @@ def search_approx(
         float(slack),
         int(probe_rows),
         bool(safe),
+        impact.lengths,
+        int(SAFE_LISTS),
     )
     if status:
         raise ValueError(f"query column indices outside [0, {inv.dim})")

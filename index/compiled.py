@@ -191,10 +191,13 @@ def search_approx(
     slack: float,
     probe_rows: int,
     safe: bool,
+    lengths: np.ndarray,
+    safe_lists: int,
 ) -> int:
     """Top-k over impact-ordered tiles (see :mod:`index.approx` for the method and its guarantee): approximate,
-    or with ``safe`` exact (each list cut at ``cut * theta / (nnz(q) * q_j)``, so all left-out parts together stay
-    below ``cut * theta``, and a row is skipped only if its partial score plus all of them cannot enter).
+    or with ``safe`` exact: only the query's ``safe_lists`` longest lists (``lengths`` per dimension) are cut,
+    each at ``cut * theta / (n_cut * q_j)``, so all left-out parts together stay below ``cut * theta``, and a row
+    is skipped only if its partial score plus all of them cannot enter.
 
     Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
     for e in range(q_indptr[lo], q_indptr[hi]):
@@ -202,10 +205,26 @@ def search_approx(
             return 1
     masked = alive.size > 0
     n_tiles = (n_rows + tile - 1) // tile
+    cuttable = np.zeros(dim, np.bool_)
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
         r = heap_rows[heap_lo + q - lo]
+        n_cut = 0
+        if safe:  # the longest lists, where pruning saves the most, share the whole budget
+            for _ in range(min(safe_lists, b - a)):
+                best, best_len = -1, -1
+                for e in range(a, b):
+                    j = q_indices[e]
+                    if not cuttable[j] and lengths[j] > best_len:
+                        best, best_len = j, lengths[j]
+                cuttable[best] = True
+                n_cut += 1
+        else:
+            for e in range(a, b):
+                cuttable[q_indices[e]] = True
+            n_cut = b - a
+        per_list = cut / max(1, n_cut) if safe else cut
         for e in range(a, b):
             qdense[q_indices[e]] = q_data[e]
         # Probe: the rows holding each query dimension's largest values, scored exactly, give the first
@@ -226,12 +245,11 @@ def search_approx(
             nt = 0
             worst_missed = np.float32(0.0)  # largest contribution left out of this tile's partial scores
             all_missed = np.float32(0.0)  # their sum over the cut lists: a bound on what any row lacks
-            per_list = cut / (b - a) if safe else cut
             for e in range(a, b):
                 j = q_indices[e]
                 w = q_data[e]
                 p0, p1 = indptr[base + j], indptr[base + j + 1]
-                if theta > 0 and p1 > p0:
+                if theta > 0 and p1 > p0 and cuttable[j]:
                     c = per_list * theta / w
                     left, right = p0, p1  # first entry below the cut (lists are sorted by value, descending)
                     while left < right:
@@ -268,6 +286,7 @@ def search_approx(
                 _offer(s, r, v, row_offset + row)
         for e in range(a, b):
             qdense[q_indices[e]] = 0
+            cuttable[q_indices[e]] = False
     return 0
 
 
