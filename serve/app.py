@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import anyio
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Path as FastApiPath
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from index.errors import BackendUnavailableError
+from index.validation import MAX_ID
 from serve.batching import DynamicBatcher
 from serve.embedding import (
     ServeState,
@@ -85,6 +87,7 @@ log = logging.getLogger("lpjepa.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 BACKEND_RETRY_AFTER_S = 2  # Retry-After of a 503 when Milvus does not answer
 # Module level: with postponed annotations FastAPI resolves `Depends(BEARER)` in the module's namespace.
+PathItemId = Annotated[int, FastApiPath(ge=0, le=MAX_ID, description="item id, 0 .. 2**63-2")]
 BEARER = HTTPBearer(auto_error=False, description="API key as a bearer token (lpjepa serve --api-key)")
 
 
@@ -479,7 +482,7 @@ def create_app(
         summary="One stored item: payload, embedding and thumbnail",
         responses=error_docs(404, 409, 422, 503, auth=auth_reads),
     )
-    async def get_item(request: Request, item_id: int, thumbnail: bool = Query(True)):
+    async def get_item(request: Request, item_id: PathItemId, thumbnail: bool = Query(True)):
         store = need_store()
         item_id = parse_int(request.path_params["item_id"], "item_id", 0)
         check_id(item_id)
@@ -564,7 +567,7 @@ def create_app(
         summary="Delete one item (durable before the reply)",
         responses=error_docs(404, 409, 422, 503, auth=auth_writes),
     )
-    async def delete_item(request: Request, item_id: int):
+    async def delete_item(request: Request, item_id: PathItemId):
         store = need_store()
         item_id = parse_int(request.path_params["item_id"], "item_id", 0)
         check_id(item_id)
