@@ -388,6 +388,17 @@ def calibrate(log) -> None:
     log(f"  check, zipf 100k x 512 at 5%, batch 100: fit picks {chosen}; measured {measured} (ms, one core)")
 
 
+def _write_keeping_engines(path: Path, text: str) -> None:
+    """Write this benchmark's page, keeping the section bench_engines.py owns at its top (same file)."""
+    from bench_engines import SECTION_BEGIN, SECTION_END
+
+    old = path.read_text() if path.is_file() else ""
+    if SECTION_BEGIN in old and SECTION_END in old:
+        section = SECTION_BEGIN + old.split(SECTION_BEGIN, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n\n"
+        text = section + text
+    path.write_text(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke grid")
@@ -406,7 +417,7 @@ def main() -> int:
         return 0
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        Path(args.out).write_text(markdown(saved["rows"], saved["command"], saved["seconds"]))
+        _write_keeping_engines(Path(args.out), markdown(saved["rows"], saved["command"], saved["seconds"]))
         return 0
     t0 = time.perf_counter()
     command = " ".join(sys.argv[1:])
@@ -420,7 +431,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(saved, indent=1))
     text = markdown(rows, command, time.perf_counter() - t0)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    _write_keeping_engines(Path(args.out), text)
     print(text)
     return 0
 

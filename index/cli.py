@@ -92,6 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --backend faiss: Flat (exact), IVF[nlist][,Flat] or HNSW[M][,Flat] (default Flat)",
     )
     build.add_argument(
+        "--csr-mode",
+        choices=("exact", "approx"),
+        default="exact",
+        help="with --backend csr: exact (default) or approx (pruned lists, exact rescoring; tuned on held-out "
+        "images to --target-recall, e.g. 0.997)",
+    )
+    build.add_argument(
         "--metric",
         choices=("cosine", "ip"),
         default="cosine",
@@ -103,7 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--target-recall",
         type=_recall_target,
         default=0.95,
-        help="IVF/HNSW: raise nprobe/efSearch until recall@10 on sample queries reaches this (default 0.95)",
+        help="IVF/HNSW: raise nprobe/efSearch until recall@10 on sample queries reaches this; csr approx: the"
+        " fastest setting reaching it (default 0.95)",
     )
     build.add_argument(
         "--thumbnails",
@@ -215,7 +223,8 @@ def fill_index(
     import numpy as np
 
     kind = getattr(index, "kind", None)
-    approx = kind in ("ivf", "hnsw")
+    csr_approx = getattr(index, "mode", None) == "approx"
+    approx = kind in ("ivf", "hnsw") or csr_approx
     gather = kind == "ivf" and index.nlist is None
     hold = min(1.0, tune_queries / total) if approx and total else 0.0
     rng = np.random.default_rng(seed)
@@ -239,8 +248,13 @@ def fill_index(
     if approx and len(index):
         if held and sum(h[0].size for h in held):
             held_chunk = _concat(held)
-            summary["tuned"] = index.tune(held_chunk[1], k=10, target_recall=target_recall)
+            if csr_approx:
+                summary["tuned"] = _short(index.tune_approx(held_chunk[1], k=10, target_recall=target_recall))
+            else:
+                summary["tuned"] = index.tune(held_chunk[1], k=10, target_recall=target_recall)
             index.add(*held_chunk)
+        elif csr_approx:  # total unknown: the csr index has no own-id rule; tune on new rows only, so skip
+            summary["tuned"] = None
         else:  # total unknown: stored vectors as queries, each one's own id left out of the recall
             all_ids = index.ids()
             sample = np.sort(rng.choice(all_ids, size=min(tune_queries, all_ids.size), replace=False))
@@ -249,6 +263,11 @@ def fill_index(
             )
         summary["count"] = len(index)
     return summary
+
+
+def _short(report: dict[str, Any]) -> dict[str, Any]:
+    """The tuning report without its per-setting trace (the build summary is printed as one JSON line)."""
+    return {key: value for key, value in report.items() if key != "tried"}
 
 
 def _full_chunk(chunk: Chunk) -> Chunk:
@@ -292,6 +311,7 @@ def build_index(
     *,
     backend: str = "csr",
     faiss_index: str = "Flat",
+    csr_mode: str = "exact",
     metric: str = "cosine",
     batch_size: int = 64,
     limit: int | None = None,
@@ -324,6 +344,8 @@ def build_index(
         if shard is not None:
             raise CliError("--shard needs --backend milvus (the shards write into one shared collection)")
     options: dict[str, Any] = {"spec": faiss_index} if backend == "faiss" else dict(milvus or {})
+    if backend == "csr" and csr_mode != "exact":
+        options["mode"] = csr_mode
     runtime = EmbeddingRuntime(model, batch_size=batch_size)
     model_sha = file_sha256(model)
     if backend == "milvus" and shard is None:
@@ -386,6 +408,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             args.out,
             backend=args.backend,
             faiss_index=args.faiss_index,
+            csr_mode=args.csr_mode,
             metric=args.metric,
             batch_size=args.batch_size,
             limit=args.limit,

@@ -351,3 +351,19 @@ def test_cost_model_picks_the_sparse_kernel_on_skewed_data():
     index.add(np.arange(x.shape[0]), x)
     assert index.choose_kernel(q) == "sparse"
     assert index.choose_kernel(q[:1]) == "sparse"
+
+
+def test_fill_index_tunes_a_csr_approx_index_on_held_back_rows(zipf):
+    """The CLI's path (`lpjepa index build --csr-mode approx`): held-back rows are the tuning queries, then added."""
+    from index.cli import fill_index
+
+    x, q, _ = zipf
+    index = create_index("csr", x.shape[1], "ip", mode="approx")
+    chunks = [(np.arange(lo, lo + 10_000), x[lo : lo + 10_000], None) for lo in range(0, x.shape[0], 10_000)]
+    summary = fill_index(index, chunks, total=x.shape[0], target_recall=0.99, tune_queries=150)
+    assert summary["count"] == len(index) == x.shape[0]
+    assert summary["tuned"]["param"] == "approx_cut" and summary["tuned"]["recall"] >= 0.99
+    assert "tried" not in summary["tuned"]
+    exact = create_index("csr", x.shape[1], "ip")
+    exact.add(np.arange(x.shape[0]), x)
+    assert recall_with_ties(index.search(q, 10)[0], exact.search(q, 10)[0]) >= 0.98
