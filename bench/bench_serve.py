@@ -1,27 +1,40 @@
-"""Load benchmark of `lpjepa serve`: N concurrent clients for T seconds on loopback, with and without batching.
+"""Server ceiling benchmark of `lpjepa serve` (issue 18): ONNX Runtime alone against the server end to end, one run.
 
-Each configuration starts a real server process (`lpjepa serve`, uvicorn) and drives POST /v1/embed with one
-real image per request (CIFAR-10 samples from foolbox), which is the case dynamic batching exists for. The
-configurations (batching with each --waits value, and --no-batching) are interleaved run by run, each run on a
-fresh server; the table reports medians over `--repeats` runs of requests/s and of the per-run p50 and p99
-latencies, the mean model batch (from the server's own Prometheus histogram), and the total error count (which
-must be zero: the script exits 1 otherwise).
+For each model, rounds interleave (so drifting background load hits every configuration alike):
+  * ORT only: the served model through EmbeddingRuntime (same threads, no spinning, as the server) on already
+    preprocessed images, images/s at batch 1, 4, 8, 16, 32 and 64 - the ceiling the server is compared with, at
+    the mean batch its batcher formed;
+  * the server end to end, batched and unbatched (--no-batching): a fresh `lpjepa serve` process per configuration
+    and round, driven by `wrk` (a C load generator: Python clients cost more CPU per request than the server
+    does here and measure themselves) with 16, 32 and 64 keep-alive connections on POST /v1/embed and POST
+    /v1/search (one real image per request, multipart, rotating over 32 images; the search index holds 2,000
+    items written through PUT /v1/items before the clock starts).
+The tables give medians over rounds of requests/s, p50/p99 (wrk's own latency histogram), the server's mean model
+batch (its Prometheus histogram), the server's CPU time per request (all its threads, /proc), the ratio to the ORT
+ceiling at that batch and to unbatched, errors (non-2xx or socket errors: must be zero, else exit 1), and the load
+average. The machine is shared: absolute numbers are depressed by whatever else runs; CPU time per request is
+much less sensitive to that than requests/s.
 
-    .venv/bin/python bench/bench_serve.py --clients 32 --seconds 8 --repeats 3
-    .venv/bin/python bench/bench_serve.py --model path/to/model.onnx --waits 0 2 5
+    .venv/bin/python bench/bench_serve.py                      # demo + wide models, ~6 min
+    .venv/bin/python bench/bench_serve.py --models demo --clients 32 --rounds 1 --seconds 3   # quick look
 
-Results: a Markdown table on stdout, docs/results/serve.md, and JSON beside it (docs/results/serve.json).
-Not a test: it takes minutes and its numbers depend on the machine.
+Models: `demo` is artifacts/demo/model.onnx when `make demo` made it (trained, OOD-calibrated: the responses carry
+OOD scores), else the same architecture exported with random weights and calibrated here on 1,000 Fashion-MNIST
+images; `wide` is a random-weight ResNet-18 x0.25 at 32 px RGB with the paper's 2048-2048-2048 projector; `--model
+PATH` adds any exported model. Results: Markdown on stdout, a section of docs/results/serve.md, JSON beside it.
+Needs `wrk` (Debian: apt-get install wrk). Not a test: minutes long, numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import io
 import json
+import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,29 +46,50 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
+BOUNDARY = "lpjepabench7d1f"
+ORT_BATCHES = (1, 4, 8, 16, 32, 64)
 
 PRESETS = {
-    # name: (ResNet-18 width, image size, input channels, projector widths)
-    "tiny": (0.125, 28, 1, [64, 64, 64]),  # the test model: per-call overhead dominates
-    "small": (0.5, 32, 3, [512, 512, 512]),  # CIFAR-sized: convolution compute per image dominates
+    # name: (ResNet-18 width, small stem, image size, input channels, projector widths)
+    "demo": (0.125, True, 28, 1, [256, 256, 256]),  # what scripts/demo.sh trains (pretrain/configs/smoke.json)
     # the paper's ImageNet projector (2048-2048-2048): at batch 1 a call is bound by reading its weights
-    "wide": (0.25, 32, 3, [2048, 2048, 2048]),
+    "wide": (0.25, False, 32, 3, [2048, 2048, 2048]),
 }
 
+WRK_SCRIPT = r"""
+local bodies = {}
+for path in string.gmatch(os.getenv("BODY_FILES"), "[^:]+") do
+  local f = assert(io.open(path, "rb")); bodies[#bodies + 1] = f:read("*all"); f:close()
+end
+local ctype = "multipart/form-data; boundary=" .. os.getenv("BOUNDARY")
+local counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", nil, {["Content-Type"] = ctype}, bodies[(counter % #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "socket_errors": %d, "non2xx": %d, "p50_us": %d, ' ..
+    '"p99_us": %d, "duration_us": %d}\n', summary.requests, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), summary.duration))
+end
+"""
 
-def build_model(out_dir: Path, preset: str) -> Path:
-    """Export a randomly initialised ResNet-18 encoder (the serving cost does not depend on training)."""
+
+# ------------------------------------------------------------------------------------------ models and images
+def export_preset(out_dir: Path, preset: str) -> Path:
+    """Export a randomly initialised encoder (the serving cost does not depend on training)."""
     from export.onnx_export import export_checkpoint
     from models.checkpoint import save_checkpoint
     from models.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
     from models.encoder import build_model as build_encoder
 
-    width, size, channels, dims = PRESETS[preset]
+    width, small_stem, size, channels, dims = PRESETS[preset]
     mean, std = (list(IMAGENET_MEAN), list(IMAGENET_STD)) if channels == 3 else ([0.286], [0.353])
+    kwargs = {"width": width, **({"small_stem": True} if small_stem else {})}
     config = ModelConfig(
         backbone="resnet18",
-        backbone_kwargs={"width": width},
+        backbone_kwargs=kwargs,
         in_channels=channels,
         image_size=size,
         mean=mean,
@@ -69,31 +103,103 @@ def build_model(out_dir: Path, preset: str) -> Path:
     return onnx_path
 
 
-def describe(preset: str) -> str:
-    width, size, channels, dims = PRESETS[preset]
-    return f"ResNet-18 x{width}, {size}px {'RGB' if channels == 3 else 'grey'}, projector {'-'.join(map(str, dims))}"
+def resolve_model(spec: str, tmp: Path) -> tuple[Path, str]:
+    if spec == "demo":
+        made = ROOT / "artifacts/demo/model.onnx"
+        if made.is_file():
+            return made, "demo model (artifacts/demo, trained, OOD-calibrated)"
+        path = export_preset(tmp, "demo")
+        subprocess.run(
+            [sys.executable, "-m", "cli.main", "ood", "calibrate", "--model", str(path), "--data", "fashion-mnist"]
+            + ["--limit", "1000", "--no-shifts", "--no-progress"],
+            cwd=ROOT,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        return path, "demo architecture, random weights, OOD-calibrated here"
+    if spec in PRESETS:
+        width, _, size, channels, dims = PRESETS[spec]
+        return export_preset(tmp, spec), (
+            f"ResNet-18 x{width}, {size}px {'RGB' if channels == 3 else 'grey'}, projector {'-'.join(map(str, dims))}"
+        )
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"bench_serve: no model {spec!r} (give demo, wide or a path to an exported .onnx)")
+    return path, path.name
 
 
-def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli.main",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-        "--max-inflight",
-        "4096",
-        "--max-queue",
-        "8192",
-        *extra,
-    ]
+def sample_images(channels: int, n: int = 32) -> list[bytes]:
+    """Real images the model would be sent: Fashion-MNIST test PNGs for grey models, CIFAR samples for colour."""
+    from pretrain.data.sources import open_source, sample_image_files
+
+    if channels == 1:
+        source = open_source("fashion-mnist:test")
+        out = []
+        for i in range(n):
+            buf = io.BytesIO()
+            source[i][0].save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+    return [p.read_bytes() for p in sample_image_files("cifar10")][:n]
+
+
+def body_files(images: list[bytes], field: str, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        ctype = "image/jpeg" if img[:2] == b"\xff\xd8" else "image/png"
+        body = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.img"\r\n'
+            f"Content-Type: {ctype}\r\n\r\n".encode()
+            + img
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        )
+        path = folder / f"{field}-{i}.body"
+        path.write_bytes(body)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ ORT only
+def ort_ceiling(model: Path, images: list[bytes], threads: int | None, seconds: float) -> dict[int, float]:
+    """Images/s of the model alone at each batch size, on preprocessed inputs (the model call, nothing else)."""
+    from PIL import Image
+
+    from export.runtime import EmbeddingRuntime
+
+    runtime = EmbeddingRuntime(str(model), batch_size=max(ORT_BATCHES), num_threads=threads, spin=False)
+    pre = runtime.preprocess([Image.open(io.BytesIO(b)) for b in images])
+    out = {}
+    for b in ORT_BATCHES:
+        x = np.ascontiguousarray(np.resize(pre, (b, *pre.shape[1:])))
+        runtime.run(x)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(ORT_BATCHES):
+            runtime.run(x)
+            n += b
+        out[b] = n / (time.perf_counter() - t0)
+    return out
+
+
+def ceiling_at(ort: dict[int, float], batch: float) -> float:
+    """ORT images/s at the batch the server formed (log-linear between the measured sizes)."""
+    if not math.isfinite(batch):
+        return float("nan")
+    sizes = sorted(ort)
+    batch = min(max(batch, sizes[0]), sizes[-1])
+    for lo, hi in zip(sizes, sizes[1:], strict=False):
+        if lo <= batch <= hi:
+            w = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+            return ort[lo] ** (1 - w) * ort[hi] ** w
+    return ort[sizes[-1]]
+
+
+# ------------------------------------------------------------------------------------------ the server
+def start_server(model: Path, index: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(model), "--index", str(index)]
+    cmd += ["--port", "0", "--log-level", "warning", "--max-inflight", "4096", "--max-queue", "8192", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -102,13 +208,13 @@ def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
         match = re.search(r"listening on (http://\S+)", line)
         if match:
             url = match.group(1)
-            for _ in range(400):
+            while time.monotonic() < deadline:
                 try:
                     if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                         return proc, url
                 except httpx.HTTPError:
                     pass
-                time.sleep(0.05)
+                time.sleep(0.1)
     proc.kill()
     raise RuntimeError("server did not become ready")
 
@@ -116,153 +222,181 @@ def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
 
 
-def encode_request(host: str, image: bytes, name: str) -> bytes:
-    """One complete keep-alive POST /v1/embed with a multipart body, encoded once before the clock starts."""
-    boundary = "lpjepabench7d1f"
-    ctype = "image/jpeg" if image[:2] == b"\xff\xd8" else "image/png"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: {ctype}\r\n\r\n".encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/embed HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+def fill_index(url: str, dim: int, n: int = 2000, seed: int = 0) -> None:
+    """n random sparse items (about 10% active dimensions) through the API, 250 per PUT."""
+    rng = np.random.default_rng(seed)
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for start in range(0, n, 250):
+            items = []
+            for i in range(start, min(n, start + 250)):
+                idx = np.sort(rng.choice(dim, size=max(1, dim // 10), replace=False))
+                vals = rng.random(idx.size) + 0.05
+                items.append({"id": i, "embedding": {"indices": idx.tolist(), "values": vals.tolist()}})
+            r = c.put("/v1/items", json={"items": items})
+            r.raise_for_status()
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = next(int(v) for k, _, v in (ln.partition(":") for ln in lines[1:]) if k.lower() == "content-length")
-    return status, await reader.readexactly(length)
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, images: list[bytes], clients: int, seconds: float) -> dict[str, float]:
-    """Closed-loop clients on raw keep-alive connections.
-
-    A lean client on purpose: httpx spends several ms of CPU per request, and on a small machine the clients share
-    the CPUs with the server, so a heavy client would measure itself. Every response's status is checked and its
-    body parsed as JSON with one embedding (parsing happens after the latency is taken).
-    """
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    requests = [encode_request(f"{host}:{port}", img, f"{i}.png") for i, img in enumerate(images)]
-    latencies: list[float] = []
-    errors = 0
-    bodies: list[bytes] = []
-    stop_at = 0.0
-
-    ready = 0
-    all_ready = asyncio.Event()  # (asyncio.Barrier needs Python 3.11)
-    go = asyncio.Event()
-
-    async def worker(i: int) -> None:
-        nonlocal errors, ready
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            writer.write(requests[i % len(requests)])  # warm-up request, not timed
-            await read_response(reader)
-            ready += 1
-            if ready == clients:
-                all_ready.set()
-            await go.wait()
-            j = i
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    writer.write(requests[j % len(requests)])
-                    status, body = await read_response(reader)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    errors += 1
-                    return
-                j += clients
-                if status == 200:
-                    latencies.append(time.perf_counter() - t0)
-                    if len(bodies) < 64:
-                        bodies.append(body)
-                else:
-                    errors += 1
-        finally:
-            writer.close()
-
-    tasks = [asyncio.create_task(worker(i)) for i in range(clients)]
-    await asyncio.wait_for(all_ready.wait(), 120)
-    stop_at = time.perf_counter() + seconds
-    go.set()
-    started = time.perf_counter()
-    await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
-    for body in bodies:  # the answers are real embeddings, not just 200s
-        if len(json.loads(body)["embeddings"]) != 1:
-            errors += 1
-    lat = np.asarray(latencies) * 1000
-    return {
-        "requests": len(latencies),
-        "errors": errors,
-        "seconds": elapsed,
-        "rps": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-        "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
-    }
-
-
-def metric_value(url: str, name: str) -> tuple[float, float]:
-    """(sum, count) of a Prometheus histogram, e.g. the model batch size."""
+def batch_stats(url: str) -> tuple[float, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
-    total = re.search(rf"^{name}_sum (\S+)$", text, re.M)
-    count = re.search(rf"^{name}_count (\S+)$", text, re.M)
+    total = re.search(r"^lpjepa_model_batch_size_sum (\S+)$", text, re.M)
+    count = re.search(r"^lpjepa_model_batch_size_count (\S+)$", text, re.M)
     return float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0
 
 
-def configs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def run_wrk(url: str, path: str, bodies: list[Path], clients: int, seconds: float, script: Path) -> dict:
+    env = {**os.environ, "BODY_FILES": ":".join(map(str, bodies)), "BOUNDARY": BOUNDARY}
+    threads = min(2, clients)
+    before = os.times()
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(clients), "-d", f"{seconds:g}s", "--timeout", "10s", "-s", str(script)]
+        + [url + path],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    after = os.times()
+    line = next(ln for ln in out.splitlines() if ln.startswith("WRKJSON "))
+    r = json.loads(line.removeprefix("WRKJSON "))
+    r["wrk_cpu_s"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return r
+
+
+def measure_server(model: Path, label: str, bodies: dict[str, list[Path]], extra: list[str], dim: int, args) -> list:
+    """One fresh server; every (endpoint, clients) cell against it, in a fixed order."""
+    with tempfile.TemporaryDirectory() as index_dir:
+        proc, url = start_server(model, Path(index_dir) / "index", extra)
+        try:
+            fill_index(url, dim)
+            with httpx.Client(base_url=url, timeout=300) as c:  # first calls compile the index kernels (numba)
+                for field, path in (("files", "/v1/embed"), ("file", "/v1/search?k=10")):
+                    data = bodies[field][0].read_bytes()
+                    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+                    c.post(path, content=data, headers={"Content-Type": ctype}).raise_for_status()
+            cells = []
+            for endpoint in args.endpoints:
+                path, field = ("/v1/embed", "files") if endpoint == "embed" else ("/v1/search?k=10", "file")
+                for clients in args.clients:
+                    run_wrk(url, path, bodies[field][:4], clients, 1.0, args.script)  # warm-up, not counted
+                    b0, cpu0 = batch_stats(url), cpu_seconds(proc.pid)
+                    r = run_wrk(url, path, bodies[field], clients, args.seconds, args.script)
+                    cpu1, b1 = cpu_seconds(proc.pid), batch_stats(url)
+                    seconds = r["duration_us"] / 1e6
+                    ok = r["requests"] - r["non2xx"]
+                    calls = b1[1] - b0[1]
+                    cells.append(
+                        {
+                            "model": label,
+                            "endpoint": endpoint,
+                            "clients": clients,
+                            "rps": ok / seconds,
+                            "p50_ms": r["p50_us"] / 1000,
+                            "p99_ms": r["p99_us"] / 1000,
+                            "errors": r["non2xx"] + r["socket_errors"],
+                            "requests": ok,
+                            "mean_batch": (b1[0] - b0[0]) / calls if calls else float("nan"),
+                            "server_cpu_ms": 1000 * (cpu1 - cpu0) / max(ok, 1),
+                            "wrk_cpu_ms": 1000 * r["wrk_cpu_s"] / max(ok, 1),
+                        }
+                    )
+            return cells
+        finally:
+            stop_server(proc)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def bench_model(spec: str, tmp: Path, args) -> dict:
+    from export.runtime import EmbeddingRuntime
+
+    model, label = resolve_model(spec, tmp)
+    probe = EmbeddingRuntime(str(model))
+    images = sample_images(probe.in_channels)
+    bodies = {f: body_files(images, f, tmp / f"bodies-{spec}") for f in ("files", "file")}
     threads = ["--threads", str(args.threads)] if args.threads else []
-    out = [(f"batching, max wait {w:g} ms", ["--max-wait-ms", str(w), *threads]) for w in args.waits]
-    return [*out, ("no batching", ["--no-batching", *threads])]
-
-
-def bench_model(model: Path, label: str, images: list[bytes], args: argparse.Namespace) -> list[dict]:
-    """Runs interleave the configurations (A B C A B C ...) so drifting background load hits all of them alike."""
-    runs: dict[str, list[dict]] = {name: [] for name, _ in configs(args)}
-    for rep in range(args.repeats):
-        for name, extra in configs(args):
-            proc, url = start_server(model, extra)
-            try:
-                before = metric_value(url, "lpjepa_model_batch_size")
-                result = asyncio.run(drive(url, images, args.clients, args.seconds))
-                after = metric_value(url, "lpjepa_model_batch_size")
-                calls = after[1] - before[1]
-                result["mean_batch"] = (after[0] - before[0]) / calls if calls else float("nan")
-            finally:
-                stop_server(proc)
-            runs[name].append(result)
-            print(
-                f"{label} / {name} run {rep + 1}: {result['rps']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, "
-                f"p99 {result['p99_ms']:.1f} ms, errors {result['errors']}, mean batch {result['mean_batch']:.1f}",
-                file=sys.stderr,
+    configs = {"batched": threads, "unbatched": ["--no-batching", *threads]}
+    ort_runs: list[dict[int, float]] = []
+    cells: dict[str, list[list[dict]]] = {name: [] for name in configs}
+    for rnd in range(args.rounds):
+        ort_runs.append(ort_ceiling(model, images, args.threads, args.ort_seconds))
+        print(f"{spec} round {rnd + 1}: ORT only " + ", ".join(f"b{b} {v:.0f}/s" for b, v in ort_runs[-1].items()))
+        for name, extra in configs.items():
+            got = measure_server(model, label, bodies, extra, probe.dim, args)
+            cells[name].append(got)
+            for c in got:
+                print(
+                    f"  {name} {c['endpoint']} c{c['clients']}: {c['rps']:.0f} req/s p50 {c['p50_ms']:.1f} ms "
+                    f"p99 {c['p99_ms']:.1f} ms batch {c['mean_batch']:.1f} cpu {c['server_cpu_ms']:.2f} ms/req "
+                    f"errors {c['errors']}  (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+    ort = {b: statistics.median(r[b] for r in ort_runs) for b in ORT_BATCHES}
+    rows = []
+    for name in configs:
+        for i, first in enumerate(cells[name][0]):
+            runs = [rnd[i] for rnd in cells[name]]
+            row = {k: first[k] for k in ("model", "endpoint", "clients")}
+            row["config"] = name
+            for key in ("rps", "p50_ms", "p99_ms", "mean_batch", "server_cpu_ms", "wrk_cpu_ms"):
+                row[key] = statistics.median(r[key] for r in runs)
+            row["errors"] = sum(r["errors"] for r in runs)
+            row["requests"] = sum(r["requests"] for r in runs)
+            row["ceiling"] = ceiling_at(ort, row["mean_batch"] if name == "batched" else 1.0)
+            row["of_ceiling"] = row["rps"] / row["ceiling"] if row["ceiling"] else float("nan")
+            row["runs"] = runs
+            rows.append(row)
+    for row in rows:
+        if row["config"] == "batched":
+            base = next(
+                r
+                for r in rows
+                if r["config"] == "unbatched" and r["endpoint"] == row["endpoint"] and r["clients"] == row["clients"]
             )
-    return [
-        {
-            "model": label,
-            "config": name,
-            "rps": statistics.median(r["rps"] for r in rs),
-            "p50_ms": statistics.median(r["p50_ms"] for r in rs),
-            "p99_ms": statistics.median(r["p99_ms"] for r in rs),
-            "mean_batch": statistics.median(r["mean_batch"] for r in rs),
-            "requests": sum(r["requests"] for r in rs),
-            "errors": sum(r["errors"] for r in rs),
-            "runs": rs,
-        }
-        for name, rs in runs.items()
+            row["vs_unbatched"] = row["rps"] / base["rps"] if base["rps"] else float("nan")
+    return {"model": label, "spec": spec, "ort": ort, "ort_runs": ort_runs, "rows": rows}
+
+
+def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) -> str:
+    lines = [
+        f"One run of `python bench/bench_serve.py {' '.join(sys.argv[1:])}`: {args.rounds} round(s), medians; "
+        f"wrk keep-alive clients for {args.seconds:g} s per cell; a fresh `lpjepa serve` per configuration and round "
+        f"(batching on with its defaults, or --no-batching); ONNX Runtime threads: {args.threads or 'all cores'}, no "
+        f"spinning. Machine: {platform.machine()}, {os.cpu_count()} CPUs shared by wrk, the server and other "
+        f"engineers' jobs: 1-min load average {load[0]:.1f} at the start and {load[1]:.1f} at the end, so absolute "
+        f"numbers are depressed by the contention; server CPU ms per request (all its threads) is the steadier "
+        f"measure. {cpu_note}",
+        "",
     ]
+    for res in results:
+        ort = res["ort"]
+        lines += [
+            f"**{res['model']}** - ONNX Runtime alone (images/s by batch): "
+            + ", ".join(f"{b}: {v:,.0f}" for b, v in ort.items()),
+            "",
+            "| endpoint | clients | config | req/s | p50 ms | p99 ms | mean batch | ORT at that batch | of ceiling "
+            "| vs unbatched | server CPU ms/req | errors |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in sorted(res["rows"], key=lambda r: (r["endpoint"], r["clients"], r["config"])):
+            vs = f"{r['vs_unbatched']:.2f}x" if "vs_unbatched" in r else ""
+            lines.append(
+                f"| {r['endpoint']} | {r['clients']} | {r['config']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
+                f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['ceiling']:,.0f} | {r['of_ceiling']:.0%} | {vs} | "
+                f"{r['server_cpu_ms']:.2f} | {r['errors']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
@@ -282,61 +416,41 @@ def write_section(path: Path, text: str) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, help="an exported ONNX model (default: export the --presets)")
-    ap.add_argument("--presets", default="tiny,wide", help=f"random models to export: {', '.join(PRESETS)}")
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--waits", type=float, nargs="+", default=[0.0, 5.0], help="max wait values (ms) to compare")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the server")
+    ap.add_argument("--models", default="demo,wide", help="comma-separated: demo, wide, or paths to exported models")
+    ap.add_argument("--clients", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--endpoints", nargs="+", default=["embed", "search"], choices=["embed", "search"])
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds per cell")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--ort-seconds", type=float, default=6.0, help="seconds of ORT-only timing per round")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (server and ORT-only alike)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/serve.md")
     args = ap.parse_args()
-
+    if shutil.which("wrk") is None:
+        print("bench_serve: needs the wrk load generator (Debian: apt-get install wrk)", file=sys.stderr)
+        return 2
     sys.path.insert(0, str(ROOT))
-    from pretrain.data.sources import sample_image_files
-
-    images = [p.read_bytes() for p in sample_image_files("cifar10")]
-    rows: list[dict] = []
+    load0 = os.getloadavg()[0]
+    cpu0 = os.times()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            rows += bench_model(args.model, args.model.name, images, args)
-        else:
-            for preset in args.presets.split(","):
-                model = build_model(Path(tmp), preset)
-                rows += bench_model(model, describe(preset), images, args)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    header = (
-        f"POST /v1/embed with one CIFAR-10 sample image (PNG/JPEG, foolbox) per request; {args.clients} "
-        f"concurrent clients for {args.seconds:g} s on loopback; medians of {args.repeats} runs, each on a "
-        f"fresh `lpjepa serve` process, configurations interleaved; random-weight models; max batch 64; "
-        f"ONNX Runtime threads: {args.threads or 'all cores'}. Machine: {platform.machine()}, {os.cpu_count()} "
-        "CPUs shared by clients, "
-        f"server and other work (1-min load average at the end: {load:.1f})."
+        args.script = Path(tmp) / "post.lua"
+        args.script.write_text(WRK_SCRIPT)
+        for spec in args.models.split(","):
+            results.append(bench_model(spec.strip(), Path(tmp), args))
+    cpu1 = os.times()
+    child_user, child_sys = cpu1.children_user - cpu0.children_user, cpu1.children_system - cpu0.children_system
+    cpu_note = (
+        f"This bench's own processes (servers, wrk) used {child_user:.0f} s user + {child_sys:.0f} s system CPU and "
+        f"the bench process (ORT-only timing) {cpu1.user - cpu0.user:.0f} s over "
+        f"{cpu1.elapsed - cpu0.elapsed:.0f} s of wall time."
     )
-    table = [
-        "| model | config | requests/s | p50 ms | p99 ms | mean model batch | requests | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        table.append(
-            f"| {r['model']} | {r['config']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-            f"{r['mean_batch']:.1f} | {r['requests']} | {r['errors']} |"
-        )
-    notes = []
-    for model_name in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model_name]
-        base = next(r for r in mine if r["config"] == "no batching")
-        for r in mine:
-            if r is not base and base["rps"]:
-                notes.append(
-                    f"- {model_name}, {r['config']}: {r['rps'] / base['rps']:.2f}x the throughput of "
-                    "one model call per request."
-                )
-    text = "\n".join([header, "", *table, "", *notes])
+    text = render(results, args, (load0, os.getloadavg()[0]), cpu_note)
     print(text)
     write_section(args.out, text)
-    args.out.with_suffix(".json").write_text(json.dumps({"setup": header, "rows": rows}, indent=2))
-    return 0 if all(r["errors"] == 0 for r in rows) else 1
+    args.out.with_suffix(".json").write_text(
+        json.dumps({"command": sys.argv, "results": results}, indent=2, default=float)
+    )
+    return 0 if all(r["errors"] == 0 for res in results for r in res["rows"]) else 1
 
 
 if __name__ == "__main__":

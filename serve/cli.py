@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers",
         type=positive_int,
         default=1,
-        help="server processes on the port (default 1); more than one needs --backend milvus with an http:// uri,"
-        " the only mode in which processes share the index",
+        help="server processes on the port (default 1); more than one needs no --index (embed/OOD only) or "
+        "--backend milvus with an http:// uri, the only mode in which processes share the index",
     )
     p.add_argument("--index-metric", default="cosine", help="metric for a new index (default cosine)")
     p.add_argument(
@@ -165,10 +165,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"no model file at {settings.model_path} (export one with `lpjepa export`)")
     if settings.index_backend == "milvus" and settings.index_dir is not None:
         raise CliError("--index is for csr and faiss; with --backend milvus the index is --collection at --milvus-uri")
-    if args.workers > 1 and (settings.index_backend != "milvus" or "://" not in str(settings.milvus_uri)):
+    # Several processes can serve one index only where the index lives outside them (a Milvus server); without
+    # --index the server holds no state at all (embed and OOD only), so every process can answer every request.
+    stateless = settings.index_dir is None and settings.index_backend != "milvus"
+    milvus_server = settings.index_backend == "milvus" and "://" in str(settings.milvus_uri)
+    if args.workers > 1 and not (stateless or milvus_server):
         raise CliError(
-            "--workers > 1 needs --backend milvus --milvus-uri http://HOST:PORT: a csr/faiss index, or a Milvus"
-            " Lite file, lives in one process"
+            "--workers > 1 needs no --index (embed/OOD only) or --backend milvus --milvus-uri http://HOST:PORT: a "
+            "csr/faiss index, or a Milvus Lite file, lives in one process"
         )
 
     import uvicorn
@@ -197,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
         except (StoreError, ValueError, OSError) as err:
             where = settings.index_dir if settings.index_backend != "milvus" else settings.milvus_collection
             raise CliError(f"cannot open index {where}: {err}") from err
-        if args.workers > 1:  # checked: the index is in Milvus; each worker process opens its own everything
-            store.close()
-            store = None
+        if args.workers > 1:  # checked: no index, or the index is in Milvus; each worker opens its own everything
+            if store is not None:
+                store.close()
+                store = None
             return _run_workers(settings, sock, args)
         app = create_app(settings, runtime=runtime, store=store, scorer=scorer)
         config = uvicorn.Config(
