@@ -334,6 +334,32 @@ def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
         assert f"p = {drift['pvalue']:.2g}"[:6] in panel.text
 
 
+def test_milvus_backend_serves_the_index_builds_thumbnails_to_the_page(served, fashion, milvus_server, tmp_path):
+    """The same page over the stateless Milvus mode: `lpjepa index build --backend milvus` stores each thumbnail in
+    the collection, `lpjepa serve --backend milvus` reads them back, the page shows them and names the backend."""
+    from test_serve_support import ServerProcess, run_cli
+
+    _, model, _ = served
+    collection = f"web_{tmp_path.name[-12:]}".replace("-", "_")
+    milvus = ("--backend", "milvus", "--milvus-uri", milvus_server.uri, "--collection", collection)
+    built = run_cli("index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--limit", "120",
+                    "--no-progress", *milvus)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["thumbnails"] == 120
+    proc = ServerProcess("--model", str(model), *milvus)
+    try:
+        with browser() as driver:
+            open_page(driver, proc.url)
+            assert driver.find_element(By.ID, "st-backend").text == "milvus"
+            assert driver.find_element(By.ID, "st-index").text == "120 items"
+            cards = search(driver, [save_png(fashion.image(7), tmp_path / "row-7.png")], k=6)
+        hits = cards[0]["hits"]
+        assert cards[0]["state"] == "done" and hits[0]["id"] == 7 and len(hits) == 6
+        assert all(h["complete"] and h["w"] == 28 and h["h"] == 28 for h in hits), hits
+    finally:
+        proc.stop()
+
+
 # ------------------------------------------------------------------------------------------ script entry
 def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="screenshot the web page after a search (README image)")
