@@ -162,6 +162,7 @@ class ItemLog:
         """Open (or create) the database and check it whole: structure, meta, every row's checksum."""
         path = Path(path)
         created = not path.exists()
+        check_journal(path)  # before SQLite opens it: it would drop the frames after a damaged one
         try:
             conn = _connect(path)
             if created:
@@ -277,6 +278,53 @@ class ItemLog:
         except sqlite3.Error as err:  # the data is safe in the journal either way
             log.warning("checkpoint of %s at close failed: %s", self.path, err)
         self._conn.close()
+
+
+def _wal_checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
+    words = np.frombuffer(data, ">u4" if big_endian else "<u4").astype(np.uint64)
+    for a, b in zip(words[0::2].tolist(), words[1::2].tolist(), strict=True):
+        s0 = (s0 + a + s1) & 0xFFFFFFFF
+        s1 = (s1 + b + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def check_journal(path: Path) -> None:
+    """Refuse a journal (``-wal``) damaged in the middle, before SQLite reads it.
+
+    SQLite replays journal frames up to the first one whose checksum fails and silently ignores the rest, which is
+    right for a torn last write but loses committed transactions when a byte in the middle is damaged. Frames of
+    the current journal generation carry the header's salts; a bad frame followed by any frame with those salts is
+    therefore damage, not a torn tail (the SQLite file format, section 4: WAL checksums and salts).
+    """
+    wal = Path(f"{path}-wal")
+    if not wal.is_file() or wal.stat().st_size < 32:
+        return
+    data = wal.read_bytes()
+    magic, _version, page_size, _ckpt, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
+    if magic not in (0x377F0682, 0x377F0683) or page_size < 512 or page_size & (page_size - 1):
+        return  # not a journal SQLite would use either: it resets it
+    big = bool(magic & 1)
+    s = _wal_checksum(data[:24], 0, 0, big)
+    if s != (c0, c1):
+        return  # an invalid header means SQLite ignores the whole journal: only possible before any commit
+    frame = 24 + page_size
+    bad_at = None
+    for off in range(32, len(data) - frame + 1, frame):
+        head = data[off : off + 24]
+        fsalt1, fsalt2, f0, f1 = struct.unpack(">4I", head[8:24])
+        if (fsalt1, fsalt2) != (salt1, salt2):
+            if bad_at is None:
+                return  # an older generation's frames: the valid journal ends here
+            continue
+        if bad_at is not None:
+            raise CorruptStoreError(
+                wal,
+                f"journal frame at byte {bad_at} fails its checksum but later frames of the same journal follow: "
+                "committed writes after it would be silently dropped",
+            )
+        s = _wal_checksum(head[:8] + data[off + 24 : off + frame], s[0], s[1], big)
+        if s != (f0, f1):
+            bad_at = off
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -14,6 +14,7 @@ import pytest
 from scipy import sparse
 
 from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, encode_payload
+from serve.repair import repair
 from serve.store import SEQ_KEY, ItemStore, StoreError
 
 
@@ -296,3 +297,31 @@ def test_an_old_log_with_a_torn_tail_migrates_the_acknowledged_records(tmp_path)
         fh.write(torn[:-5])
     store = ItemStore.open(directory, dim=16)
     assert sorted(store.index.ids().tolist()) == [1, 2, 100]
+
+
+def test_damage_in_the_middle_of_the_journal_is_refused(tmp_path):
+    """SQLite stops replaying its journal at the first bad frame and drops the committed frames after it."""
+    import shutil
+
+    store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=10**6)
+    for i in range(40):
+        store.upsert(np.array([i]), _rows(1, seed=i), [{"i": i}], [None])
+    expected = _state(store)
+    shutil.copytree(tmp_path / "idx", tmp_path / "killed")  # the files as SIGKILL leaves them: journal not folded
+    journal = tmp_path / "killed" / f"{DB_NAME}-wal"
+    assert journal.stat().st_size > 20 * 4096
+    pristine = journal.read_bytes()
+    reopened = ItemStore.open(tmp_path / "killed", dim=16)  # intact: every write is recovered from the journal
+    assert _state(reopened) == expected
+    _abandon(reopened)
+    shutil.rmtree(tmp_path / "killed")
+    shutil.copytree(tmp_path / "idx", tmp_path / "killed")
+    data = bytearray(pristine)
+    data[len(data) // 3] ^= 0x01  # inside a frame of an early transaction
+    journal.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match=r"serve.sqlite3-wal.*journal frame.*lpjepa index repair"):
+        ItemStore.open(tmp_path / "killed", dim=16)
+    report = repair(tmp_path / "killed")
+    survivors = _state(ItemStore.open(tmp_path / "killed", dim=16))
+    assert report.rows_kept == len(survivors) and all(survivors[i] == expected[i] for i in survivors)
+    store.db.close()
