@@ -307,6 +307,29 @@ def test_controls_are_labelled_and_reachable_by_keyboard(served):
         assert {"file", "k", "api-key", "clear"} <= set(reached), reached
 
 
+def test_dropped_images_are_searched(served, fashion):
+    """Dropping files on the drop zone (a real DragEvent carrying a DataTransfer, as the browser builds on a drop)
+    searches them like chosen files."""
+    proc, _, _ = served
+    from test_serve_support import png_bytes
+
+    data = base64.b64encode(png_bytes(fashion.image(5))).decode()
+    with browser() as driver:
+        open_page(driver, proc.url)
+        driver.execute_script(
+            "const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));"
+            "const dt = new DataTransfer();"
+            "dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));"
+            "document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,"
+            " cancelable: true}));",
+            data,
+        )
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.body.dataset.state === 'done'"))
+        card = driver.execute_script(CARDS_JS)[0]
+    assert card["name"] == "dropped.png" and card["state"] == "done"
+    assert card["hits"][0]["id"] == 5 and all(h["w"] == 28 for h in card["hits"])
+
+
 def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
     """A full window of real MNIST digits (another distribution) through /v1/embed: the status panel must say so.
     Runs after the searches above (module order), whose few Fashion-MNIST inputs share the window."""
