@@ -25,7 +25,7 @@ alpha being
 the configured false-alarm rate: the probability that one evaluation on in-distribution traffic raises the alarm.
 With one evaluation per request there are at most alpha x (requests) false alarms in expectation.
 
-Per request the cost is O(nnz) to update the ring and counts plus one O(D) dot product, under a lock; the
+Per request the cost is O(nnz) to update the ring and counts plus one O(D x m) pass (numba), under a lock; the
 p-values themselves are only computed when someone reads them (/v1/drift, /metrics): the alarm compares the
 window's statistics with critical values fixed at start-up.
 """
@@ -36,6 +36,7 @@ import threading
 from typing import Any
 
 import numpy as np
+from numba import njit
 from numpy.typing import NDArray
 from scipy import sparse, stats
 
@@ -154,6 +155,47 @@ def window_sum_tails(pmf: NDArray[Any], window: int) -> tuple[NDArray[np.float64
     return np.minimum(cdf, 1.0), np.minimum(sf, 1.0)
 
 
+@njit(nogil=True, cache=True)
+def _push(counts: NDArray[Any], ring: NDArray[Any], ring_len: NDArray[Any], pos: int, idx: NDArray[Any]) -> int:
+    """Replace ring row `pos` by `idx`, keeping `counts` the per-dimension counts of the ring; returns the
+    change of the window's l0 sum, or -(D + 1) (nothing changed) when an index lies outside [0, D)."""
+    dim = counts.size
+    for i in range(idx.size):
+        if idx[i] < 0 or idx[i] >= dim:
+            return -(dim + 1)
+    old = ring_len[pos]
+    for i in range(old):
+        counts[ring[pos, i]] -= 1
+    for i in range(idx.size):
+        counts[idx[i]] += 1
+        ring[pos, i] = idx[i]
+    ring_len[pos] = idx.size
+    return idx.size - old
+
+
+@njit(nogil=True, cache=True, fastmath=True)  # reassociating the sums lets the dot products vectorise
+def _window_stats(
+    counts: NDArray[Any], expected: NDArray[Any], inv_var: NDArray[Any], weights: NDArray[Any], inv_lam: NDArray[Any]
+) -> tuple[float, float]:
+    """(principal T^2, residual Q) of the window's counts: one pass over D, then m contiguous dot products."""
+    m, dim = weights.shape
+    d = np.empty(dim)
+    full = 0.0
+    for j in range(dim):
+        dj = counts[j] - expected[j]
+        d[j] = dj
+        full += dj * dj * inv_var[j]
+    t2 = 0.0
+    tt = 0.0
+    for k in range(m):
+        tk = 0.0
+        for j in range(dim):
+            tk += weights[k, j] * d[j]
+        t2 += tk * tk * inv_lam[k]
+        tt += tk * tk
+    return t2, full - tt
+
+
 class DriftMonitor:
     """Sliding-window drift test over the images the server embeds; thread-safe, bounded memory."""
 
@@ -184,7 +226,7 @@ class DriftMonitor:
         self.scale = float(section["residual"]["scale"])
         self.df = float(section["residual"]["df"])
         self._expected, self._inv_var = chi_weights(self.rates, self.window)
-        self._weights = comps * np.sqrt(self._inv_var)[None, :]
+        self._weights = np.ascontiguousarray(comps * np.sqrt(self._inv_var)[None, :])
         self._inv_lam = 1.0 / self.eigvals
         cdf, sf = window_sum_tails(pmf, self.window)
         self._p_l0 = np.minimum(1.0, 2.0 * np.minimum(cdf, sf))
@@ -209,7 +251,9 @@ class DriftMonitor:
 
     def reset(self) -> None:
         with self._lock:
-            self._ring: list[NDArray[np.int64] | None] = [None] * self.window
+            # The ring: row p holds the active dimensions of one of the last W images (ring_len[p] of them).
+            self._ring = np.zeros((self.window, self.dim), dtype=np.int32)
+            self._ring_len = np.zeros(self.window, dtype=np.int64)
             self._pos = 0
             self._count = 0
             self._counts = np.zeros(self.dim, dtype=np.int64)
@@ -221,33 +265,37 @@ class DriftMonitor:
             self.alarms = 0  # alarm onsets (no alarm -> alarm)
             self.images = 0
 
+    def window_rows(self) -> list[NDArray[np.int32]]:
+        """The active dimensions of the images in the window (oldest first), for inspection and tests."""
+        with self._lock:
+            order = [(self._pos + i) % self.window for i in range(self.window)]
+            return [
+                self._ring[p, : self._ring_len[p]].copy()
+                for p in order
+                if p < self._count or self._count == self.window
+            ]
+
     # ---------------------------------------------------------------- feeding
     def observe_rows(self, rows: list[NDArray[Any]]) -> bool:
-        """Add the active-dimension indices of some images (one request); returns the alarm state after it."""
+        """Add the active-dimension indices of some images (one request); returns the alarm state after it.
+
+        Indices must be distinct and within [0, D) per image (what np.flatnonzero of an embedding gives)."""
         if not rows:
             return self._alarm
         with self._lock:
-            counts, ring, w = self._counts, self._ring, self.window
             for idx in rows:
-                old = ring[self._pos]
-                if old is not None:
-                    counts[old] -= 1
-                    self._l0_sum -= old.size
-                else:
+                delta = _push(self._counts, self._ring, self._ring_len, self._pos, np.asarray(idx))
+                if delta < -self.dim:
+                    raise ValueError(f"active dimensions must lie in [0, {self.dim})")
+                if self._count < self.window:
                     self._count += 1
-                idx = np.asarray(idx, dtype=np.int64)
-                counts[idx] += 1
-                self._l0_sum += idx.size
-                ring[self._pos] = idx
-                self._pos = (self._pos + 1) % w
+                self._l0_sum += delta
+                self._pos = (self._pos + 1) % self.window
             self.images += len(rows)
-            if self._count == w:
-                d = counts - self._expected
-                t = self._weights @ d
-                tt = t * t
-                self._t2 = float(np.dot(tt, self._inv_lam))
-                self._q = float(np.dot(d * d, self._inv_var)) - float(np.sum(tt))
-                reject = bool(self._l0_reject[self._l0_sum]) or self._t2 > self._t2_crit or self._q > self._q_crit
+            if self._count == self.window:
+                t2, q = _window_stats(self._counts, self._expected, self._inv_var, self._weights, self._inv_lam)
+                self._t2, self._q = t2, q
+                reject = bool(self._l0_reject[self._l0_sum]) or t2 > self._t2_crit or q > self._q_crit
                 self.evaluations += 1
                 if reject and not self._alarm:
                     self.alarms += 1
@@ -255,7 +303,12 @@ class DriftMonitor:
             return self._alarm
 
     def observe_dense(self, dense: NDArray[Any]) -> bool:
-        return self.observe_rows([np.flatnonzero(row) for row in np.atleast_2d(dense)])
+        """Feed (N, D) embeddings: one nonzero scan for the whole batch, split by row."""
+        arr = np.atleast_2d(dense)
+        if arr.shape[0] == 1:
+            return self.observe_rows([np.nonzero(arr[0])[0]])
+        rows, cols = np.nonzero(arr)
+        return self.observe_rows(np.split(cols, np.searchsorted(rows, np.arange(1, arr.shape[0]))))
 
     def observe_csr(self, matrix: Any) -> bool:
         m = sparse.csr_matrix(matrix)

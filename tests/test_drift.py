@@ -110,8 +110,8 @@ def test_observe_is_thread_safe_and_memory_is_bounded(world):
     for t in threads:
         t.join()
     assert mon.images == 4000
-    ring = [r for r in mon._ring if r is not None]
-    assert len(ring) == mon.window
+    ring = mon.window_rows()
+    assert len(ring) == mon.window and mon._ring.shape == (mon.window, DIM)  # memory bounded by W x D
     counts = np.zeros(DIM, dtype=np.int64)
     for r in ring:
         counts[r] += 1

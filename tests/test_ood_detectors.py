@@ -201,3 +201,27 @@ def test_scoring_cost_is_linear_and_finite_on_empty_codes(centres):
     assert all(np.all(np.isfinite(v)) for v in scores.values())
     assert set(scores) == set(cal["scores"]) and "l0_deviation" in scores
     assert math.isclose(float(scores["l0_deviation"][0]), 0.3)
+
+
+def test_synthetic_shifts_are_deterministic_and_keep_the_image_shape():
+    from PIL import Image
+
+    from serve.ood.shifts import SHIFT_NAMES, shifted_loaders
+
+    class Source:
+        name = "toy"
+
+        def image(self, i: int):
+            rng = np.random.default_rng(i)
+            return Image.fromarray(rng.integers(0, 255, (28, 20), dtype=np.uint8), "L")
+
+    for shift in SHIFT_NAMES:
+        a = [load() for _, load in shifted_loaders(Source(), [0, 1], shift, seed=3)]
+        b = [load() for _, load in shifted_loaders(Source(), [0, 1], shift, seed=3)]
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+        assert a[0].mode == "L" and sorted(a[0].size) == [20, 28]
+        assert not np.array_equal(np.asarray(a[0]), np.asarray(Source().image(0)))
+    inverted = shifted_loaders(Source(), [0], "invert")[0][1]()
+    np.testing.assert_array_equal(np.asarray(inverted), 255 - np.asarray(Source().image(0)))
+    with pytest.raises(ValueError, match="unknown shift"):
+        shifted_loaders(Source(), [0], "sepia")

@@ -1,9 +1,19 @@
-"""Out-of-distribution scoring from activation statistics: cheap (no index, no labels) and calibrated.
+"""Out-of-distribution scoring: activation statistics, multi-dimension detectors, and the score chosen to serve.
 
-`OODScorer` is what the HTTP server imports; heavy pieces (the ONNX runtime, faiss) load only where used.
+`ScoreSuite` is what the HTTP server imports; heavy pieces (the ONNX runtime, faiss) load only where used.
 """
 
 from serve.ood.calibration import calibrate, calibrate_model
 from serve.ood.scores import CALIBRATION_VERSION, CalibrationError, OODScorer, OODScores
+from serve.ood.suite import ScoreSuite, ServedScores
 
-__all__ = ["CALIBRATION_VERSION", "CalibrationError", "OODScorer", "OODScores", "calibrate", "calibrate_model"]
+__all__ = [
+    "CALIBRATION_VERSION",
+    "CalibrationError",
+    "OODScorer",
+    "OODScores",
+    "ScoreSuite",
+    "ServedScores",
+    "calibrate",
+    "calibrate_model",
+]
