@@ -143,6 +143,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.blas_threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(settings.blas_threads, user_api="blas")  # process-wide, for the server's lifetime
         if state.runtime is None:
             state.runtime = await anyio.to_thread.run_sync(load_runtime, settings)
         if state.scorer is None:

@@ -53,6 +53,10 @@ class ServeSettings(BaseModel):
     # on a small or shared one the spinning threads take the cores the event loop needs (measured: 2 spinning
     # threads ran the demo model 4-6x slower than 2 sleeping ones under load). Off unless asked for.
     model_spin: bool = False
+    # BLAS (OpenBLAS) threads for the OOD scores' small matrix products (a batch x D times D x D): threading them
+    # buys nothing at this size, and OpenBLAS's idle threads busy-wait on the cores the event loop and the model
+    # need (measured: two of them took ~25% of the server's CPU under load). None leaves the library's default.
+    blas_threads: int | None = Field(1, ge=1)
     # A request whose images hold at most this many pixels together (from their headers) is decoded by the model
     # thread as part of its batch (one thread hand-off per batch); larger ones decode in the thread pool. 0: always
     # the pool.

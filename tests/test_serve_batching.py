@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 
 import httpx
 import numpy as np
@@ -176,3 +177,23 @@ def test_a_large_image_still_decodes_in_the_pool_and_embeds_the_same(calibrated)
     runtime = EmbeddingRuntime(str(calibrated))
     expected = runtime.run(runtime.preprocess([Image.open(io.BytesIO(big))]))[0]
     np.testing.assert_allclose(big_r.json()["embeddings"][0]["values"], expected[expected != 0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS runs one thread on one core anyway")
+def test_the_server_caps_blas_threads_for_its_lifetime(calibrated):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    async def scenario():
+        app = create_app(ServeSettings(model_path=calibrated, blas_threads=1))
+        async with app.router.lifespan_context(app):
+            return blas_threads()
+
+    threadpool_limits(2, user_api="blas")  # what OpenBLAS picks by itself on this 2-core machine
+    try:
+        assert blas_threads() == {2}
+        assert asyncio.run(scenario()) == {1}
+    finally:
+        threadpool_limits(1, user_api="blas")
