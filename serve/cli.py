@@ -158,6 +158,8 @@ def build_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     reject_milvus_flags_without_backend(args, args.backend or args.index_backend)
+    if (args.backend or args.index_backend) == "milvus" and not args.milvus_uri:
+        raise CliError("--backend milvus needs --milvus-uri (a .db file or http://host:port)")
     settings = build_settings(args)
     if args.auth_reads and settings.api_key is None:
         raise CliError("--auth-reads needs --api-key (or LPJEPA_API_KEY)")

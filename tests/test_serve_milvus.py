@@ -187,7 +187,7 @@ def test_embedded_milvus_file_persists_across_restarts_and_cli_errors(model_path
         second.stop()
     base = ["serve", "--model", str(model_path), "--port", "0"]
     for argv, message in [
-        (base + ["--backend", "milvus"], "needs milvus_uri"),
+        (base + ["--backend", "milvus"], "needs --milvus-uri"),
         (base + ["--backend", "milvus", "--milvus-uri", db, "--workers", "2"], "--workers > 1 needs"),
         (base + ["--milvus-uri", db], "--milvus-uri is for --backend milvus"),
         (base + ["--backend", "milvus", "--milvus-uri", db, "--index", str(tmp_path / "i")], "--index is for csr"),
