@@ -101,7 +101,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
 
     def stop(signum: int, _frame: Any) -> None:
-        server.stop()
+        # Only leave the wait: stopping here would wait for the child inside the outer wait (which holds the
+        # Popen's wait lock), so the child could not be reaped. The finally below stops it.
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

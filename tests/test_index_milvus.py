@@ -137,3 +137,45 @@ def test_server_down_is_backend_unavailable_within_the_timeout_and_recovers(tmp_
         assert index.available
     finally:
         server.stop()
+
+
+def test_lpjepa_milvus_serve_is_a_server_other_processes_share(tmp_path):
+    """`lpjepa milvus serve` as a process: clients connect over TCP, SIGTERM stops it, the data is kept."""
+    import signal
+    import subprocess
+    import sys
+
+    from index.milvus_server import port_open
+
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "milvus",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--port",
+        str(port),
+    ]
+    for round_ in range(2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "serving" in proc.stdout.readline()
+            index = create_index("milvus", 4, "ip", uri=f"http://127.0.0.1:{port}", collection="shared")
+            if round_ == 0:
+                index.add([1, 2], np.eye(4, dtype=np.float32)[:2], [{"a": 1}, {"b": 2}])
+            assert index.payloads([1, 2]) == [{"a": 1}, {"b": 2}]  # round 1: after a restart
+            index.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 128 + signal.SIGTERM, proc.stderr.read()
+        assert not port_open("127.0.0.1", port)
+    import socket
+
+    with socket.socket() as taken:  # a port someone else listens on: one line, exit 2
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = subprocess.run([*cmd[:-1], str(taken.getsockname()[1])], capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and "already in use" in busy.stderr and len(busy.stderr.strip().splitlines()) == 1
