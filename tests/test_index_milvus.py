@@ -172,6 +172,15 @@ def test_lpjepa_milvus_serve_is_a_server_other_processes_share(tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 128 + signal.SIGTERM, proc.stderr.read()
         assert not port_open("127.0.0.1", port)
+    # SIGKILL of `lpjepa milvus serve` itself: its milvus-lite child must not outlive it (PR_SET_PDEATHSIG)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "serving" in proc.stdout.readline() and port_open("127.0.0.1", port)
+    proc.kill()
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while port_open("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not port_open("127.0.0.1", port)
     import socket
 
     with socket.socket() as taken:  # a port someone else listens on: one line, exit 2
