@@ -24,6 +24,7 @@ server (the index snapshot beside it only saves replay time).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -150,19 +151,30 @@ def _decode_row(raw: tuple, path: Path) -> Row:
 class ItemLog:
     """The database: ``write`` commits (fsynced) before it returns; one writer at a time (the store's mutex)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, dim: int, last_seq: int):
+    def __init__(self, path: Path, conn: sqlite3.Connection, dim: int, last_seq: int, lock_fd: int | None = None):
         self.path = path
         self.dim = dim
         self.last_seq = last_seq
         self._conn = conn
+        self._lock_fd = lock_fd
 
     # ------------------------------------------------------------------ opening and checking
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, dim: int, verify: bool = True) -> ItemLog:
         """Open (or create) the database and check it whole: structure, meta, every row's checksum."""
         path = Path(path)
+        lock_fd = acquire_lock(path)
+        try:
+            return cls._open_locked(path, dim=dim, verify=verify, lock_fd=lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, *, dim: int, verify: bool, lock_fd: int) -> ItemLog:
         created = not path.exists()
         check_journal(path)  # before SQLite opens it: it would drop the frames after a damaged one
+        conn = None
         try:
             conn = _connect(path)
             if created:
@@ -175,7 +187,21 @@ class ItemLog:
                 fsync_path(path.parent)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as err:
+            if conn is not None:
+                conn.close()
             raise CorruptStoreError(path, f"not a readable SQLite database ({err})") from None
+        out = cls(path, conn, dim, 0, lock_fd)
+        try:
+            out._check_meta(meta, dim)
+            if verify:
+                out.verify()
+        except BaseException:
+            conn.close()
+            raise
+        return out
+
+    def _check_meta(self, meta: dict[str, str], dim: int) -> None:
+        path = self.path
         if meta.get("format") != DB_FORMAT:
             raise CorruptStoreError(path, f"unknown format {meta.get('format')!r} (expected {DB_FORMAT})")
         try:
@@ -183,12 +209,8 @@ class ItemLog:
         except (KeyError, ValueError):
             raise CorruptStoreError(path, f"meta table is damaged ({meta})") from None
         if stored_dim != dim:
-            conn.close()
             raise StoreError(f"{path} holds {stored_dim}-dimensional items but the model produces {dim}")
-        out = cls(path, conn, dim, last_seq)
-        if verify:
-            out.verify()
-        return out
+        self.last_seq = last_seq
 
     def verify(self) -> int:
         """PRAGMA integrity_check, then every row's checksum and sequence number; returns the number of rows."""
@@ -278,6 +300,9 @@ class ItemLog:
         except sqlite3.Error as err:  # the data is safe in the journal either way
             log.warning("checkpoint of %s at close failed: %s", self.path, err)
         self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def _wal_checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
@@ -325,6 +350,23 @@ def check_journal(path: Path) -> None:
         s = _wal_checksum(head[:8] + data[off + 24 : off + frame], s[0], s[1], big)
         if s != (f0, f1):
             bad_at = off
+
+
+def acquire_lock(path: Path) -> int:
+    """One server per database: an exclusive flock on ``serve.sqlite3.lock``, released by close or by the kernel
+    when the process dies (so a SIGKILLed server never leaves a stale lock). Two processes applying writes to
+    their own in-memory indexes from one database would diverge."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"{path} is in use by another server process (it holds {path}.lock); one server per index directory",
+            409,
+            "store_locked",
+        ) from None
+    return fd
 
 
 def _connect(path: Path) -> sqlite3.Connection:

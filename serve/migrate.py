@@ -158,7 +158,7 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
         raise CorruptStoreError(wal_path, f"the old state cannot be applied ({err})") from None
 
     tmp = directory / f"{DB_NAME}.migrating"
-    for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+    for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}.lock")):
         stale.unlink(missing_ok=True)
     db = ItemLog.open(tmp, dim=dim)
     try:
@@ -173,6 +173,7 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
         db.close()
         raise CorruptStoreError(wal_path, f"the old state cannot be stored ({err})") from None
     db.close()  # checkpointed into the one file: it can be renamed alone
+    Path(f"{tmp}.lock").unlink(missing_ok=True)
     os.replace(tmp, directory / DB_NAME)
     fsync_path(directory)
     index.metadata[SEQ_KEY] = last

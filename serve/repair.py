@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from models.atomic_io import fsync_path
-from serve.durable_log import _COLUMNS, _SCHEMA, DB_FORMAT, DB_NAME, CorruptStoreError, _decode_row
+from serve.durable_log import _COLUMNS, _SCHEMA, DB_FORMAT, DB_NAME, CorruptStoreError, _decode_row, acquire_lock
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -126,6 +126,16 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
         return report
 
     report.kind = "database"
+    lock_fd = acquire_lock(db_path)  # refuses while a server holds the database
+    try:
+        _rebuild(directory, db_path, dim, report)
+    finally:
+        os.close(lock_fd)
+    return report
+
+
+def _rebuild(directory: Path, db_path: Path, dim: int, report: RepairReport) -> None:
+    snapshot_seq = report.snapshot_seq
     rows, meta = _read_rows(db_path, report)
     try:
         stored_last = int(meta.get("last_seq", 0))
@@ -174,4 +184,3 @@ def repair(directory: str | os.PathLike[str]) -> RepairReport:
         report.unreadable_regions,
         damaged.name,
     )
-    return report

@@ -40,7 +40,10 @@ def _state(store) -> dict:
 
 def _abandon(store: ItemStore) -> None:
     """What SIGKILL leaves: no snapshot; the database (and its journal) hold the writes."""
+    import os
+
     store.db._conn.close()  # noqa: SLF001 - a kill closes the file descriptors and nothing else
+    os.close(store.db._lock_fd)  # noqa: SLF001 - (the kernel drops the flock with them)
 
 
 # ------------------------------------------------------------------------------------------ the database
@@ -325,3 +328,14 @@ def test_damage_in_the_middle_of_the_journal_is_refused(tmp_path):
     survivors = _state(ItemStore.open(tmp_path / "killed", dim=16))
     assert report.rows_kept == len(survivors) and all(survivors[i] == expected[i] for i in survivors)
     store.db.close()
+
+
+def test_one_server_per_database(tmp_path):
+    store = ItemStore.open(tmp_path / "idx", dim=16)
+    with pytest.raises(StoreError, match="in use by another server") as err:
+        ItemStore.open(tmp_path / "idx", dim=16)
+    assert err.value.code == "store_locked"
+    with pytest.raises(StoreError, match="in use"):
+        repair(tmp_path / "idx")
+    store.close()
+    ItemStore.open(tmp_path / "idx", dim=16).close()  # released by close

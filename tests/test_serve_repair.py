@@ -66,7 +66,9 @@ def test_repair_after_a_snapshot_loses_nothing_the_snapshot_holds(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
     store.upsert(np.arange(20), _rows(20), [{"i": i} for i in range(20)], [None] * 20)
     store.close()  # the snapshot includes all 20 writes
-    expected = _state(ItemStore.open(tmp_path / "idx", dim=16))
+    check = ItemStore.open(tmp_path / "idx", dim=16)
+    expected = _state(check)
+    check.db.close()
     (tmp_path / "idx" / DB_NAME).write_bytes(b"\x00" * 8192)  # the database is gone entirely
     with pytest.raises(CorruptStoreError):
         ItemStore.open(tmp_path / "idx", dim=16)
