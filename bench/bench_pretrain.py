@@ -9,8 +9,9 @@ shared, contended CPU changes only the wall time, never the result.
 
     .venv/bin/python bench/bench_pretrain.py [--steps 600] [--parallel 2] [--groups ...] [--runs-dir DIR]
 
-`--groups` picks parts of the plan (default: all of it, the issue-15 sweep, ~25 runs): sweep (p = 1, mu in
-{1, 0, -1, -2, -3}, shipped default), nofix, old (previous default "marginal"), p2 (p = 2, mu in {0, -2}), long
+`--groups` picks parts of the plan (default: all of it, the issue-15 sweep, ~30 runs): sweep (p = 1, mu in
+{1, 0, -1, -2, -3}, shipped default), nofix, old (default "marginal", pinned), quantile (the per-sample
+quantile rate term), p2 (p = 2, mu in {0, -2}), long
 (mu = -2, -3 at 4x the steps), ablation (2x2 at mu = 0), baselines. The report covers whatever runs exist.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MUS = (1.0, 0.0, -1.0, -2.0, -3.0)
 EVAL_SPEC = "fashion-mnist:test"
-GROUPS = ("sweep", "nofix", "old", "p2", "long", "ablation", "baselines")
+GROUPS = ("sweep", "nofix", "old", "quantile", "p2", "long", "ablation", "baselines")
 BASELINES = {
     "lejepa": "LeJEPA",
     "vicreg": "VICReg",
@@ -44,6 +45,8 @@ ABLATION = {  # method -> (target | features) cell of the paper's 2x2; rectified
 }
 NOFIX = "method.dead_dim_fix=none"
 OLD_FIX = "method.dead_dim_fix=marginal"
+# The per-sample quantile (pinball) rate term, the candidate measured against the shipped default (issue 15).
+QUANTILE = ("method.dead_dim_fix=quantile", "method.rate_weight=1.0")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ def runs_plan(groups: tuple[str, ...] = GROUPS) -> list[Run]:
         if "old" in groups:
             label = f"Rectified LpJEPA p=1, mu={mu:g} (old default: marginal fix)"
             plan.append(Run(f"rect_{_mu_name(mu)}_marginal", label, "old", (*base, OLD_FIX), mu))
+        if "quantile" in groups:
+            label = f"Rectified LpJEPA p=1, mu={mu:g} (quantile rate term, weight 1)"
+            plan.append(Run(f"rect_{_mu_name(mu)}_quantile", label, "quantile", (*base, *QUANTILE), mu))
     if "p2" in groups:
         for mu in (0.0, -2.0):
             sets = (*rect, "method.p=2.0", f"method.mu={mu}")
@@ -208,6 +214,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
         "sweep": ("o", "C0", "shipped default"),
         "nofix": ("x", "C3", "fix off (paper objective)"),
         "old": ("s", "C1", "old default (marginal fix)"),
+        "quantile": ("v", "C5", "quantile rate term"),
         "long": ("^", "C2", "shipped default, 4x steps"),
         "p2": ("D", "C4", "shipped default, p=2"),
     }
@@ -248,7 +255,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
     plt.close(fig)
 
     # Per-dimension rates on the test split, one panel per mu: shipped default against fix off / old default.
-    mus = sorted({r["mu"] for r in rows if r["group"] in ("sweep", "nofix", "old")}, reverse=True)
+    mus = sorted({r["mu"] for r in rows if r["group"] in ("sweep", "nofix", "old", "quantile")}, reverse=True)
     names = []
     if mus:
         fig, axes = plt.subplots(1, len(mus), figsize=(3.0 * len(mus), 3.0), squeeze=False)
