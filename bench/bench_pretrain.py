@@ -194,7 +194,8 @@ def _dead(r: dict) -> str:
     return "-" if dead is None else f"{round(dead * r['dim'])}/{r['dim']}"
 
 
-def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
+def write_plots(rows: list[dict], out_dir: Path, prefix: str = "pretrain") -> list[str]:
+    """PNGs beside the report, named after it (pretrain.md -> pretrain_*.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,7 +231,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "pretrain_l0_vs_mu.png", dpi=120)
+    fig.savefig(out_dir / f"{prefix}_l0_vs_mu.png", dpi=120)
     plt.close(fig)
 
     sweep = [r for r in rows if r["group"] == "sweep"]
@@ -251,7 +252,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "pretrain_acc_vs_l0.png", dpi=120)
+    fig.savefig(out_dir / f"{prefix}_acc_vs_l0.png", dpi=120)
     plt.close(fig)
 
     # Per-dimension rates on the test split, one panel per mu: shipped default against fix off / old default.
@@ -273,16 +274,16 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[str]:
         axes[0][0].set_ylabel("dimensions")
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(out_dir / "pretrain_dim_rates.png", dpi=110)
+        fig.savefig(out_dir / f"{prefix}_dim_rates.png", dpi=110)
         plt.close(fig)
-        names.append("pretrain_dim_rates.png")
-    return ["pretrain_l0_vs_mu.png", "pretrain_acc_vs_l0.png", *names]
+        names.append(f"{prefix}_dim_rates.png")
+    return [f"{prefix}_l0_vs_mu.png", f"{prefix}_acc_vs_l0.png", *names]
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], wall: dict[str, float]) -> Path:
     groups = " ".join(sorted({r["group"] for r in rows}, key=GROUPS.index))
     lines = [
-        "# Pretraining results (fmnist-cpu recipe)",
+        f"# {args.title}",
         "",
         f"All runs: `pretrain/configs/fmnist-cpu.json` (quarter-width ResNet-18, small stem, D = 512, AdamW, "
         f"warmup + cosine, batch 256, bf16 autocast where the CPU has it), **{args.steps} steps each** "
@@ -296,7 +297,8 @@ def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], w
         "",
         "```",
         f".venv/bin/python bench/bench_pretrain.py --steps {args.steps} --parallel {args.parallel} "
-        f"--threads {args.threads} --max-train {args.max_train} --groups {groups}",
+        f"--threads {args.threads} --max-train {args.max_train} --groups {groups}"
+        + (f" --only {' '.join(args.only)}" if args.only else ""),
         "```",
         "",
         "| run | encoder linear | proj. linear | l1 | l0 | analytic l0 | encoder kNN | proj. kNN | dead dims "
@@ -396,6 +398,7 @@ def main() -> None:
     ap.add_argument("--groups", nargs="*", default=list(GROUPS), choices=GROUPS, help="parts of the plan to run")
     ap.add_argument("--only", nargs="*", default=None, help="train only these run names")
     ap.add_argument("--report-only", action="store_true", help="train nothing; report the runs that exist")
+    ap.add_argument("--title", default="Pretraining results (fmnist-cpu recipe)", help="the report's heading")
     ap.add_argument(
         "--notes", default=str(REPO / "bench" / "pretrain_notes.md"), help="markdown appended to the report"
     )
@@ -422,7 +425,7 @@ def main() -> None:
             f"dead {report['dead_dims']:.3f}",
             flush=True,
         )
-    plots = write_plots(rows, Path(args.report).parent)
+    plots = write_plots(rows, Path(args.report).parent, Path(args.report).stem)
     out = write_report(rows, args, plots, wall)
     (Path(args.runs_dir) / "results.json").write_text(json.dumps(rows, indent=2, default=str))
     print(f"wrote {out}")
