@@ -1,14 +1,16 @@
 """Server ceiling benchmark of `lpjepa serve` (issue 18): ONNX Runtime alone against the server end to end, one run.
 
 For each model, rounds interleave (so drifting background load hits every configuration alike):
-  * ORT only: the served model through EmbeddingRuntime (same threads, no spinning, as the server) on already
-    preprocessed images, images/s at batch 1, 4, 8, 16, 32 and 64 - the ceiling the server is compared with, at
-    the mean batch its batcher formed;
+  * ORT only, right before each server run: the served model through EmbeddingRuntime (same threads, no spinning,
+    as the server) on already preprocessed images, images/s and CPU ms per image at batch 1, 4, 8, 16, 32 and 64 -
+    the ceiling the server is compared with, at the mean batch its batcher formed (CPU efficiency = ORT CPU per
+    image / server CPU per request: the share of the server's CPU that is the model itself);
   * the server end to end, batched and unbatched (--no-batching): a fresh `lpjepa serve` process per configuration
     and round, driven by `wrk` (a C load generator: Python clients cost more CPU per request than the server
     does here and measure themselves) with 16, 32 and 64 keep-alive connections on POST /v1/embed and POST
     /v1/search (one real image per request, multipart, rotating over 32 images; the search index holds 2,000
-    items written through PUT /v1/items before the clock starts).
+    items written through PUT /v1/items before the clock starts); and embed on `--workers 2` without an index
+    (the only way one process' GIL stops bounding the HTTP work; an in-memory index cannot be shared).
 The tables give medians over rounds of requests/s, p50/p99 (wrk's own latency histogram), the server's mean model
 batch (its Prometheus histogram), the server's CPU time per request (all its threads, /proc), the ratio to the ORT
 ceiling at that batch and to unbatched, errors (non-2xx or socket errors: must be zero, else exit 1), and the load
@@ -161,8 +163,9 @@ def body_files(images: list[bytes], field: str, folder: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------ ORT only
-def ort_ceiling(model: Path, images: list[bytes], threads: int | None, seconds: float) -> dict[int, float]:
-    """Images/s of the model alone at each batch size, on preprocessed inputs (the model call, nothing else)."""
+def ort_ceiling(model: Path, images: list[bytes], threads: int | None, seconds: float) -> dict[int, dict[str, float]]:
+    """Images/s and CPU ms per image (all threads) of the model alone at each batch size, on preprocessed inputs
+    (the model call, nothing else)."""
     from PIL import Image
 
     from export.runtime import EmbeddingRuntime
@@ -173,16 +176,16 @@ def ort_ceiling(model: Path, images: list[bytes], threads: int | None, seconds: 
     for b in ORT_BATCHES:
         x = np.ascontiguousarray(np.resize(pre, (b, *pre.shape[1:])))
         runtime.run(x)  # warm-up
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds / len(ORT_BATCHES):
             runtime.run(x)
             n += b
-        out[b] = n / (time.perf_counter() - t0)
+        out[b] = {"ips": n / (time.perf_counter() - t0), "cpu_ms": 1000 * (time.process_time() - c0) / n}
     return out
 
 
 def ceiling_at(ort: dict[int, float], batch: float) -> float:
-    """ORT images/s at the batch the server formed (log-linear between the measured sizes)."""
+    """ORT images/s (or CPU per image) at the batch the server formed (log-linear between the measured sizes)."""
     if not math.isfinite(batch):
         return float("nan")
     sizes = sorted(ort)
@@ -195,8 +198,9 @@ def ceiling_at(ort: dict[int, float], batch: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------ the server
-def start_server(model: Path, index: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(model), "--index", str(index)]
+def start_server(model: Path, index: Path | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "cli.main", "serve", "--model", str(model)]
+    cmd += [] if index is None else ["--index", str(index)]
     cmd += ["--port", "0", "--log-level", "warning", "--max-inflight", "4096", "--max-queue", "8192", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 180
@@ -243,9 +247,18 @@ def fill_index(url: str, dim: int, n: int = 2000, seed: int = 0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of a process and all its threads, plus its child processes' (uvicorn's --workers)."""
+    total, stats = 0, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    for p, fields in stats.items():
+        if p == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -274,19 +287,24 @@ def run_wrk(url: str, path: str, bodies: list[Path], clients: int, seconds: floa
     return r
 
 
-def measure_server(model: Path, label: str, bodies: dict[str, list[Path]], extra: list[str], dim: int, args) -> list:
-    """One fresh server; every (endpoint, clients) cell against it, in a fixed order."""
+def measure_server(
+    model: Path, label: str, bodies: dict[str, list[Path]], extra: list[str], dim: int, args, endpoints: list[str]
+) -> list:
+    """One fresh server; every (endpoint, clients) cell against it, in a fixed order. Without "search" among the
+    endpoints the server runs without an index (which is what lets --workers run several processes)."""
     with tempfile.TemporaryDirectory() as index_dir:
-        proc, url = start_server(model, Path(index_dir) / "index", extra)
+        with_index = "search" in endpoints
+        proc, url = start_server(model, Path(index_dir) / "index" if with_index else None, extra)
         try:
-            fill_index(url, dim)
+            if with_index:
+                fill_index(url, dim)
             with httpx.Client(base_url=url, timeout=300) as c:  # first calls compile the index kernels (numba)
-                for field, path in (("files", "/v1/embed"), ("file", "/v1/search?k=10")):
+                for field, path in (("files", "/v1/embed"), ("file", "/v1/search?k=10"))[: 1 + with_index]:
                     data = bodies[field][0].read_bytes()
                     ctype = f"multipart/form-data; boundary={BOUNDARY}"
                     c.post(path, content=data, headers={"Content-Type": ctype}).raise_for_status()
             cells = []
-            for endpoint in args.endpoints:
+            for endpoint in endpoints:
                 path, field = ("/v1/embed", "files") if endpoint == "embed" else ("/v1/search?k=10", "file")
                 for clients in args.clients:
                     run_wrk(url, path, bodies[field][:4], clients, 1.0, args.script)  # warm-up, not counted
@@ -325,14 +343,20 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
     images = sample_images(probe.in_channels)
     bodies = {f: body_files(images, f, tmp / f"bodies-{spec}") for f in ("files", "file")}
     threads = ["--threads", str(args.threads)] if args.threads else []
-    configs = {"batched": threads, "unbatched": ["--no-batching", *threads]}
-    ort_runs: list[dict[int, float]] = []
+    configs = {"batched": (threads, args.endpoints), "unbatched": (["--no-batching", *threads], args.endpoints)}
+    if args.workers > 1 and "embed" in args.endpoints:  # no index: the processes have no state to share
+        configs[f"batched, {args.workers} workers, no index"] = (["--workers", str(args.workers), *threads], ["embed"])
+    ort_runs: list[dict[int, dict[str, float]]] = []
     cells: dict[str, list[list[dict]]] = {name: [] for name in configs}
     for rnd in range(args.rounds):
-        ort_runs.append(ort_ceiling(model, images, args.threads, args.ort_seconds))
-        print(f"{spec} round {rnd + 1}: ORT only " + ", ".join(f"b{b} {v:.0f}/s" for b, v in ort_runs[-1].items()))
-        for name, extra in configs.items():
-            got = measure_server(model, label, bodies, extra, probe.dim, args)
+        for name, (extra, endpoints) in configs.items():
+            # ORT alone right before each server, so both see about the same background load
+            ort_runs.append(ort_ceiling(model, images, args.threads, args.ort_seconds))
+            print(
+                f"{spec} round {rnd + 1}: ORT only "
+                + ", ".join(f"b{b} {v['ips']:.0f}/s {v['cpu_ms']:.2f} ms" for b, v in ort_runs[-1].items())
+            )
+            got = measure_server(model, label, bodies, extra, probe.dim, args, endpoints)
             cells[name].append(got)
             for c in got:
                 print(
@@ -341,7 +365,8 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
                     f"errors {c['errors']}  (load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )
-    ort = {b: statistics.median(r[b] for r in ort_runs) for b in ORT_BATCHES}
+    ort = {b: statistics.median(r[b]["ips"] for r in ort_runs) for b in ORT_BATCHES}
+    ort_cpu = {b: statistics.median(r[b]["cpu_ms"] for r in ort_runs) for b in ORT_BATCHES}
     rows = []
     for name in configs:
         for i, first in enumerate(cells[name][0]):
@@ -352,19 +377,22 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
                 row[key] = statistics.median(r[key] for r in runs)
             row["errors"] = sum(r["errors"] for r in runs)
             row["requests"] = sum(r["requests"] for r in runs)
-            row["ceiling"] = ceiling_at(ort, row["mean_batch"] if name == "batched" else 1.0)
+            at = 1.0 if name == "unbatched" else row["mean_batch"]
+            row["ceiling"] = ceiling_at(ort, at)
             row["of_ceiling"] = row["rps"] / row["ceiling"] if row["ceiling"] else float("nan")
+            row["ort_cpu_ms"] = ceiling_at(ort_cpu, at)
+            row["cpu_efficiency"] = row["ort_cpu_ms"] / row["server_cpu_ms"] if row["server_cpu_ms"] else float("nan")
             row["runs"] = runs
             rows.append(row)
     for row in rows:
-        if row["config"] == "batched":
+        if row["config"] != "unbatched":
             base = next(
                 r
                 for r in rows
                 if r["config"] == "unbatched" and r["endpoint"] == row["endpoint"] and r["clients"] == row["clients"]
             )
             row["vs_unbatched"] = row["rps"] / base["rps"] if base["rps"] else float("nan")
-    return {"model": label, "spec": spec, "ort": ort, "ort_runs": ort_runs, "rows": rows}
+    return {"model": label, "spec": spec, "ort": ort, "ort_cpu_ms": ort_cpu, "ort_runs": ort_runs, "rows": rows}
 
 
 def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) -> str:
@@ -381,19 +409,20 @@ def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) 
     for res in results:
         ort = res["ort"]
         lines += [
-            f"**{res['model']}** - ONNX Runtime alone (images/s by batch): "
-            + ", ".join(f"{b}: {v:,.0f}" for b, v in ort.items()),
+            f"**{res['model']}** - ONNX Runtime alone, images/s (CPU ms per image) by batch: "
+            + ", ".join(f"{b}: {v:,.0f} ({res['ort_cpu_ms'][b]:.2f})" for b, v in ort.items()),
             "",
-            "| endpoint | clients | config | req/s | p50 ms | p99 ms | mean batch | ORT at that batch | of ceiling "
-            "| vs unbatched | server CPU ms/req | errors |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| endpoint | clients | config | req/s | p50 ms | p99 ms | mean batch | ORT img/s at that batch "
+            "| of ceiling | vs unbatched | server CPU ms/req | ORT CPU ms/img at that batch | CPU efficiency "
+            "| errors |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in sorted(res["rows"], key=lambda r: (r["endpoint"], r["clients"], r["config"])):
             vs = f"{r['vs_unbatched']:.2f}x" if "vs_unbatched" in r else ""
             lines.append(
                 f"| {r['endpoint']} | {r['clients']} | {r['config']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['ceiling']:,.0f} | {r['of_ceiling']:.0%} | {vs} | "
-                f"{r['server_cpu_ms']:.2f} | {r['errors']} |"
+                f"{r['server_cpu_ms']:.2f} | {r['ort_cpu_ms']:.2f} | {r['cpu_efficiency']:.0%} | {r['errors']} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -421,8 +450,9 @@ def main() -> int:
     ap.add_argument("--endpoints", nargs="+", default=["embed", "search"], choices=["embed", "search"])
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per cell")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--ort-seconds", type=float, default=6.0, help="seconds of ORT-only timing per round")
+    ap.add_argument("--ort-seconds", type=float, default=3.0, help="seconds of ORT-only timing per server run")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (server and ORT-only alike)")
+    ap.add_argument("--workers", type=int, default=2, help="also embed with this many server processes (1: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/serve.md")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
