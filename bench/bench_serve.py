@@ -377,6 +377,8 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
                 row[key] = statistics.median(r[key] for r in runs)
             row["errors"] = sum(r["errors"] for r in runs)
             row["requests"] = sum(r["requests"] for r in runs)
+            if "workers" in name:  # each process has its own /metrics: a before/after diff mixes processes
+                row["mean_batch"] = float("nan")
             at = 1.0 if name == "unbatched" else row["mean_batch"]
             row["ceiling"] = ceiling_at(ort, at)
             row["of_ceiling"] = row["rps"] / row["ceiling"] if row["ceiling"] else float("nan")
@@ -419,13 +421,16 @@ def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) 
         ]
         for r in sorted(res["rows"], key=lambda r: (r["endpoint"], r["clients"], r["config"])):
             vs = f"{r['vs_unbatched']:.2f}x" if "vs_unbatched" in r else ""
+            if "workers" in r["config"]:  # per-process metrics: no batch size, so no ceiling at that batch
+                r = {**r, "mean_batch": float("nan"), "ceiling": float("nan"), "of_ceiling": float("nan")}
+                r["ort_cpu_ms"] = r["cpu_efficiency"] = float("nan")
             lines.append(
                 f"| {r['endpoint']} | {r['clients']} | {r['config']} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['ceiling']:,.0f} | {r['of_ceiling']:.0%} | {vs} | "
                 f"{r['server_cpu_ms']:.2f} | {r['ort_cpu_ms']:.2f} | {r['cpu_efficiency']:.0%} | {r['errors']} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines).replace("nan%", "n/a").replace("| nan |", "| n/a |")
 
 
 START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
