@@ -43,8 +43,11 @@ from index.validation import MAX_ID, Vectors, check_vectors
 SPARSE_CHUNK_QUERIES = 32
 # Estimated work of one core (cost model) above which a single query's tiles are split between the workers,
 # if there are at least SPLIT_MIN_TILES_PER_WORKER tiles each (fewer split unevenly: 100k rows are 2 tiles of 65k
-# and 35k rows, and at 100k x 512, 5% the split made a query slower, 0.29 -> 0.41 ms).
-SPLIT_MIN_WORK_NS = 100_000
+# and 35k rows, and at 100k x 512, 5% the split made a query slower, 0.29 -> 0.41 ms). Only the plain kernel
+# splits (blocks of >= approx.SAFE_MIN_ROWS use the pruned one). On a loaded machine the second thread waits for
+# a core: at 1M x 512, 1% (0.25 ms of work) a split query took 7 ms (bench_engines, load average ~10), so the
+# threshold stays well above such queries.
+SPLIT_MIN_WORK_NS = 500_000
 SPLIT_MIN_TILES_PER_WORKER = 4
 MODES = ("exact", "approx")
 _CALL = threading.local()  # per-call search options (``search(..., mode=...)``), read by ``_search``
