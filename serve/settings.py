@@ -70,7 +70,7 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = Field(30.0, gt=0.0)
 
     # Index durability.
-    compact_every: int = Field(1000, ge=1)  # WAL records between snapshots
+    compact_every: int = Field(1000, ge=1)  # stored writes between index snapshots
     index_backend: str = "csr"  # used only when --index names a directory that does not exist yet
     index_metric: str = "cosine"  # for a new index: an image's own item ranks first whatever its norm
     thumbnail_px: int = Field(48, ge=0, le=256)  # 0 disables thumbnails of indexed images
