@@ -88,17 +88,10 @@ class VectorIndex(ABC):
         thumbnails: Sequence[bytes | None] | None = None,
     ) -> None:
         """Insert vectors under ``ids``; an id already present is replaced (vector, payload and thumbnail)."""
-        ids = check_ids(ids)
-        vecs = check_vectors(vectors, self._dim)
-        if n_rows(vecs) != ids.size:
-            raise InvalidInputError(f"got {ids.size} ids for {n_rows(vecs)} vectors")
-        checked = check_payloads(payloads, ids.size)
-        thumbs = check_thumbnails(thumbnails, ids.size)
-        if ids.size == 0:
+        checked_write = self._check_write(ids, vectors, payloads, thumbnails)
+        if checked_write is None:
             return
-        norms = row_norms(vecs)
-        if self._metric == "cosine":
-            vecs = normalize_rows(vecs, norms)
+        ids, vecs, norms, checked, thumbs = checked_write
         with self._lock.write():
             self._add(ids, vecs, norms)
             for i, key in enumerate(ids.tolist()):
@@ -110,6 +103,24 @@ class VectorIndex(ABC):
                     self._thumbnails[key] = thumbs[i]
                 else:
                     self._thumbnails.pop(key, None)
+
+    def _check_write(
+        self, ids: Any, vectors: Any, payloads: Sequence[Any] | None, thumbnails: Sequence[bytes | None] | None
+    ) -> tuple[np.ndarray, Any, np.ndarray, list[Any] | None, list[bytes | None] | None] | None:
+        """Validate an add before any backend sees it (Milvus validates differently): (ids, vectors normalised for
+        cosine, their original norms, payloads, thumbnails), or None for an empty write."""
+        ids = check_ids(ids)
+        vecs = check_vectors(vectors, self._dim)
+        if n_rows(vecs) != ids.size:
+            raise InvalidInputError(f"got {ids.size} ids for {n_rows(vecs)} vectors")
+        checked = check_payloads(payloads, ids.size)
+        thumbs = check_thumbnails(thumbnails, ids.size)
+        if ids.size == 0:
+            return None
+        norms = row_norms(vecs)
+        if self._metric == "cosine":
+            vecs = normalize_rows(vecs, norms)
+        return ids, vecs, norms, checked, thumbs
 
     def remove(self, ids: Any) -> int:
         """Delete ``ids``; if any is unknown nothing is removed and :class:`UnknownIdError` names them."""

@@ -60,8 +60,6 @@ from index.validation import (
     Vectors,
     check_ids,
     check_k,
-    check_payloads,
-    check_thumbnails,
     check_vectors,
     n_rows,
     normalize_rows,
@@ -298,17 +296,10 @@ class MilvusIndex(VectorIndex):
         thumbnails: Sequence[bytes | None] | None = None,
     ) -> None:
         """Upsert vectors (and payloads, thumbnails) under ``ids``; returns once Milvus acknowledged them all."""
-        ids = check_ids(ids)
-        vecs = check_vectors(vectors, self._dim)
-        if n_rows(vecs) != ids.size:
-            raise InvalidInputError(f"got {ids.size} ids for {n_rows(vecs)} vectors")
-        checked = check_payloads(payloads, ids.size)
-        thumbs = check_thumbnails(thumbnails, ids.size)
-        if ids.size == 0:
+        checked_write = self._check_write(ids, vectors, payloads, thumbnails)
+        if checked_write is None:
             return
-        norms = row_norms(vecs)
-        if self._metric == "cosine":
-            vecs = normalize_rows(vecs, norms)
+        ids, vecs, norms, checked, thumbs = checked_write
         csr = sp.csr_matrix(vecs, dtype=np.float32)
         self._ensure()
         for lo in range(0, ids.size, self.batch_rows):

@@ -10,9 +10,10 @@ from typing import Any, NamedTuple
 import anyio
 import numpy as np
 
+from index.thumbnails import thumbnail_png
 from serve.batching import DynamicBatcher
 from serve.errors import ApiError
-from serve.images import PixelGate, load_images, open_images, thumbnail_png
+from serve.images import PixelGate, load_images, open_images
 from serve.metrics import ServeMetrics
 from serve.schemas import EmbeddingOut
 from serve.settings import ServeSettings

@@ -138,19 +138,3 @@ def open_images(
 
 def load_images(images: list[Image.Image], blobs: list[tuple[str, bytes]]) -> list[Image.Image]:
     return [_load(img, where) for img, (where, _) in zip(images, blobs, strict=True)]
-
-
-def thumbnail_png(img: Image.Image, px: int) -> bytes | None:
-    """A small PNG (longest side `px`) for the web page's neighbour grid; bounded to a few KB per item.
-
-    None when PIL cannot convert the image's mode to RGB (e.g. some 16-bit or exotic modes): a missing thumbnail
-    must never fail a write whose embedding was computed fine.
-    """
-    try:
-        thumb = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
-        thumb.thumbnail((px, px))
-        buf = io.BytesIO()
-        thumb.save(buf, format="PNG", optimize=True)
-    except (OSError, ValueError):
-        return None
-    return buf.getvalue()
