@@ -34,8 +34,7 @@ import scipy.sparse as sp
 
 from index import compiled
 from index.errors import InvalidInputError
-from index.inverted import TILE_ROWS, TiledInverted, build_inverted
-from index.topk import check_heaps
+from index.inverted import TILE_ROWS, TiledInverted, build_inverted, guard_search
 
 DEFAULT_CUT = 0.2  # recall@10 >= 0.999 on the Zipf-popularity benchmark data at 1% and 5% (bench_engines.py)
 DEFAULT_SLACK = 3.0  # rescore rows that could still enter with up to 3 terms missing, each below the cut
@@ -53,7 +52,6 @@ SAFE_MIN_ROWS = 4 * TILE_ROWS
 TOP_ROWS = 16  # rows kept per dimension for the probe (its largest values)
 PROBE_ROWS = 128  # rows probed per query in all, spread over its dimensions (at least 2 each)
 _LOCAL = threading.local()
-_NO_MASK = np.empty(0, np.bool_)
 
 
 @dataclass(frozen=True)
@@ -177,16 +175,11 @@ def search_approx(
     ``impact``) into heaps ``heap_lo..``; arguments as :func:`index.inverted.search_inverted`. Releases the GIL."""
     inv = impact.inv
     check_params(cut, slack)
-    if x.shape != (inv.n_rows, inv.dim) or queries.shape[1] != inv.dim:
-        raise ValueError(f"shapes do not match: rows {x.shape}, tiles {(inv.n_rows, inv.dim)}, queries {queries.shape}")
-    if not 0 <= lo <= hi <= queries.shape[0]:
-        raise ValueError(f"query range {lo}:{hi} outside 0:{queries.shape[0]}")
-    check_heaps(heap_scores, heap_rows, heap_lo, hi - lo)
-    if inv.n_rows == 0 or hi == lo:
+    if x.shape != (inv.n_rows, inv.dim):
+        raise ValueError(f"shapes do not match: rows {x.shape}, tiles {(inv.n_rows, inv.dim)}")
+    mask = guard_search(inv, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
+    if mask is None:
         return
-    mask = _NO_MASK if alive is None else np.ascontiguousarray(alive, np.bool_)
-    if mask.size not in (0, inv.n_rows):
-        raise ValueError(f"alive mask has {mask.size} flags for {inv.n_rows} rows")
     acc, touched, qdense = _buffers(min(inv.tile, TILE_ROWS), inv.dim)
     status = compiled.search_approx(
         inv.indptr,

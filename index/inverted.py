@@ -84,6 +84,31 @@ def _accumulator(size: int) -> np.ndarray:
     return acc
 
 
+def guard_search(
+    inv: TiledInverted,
+    queries: sp.csr_matrix,
+    lo: int,
+    hi: int,
+    heap_scores: np.ndarray,
+    heap_rows: np.ndarray,
+    heap_lo: int,
+    alive: np.ndarray | None,
+) -> np.ndarray | None:
+    """The checks in front of a compiled search over ``inv``, which does no bounds checks of its own: every index
+    it will follow is checked here. Returns the alive mask to pass (empty = all rows), or None: nothing to search."""
+    if queries.shape[1] != inv.dim:
+        raise ValueError(f"queries have {queries.shape[1]} dimensions, the index {inv.dim}")
+    if not 0 <= lo <= hi <= queries.shape[0]:
+        raise ValueError(f"query range {lo}:{hi} outside 0:{queries.shape[0]}")
+    check_heaps(heap_scores, heap_rows, heap_lo, hi - lo)
+    if inv.n_rows == 0 or hi == lo:
+        return None
+    mask = _NO_MASK if alive is None else np.ascontiguousarray(alive, np.bool_)
+    if mask.size not in (0, inv.n_rows):
+        raise ValueError(f"alive mask has {mask.size} flags for {inv.n_rows} rows")
+    return mask
+
+
 def search_inverted(
     inv: TiledInverted,
     queries: sp.csr_matrix,
@@ -105,17 +130,9 @@ def search_inverted(
     t_lo, t_hi = (0, inv.n_tiles) if tiles is None else tiles
     if not 0 <= t_lo <= t_hi <= inv.n_tiles:
         raise ValueError(f"tile range {t_lo}:{t_hi} outside 0:{inv.n_tiles}")
-    # The compiled loop does no bounds checks: every index it will follow is checked here.
-    if queries.shape[1] != inv.dim:
-        raise ValueError(f"queries have {queries.shape[1]} dimensions, the index {inv.dim}")
-    if not 0 <= lo <= hi <= queries.shape[0]:
-        raise ValueError(f"query range {lo}:{hi} outside 0:{queries.shape[0]}")
-    check_heaps(heap_scores, heap_rows, heap_lo, hi - lo)
-    if inv.n_rows == 0 or hi == lo:
+    mask = guard_search(inv, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
+    if mask is None:
         return
-    mask = _NO_MASK if alive is None else np.ascontiguousarray(alive, np.bool_)
-    if mask.size not in (0, inv.n_rows):
-        raise ValueError(f"alive mask has {mask.size} flags for {inv.n_rows} rows")
     # one compiled signature whatever index types scipy chose for the queries
     q_indptr = queries.indptr.astype(np.int64, copy=False)
     q_indices = queries.indices.astype(np.int32, copy=False)
