@@ -32,10 +32,10 @@ BATCHES = (1, 32, 256)
 def build_default_checkpoint(path: Path) -> Path:
     import torch
 
+    from data.sources import open_source
     from models.checkpoint import save_checkpoint
     from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
     from models.encoder import build_model
-    from pretrain.data.sources import open_source
 
     torch.manual_seed(0)
     config = ModelConfig(
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from data.sources import open_source
     from export.onnx_export import export_checkpoint
     from export.runtime import EmbeddingRuntime
     from models.checkpoint import load_checkpoint
-    from pretrain.data.sources import open_source
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp_dir:

@@ -1,7 +1,7 @@
 """Does the loader keep up with the model? Images/s of view making vs one training step, on this machine.
 
 Rows (medians of --repeats timed batches after a warm-up):
-  loader  batched   pretrain.data.augment.ViewMaker on in-memory uint8 batches (what training uses)
+  loader  batched   data.augment.ViewMaker on in-memory uint8 batches (what training uses)
   loader  per-image torchvision.transforms.v2 per image in a DataLoader (the baseline), 0 and N workers
   model   step      forward + loss + backward + AdamW step of the fmnist-cpu network, fp32 / bf16 autocast,
                     channels_last on and off
@@ -25,9 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from data.augment import ViewMaker, resolve_recipe
+from data.sources import load_fashion_mnist
 from pretrain.config import AugmentConfig, load_config
-from pretrain.data.augment import ViewMaker, resolve_recipe
-from pretrain.data.sources import load_fashion_mnist
 
 
 class PerImageViews(Dataset):

@@ -36,17 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.atomic_io import atomic_path, atomic_write_text  # noqa: E402
+from core.atomic_io import atomic_path, atomic_write_text  # noqa: E402
 from models.checkpoint import read_header, resolve_checkpoint  # noqa: E402
-from serve.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor  # noqa: E402
+from ood.baselines import KNNDistance, Mahalanobis  # noqa: E402
+from ood.calibration import calibrate  # noqa: E402
+from ood.detectors import BernoulliMixture, Inputs  # noqa: E402
+from ood.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor  # noqa: E402
+from ood.inputs import embed_images, embed_source, open_runtime, open_spec, subsample  # noqa: E402
+from ood.metrics import ood_metrics  # noqa: E402
+from ood.shifts import SHIFT_NAMES, shifted_loaders  # noqa: E402
+from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite  # noqa: E402
 from serve.metrics import ServeMetrics  # noqa: E402
-from serve.ood.baselines import KNNDistance, Mahalanobis  # noqa: E402
-from serve.ood.calibration import calibrate  # noqa: E402
-from serve.ood.detectors import BernoulliMixture, Inputs  # noqa: E402
-from serve.ood.inputs import embed_images, embed_source, open_runtime, open_spec, subsample  # noqa: E402
-from serve.ood.metrics import ood_metrics  # noqa: E402
-from serve.ood.shifts import SHIFT_NAMES, shifted_loaders  # noqa: E402
-from serve.ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite  # noqa: E402
 
 ID_SPEC, TRAIN_SPEC = "fashion-mnist:test", "fashion-mnist:train"
 VALIDATE_SPEC = "samples:cifar10"
@@ -70,7 +70,7 @@ def digits_loaders() -> list[tuple[str, Any]]:
 def colour_loaders() -> list[tuple[str, Any]]:
     from PIL import Image
 
-    from pretrain.data.sources import sample_image_files
+    from data.sources import sample_image_files
 
     files = sample_image_files("cifar100") + sample_image_files("imagenet")
     return [(f.name, (lambda f=f: Image.open(f).convert("RGB"))) for f in files]

@@ -132,7 +132,7 @@ def resolve_model(spec: str, tmp: Path) -> tuple[Path, str]:
 
 def sample_images(channels: int, n: int = 32) -> list[bytes]:
     """Real images the model would be sent: Fashion-MNIST test PNGs for grey models, CIFAR samples for colour."""
-    from pretrain.data.sources import open_source, sample_image_files
+    from data.sources import open_source, sample_image_files
 
     if channels == 1:
         source = open_source("fashion-mnist:test")

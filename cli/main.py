@@ -7,7 +7,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from cli.errors import CliError
+from cli.errors import INTERRUPTED, exit_code
 from cli.parser import OneLineParser
 
 # Modules that own a subcommand family; each exposes `register(subparsers)`.
@@ -18,7 +18,7 @@ STAGE_CLIS = (
     "index.cli",  # index, search
     "index.milvus_cli",  # milvus serve
     "serve.cli",  # serve
-    "serve.ood.cli",  # ood calibrate, ood eval, ood score
+    "ood.cli",  # ood calibrate, ood eval, ood score
 )
 
 
@@ -39,12 +39,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
-    except CliError as err:
-        sys.stderr.write(f"lpjepa {args.command}: error: {err}\n")
-        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"lpjepa {args.command}: interrupted\n")
-        return 130
+        return INTERRUPTED
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise
+        sys.stderr.write(f"lpjepa {args.command}: error: {err}\n")
+        return code
     return int(result or 0)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from core.errors import InvalidError
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(InvalidError):
     """A model file that is missing, unreadable, or not an lpjepa export; the message names the file."""
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InvalidError):
     """An input image that cannot be decoded or converted; the message names its index in the request."""
 
     def __init__(self, index: int, reason: str) -> None:
@@ -16,7 +18,7 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-class ExportError(ValueError):
+class ExportError(InvalidError):
     """An export that cannot proceed (bad precision/opset, missing data, unsupported model); the CLI exits 2."""
 
 

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from core.atomic_io import atomic_path
 from export.errors import ModelLoadError
-from models.atomic_io import atomic_path
 
 FORMAT = "lpjepa-onnx/1"
 OOD_KEY = "ood_calibration"

@@ -56,10 +56,10 @@ def _evenly_spaced(n_total: int, limit: int) -> list[int]:
 
 
 def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str) -> ImageSet:
-    """`spec` is any pretrain.data.sources spec; None picks the real data named in DATA.md for the channels:
+    """`spec` is any data.sources spec; None picks the real data named in DATA.md for the channels:
     Fashion-MNIST (test split for parity, train split for calibration) for grey models, the colour sample
     images (CIFAR-10/100, ImageNet) for colour models."""
-    from pretrain.data.sources import DataSpecError, open_source, sample_image_files
+    from data.sources import DataSpecError, open_source, sample_image_files
 
     if limit < 1:
         raise ExportError(f"{purpose} needs at least one image, got a limit of {limit}")
@@ -333,7 +333,7 @@ def export_checkpoint(
     """
     import onnx
 
-    from models.atomic_io import file_sha256
+    from core.atomic_io import file_sha256
     from models.checkpoint import load_checkpoint, resolve_checkpoint
 
     say = log or (lambda _msg: None)

@@ -18,10 +18,10 @@ from typing import Any
 from cli.argtypes import positive_int as _positive_int
 from cli.errors import CliError
 from cli.parser import OneLineParser
+from core.atomic_io import file_sha256
 from index.milvus_cli import add_milvus_arguments, milvus_options, reject_milvus_flags_without_backend
 from index.thumbnails import DEFAULT_PX as DEFAULT_THUMBNAIL_PX
 from index.thumbnails import MAX_PX as MAX_THUMBNAIL_PX
-from models.atomic_io import file_sha256
 
 CHUNK_IMAGES = 1024  # images embedded and added per step: bounds memory, keeps the progress bar moving
 TUNE_QUERIES = 256  # stored vectors used as queries when tuning approximate FAISS indexes
@@ -328,9 +328,9 @@ def build_index(
     created by whichever shard comes first and must hold the same model's vectors; without a shard an existing
     collection is dropped and rebuilt (not atomic: Milvus has no collection swap).
     """
+    from data.sources import open_source
     from export.runtime import EmbeddingRuntime
     from index.factory import create_index
-    from pretrain.data.sources import open_source
 
     t0 = time.perf_counter()
     if backend == "milvus":

@@ -1,13 +1,16 @@
 """Exceptions of the index stage.
 
-All of them subclass ``ValueError`` so callers that only know "bad input" still catch them; the HTTP server maps
-them to 4xx responses and the CLI turns them into a one-line message with exit code 2.
+All but one subclass ``core.errors.InvalidError`` (a ``ValueError``), so callers that only know "bad input" still
+catch them; ``BackendUnavailableError`` is an ``UnavailableError`` (a ``ConnectionError``). The HTTP server maps
+them to statuses in one handler, the CLI to a one-line message with exit code 2.
 """
 
 from __future__ import annotations
 
+from core.errors import InvalidError, UnavailableError
 
-class IndexError_(ValueError):  # noqa: N801 - trailing underscore: the builtin IndexError means something else
+
+class IndexError_(InvalidError):  # noqa: N801 - trailing underscore: the builtin IndexError means something else
     """Base class: the request or the files on disk are wrong, not the program."""
 
 
@@ -31,9 +34,9 @@ class IndexMismatchError(IndexError_):
     """A well-formed index that is not what the caller expects (dimension, metric, backend, format version)."""
 
 
-class BackendUnavailableError(ConnectionError):
+class BackendUnavailableError(UnavailableError):
     """The store behind the index (a Milvus server) cannot be reached or failed; the request may be retried.
 
     Not a ValueError: nothing is wrong with the request. The server answers 503 with Retry-After; the CLI prints one
-    line and exits 2 (it catches OSError, of which ConnectionError is a subclass).
+    line and exits 2.
     """

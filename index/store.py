@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from core.atomic_io import file_sha256, fsync_path
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
-from models.atomic_io import file_sha256, fsync_path
 
 FORMAT = "lpjepa-vector-index"
 FORMAT_VERSION = 1

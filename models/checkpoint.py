@@ -14,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from models.atomic_io import atomic_path
+from core.atomic_io import atomic_path
+from core.errors import InvalidError
 from models.config import ModelConfig
 from models.encoder import Encoder, build_model
 
@@ -22,7 +23,7 @@ FORMAT = "lpjepa-checkpoint/1"
 MODEL_FILENAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidError):
     """A checkpoint that is missing, unreadable or not ours; the message names the file and the problem."""
 
 

@@ -74,9 +74,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_json() + "\n")
         return 0
+    from data.sources import DataSpecError
     from models.checkpoint import CheckpointError
     from pretrain.config import ConfigError
-    from pretrain.data.sources import DataSpecError
     from pretrain.state import StateError
     from pretrain.trainer import INTERRUPTED, TrainError, train
 

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from core.errors import InvalidError
 from models.config import BACKBONES, METHODS
 
 CONFIG_PACKAGE = "pretrain.configs"
@@ -50,13 +51,13 @@ REFERENCE_PROJECTORS: dict[str, tuple[list[int], bool]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidError):
     """A config that cannot be loaded or an override that does not fit; the message names the key."""
 
 
 @dataclass
 class DataConfig:
-    """Where training images come from (a data spec of pretrain.data.sources) and how they are batched."""
+    """Where training images come from (a data spec of data.sources) and how they are batched."""
 
     spec: str = "fashion-mnist"
     # Use only the first N images (0 = all): smoke tests and quick sweeps on a small CPU.

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.atomic_io import atomic_path
+from core.atomic_io import atomic_path
+from core.errors import InvalidError
 
 STATE_FILENAME = "train_state.pt"
 STATE_FORMAT = "lpjepa-train-state/1"
 
 
-class StateError(ValueError):
+class StateError(InvalidError):
     """A train_state.pt that is missing, unreadable or from another run; the message names the file."""
 
 

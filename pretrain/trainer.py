@@ -24,14 +24,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.atomic_io import atomic_write_text
+from core.atomic_io import atomic_write_text
+from core.errors import InvalidError
+from data.loader import build_batches, default_stats, detect_channels
+from data.sources import open_source
 from models.checkpoint import MODEL_FILENAME, save_checkpoint
 from models.config import ModelConfig
 from models.encoder import Encoder, build_model
 from models.rgg import expected_l0, resolve_sigma
 from pretrain.config import TrainConfig
-from pretrain.data.loader import build_batches, default_stats, detect_channels
-from pretrain.data.sources import open_source
 from pretrain.distributed import broadcast_seed, get_rank, get_world_size, is_distributed, shutdown
 from pretrain.evaluate.sparsity import NEAR_DEAD_FRACTION
 from pretrain.methods import Objective, rectifies
@@ -61,7 +62,7 @@ INTERRUPTED = "interrupted"
 COMPLETED = "completed"
 
 
-class TrainError(ValueError):
+class TrainError(InvalidError):
     """A training request that cannot start (run folder conflicts, resume mismatch); the CLI exits 2 on it."""
 
 

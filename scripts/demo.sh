@@ -23,7 +23,7 @@ rm -rf "$OUT/index"
 lpjepa index build --model "$OUT/model.onnx" --data fashion-mnist:test --out "$OUT/index"
 python - "$OUT" <<'PY'
 import sys
-from pretrain.data.sources import open_source
+from data.sources import open_source
 fashion = open_source("fashion-mnist:test")
 fashion[0][0].save(f"{sys.argv[1]}/query.png")      # an indexed image: it finds itself first
 fashion[1][0].save(f"{sys.argv[1]}/query-2.png")

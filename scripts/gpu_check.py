@@ -222,7 +222,7 @@ def synthetic_fashion_mnist(root: Path, n_train: int = 8192, n_test: int = 1024)
 
 def prepare_data(work: Path) -> dict[str, Any]:
     """Real Fashion-MNIST when installed or carried (LPJEPA_FASHION_MNIST_DIR), else synthetic files."""
-    from pretrain.data.sources import DataSpecError, fashion_mnist_dir
+    from data.sources import DataSpecError, fashion_mnist_dir
 
     try:
         root = fashion_mnist_dir()

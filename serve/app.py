@@ -405,7 +405,7 @@ def create_app(
     )
     async def drift() -> DriftResponse:
         if state.drift is None:
-            from serve.drift import disabled_snapshot
+            from ood.drift import disabled_snapshot
 
             meta = getattr(state.runtime, "metadata", {}) or {}
             return DriftResponse(**disabled_snapshot(settings.drift_false_alarm_rate, meta.get("expected_l0")))

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from models.atomic_io import fsync_path
+from core.atomic_io import fsync_path
+from core.errors import InvalidError
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -68,7 +69,7 @@ _HEAD = struct.Struct("<qqB")
 _LEN = struct.Struct("<q")
 
 
-class StoreError(ValueError):
+class StoreError(InvalidError):
     """A write the store refuses (e.g. wrong dimension); carries the HTTP status the API should answer with."""
 
     def __init__(self, message: str, status: int = 422, code: str = "invalid_request") -> None:

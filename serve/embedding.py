@@ -32,7 +32,7 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     draining: bool = False
     pixel_gate: PixelGate | None = None
-    drift: Any = None  # serve.drift.DriftMonitor when the calibration has a drift section
+    drift: Any = None  # ood.drift.DriftMonitor when the calibration has a drift section
 
     def __post_init__(self) -> None:
         if self.pixel_gate is None:
@@ -60,7 +60,7 @@ def load_scorer(runtime: Any) -> Any:
     cal = getattr(runtime, "ood_calibration", None)
     if cal is None:
         return None
-    from serve.ood.suite import ScoreSuite
+    from ood.suite import ScoreSuite
 
     scorer = ScoreSuite.from_calibration(cal)
     if scorer.dim != int(runtime.dim):
@@ -77,7 +77,7 @@ def load_drift(scorer: Any, settings: ServeSettings) -> Any:
     """The drift monitor for the calibration's drift section, or None (no calibration, or one without it)."""
     if scorer is None:
         return None
-    from serve.drift import DriftMonitor
+    from ood.drift import DriftMonitor
 
     return DriftMonitor.from_calibration(scorer.calibration, false_alarm_rate=settings.drift_false_alarm_rate)
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from models.atomic_io import fsync_path
+from core.atomic_io import fsync_path
 from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, StoreError, encode_payload
 
 log = logging.getLogger("lpjepa.serve")

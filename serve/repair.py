@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from models.atomic_io import fsync_path
+from core.atomic_io import fsync_path
 from serve.durable_log import _COLUMNS, _SCHEMA, DB_FORMAT, DB_NAME, CorruptStoreError, _decode_row, acquire_lock
 
 log = logging.getLogger("lpjepa.serve")

@@ -80,7 +80,7 @@ class ServeSettings(BaseModel):
     milvus_collection: str = "lpjepa"
     milvus_index: str = "exact"  # for a new collection: exact or wand
     milvus_timeout_s: float = Field(5.0, gt=0.0)  # per Milvus call; a dead Milvus is a 503 after ~2x this
-    # Drift monitor (serve/drift.py): probability that one evaluation on in-distribution traffic raises the alarm.
+    # Drift monitor (ood/drift.py): probability that one evaluation on in-distribution traffic raises the alarm.
     drift_false_alarm_rate: float = Field(1e-4, gt=0.0, lt=1.0)
 
     @model_validator(mode="after")

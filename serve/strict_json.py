@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InvalidError
+
 MAX_PAYLOAD_DEPTH = 32  # nesting levels of a stored payload (an object is one level)
 ENVELOPE_DEPTH = 8  # levels of a request body around a payload: {"items": [{"payload": ...}]} and some slack
 MAX_BODY_DEPTH = MAX_PAYLOAD_DEPTH + ENVELOPE_DEPTH
@@ -28,7 +30,7 @@ _OPEN[[ord("["), ord("{")]] = 1
 _OPEN[[ord("]"), ord("}")]] = -1
 
 
-class JsonRejected(ValueError):
+class JsonRejected(InvalidError):
     """Input that is not strict JSON; `status` 400 (not JSON at all) or 422 (JSON the server will not accept)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:

@@ -13,8 +13,7 @@ from scipy import stats
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from pretrain.config import AugmentConfig, TrainConfig
-from pretrain.data.augment import (
+from data.augment import (
     ViewMaker,
     color_augment,
     crop_resize,
@@ -23,8 +22,9 @@ from pretrain.data.augment import (
     sample_crop_boxes,
     shift_hue,
 )
-from pretrain.data.loader import ArrayBatches, FileBatches, build_batches, convert_channels, default_stats
-from pretrain.data.sources import load_fashion_mnist, open_source
+from data.loader import ArrayBatches, FileBatches, build_batches, convert_channels, default_stats
+from data.sources import load_fashion_mnist, open_source
+from pretrain.config import AugmentConfig, TrainConfig
 
 torch.set_num_threads(1)
 

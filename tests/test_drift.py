@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import sparse, stats
 
-from serve.drift import DriftMonitor, chi_square, chi_weights, disabled_snapshot, window_sum_tails
-from serve.ood import calibrate
+from ood import calibrate
+from ood.drift import DriftMonitor, chi_square, chi_weights, disabled_snapshot, window_sum_tails
 
 DIM = 64
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from cli.main import main
+from data.sources import load_fashion_mnist
 from models.checkpoint import save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 from models.encoder import build_model
 from models.rgg_law import expected_l0, expected_l1
-from pretrain.data.sources import load_fashion_mnist
 from pretrain.evaluate import REQUIRED_KEYS, evaluate_checkpoint, target_expected
 from pretrain.evaluate.splits import stratified_holdout, subsample, train_spec_for
 

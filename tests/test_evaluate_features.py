@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from data.sources import DataSpecError, ImageSource, load_fashion_mnist
 from models.config import ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
-from pretrain.data.sources import DataSpecError, ImageSource, load_fashion_mnist
 from pretrain.evaluate.features import convert_mode_array, extract, transform_array_batch
 
 

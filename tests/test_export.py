@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
+from data.sources import open_source, sample_image_files
 from export import metadata as meta_io
 from export.errors import ExportError, ParityError
 from export.onnx_export import (
@@ -30,7 +31,6 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
-from pretrain.data.sources import open_source, sample_image_files
 
 PARITY_IMAGES = 96  # enough for a meaningful top-10 overlap, small enough for a 2-core CI
 

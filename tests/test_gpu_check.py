@@ -113,7 +113,7 @@ def test_synthetic_fallback_reads_as_fashion_mnist(tmp_path, monkeypatch):
     spec.loader.exec_module(gpu_check)
     root = gpu_check.synthetic_fashion_mnist(tmp_path / "fm", n_train=200, n_test=50)
     monkeypatch.setenv("LPJEPA_FASHION_MNIST_DIR", str(root))
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     train, test = open_source("fashion-mnist"), open_source("fashion-mnist:test")
     assert len(train) == 200 and len(test) == 50 and train.array.shape == (200, 28, 28)

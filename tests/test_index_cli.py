@@ -26,7 +26,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fashion():
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     return open_source("fashion-mnist:test")
 
@@ -192,7 +192,7 @@ def test_milvus_build_equals_the_csr_build_and_n_shards_equal_one_build(built, m
         assert index.metadata["model"]["sha256"] == reference.metadata["model"]["sha256"]
 
     image = tmp_path / "q.png"
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     open_source("fashion-mnist:test")[17][0].save(image)
     results = {}

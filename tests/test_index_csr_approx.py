@@ -216,8 +216,8 @@ def test_recall_on_real_embeddings(tmp_path_factory):
     """Real Fashion-MNIST images through the (untrained) tiny exported encoder: real activation statistics."""
     from test_serve_support import export_tiny_model
 
+    from data.sources import open_source
     from export.runtime import EmbeddingRuntime
-    from pretrain.data.sources import open_source
 
     model = export_tiny_model(tmp_path_factory.getbasetemp())
     source = open_source("fashion-mnist:test")

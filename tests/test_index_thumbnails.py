@@ -21,7 +21,7 @@ BACKENDS = [("csr", {}), ("faiss", {"spec": "Flat"}), ("faiss", {"spec": "HNSW16
 
 @pytest.fixture(scope="module")
 def fashion():
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     source = open_source("fashion-mnist:test")
     return [source.image(i) for i in range(8)]

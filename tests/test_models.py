@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from models.atomic_io import file_sha256
+from core.atomic_io import file_sha256
 from models.checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
 from models.config import ModelConfig
 from models.encoder import build_model

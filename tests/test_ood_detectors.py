@@ -14,17 +14,17 @@ import pytest
 from scipy import sparse, stats
 from scipy.special import logsumexp
 
-from serve.ood import CalibrationError, calibrate
-from serve.ood.detectors import (
+from ood import CalibrationError, calibrate
+from ood.detectors import (
     BernoulliMixture,
     GaussianMahalanobis,
     Inputs,
     LowRankGaussian,
     detector_from_state,
 )
-from serve.ood.metrics import auroc
-from serve.ood.selection import select_served
-from serve.ood.suite import ScoreSuite
+from ood.metrics import auroc
+from ood.selection import select_served
+from ood.suite import ScoreSuite
 
 DIM = 96
 
@@ -206,7 +206,7 @@ def test_scoring_cost_is_linear_and_finite_on_empty_codes(centres):
 def test_synthetic_shifts_are_deterministic_and_keep_the_image_shape():
     from PIL import Image
 
-    from serve.ood.shifts import SHIFT_NAMES, shifted_loaders
+    from ood.shifts import SHIFT_NAMES, shifted_loaders
 
     class Source:
         name = "toy"

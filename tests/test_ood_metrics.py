@@ -9,10 +9,10 @@ import pytest
 from scipy import sparse, stats
 from scipy.spatial.distance import mahalanobis
 
-from serve.ood import calibrate
-from serve.ood.baselines import KNNDistance, Mahalanobis, l0_deviation, ledoit_wolf
-from serve.ood.evaluate import OUR_METHODS, batch_l0_shift, evaluate_embeddings, train_spec_for
-from serve.ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
+from ood import calibrate
+from ood.baselines import KNNDistance, Mahalanobis, l0_deviation, ledoit_wolf
+from ood.evaluate import OUR_METHODS, batch_l0_shift, evaluate_embeddings, train_spec_for
+from ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
 
 
 def brute_auroc(a: np.ndarray, b: np.ndarray) -> float:

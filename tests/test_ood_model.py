@@ -14,8 +14,8 @@ from cli.main import main
 from models.checkpoint import save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 from models.encoder import build_model
-from serve.ood import calibrate_model
-from serve.ood.suite import ScoreSuite
+from ood import calibrate_model
+from ood.suite import ScoreSuite
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_calibration_round_trips_through_the_model_file(calibrated):
     assert set(stored["selection"]["validation_sets"]) == {f"shift:{s}" for s in ("noise", "blur", "invert", "rotate")}
     assert stored["source"]["spec"] == "fashion-mnist" and stored["n"] == 600
     # The stored scorer scores fresh in-distribution images exactly as the in-memory one does, and keeps TPR.
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     test = open_source("fashion-mnist:test")
     emb, feats = runtime.embed_with_features([test.image(i) for i in range(600)])
@@ -191,7 +191,7 @@ def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, ca
     """A folder ID spec has no train split: half is used to fit, the other half evaluated; no calibration stored
     in the plain model, so the scores are calibrated at eval time on that half."""
     _, plain = exported
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     id_dir = tmp_path / "id"
     (id_dir / "a").mkdir(parents=True)

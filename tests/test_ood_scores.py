@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import sparse, stats
 
-from serve.ood import CalibrationError, OODScorer, calibrate
-from serve.ood.calibration import conformal_threshold
-from serve.ood.metrics import auroc
-from serve.ood.scores import SmoothedECDF, activation_matrix, l0_fraction
+from ood import CalibrationError, OODScorer, calibrate
+from ood.calibration import conformal_threshold
+from ood.metrics import auroc
+from ood.scores import SmoothedECDF, activation_matrix, l0_fraction
 
 DIM = 256
 

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 from scipy import sparse
 
+from data.sources import open_source, sample_image_files
 from export import metadata as meta_io
 from export.onnx_export import export_checkpoint, torch_reference
 from export.parity import FP32_MAX_ABS_ERR
@@ -25,7 +26,6 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
-from pretrain.data.sources import open_source, sample_image_files
 
 REPO = Path(__file__).resolve().parents[1]
 

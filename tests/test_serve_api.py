@@ -544,7 +544,7 @@ def test_api_key_from_environment(model_path, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------ calibrated model
 def test_ood_scores_match_the_scorer(model_path, tmp_path_factory, tmp_path):
     from export.runtime import EmbeddingRuntime
-    from serve.ood.suite import ScoreSuite
+    from ood.suite import ScoreSuite
 
     calibrated, cal = calibrated_copy(model_path, tmp_path_factory.getbasetemp())
     images = fashion_images(4, offset=50)

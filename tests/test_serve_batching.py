@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from test_serve_support import calibrated_copy, export_tiny_model, fashion_images, fashion_pngs, png_bytes
 
 from export.runtime import EmbeddingRuntime
+from ood.suite import ScoreSuite
 from serve.app import create_app
 from serve.batching import DynamicBatcher
 from serve.errors import ApiError
-from serve.ood.suite import ScoreSuite
 from serve.settings import ServeSettings
 
 

@@ -70,7 +70,7 @@ def calibrated_copy(onnx_path: Path, base: Path, n_images: int = 200) -> tuple[P
 
     from export.metadata import write_ood_calibration
     from export.runtime import EmbeddingRuntime
-    from serve.ood import calibrate
+    from ood import calibrate
 
     out = base / "serve-tiny-calibrated"
     target = out / "model.onnx"
@@ -91,7 +91,7 @@ def calibrated_copy(onnx_path: Path, base: Path, n_images: int = 200) -> tuple[P
 
 
 def fashion_images(n: int, offset: int = 0) -> list[Image.Image]:
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     source = open_source("fashion-mnist:test")
     return [source.image(offset + i) for i in range(n)]
@@ -108,7 +108,7 @@ def fashion_pngs(n: int, offset: int = 0) -> list[bytes]:
 
 
 def cifar_files() -> list[Path]:
-    from pretrain.data.sources import sample_image_files
+    from data.sources import sample_image_files
 
     return sample_image_files("cifar10")
 

@@ -158,7 +158,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fashion():
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     return open_source("fashion-mnist:test")
 
@@ -336,7 +336,7 @@ def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
     proc, _, _ = served
     from test_serve_support import png_bytes
 
-    from pretrain.data.sources import open_source
+    from data.sources import open_source
 
     with proc.client() as c:
         drift = c.get("/v1/drift").json()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.data.sources import DataSpecError, _read_idx, open_source, sample_image_files
+from data.sources import DataSpecError, _read_idx, open_source, sample_image_files
 
 
 def test_fashion_mnist_splits_are_the_real_data() -> None:
@@ -83,7 +83,7 @@ def test_truncated_idx_file_is_detected(tmp_path) -> None:
 
 
 def test_fashion_mnist_dir_override_is_reported(monkeypatch, tmp_path) -> None:
-    import pretrain.data.sources as sources
+    import data.sources as sources
 
     monkeypatch.setattr(sources, "FASHION_MNIST_DIRS", ())
     monkeypatch.setenv("LPJEPA_FASHION_MNIST_DIR", str(tmp_path))

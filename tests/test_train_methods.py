@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data.loader import build_batches
+from data.sources import load_fashion_mnist
 from models.rgg import expected_l0, sigma_gn
 from pretrain.config import ConfigError, load_config
-from pretrain.data.loader import build_batches
-from pretrain.data.sources import load_fashion_mnist
 from pretrain.methods import (
     Objective,
     leaky_backward_relu,

@@ -110,9 +110,9 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from models.atomic_io import atomic_write_text
+    from core.atomic_io import atomic_write_text
+    from data.sources import DataSpecError
     from models.checkpoint import CheckpointError
-    from pretrain.data.sources import DataSpecError
     from pretrain.evaluate.pipeline import evaluate_checkpoint
     from pretrain.evaluate.splits import EvalError
 

@@ -18,9 +18,9 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from data.sources import DataSpecError, ImageSource
 from models.config import ModelConfig
 from models.preprocess import eval_transform, pil_mode
-from pretrain.data.sources import DataSpecError, ImageSource
 
 # ITU-R 601-2 luma in Pillow's 16-bit fixed point (libImaging/Convert.c, L24): L = (R*19595 + G*38470 +
 # B*7471 + 0x8000) >> 16. Using floats here would differ from PIL by one grey level on some pixels.

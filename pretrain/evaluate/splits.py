@@ -12,15 +12,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pretrain.data.sources import ImageSource, open_source
+from core.errors import InvalidError
+from data.sources import ImageSource, open_source
 
-# Data sets whose spec can name a different split (see pretrain.data.sources.open_source).
+# Data sets whose spec can name a different split (see data.sources.open_source).
 _FASHION_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 _ROOTED_WITH_TRAIN = ("cifar10", "cifar100", "stl10", "imagenet100")
 HOLDOUT_FRACTION = 0.2
 
 
-class EvalError(ValueError):
+class EvalError(InvalidError):
     """Data that cannot be evaluated (no labels, too few images or classes, unusable device)."""
 
 

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from models.preprocess import pil_mode
 from pretrain.config import TrainConfig
-from pretrain.data.augment import ViewMaker, ViewPlan, resolve_recipe, view_geometry
-from pretrain.data.sources import DataSpecError, ImageSource
+from data.augment import ViewMaker, ViewPlan, resolve_recipe, view_geometry
+from data.sources import DataSpecError, ImageSource
 
 # Pillow's fixed-point ITU-R 601-2 luma, as PIL's convert("L") (so training pixels equal eval/serving pixels).
 _LUMA = np.array([19595, 38470, 7471], dtype=np.uint32)

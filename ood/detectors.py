@@ -27,8 +27,8 @@ from numpy.typing import NDArray
 from scipy import linalg, sparse
 from scipy.special import logsumexp
 
-from serve.ood.baselines import ledoit_wolf
-from serve.ood.scores import CalibrationError, activation_matrix
+from ood.baselines import ledoit_wolf
+from ood.scores import CalibrationError, activation_matrix
 
 INPUTS = ("active", "codes", "features")
 _EPS = 1e-6

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from serve.ood.detectors import Inputs, detector_from_state
-from serve.ood.scores import CalibrationError, OODScorer
+from ood.detectors import Inputs, detector_from_state
+from ood.scores import CalibrationError, OODScorer
 
 ACTIVATION = ("rate", "pattern", "combined")
 # What each score needs at scoring time (the point of the activation scores: no index, no D x D matrix).

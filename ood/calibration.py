@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from serve.drift import DEFAULT_WINDOW, fit_drift_null
-from serve.ood.detectors import Inputs, fit_detectors
-from serve.ood.scores import (
+from ood.detectors import Inputs, fit_detectors
+from ood.drift import DEFAULT_WINDOW, fit_drift_null
+from ood.scores import (
     CALIBRATION_VERSION,
     SCORE_NAMES,
     CalibrationError,
@@ -27,9 +27,9 @@ from serve.ood.scores import (
     SmoothedECDF,
     l0_fraction,
 )
-from serve.ood.selection import select_served
-from serve.ood.shifts import SHIFT_NAMES
-from serve.ood.suite import NEEDS, ScoreSuite
+from ood.selection import select_served
+from ood.shifts import SHIFT_NAMES
+from ood.suite import NEEDS, ScoreSuite
 
 MIN_PART = 20  # fewest embeddings in each of the fit and threshold parts
 
@@ -189,8 +189,8 @@ def calibrate_model(
     EmbeddingRuntime.ood_calibration and therefore `lpjepa serve` look for it.
     """
     from export.metadata import write_ood_calibration
-    from serve.ood.inputs import InputError, embed_images, embed_source, open_runtime, open_spec, subsample
-    from serve.ood.shifts import shifted_loaders
+    from ood.inputs import InputError, embed_images, embed_source, open_runtime, open_spec, subsample
+    from ood.shifts import shifted_loaders
 
     unknown = [name for name in shifts if name not in SHIFT_NAMES]
     if unknown:

@@ -17,13 +17,15 @@ from numpy.typing import NDArray
 from scipy import sparse
 from scipy.special import log_ndtr, logsumexp
 
+from core.errors import InvalidError
+
 CALIBRATION_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: activation scores only, served `combined`
 SCORE_NAMES = ("rate", "pattern", "combined")
 _CHUNK = 2048  # rows per block in the kernel CDF: bounds memory at _CHUNK x knots float64
 
 
-class CalibrationError(ValueError):
+class CalibrationError(InvalidError):
     """A calibration dict that is missing, of another version, or inconsistent; the message names the field."""
 
 

@@ -8,6 +8,8 @@ subfolders as in ImageFolder, or a flat folder of images). Nothing here ever dow
 
 from __future__ import annotations
 
+from core.errors import InvalidError
+
 import gzip
 import importlib.util
 import os
@@ -22,7 +24,7 @@ FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
-class DataSpecError(ValueError):
+class DataSpecError(InvalidError):
     """A data spec that names nothing usable; the message says what was looked for and where."""
 
 

@@ -60,7 +60,7 @@ SHIFTS: dict[str, Callable[[Any, np.random.Generator], Any]] = {
 
 
 def shifted_loaders(source: Any, indices: Any, shift: str, *, seed: int = 0) -> list[tuple[str, Callable[[], Any]]]:
-    """(name, loader) pairs for `serve.ood.inputs.embed_images`: image i of `source` with `shift` applied."""
+    """(name, loader) pairs for `ood.inputs.embed_images`: image i of `source` with `shift` applied."""
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; choose from {', '.join(SHIFT_NAMES)}")
     fn = SHIFTS[shift]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.ood.metrics import ood_metrics
+from ood.metrics import ood_metrics
 
 RULE = "max over scores of min AUROC over the validation sets; ties within 0.005 -> lower mean FPR@95"
 TIE = 0.005

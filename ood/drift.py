@@ -92,7 +92,7 @@ def fit_drift_null(
     (their variances, the residual's moments) from the held-out part: directions fitted to the same sample would
     soak up more of its variance than of fresh data's, and the residual test would alarm too often.
     """
-    from serve.ood.detectors import encode_array
+    from ood.detectors import encode_array
 
     f = sparse.csr_matrix(fit_active, dtype=np.float64)
     a = sparse.csr_matrix(held_active, dtype=np.float64)
@@ -217,7 +217,7 @@ class DriftMonitor:
             raise ValueError("the calibration's drift section does not match the model's dimension")
         self.false_alarm_rate = float(false_alarm_rate)
         self.target_l0 = None if target_l0 is None else float(target_l0)
-        from serve.ood.detectors import decode_array
+        from ood.detectors import decode_array
 
         comps = decode_array(section["principal"]["components"], "drift.principal.components")
         self.eigvals = np.asarray(section["principal"]["eigvals"], dtype=np.float64)

@@ -35,10 +35,10 @@ def _window(text: str) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (a file, a spec, a stored calibration), reported as one line, exit 2."""
+    from data.sources import DataSpecError
     from export.errors import ModelLoadError
-    from pretrain.data.sources import DataSpecError
-    from serve.ood.inputs import InputError
-    from serve.ood.scores import CalibrationError
+    from ood.inputs import InputError
+    from ood.scores import CalibrationError
 
     return InputError, CalibrationError, ModelLoadError, DataSpecError
 
@@ -49,8 +49,8 @@ def _print_json(obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ calibrate
 def _calibrate(args: argparse.Namespace) -> int:
-    from serve.ood.calibration import calibrate_model
-    from serve.ood.shifts import SHIFT_NAMES
+    from ood.calibration import calibrate_model
+    from ood.shifts import SHIFT_NAMES
 
     try:
         cal = calibrate_model(
@@ -154,8 +154,8 @@ def _format_table(report: dict[str, Any]) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from models.atomic_io import atomic_write_text
-    from serve.ood.evaluate import evaluate_model
+    from core.atomic_io import atomic_write_text
+    from ood.evaluate import evaluate_model
 
     try:
         result = evaluate_model(
@@ -183,8 +183,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ score
 def _score(args: argparse.Namespace) -> int:
-    from serve.ood.inputs import embed_images, image_paths, open_image, open_runtime
-    from serve.ood.suite import ScoreSuite
+    from ood.inputs import embed_images, image_paths, open_image, open_runtime
+    from ood.suite import ScoreSuite
 
     try:
         files = image_paths(args.paths)

@@ -3,9 +3,9 @@
 `ScoreSuite` is what the HTTP server imports; heavy pieces (the ONNX runtime, faiss) load only where used.
 """
 
-from serve.ood.calibration import calibrate, calibrate_model
-from serve.ood.scores import CALIBRATION_VERSION, CalibrationError, OODScorer, OODScores
-from serve.ood.suite import ScoreSuite, ServedScores
+from ood.calibration import calibrate, calibrate_model
+from ood.scores import CALIBRATION_VERSION, CalibrationError, OODScorer, OODScores
+from ood.suite import ScoreSuite, ServedScores
 
 __all__ = [
     "CALIBRATION_VERSION",

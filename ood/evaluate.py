@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from serve.ood.baselines import KNNDistance, Mahalanobis, l0_deviation
-from serve.ood.calibration import calibrate
-from serve.ood.detectors import Inputs
-from serve.ood.metrics import auroc, ood_metrics
-from serve.ood.scores import l0_fraction
-from serve.ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
+from ood.baselines import KNNDistance, Mahalanobis, l0_deviation
+from ood.calibration import calibrate
+from ood.detectors import Inputs
+from ood.metrics import auroc, ood_metrics
+from ood.scores import l0_fraction
+from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
 
 REPORT_VERSION = 2
 OUR_METHODS = ("rate", "pattern", "combined")
@@ -187,7 +187,7 @@ def evaluate_model(
     The model's stored calibration is used when it has one (that is what `serve` uses); otherwise, or with
     `recalibrate`, the scores are calibrated on the same ID train split the baselines are fitted on.
     """
-    from serve.ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
+    from ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
 
     runtime = open_runtime(model_path)
     id_source = open_spec(id_spec)

@@ -14,8 +14,10 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import sparse
 
+from core.errors import InvalidError
 
-class InputError(ValueError):
+
+class InputError(InvalidError):
     """A model path, data spec or image path that cannot be used; the CLI prints the message on one line."""
 
 
@@ -30,7 +32,7 @@ class Embedded:
 
     def inputs(self) -> Any:
         """The rows as `detectors.Inputs`, what every OOD score takes."""
-        from serve.ood.detectors import Inputs
+        from ood.detectors import Inputs
 
         return Inputs.from_arrays(self.matrix, self.features)
 
@@ -56,7 +58,7 @@ def open_runtime(model_path: str | Path) -> Any:
 
 def open_spec(spec: str) -> Any:
     """An ImageSource for a data spec, with the spec grammar's error turned into InputError."""
-    from pretrain.data.sources import DataSpecError, open_source
+    from data.sources import DataSpecError, open_source
 
     try:
         return open_source(spec)
@@ -161,7 +163,7 @@ def embed_source(
 
 def image_paths(paths: list[str]) -> list[Path]:
     """Expand files and folders (recursively, image extensions only) into a sorted list of image files."""
-    from pretrain.data.sources import IMAGE_EXTENSIONS
+    from data.sources import IMAGE_EXTENSIONS
 
     files: list[Path] = []
     for raw in paths:

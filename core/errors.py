@@ -1,0 +1,25 @@
+"""The product's error base: every stage's errors subclass `LpjepaError`, so each front end maps them in one place.
+
+The domain code says *what* went wrong (a class per kind of failure, a message naming the file, field or input);
+it never decides how a front end reports it. The HTTP server turns these classes into statuses in one exception
+handler (serve/errors.py) and the CLI into a one-line message and an exit code (cli/errors.py).
+
+Two families below the base, because callers outside the product already catch the builtin kinds:
+`InvalidError` is also a ValueError (the input, a file on disk or the requested state is wrong: retrying the same
+thing cannot help) and `UnavailableError` is also a ConnectionError (a service is down or overloaded: a retry may
+succeed). Keeping them apart matters: an `except ValueError` must never turn an outage into a 4xx.
+"""
+
+from __future__ import annotations
+
+
+class LpjepaError(Exception):
+    """Base of every error the product raises on purpose; anything else reaching a front end is a bug."""
+
+
+class InvalidError(LpjepaError, ValueError):
+    """The input, a file on disk, or the requested state is wrong, not the program."""
+
+
+class UnavailableError(LpjepaError, ConnectionError):
+    """A service the request needs (a Milvus server) cannot be reached or failed; the request may be retried."""
