@@ -39,7 +39,7 @@ from serve.embedding import (
     model_runner,
     open_store,
 )
-from serve.errors import ApiError, error_response, install_error_handlers
+from serve.errors import ApiError, install_error_handlers
 from serve.images import decode_base64
 from serve.limits import BodyLimitMiddleware, ConcurrencyLimitMiddleware
 from serve.metrics import MetricsMiddleware, ServeMetrics
@@ -81,7 +81,7 @@ from serve.schemas import (
     SearchResponse,
 )
 from serve.settings import ServeSettings
-from serve.store import ItemStore, StoreError
+from serve.store import ItemStore
 
 log = logging.getLogger("lpjepa.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -189,13 +189,6 @@ def create_app(
     )
     app.state.serve = state
     install_error_handlers(app)
-
-    @app.exception_handler(BackendUnavailableError)
-    async def _backend_unavailable(request: Request, exc: BackendUnavailableError) -> JSONResponse:
-        # Milvus down or failing: the client may retry (a write that got this answer was not acknowledged by Milvus;
-        # an upsert is idempotent, so retrying it is safe). Never a 500.
-        log.warning("backend unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "backend_unavailable", str(exc), {"Retry-After": str(BACKEND_RETRY_AFTER_S)})
 
     app.add_middleware(ConcurrencyLimitMiddleware, max_inflight=settings.max_inflight)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -554,12 +547,9 @@ def create_app(
                 rows[pos] = (nz.astype(np.int32), vectors[j][nz])
                 thumbs[pos] = blob_thumbs[j]
         matrix = rows_to_csr(rows, state.dim)
-        try:
-            created, replaced = await anyio.to_thread.run_sync(
-                store.upsert, np.asarray(ids, dtype=np.int64), matrix, payloads, thumbs
-            )
-        except StoreError as err:
-            raise ApiError(err.status, err.code, str(err)) from err
+        created, replaced = await anyio.to_thread.run_sync(
+            store.upsert, np.asarray(ids, dtype=np.int64), matrix, payloads, thumbs
+        )
         size = await anyio.to_thread.run_sync(len, store)  # a round trip when the index is remote
         return PutItemsResponse(ids=ids, created=created, replaced=replaced, index_size=size)
 

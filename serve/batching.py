@@ -5,7 +5,8 @@ A model call costs much more per call than per image, so a single worker gathers
 company (at most `max_wait_ms` after the first request arrived) only while other requests are known to be on
 their way, i.e. still being decoded: a lone request is never delayed, and under load the requests that arrive
 while the model is busy form the next batch by themselves. The queue is bounded in images: past `max_queue`
-new work is refused with 503 + Retry-After right away instead of piling up until every caller times out.
+new work is refused right away (OverloadedError; the API answers 503 + Retry-After) instead of piling up until every
+caller times out.
 
 A request may submit a callable instead of its batch (its decoding): the model thread runs it just before the
 model call, so a batch of small images costs one thread hand-off instead of one per request, and the model
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import ApiError
+from core.errors import LpjepaError, UnavailableError
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -61,8 +62,19 @@ def _concat_one(parts: list[Any]) -> Any:
     return [row for part in parts for row in part]
 
 
-def overloaded(message: str) -> ApiError:
-    return ApiError(503, "overloaded", message, {"Retry-After": "1"})
+class OverloadedError(UnavailableError):
+    """The model queue is full, or the model did not answer within the request timeout: retry later."""
+
+
+class ShuttingDownError(UnavailableError):
+    """The batcher was stopped: the server is shutting down."""
+
+
+class ModelFailedError(LpjepaError):
+    """The model call failed; every request of that batch gets this error."""
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -147,7 +159,7 @@ class DynamicBatcher:
             self._worker = asyncio.create_task(self._loop(), name="lpjepa-batcher")
 
     async def stop(self) -> None:
-        """Refuse new work, fail what is queued with 503, and wait for the running batch to finish."""
+        """Refuse new work, fail what is queued with ShuttingDownError, and wait for the running batch to finish."""
         self._closed = True
         if self._worker is not None:
             self._worker.cancel()
@@ -157,7 +169,7 @@ class DynamicBatcher:
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
-                job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
+                job.future.set_exception(ShuttingDownError(SHUTTING_DOWN))
         self._pending_images = 0
         self._executor.shutdown(wait=True)
 
@@ -185,13 +197,13 @@ class DynamicBatcher:
         """Embed a (N, C, H, W) batch; returns the model's rows for it ((N, dim), or a tuple of row-aligned parts).
 
         `batch` may be a callable that returns the batch; it then runs in the model thread just before the model
-        call (its exception, e.g. an ApiError for a corrupt image, fails this request only) and `size` must say
-        how many images it will produce. Raises ApiError 503 when overloaded or stopping.
+        call (its exception, e.g. a CorruptImageError, fails this request only) and `size` must say
+        how many images it will produce. Raises OverloadedError or ShuttingDownError.
         """
         if ticket is not None:
             ticket.release()
         if self._closed:
-            raise ApiError(503, "shutting_down", "the server is shutting down")
+            raise ShuttingDownError(SHUTTING_DOWN)
         if callable(batch):
             if size is None:
                 raise ValueError("submit(callable) needs size=")
@@ -201,7 +213,7 @@ class DynamicBatcher:
         if n == 0:
             raise ValueError("empty batch")
         if self.queued_images + n > self.max_queue:
-            raise overloaded(
+            raise OverloadedError(
                 f"model queue is full ({self.queued_images} images waiting, limit {self.max_queue}); retry later"
             )
         loop = asyncio.get_running_loop()
@@ -217,7 +229,7 @@ class DynamicBatcher:
             return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
         except asyncio.TimeoutError as err:
             job.future.cancel()  # still queued: the worker drops it instead of computing for nobody
-            raise overloaded(f"the model did not answer within {self.timeout_s:g} s; retry later") from err
+            raise OverloadedError(f"the model did not answer within {self.timeout_s:g} s; retry later") from err
         except asyncio.CancelledError:  # the client went away
             job.future.cancel()
             raise
@@ -231,7 +243,7 @@ class DynamicBatcher:
             fut = loop.run_in_executor(self._executor, lambda: self._run_chunked(job.materialize()))
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except asyncio.TimeoutError as err:
-            raise overloaded(f"the model did not answer within {self.timeout_s:g} s; retry later") from err
+            raise OverloadedError(f"the model did not answer within {self.timeout_s:g} s; retry later") from err
         finally:
             self._inflight_images -= n
             self._observer.queue_depth(self.queued_images)
@@ -288,13 +300,13 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
+                        job.future.set_exception(ShuttingDownError(SHUTTING_DOWN))
                 raise
             except Exception as err:  # the model failed: every caller of this batch gets the error
                 log.exception("model batch of %d images failed", n)
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(ApiError(500, "model_error", f"model inference failed: {err}"))
+                        job.future.set_exception(ModelFailedError(f"model inference failed: {err}"))
             else:
                 offset = 0
                 for i, job in enumerate(jobs):

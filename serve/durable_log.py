@@ -34,13 +34,13 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import sparse
 
 from core.atomic_io import fsync_path
-from core.errors import InvalidError
+from core.errors import InvalidError, UnavailableError
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -70,21 +70,40 @@ _LEN = struct.Struct("<q")
 
 
 class StoreError(InvalidError):
-    """A write the store refuses (e.g. wrong dimension); carries the HTTP status the API should answer with."""
+    """A write or an index directory the store refuses (e.g. a wrong dimension, a file in the way)."""
 
-    def __init__(self, message: str, status: int = 422, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+    code: ClassVar[str] = "invalid_request"  # the failure's name (the API's error code, serve/errors.py)
+
+
+class WrongDimensionError(StoreError):
+    """Vectors or a database of another width than the model's."""
+
+    code = "wrong_dimension"
+
+
+class StoreLockedError(StoreError):
+    """Another server process holds the database."""
+
+    code = "store_locked"
 
 
 class CorruptStoreError(StoreError):
     """The durable state on disk is damaged or inconsistent: the server refuses to start rather than lose rows."""
 
+    code = "corrupt_store"
+
     def __init__(self, path: Path, what: str) -> None:
         hint = REPAIR_HINT.format(dir=path.parent, path=path)
-        super().__init__(f"{path}: {what}; the server will not start on damaged state: {hint}", 500, "corrupt_store")
+        super().__init__(f"{path}: {what}; the server will not start on damaged state: {hint}")
         self.path = path
+
+
+class StoreUnavailableError(UnavailableError):
+    """The database could not commit a write (nothing was changed): the request may be retried."""
+
+
+class StoreClosedError(StoreUnavailableError):
+    """The store was closed (the server is shutting down)."""
 
 
 @dataclass
@@ -210,7 +229,7 @@ class ItemLog:
         except (KeyError, ValueError):
             raise CorruptStoreError(path, f"meta table is damaged ({meta})") from None
         if stored_dim != dim:
-            raise StoreError(f"{path} holds {stored_dim}-dimensional items but the model produces {dim}")
+            raise WrongDimensionError(f"{path} holds {stored_dim}-dimensional items but the model produces {dim}")
         self.last_seq = last_seq
 
     def verify(self) -> int:
@@ -289,9 +308,7 @@ class ItemLog:
                 )
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(seq),))
         except sqlite3.Error as err:
-            raise StoreError(
-                f"the write could not be stored ({err}); nothing was changed", 503, "storage_error"
-            ) from err
+            raise StoreUnavailableError(f"the write could not be stored ({err}); nothing was changed") from err
         self.last_seq = seq
 
     def close(self) -> None:
@@ -362,10 +379,8 @@ def acquire_lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(
-            f"{path} is in use by another server process (it holds {path}.lock); one server per index directory",
-            409,
-            "store_locked",
+        raise StoreLockedError(
+            f"{path} is in use by another server process (it holds {path}.lock); one server per index directory"
         ) from None
     return fd
 

@@ -155,13 +155,7 @@ def _probe(state: ServeState, blobs: list[tuple[str, bytes]]) -> tuple[list[Any]
 
 
 def _preprocess(state: ServeState, probed: list[Any], blobs: list[tuple[str, bytes]]) -> np.ndarray:
-    from export.runtime import ImageDecodeError
-
-    images = load_images(probed, blobs)
-    try:
-        return state.runtime.preprocess(images)
-    except ImageDecodeError as err:
-        raise ApiError(422, "invalid_image", str(err)) from err
+    return state.runtime.preprocess(load_images(probed, blobs))  # ImageDecodeError: 422 (serve/errors.py)
 
 
 def _decode_and_preprocess(

@@ -1,7 +1,12 @@
-"""One error shape for every failure: {"error": {"code": ..., "message": ...}}.
+"""One error shape for every failure: {"error": {"code": ..., "message": ...}}, and one table from errors to statuses.
 
 Clients (and the web page) branch on `code` and show `message`; FastAPI's defaults mix {"detail": str} and
 {"detail": [validation items]}, so every path, including validation and unexpected exceptions, is routed here.
+
+The domain code (batcher, image decoding, strict JSON, the store and its database, the other stages) raises
+`core.errors.LpjepaError` subclasses that say what went wrong and nothing about HTTP; `HTTP_ERRORS` below is the one
+place that decides which status and code a client gets for each. Only the HTTP layer itself (routers, dependencies,
+request parsing) raises `ApiError`, which names its status directly.
 """
 
 from __future__ import annotations
@@ -13,11 +18,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.errors import InvalidError, LpjepaError, UnavailableError
+from export.errors import ImageDecodeError, ModelLoadError
+from index.errors import BackendUnavailableError, DimensionMismatchError, IndexError_, UnknownIdError
+from ood.scores import CalibrationError
+from serve import images, strict_json
+from serve.batching import ModelFailedError, OverloadedError, ShuttingDownError
+from serve.durable_log import (
+    CorruptStoreError,
+    StoreClosedError,
+    StoreError,
+    StoreLockedError,
+    StoreUnavailableError,
+    WrongDimensionError,
+)
+
 log = logging.getLogger("lpjepa.serve")
 
 
-class ApiError(Exception):
-    """An error the client caused or must react to (overload, missing index); rendered as JSON, never a 500."""
+class ApiError(LpjepaError):
+    """A refusal the HTTP layer decides itself (auth, readiness, a malformed request): it names its status."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -25,6 +45,59 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+# error class -> (HTTP status, error code). The most specific class in an error's MRO wins; every 503 carries
+# Retry-After (RETRY_AFTER_S, 1 s unless listed).
+HTTP_ERRORS: dict[type[BaseException], tuple[int, str]] = {
+    # the batcher and the decode gate
+    OverloadedError: (503, "overloaded"),
+    images.DecodeBusyError: (503, "overloaded"),
+    ShuttingDownError: (503, "shutting_down"),
+    ModelFailedError: (500, "model_error"),
+    # the store and its database
+    StoreClosedError: (503, "shutting_down"),
+    StoreUnavailableError: (503, "storage_error"),
+    **{cls: (status, cls.code) for cls, status in ((StoreLockedError, 409), (CorruptStoreError, 500))},
+    **{cls: (422, cls.code) for cls in (WrongDimensionError, StoreError)},
+    # uploaded images
+    images.InvalidImageError: (422, "invalid_image"),
+    images.InvalidBase64Error: (422, "invalid_base64"),
+    images.UnsupportedImageError: (415, "unsupported_image_format"),
+    images.ImageTooLargeError: (413, "image_too_large"),
+    images.TooManyPixelsError: (413, "too_many_pixels"),
+    images.CorruptImageError: (422, "corrupt_image"),
+    # strict JSON
+    strict_json.MalformedJsonError: (400, "malformed_json"),
+    strict_json.JsonTooDeepError: (422, "too_deep"),
+    strict_json.InvalidNumberError: (422, "invalid_number"),
+    strict_json.InvalidUnicodeError: (422, "invalid_unicode"),
+    strict_json.InvalidPayloadError: (422, "invalid_payload"),
+    strict_json.PayloadTooLargeError: (413, "payload_too_large"),
+    # the other stages
+    ImageDecodeError: (422, "invalid_image"),
+    ModelLoadError: (503, "loading"),
+    BackendUnavailableError: (503, "backend_unavailable"),  # Milvus down: a write that got this was not acknowledged
+    DimensionMismatchError: (422, "wrong_dimension"),
+    UnknownIdError: (404, "unknown_id"),
+    IndexError_: (422, "invalid_request"),
+    CalibrationError: (500, "ood_error"),
+    # the families: what an error no row above names gets
+    UnavailableError: (503, "unavailable"),
+    InvalidError: (422, "invalid_request"),
+    LpjepaError: (500, "internal_error"),
+}
+RETRY_AFTER_S = {BackendUnavailableError: 2}  # Milvus needs longer than our own queues to come back
+
+
+def http_error(exc: LpjepaError) -> tuple[int, str, dict[str, str]]:
+    """(status, code, headers) of a product error."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.headers
+    kind = next(cls for cls in type(exc).__mro__ if cls in HTTP_ERRORS)
+    status, code = HTTP_ERRORS[kind]
+    headers = {"Retry-After": str(RETRY_AFTER_S.get(kind, 1))} if status == 503 else {}
+    return status, code, headers
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -58,9 +131,12 @@ def format_validation(err: RequestValidationError) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    @app.exception_handler(LpjepaError)
+    async def _product_error(request: Request, exc: LpjepaError) -> JSONResponse:
+        status, code, headers = http_error(exc)
+        if status >= 500:
+            log.warning("%s on %s %s: %s", code, request.method, request.url.path, exc)
+        return error_response(status, code, str(exc), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

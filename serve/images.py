@@ -16,13 +16,45 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from serve.errors import ApiError
+from core.errors import InvalidError, UnavailableError
+
+
+class ImageRejected(InvalidError):
+    """An uploaded image the server will not decode; each subclass is one reason (serve/errors.py maps them)."""
+
+
+class InvalidImageError(ImageRejected):
+    """Empty, not a string, or without pixels."""
+
+
+class InvalidBase64Error(ImageRejected):
+    """A JSON image that is not base64."""
+
+
+class UnsupportedImageError(ImageRejected):
+    """Not an image PIL recognises, or a format outside the allow-list."""
+
+
+class ImageTooLargeError(ImageRejected):
+    """More pixels than one image may have (checked from the header)."""
+
+
+class TooManyPixelsError(ImageRejected):
+    """The request's images together exceed the per-request pixel budget."""
+
+
+class CorruptImageError(ImageRejected):
+    """A known format whose header or data is truncated or damaged."""
+
+
+class DecodeBusyError(UnavailableError):
+    """The decode pixel budget stayed full for the whole request timeout: retry later."""
 
 
 def decode_base64(text: str, where: str) -> bytes:
     """Standard or URL-safe base64, with or without a data: URL prefix (what browsers' FileReader produces)."""
     if not isinstance(text, str) or not text:
-        raise ApiError(422, "invalid_image", f"{where}: expected a non-empty base64 string")
+        raise InvalidImageError(f"{where}: expected a non-empty base64 string")
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     cleaned = "".join(text.split())
@@ -31,39 +63,34 @@ def decode_base64(text: str, where: str) -> bytes:
             return base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
         return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise ApiError(422, "invalid_base64", f"{where}: not valid base64 ({err})") from err
+        raise InvalidBase64Error(f"{where}: not valid base64 ({err})") from err
 
 
 def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """Open lazily: the format and the size come from the header, before a single pixel is decoded."""
     if not data:
-        raise ApiError(422, "invalid_image", f"{where}: empty file")
+        raise InvalidImageError(f"{where}: empty file")
     try:
         with warnings.catch_warnings():
             # Our own limits replace PIL's global one (a warning at 89 MP, an error at twice that).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError as err:
-        raise ApiError(415, "unsupported_image_format", f"{where}: not a recognised image file") from err
+        raise UnsupportedImageError(f"{where}: not a recognised image file") from err
     except Image.DecompressionBombError as err:
-        raise ApiError(413, "image_too_large", f"{where}: {err}") from err
+        raise ImageTooLargeError(f"{where}: {err}") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ApiError(422, "corrupt_image", f"{where}: the image header is corrupt or truncated ({err})") from err
+        raise CorruptImageError(f"{where}: the image header is corrupt or truncated ({err})") from err
     fmt = (img.format or "").upper()
     if fmt not in formats:
-        raise ApiError(
-            415,
-            "unsupported_image_format",
-            f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {', '.join(formats)})",
-        )
+        accepted = ", ".join(formats)
+        raise UnsupportedImageError(f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {accepted})")
     width, height = img.size
     if width < 1 or height < 1:
-        raise ApiError(422, "invalid_image", f"{where}: image has no pixels")
+        raise InvalidImageError(f"{where}: image has no pixels")
     if width * height > max_pixels:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
+        raise ImageTooLargeError(
+            f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
         )
     return img
 
@@ -74,9 +101,9 @@ def _load(img: Image.Image, where: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
     except Image.DecompressionBombError as err:
-        raise ApiError(413, "image_too_large", f"{where}: {err}") from err
+        raise ImageTooLargeError(f"{where}: {err}") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated/corrupt data inside a known format
-        raise ApiError(422, "corrupt_image", f"{where}: the image data is corrupt or truncated ({err})") from err
+        raise CorruptImageError(f"{where}: the image data is corrupt or truncated ({err})") from err
     return img
 
 
@@ -103,9 +130,7 @@ class PixelGate:
         pixels = min(pixels, self.capacity)
         with self._cond:
             if not self._cond.wait_for(lambda: self.in_use + pixels <= self.capacity, timeout=timeout):
-                raise ApiError(
-                    503, "overloaded", "too many images are being decoded right now; retry later", {"Retry-After": "1"}
-                )
+                raise DecodeBusyError("too many images are being decoded right now; retry later")
             self.in_use += pixels
         try:
             yield
@@ -127,9 +152,7 @@ def open_images(
     probed = [_probe(data, where, max_pixels=max_pixels, formats=formats) for where, data in blobs]
     total = sum(img.size[0] * img.size[1] for img in probed)
     if total > max_request_pixels:
-        raise ApiError(
-            413,
-            "too_many_pixels",
+        raise TooManyPixelsError(
             f"the request's {len(probed)} images hold {total} pixels together; the limit per request is "
             f"{max_request_pixels} (send fewer or smaller images)",
         )

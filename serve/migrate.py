@@ -29,7 +29,7 @@ import numpy as np
 from scipy import sparse
 
 from core.atomic_io import fsync_path
-from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, StoreError, encode_payload
+from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, StoreError, StoreUnavailableError, encode_payload
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -169,7 +169,7 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
         if dead:
             db.delete(dead)
         last = db.last_seq
-    except (StoreError, ValueError) as err:
+    except (StoreError, StoreUnavailableError, ValueError) as err:
         db.close()
         raise CorruptStoreError(wal_path, f"the old state cannot be stored ({err})") from None
     db.close()  # checkpointed into the one file: it can be renamed alone

@@ -1,6 +1,7 @@
 """Reading request bodies: JSON (strict), multipart forms, form fields and client-supplied embeddings.
 
-Every helper raises ApiError with a 4xx status and a message naming the offending field, so the handlers in
+Every helper raises ApiError (or a strict-JSON error, serve/errors.py) with a 4xx status and a message naming the
+offending field, so the handlers in
 serve/app.py read like the API description and never produce a 500 for bad input.
 """
 
@@ -51,9 +52,9 @@ def strict_loads(
     try:
         return strict_json.loads(data, where=where, max_depth=max_depth)
     except strict_json.JsonRejected as err:
-        if field_code is not None:
-            raise ApiError(422, field_code, str(err)) from None
-        raise ApiError(err.status, err.code, str(err)) from None
+        if field_code is None:
+            raise
+        raise ApiError(422, field_code, str(err)) from None
 
 
 def content_kind(request: Request) -> str:
@@ -239,7 +240,4 @@ def parse_payloads(text: str | None, n: int) -> list[dict[str, Any] | None]:
 
 def check_payload(payload: dict[str, Any] | None, where: str, limit: int) -> None:
     """Strict JSON object, depth <= 32, valid Unicode, at most `limit` bytes: it must read back forever."""
-    try:
-        strict_json.check_payload_value(payload, where, limit)
-    except strict_json.JsonRejected as err:
-        raise ApiError(err.status, err.code, str(err)) from None
+    strict_json.check_payload_value(payload, where, limit)

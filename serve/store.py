@@ -41,7 +41,16 @@ from scipy import sparse
 from index.rwlock import RWLock
 from index.store import MANIFEST
 from index.validation import check_ids, check_payloads, check_thumbnails, check_vectors
-from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, Row, StoreError, encode_payload
+from serve.durable_log import (
+    DB_NAME,
+    CorruptStoreError,
+    ItemLog,
+    Row,
+    StoreClosedError,
+    StoreError,
+    WrongDimensionError,
+    encode_payload,
+)
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -165,7 +174,7 @@ class ItemStore:
         if not getattr(index, "owns_durability", False):
             raise StoreError(f"the {getattr(index, 'backend', '?')} backend keeps no durable state of its own")
         if index.dim != dim:
-            raise StoreError(f"the index has dimension {index.dim} but the model produces {dim}")
+            raise WrongDimensionError(f"the index has dimension {index.dim} but the model produces {dim}")
         store = cls(None, index, dim=dim, compact_every=1, metrics=metrics)
         index.prepare()
         return store
@@ -254,8 +263,8 @@ class ItemStore:
             thumbs = check_thumbnails(thumbs, ids.size) or [None] * ids.size
             texts = [encode_payload(p) for p in payloads]
         except (ValueError, UnicodeEncodeError) as err:
-            code = "wrong_dimension" if "dimension" in str(err) else "invalid_request"
-            raise StoreError(str(err), code=code) from err
+            kind = WrongDimensionError if "dimension" in str(err) else StoreError
+            raise kind(str(err)) from err
         with self._writer:
             self._check_open()
             replaced = int(self.index.contains(ids).sum())
@@ -288,7 +297,7 @@ class ItemStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreError("the index is closed (server shutting down)", status=503, code="shutting_down")
+            raise StoreClosedError("the index is closed (server shutting down)")
 
     def _count_write(self, n: int) -> None:
         if self.metrics is not None:
@@ -339,7 +348,7 @@ class ItemStore:
             self.metrics.compactions.inc()
 
     def close(self) -> None:
-        """Snapshot and release the database; later writes are refused with 503."""
+        """Snapshot and release the database; later writes are refused (StoreClosedError)."""
         with self._writer:
             if self._closed:
                 return

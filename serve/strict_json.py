@@ -31,12 +31,31 @@ _OPEN[[ord("]"), ord("}")]] = -1
 
 
 class JsonRejected(InvalidError):
-    """Input that is not strict JSON; `status` 400 (not JSON at all) or 422 (JSON the server will not accept)."""
+    """Input that is not strict JSON, or JSON the server will not store; a subclass per reason."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+
+class MalformedJsonError(JsonRejected):
+    """Not JSON at all (or not UTF-8)."""
+
+
+class JsonTooDeepError(JsonRejected):
+    """Nested deeper than the limit."""
+
+
+class InvalidNumberError(JsonRejected):
+    """A non-finite number or an integer too long to parse."""
+
+
+class InvalidUnicodeError(JsonRejected):
+    """A string holding a lone surrogate, which no UTF-8 encoder can write back."""
+
+
+class InvalidPayloadError(JsonRejected):
+    """A payload that is not a JSON object, too deep, or not strict JSON."""
+
+
+class PayloadTooLargeError(JsonRejected):
+    """A payload over the byte limit."""
 
 
 def nesting_depth(data: bytes) -> int:
@@ -65,29 +84,27 @@ def loads(data: bytes | str, *, where: str = "body", max_depth: int = MAX_BODY_D
         try:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:
-            raise JsonRejected(422, "invalid_unicode", f"{where}: contains a lone surrogate") from None
+            raise InvalidUnicodeError(f"{where}: contains a lone surrogate") from None
     else:
         raw = data
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise JsonRejected(
-                400, "malformed_json", f"{where}: not UTF-8 ({err.reason} at byte {err.start})"
-            ) from None
+            raise MalformedJsonError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
     depth = nesting_depth(raw)
     if depth > max_depth:
-        raise JsonRejected(422, "too_deep", f"{where}: JSON nested {depth} levels deep; at most {max_depth} allowed")
+        raise JsonTooDeepError(f"{where}: JSON nested {depth} levels deep; at most {max_depth} allowed")
     try:
         obj = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
-        raise JsonRejected(
-            400, "malformed_json", f"{where}: malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        raise MalformedJsonError(
+            f"{where}: malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
     except ValueError as err:  # non-finite numbers, integers with more than 4300 digits
-        raise JsonRejected(422, "invalid_number", f"{where}: {err}") from None
+        raise InvalidNumberError(f"{where}: {err}") from None
     bad = first_bad_string(obj)
     if bad is not None:
-        raise JsonRejected(422, "invalid_unicode", f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
+        raise InvalidUnicodeError(f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
     return obj
 
 
@@ -135,18 +152,16 @@ def check_payload_value(payload: Any, where: str, max_bytes: int) -> None:
     if payload is None:
         return
     if not isinstance(payload, dict):
-        raise JsonRejected(422, "invalid_payload", f"{where}: must be a JSON object or null")
+        raise InvalidPayloadError(f"{where}: must be a JSON object or null")
     depth = depth_of(payload, MAX_PAYLOAD_DEPTH)
     if depth > MAX_PAYLOAD_DEPTH:
-        raise JsonRejected(
-            422, "invalid_payload", f"{where}: nested more than {MAX_PAYLOAD_DEPTH} levels deep (at most allowed)"
-        )
+        raise InvalidPayloadError(f"{where}: nested more than {MAX_PAYLOAD_DEPTH} levels deep (at most allowed)")
     bad = first_bad_string(payload)
     if bad is not None:
-        raise JsonRejected(422, "invalid_payload", f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
+        raise InvalidPayloadError(f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
     try:
         size = len(json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8"))
     except (TypeError, ValueError) as err:
-        raise JsonRejected(422, "invalid_payload", f"{where}: not strict JSON ({err})") from None
+        raise InvalidPayloadError(f"{where}: not strict JSON ({err})") from None
     if size > max_bytes:
-        raise JsonRejected(413, "payload_too_large", f"{where}: {size} bytes of JSON exceeds the limit of {max_bytes}")
+        raise PayloadTooLargeError(f"{where}: {size} bytes of JSON exceeds the limit of {max_bytes}")
