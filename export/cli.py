@@ -107,37 +107,12 @@ def run_export(args: argparse.Namespace) -> int:
     _check_out(args.out, args.fmt)
     ood = _read_ood(args.ood_calibration)
     if args.fmt == "tensorrt":
-        if not args.min_batch <= args.opt_batch <= args.max_batch:
-            raise CliError(
-                f"need --min-batch <= --opt-batch <= --max-batch, got "
-                f"{args.min_batch}/{args.opt_batch}/{args.max_batch}"
-            )
-        from export.tensorrt import missing_requirements
+        _check_tensorrt(args)
+    from models.checkpoint import read_header
 
-        missing = missing_requirements()
-        if missing:
-            raise CliError("--format tensorrt needs " + " and ".join(missing) + "; use --format onnx instead")
-
-    from export.errors import ExportError, ModelLoadError, ParityError
-    from models.checkpoint import CheckpointError, read_header
-
-    try:
-        read_header(args.checkpoint)  # fail fast on a missing/corrupt checkpoint, before importing exporters
-    except CheckpointError as err:
-        raise CliError(str(err)) from err
-
+    read_header(args.checkpoint)  # fail fast on a missing/corrupt checkpoint, before importing exporters
+    from export.errors import ParityError
     from export.onnx_export import export_checkpoint
-    from export.parity import TOLERANCES
-
-    tolerance = None
-    if args.max_l0_drift is not None or args.min_overlap is not None:
-        if args.precision == "fp32":
-            raise CliError("--max-l0-drift/--min-overlap apply to --precision fp16 or int8 only")
-        default_drift, default_overlap = TOLERANCES[args.precision]
-        tolerance = (
-            default_drift if args.max_l0_drift is None else args.max_l0_drift,
-            default_overlap if args.min_overlap is None else args.min_overlap,
-        )
 
     kwargs = dict(
         precision=args.precision,
@@ -150,7 +125,7 @@ def run_export(args: argparse.Namespace) -> int:
         exporter=args.exporter,
         features=not args.no_features,
         ood_calibration=ood,
-        tolerance=tolerance,
+        tolerance=_tolerance(args),
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
         progress=sys.stderr.isatty(),
     )
@@ -158,31 +133,47 @@ def run_export(args: argparse.Namespace) -> int:
         if args.fmt == "tensorrt":
             from export.tensorrt import export_tensorrt
 
-            report = export_tensorrt(
-                args.checkpoint,
-                args.out,
-                min_batch=args.min_batch,
-                opt_batch=args.opt_batch,
-                max_batch=args.max_batch,
-                **kwargs,
-            )
+            batches = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
+            report = export_tensorrt(args.checkpoint, args.out, **batches, **kwargs)
         else:
             report = export_checkpoint(args.checkpoint, args.out, **kwargs)
     except ParityError as err:
         print(err.report.format())
         _write_report(args.report, err.report)
         raise CliError(f"{err}; nothing was written to {args.out}") from err
-    except (CheckpointError, ExportError, ModelLoadError) as err:
-        raise CliError(str(err)) from err
     except OSError as err:
         raise CliError(f"cannot write {args.out}: {err}") from err
-    if report.checks:
-        print(report.format())
-    else:
-        print("parity not checked (--no-parity)")
+    print(report.format() if report.checks else "parity not checked (--no-parity)")
     _write_report(args.report, report)
     print(f"wrote {args.out}")
     return 0
+
+
+def _check_tensorrt(args: argparse.Namespace) -> None:
+    if not args.min_batch <= args.opt_batch <= args.max_batch:
+        raise CliError(
+            f"need --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}/{args.opt_batch}/{args.max_batch}"
+        )
+    from export.backends import missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        raise CliError("--format tensorrt needs " + " and ".join(missing) + "; use --format onnx instead")
+
+
+def _tolerance(args: argparse.Namespace) -> tuple[float, float] | None:
+    """--max-l0-drift/--min-overlap over the precision's default gate (None: the defaults)."""
+    if args.max_l0_drift is None and args.min_overlap is None:
+        return None
+    if args.precision == "fp32":
+        raise CliError("--max-l0-drift/--min-overlap apply to --precision fp16 or int8 only")
+    from export.parity import TOLERANCES
+
+    default_drift, default_overlap = TOLERANCES[args.precision]
+    return (
+        default_drift if args.max_l0_drift is None else args.max_l0_drift,
+        default_overlap if args.min_overlap is None else args.min_overlap,
+    )
 
 
 def _write_report(path: Path | None, report: object) -> None:

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from export import metadata as meta_io
-from export.errors import ExportError, ParityError
+from export.errors import ExportError
 from export.parity import ParityReport, compare
+from export.runtime import EmbeddingRuntime
 
 PRECISIONS = ("fp32", "fp16", "int8")
 EXPORTERS = ("dynamo", "torchscript")
@@ -116,7 +118,6 @@ def torch_to_onnx(
     """Trace `model` (eval mode) into an onnx.ModelProto with a dynamic batch axis named `batch`."""
     import io
 
-    import onnx
     import torch
 
     wrapped = _wrap(model, features)
@@ -200,8 +201,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     class Reader(_BatchReader, CalibrationDataReader):
         pass
 
-    import onnx
-
     prepped = out_path.with_name(out_path.stem + ".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
     # The last projector layer stays float: quantizing its output rounds activations below half a step to
@@ -270,10 +269,12 @@ def build_metadata(
     }
 
 
-def check_options(precision: str, opset: int | None, exporter: str) -> int:
+def check_options(
+    precision: str, opset: int | None, exporter: str, tolerance: tuple[float, float] | None = None
+) -> int:
     """Validate user choices before any heavy work; returns the opset to use."""
-    import onnx
-
+    if tolerance is not None and not (tolerance[0] >= 0 and 0 <= tolerance[1] <= 1):
+        raise ExportError(f"tolerance needs l0 drift >= 0 and 0 <= overlap <= 1, got {tolerance}")
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if exporter not in EXPORTERS:
@@ -331,22 +332,15 @@ def export_checkpoint(
     Raises CheckpointError for an unusable checkpoint, ExportError for bad options or missing data, and
     ParityError (carrying the report) when a tolerance is broken; `out` is only written on success.
     """
-    import onnx
-
     from core.atomic_io import file_sha256
     from models.checkpoint import load_checkpoint, resolve_checkpoint
 
     say = log or (lambda _msg: None)
-    chosen_opset = check_options(precision, opset, exporter)
-    if tolerance is not None and not (tolerance[0] >= 0 and 0 <= tolerance[1] <= 1):
-        raise ExportError(f"tolerance needs l0 drift >= 0 and 0 <= overlap <= 1, got {tolerance}")
+    chosen_opset = check_options(precision, opset, exporter, tolerance)
     ckpt = resolve_checkpoint(checkpoint)
     model, _extra = load_checkpoint(ckpt)
     config = model.config
-    out = Path(out)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-
     eval_set = load_images(parity_source, config.in_channels, parity_images, purpose="parity") if parity else None
     calib_set = None
     if precision == "int8":
@@ -358,7 +352,8 @@ def export_checkpoint(
     )
     shape = (config.in_channels, config.image_size, config.image_size)
     proto = torch_to_onnx(model, shape, chosen_opset, exporter, features=features)
-    timings["export_s"] = time.perf_counter() - t0
+    report = _empty_report(ckpt, out, eval_set, calib_set)
+    report.seconds["export_s"] = time.perf_counter() - t0
     feature_dim = int(model.feature_dim) if features else None
     metadata = build_metadata(config, ckpt, file_sha256(ckpt), precision, chosen_opset, exporter, feature_dim)
     if ood_calibration is not None:
@@ -367,70 +362,90 @@ def export_checkpoint(
         meta_io.encode(metadata)  # fail now, not after minutes of parity checks
     except ValueError as err:
         raise ExportError(f"cannot store the metadata: {err}") from err
-    report = ParityReport(
-        checkpoint=str(ckpt),
-        output=str(out),
-        data=eval_set.name if eval_set else "",
-        n_images=len(eval_set.images) if eval_set else 0,
-        preprocess_max_abs_err=0.0,
-        calibration=calib_set.name if calib_set else None,
-        seconds=timings,
-    )
-    if calib_set is not None and eval_set is not None:
-        report.calibration_overlaps_eval = calib_set.name == eval_set.name
-
     with tempfile.TemporaryDirectory(prefix="lpjepa-export-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        fp32_path = tmp / "fp32.onnx"
+        fp32_path = Path(tmp_dir) / "fp32.onnx"
         meta_io.set_onnx_metadata(proto, {**metadata, "precision": "fp32"})
         onnx.save(proto, str(fp32_path))
-
-        reference = None
-        if eval_set is not None:
-            t1 = time.perf_counter()
-            torch_pre, reference = torch_reference(model, config, eval_set.images)
-            runtime = _cpu_runtime(fp32_path)
-            ours_pre = runtime.preprocess(eval_set.images)
-            report.preprocess_max_abs_err = float(np.abs(ours_pre - torch_pre).max())
-            report.checks.append(compare(reference, runtime.embed_dense(eval_set.images, progress=progress), "fp32"))
-            timings["parity_fp32_s"] = time.perf_counter() - t1
-            if not report.passed:
-                raise ParityError(report, "fp32 parity failed: " + "; ".join(report.failures))
-
-        final_path = fp32_path
-        if precision == "fp16":
-            final_path = tmp / "fp16.onnx"
-            onnx.save(convert_fp16(onnx.load(str(fp32_path))), str(final_path))
-        elif precision == "int8":
-            t1 = time.perf_counter()
-            assert calib_set is not None
-            calib = _cpu_runtime(fp32_path).preprocess(calib_set.images)
-            final_path = tmp / "int8.onnx"
-            say(f"calibrating int8 on {len(calib)} images of {calib_set.name}")
-            quantize_int8(fp32_path, final_path, calib)
-            timings["quantize_s"] = time.perf_counter() - t1
-
+        reference = None if eval_set is None else _check_fp32(report, fp32_path, model, eval_set.images, progress)
+        final_path = _convert(fp32_path, precision, calib_set, report.seconds, say)
         final = onnx.load(str(final_path))
         meta_io.set_onnx_metadata(final, metadata)
         if precision != "fp32":
             onnx.save(final, str(final_path))
             if eval_set is not None and reference is not None:
-                t1 = time.perf_counter()
-                converted = _cpu_runtime(final_path).embed_dense(eval_set.images, progress=progress)
-                report.checks.append(compare(reference, converted, precision, tolerance=tolerance))
-                timings[f"parity_{precision}_s"] = time.perf_counter() - t1
-                if not report.passed:
-                    raise ParityError(report, f"{precision} parity failed: " + "; ".join(report.failures))
-
+                _check_converted(report, final_path, precision, reference, eval_set.images, tolerance, progress)
         if eval_set is not None:
             meta_io.set_onnx_metadata(final, {"parity": report.summary()})
         meta_io.save_onnx_atomic(final, out)
-    timings["total_s"] = time.perf_counter() - t0
+    report.seconds["total_s"] = time.perf_counter() - t0
     return report
+
+
+def _empty_report(ckpt: Path, out: str | Path, eval_set: ImageSet | None, calib_set: ImageSet | None) -> ParityReport:
+    """The report before any check: what is exported where, on which images."""
+    report = ParityReport(
+        checkpoint=str(ckpt),
+        output=str(Path(out)),
+        data=eval_set.name if eval_set else "",
+        n_images=len(eval_set.images) if eval_set else 0,
+        preprocess_max_abs_err=0.0,
+        calibration=calib_set.name if calib_set else None,
+    )
+    if calib_set is not None and eval_set is not None:
+        report.calibration_overlaps_eval = calib_set.name == eval_set.name
+    return report
+
+
+def _check_fp32(report: ParityReport, fp32_path: Path, model: Any, images: list[Any], progress: bool) -> np.ndarray:
+    """fp32 parity (preprocessing and embedding against PyTorch); returns PyTorch's embeddings, the reference of
+    every later check."""
+    t1 = time.perf_counter()
+    torch_pre, reference = torch_reference(model, model.config, images)
+    runtime = _cpu_runtime(fp32_path)
+    report.preprocess_max_abs_err = float(np.abs(runtime.preprocess(images) - torch_pre).max())
+    check = compare(reference, runtime.embed_dense(images, progress=progress), "fp32")
+    report.seconds["parity_fp32_s"] = time.perf_counter() - t1
+    report.require(check, "fp32")
+    return reference
+
+
+def _check_converted(
+    report: ParityReport,
+    path: Path,
+    precision: str,
+    reference: np.ndarray,
+    images: list[Any],
+    tolerance: tuple[float, float] | None,
+    progress: bool,
+) -> None:
+    """fp16/int8 parity: activation rate and retrieval against PyTorch fp32, within `tolerance`."""
+    t1 = time.perf_counter()
+    converted = _cpu_runtime(path).embed_dense(images, progress=progress)
+    check = compare(reference, converted, precision, tolerance=tolerance)
+    report.seconds[f"parity_{precision}_s"] = time.perf_counter() - t1
+    report.require(check, precision)
+
+
+def _convert(
+    fp32_path: Path, precision: str, calib_set: ImageSet | None, timings: dict[str, float], say: Callable[[str], None]
+) -> Path:
+    """The graph of `precision` beside the fp32 one (the fp32 file itself for fp32)."""
+    if precision == "fp16":
+        path = fp32_path.with_name("fp16.onnx")
+        onnx.save(convert_fp16(onnx.load(str(fp32_path))), str(path))
+        return path
+    if precision == "int8":
+        t1 = time.perf_counter()
+        assert calib_set is not None
+        calib = _cpu_runtime(fp32_path).preprocess(calib_set.images)
+        path = fp32_path.with_name("int8.onnx")
+        say(f"calibrating int8 on {len(calib)} images of {calib_set.name}")
+        quantize_int8(fp32_path, path, calib)
+        timings["quantize_s"] = time.perf_counter() - t1
+        return path
+    return fp32_path
 
 
 def _cpu_runtime(path: Path) -> Any:
     """Parity always runs on the CPU provider: deterministic, and what every machine that exports has."""
-    from export.runtime import EmbeddingRuntime
-
     return EmbeddingRuntime(path, providers=["CPUExecutionProvider"], batch_size=128)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from export.errors import ParityError
+
 FP32_MAX_ABS_ERR = 1e-4
 ZERO_EPS = 1e-5
 TOP_K = 10
@@ -152,6 +154,13 @@ class ParityReport:
     @property
     def passed(self) -> bool:
         return self.preprocess_max_abs_err <= FP32_MAX_ABS_ERR and all(c.passed for c in self.checks)
+
+    def require(self, check: ParityCheck, what: str) -> None:
+        """Record `check`; raise ParityError (carrying this report, so the CLI can still print it) unless every
+        check so far passed."""
+        self.checks.append(check)
+        if not self.passed:
+            raise ParityError(self, f"{what} parity failed: " + "; ".join(self.failures))
 
     @property
     def failures(self) -> list[str]:

@@ -18,82 +18,11 @@ import numpy as np
 from scipy import sparse
 
 from export import metadata as meta_io
+from export.backends import OrtBackend, TensorRTBackend, default_providers
 from export.errors import ImageDecodeError, ModelLoadError
 from export.preprocess import ImageInput, Preprocessor
 
 __all__ = ["EmbeddingRuntime", "ImageDecodeError", "ModelLoadError", "default_providers"]
-
-
-def default_providers() -> list[str]:
-    """CUDA when this onnxruntime build and machine offer it, always CPU as the fallback."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-
-
-class _OrtBackend:
-    def __init__(
-        self, path: Path, providers: Sequence[str] | None, num_threads: int | None, spin: bool | None = None
-    ) -> None:
-        import onnxruntime as ort
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
-        load_errors = (
-            ort_state.Fail,
-            ort_state.InvalidProtobuf,
-            ort_state.InvalidGraph,
-            ort_state.NoSuchFile,
-            ort_state.InvalidArgument,
-            ort_state.NotImplemented,
-            ort_state.RuntimeException,
-            OSError,
-            RuntimeError,
-        )
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # CUDA-missing and fusion notices are noise for callers
-        if num_threads is not None:
-            if num_threads < 1:
-                raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-            options.intra_op_num_threads = int(num_threads)
-            options.inter_op_num_threads = 1
-        if spin is not None:  # None: onnxruntime's default (its idle pool threads spin-wait)
-            flag = "1" if spin else "0"
-            options.add_session_config_entry("session.intra_op.allow_spinning", flag)
-            options.add_session_config_entry("session.inter_op.allow_spinning", flag)
-        chosen = list(providers) if providers is not None else default_providers()
-        unknown = [p for p in chosen if p not in ort.get_available_providers()]
-        if unknown:
-            raise ModelLoadError(
-                f"{path}: onnxruntime has no provider {', '.join(unknown)} (available: "
-                f"{', '.join(ort.get_available_providers())})"
-            )
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
-        except load_errors as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"{path} is not a loadable ONNX model: {first}") from err
-        self.providers = self.session.get_providers()
-        self.props = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.max_batch: int | None = None
-
-    def bind(self, input_name: str, output_name: str) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        if input_name not in inputs or output_name not in outputs:
-            raise ModelLoadError(
-                f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match the "
-                f"metadata ({input_name!r} -> {output_name!r})"
-            )
-        self.input_name, self.output_name = input_name, output_name
-        self.input_shape = list(inputs[input_name].shape)
-        self.outputs = outputs
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: batch})[0]
-
-    def run_outputs(self, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(names, {self.input_name: batch})
 
 
 class EmbeddingRuntime:
@@ -116,12 +45,10 @@ class EmbeddingRuntime:
             raise ModelLoadError(f"no model file at {self.path}")
         suffix = self.path.suffix.lower()
         if suffix in meta_io.ENGINE_SUFFIXES:
-            from export.tensorrt import TensorRTBackend
-
             self.metadata = meta_io.read_metadata(self.path)
             self._backend: Any = TensorRTBackend(self.path, self.metadata)
         elif suffix in meta_io.ONNX_SUFFIXES:
-            self._backend = _OrtBackend(self.path, providers, num_threads, spin)
+            self._backend = OrtBackend(self.path, providers, num_threads, spin)
             self.metadata = meta_io.validate(meta_io.decode(self._backend.props), str(self.path))
         else:
             raise ModelLoadError(

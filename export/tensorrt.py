@@ -1,4 +1,4 @@
-"""TensorRT: build a serialized engine from the parity-checked ONNX graph, and run such an engine.
+"""TensorRT: build a serialized engine from the parity-checked ONNX graph (running one: export.backends).
 
 UNTESTED HERE: TensorRT wheels cannot be installed in this environment and no NVIDIA GPU is available, so this
 module is written against the official TensorRT 10 Python API (Builder / OnnxParser / optimization profile /
@@ -17,30 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from export import metadata as meta_io
-from export.errors import MissingBackendError, ModelLoadError, ParityError
+from export.backends import missing_requirements
+from export.errors import MissingBackendError
+from export.onnx_export import export_checkpoint, load_images, torch_reference
 from export.parity import ParityReport, compare
+from export.runtime import EmbeddingRuntime
 
 WORKSPACE_BYTES = 1 << 30
-
-
-def missing_requirements() -> list[str]:
-    """What this machine lacks for TensorRT, in words a user can act on (empty when all is present)."""
-    missing = []
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        missing.append("the `tensorrt` Python package (pip install tensorrt; NVIDIA Linux/Windows wheels only)")
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            missing.append("an NVIDIA GPU visible to CUDA (torch.cuda.is_available() is False)")
-    except ImportError:
-        missing.append("torch (used for CUDA buffers)")
-    return missing
 
 
 def require_tensorrt() -> Any:
@@ -96,52 +80,6 @@ def build_engine(
     return bytes(serialized)
 
 
-class TensorRTBackend:
-    """EmbeddingRuntime's backend for `.engine`/`.plan` files: one execution context, torch CUDA buffers."""
-
-    def __init__(self, path: Path, metadata: dict[str, Any]) -> None:
-        missing = missing_requirements()
-        if missing:
-            raise ModelLoadError(f"{path}: running a TensorRT engine needs " + " and ".join(missing))
-        import tensorrt as trt
-        import torch
-
-        self._torch = torch
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
-            raise ModelLoadError(f"{path} is not a TensorRT engine for this TensorRT version and GPU")
-        self.context = self.engine.create_execution_context()
-        self.providers = ["TensorRT"]
-        profile = metadata.get("tensorrt_profile") or {}
-        self.max_batch = int(profile["max"]) if "max" in profile else None
-        self.props = None
-
-    def bind(self, input_name: str, output_name: str) -> None:
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        if input_name not in names or output_name not in names:
-            raise ModelLoadError(
-                f"engine tensors {names} do not match the metadata ({input_name!r} -> {output_name!r})"
-            )
-        self.input_name, self.output_name = input_name, output_name
-        self.input_shape = list(self.engine.get_tensor_shape(input_name))
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
-        self.context.set_input_shape(self.input_name, tuple(x.shape))
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        y = torch.empty(out_shape, dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        self.context.set_tensor_address(self.output_name, y.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return y.cpu().numpy()
-
-
 def export_tensorrt(
     checkpoint: str | Path,
     out: str | Path,
@@ -154,7 +92,6 @@ def export_tensorrt(
 ) -> ParityReport:
     """ONNX export (with its parity checks) -> engine -> parity of the engine itself -> atomic write of the
     engine and its `.meta.json` sidecar."""
-    from export.onnx_export import export_checkpoint, load_images, torch_reference
     from models.checkpoint import load_checkpoint
 
     require_tensorrt()
@@ -172,8 +109,6 @@ def export_tensorrt(
         engine_path.write_bytes(engine)
         meta_io.write_engine_metadata(engine_path, metadata)
         if onnx_kwargs.get("parity", True):
-            from export.runtime import EmbeddingRuntime
-
             model, _ = load_checkpoint(checkpoint)
             images = load_images(
                 onnx_kwargs.get("parity_source"),
@@ -184,9 +119,7 @@ def export_tensorrt(
             _, reference = torch_reference(model, model.config, images)
             got = EmbeddingRuntime(engine_path).embed_dense(images, progress=onnx_kwargs.get("progress", False))
             tolerance = onnx_kwargs.get("tolerance") if precision != "fp32" else None
-            report.checks.append(compare(reference, got, precision, backend="tensorrt", tolerance=tolerance))
-            if not report.passed:
-                raise ParityError(report, "TensorRT parity failed: " + "; ".join(report.failures))
+            report.require(compare(reference, got, precision, backend="tensorrt", tolerance=tolerance), "TensorRT")
             metadata["parity"] = report.summary()
         meta_io.write_bytes_atomic(out, engine)
         meta_io.write_engine_metadata(out, metadata)

@@ -511,7 +511,8 @@ def export_check(run_dir: str, out: Path, device: str, parity_images: int, expor
 def tensorrt_check(run_dir: str, out: Path, parity_images: int) -> dict[str, Any]:
     if importlib.util.find_spec("tensorrt") is None:
         return {"status": NOT_AVAILABLE, "reason": "the tensorrt package is not installed"}
-    from export.tensorrt import export_tensorrt, missing_requirements
+    from export.backends import missing_requirements
+    from export.tensorrt import export_tensorrt
 
     missing = missing_requirements()
     if missing:
