@@ -4,7 +4,8 @@
 """
 
 from ood.calibration import calibrate, calibrate_model
-from ood.scores import CALIBRATION_VERSION, CalibrationError, OODScorer, OODScores
+from ood.schema import CALIBRATION_VERSION, CalibrationError
+from ood.scores import OODScorer, OODScores
 from ood.suite import ScoreSuite, ServedScores
 
 __all__ = [

@@ -19,19 +19,14 @@ from numpy.typing import NDArray
 
 from ood.detectors import Inputs, fit_detectors
 from ood.drift import DEFAULT_WINDOW, fit_drift_null
-from ood.scores import (
-    CALIBRATION_VERSION,
-    SCORE_NAMES,
-    CalibrationError,
-    OODScorer,
-    SmoothedECDF,
-    l0_fraction,
-)
+from ood.schema import CALIBRATION_VERSION, CalibrationError, CalibrationV2, L0Section
+from ood.scores import SCORE_NAMES, OODScorer, SmoothedECDF, l0_fraction
 from ood.selection import select_served
 from ood.shifts import SHIFT_NAMES
 from ood.suite import NEEDS, ScoreSuite
 
 MIN_PART = 20  # fewest embeddings in each of the fit and threshold parts
+QUANTILE_LEVELS = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
 def conformal_threshold(scores: NDArray[Any], tpr: float) -> float:
@@ -65,36 +60,76 @@ def calibrate(
     (`detectors.Inputs`, or codes) on which every score is evaluated against the held-out ID part; the score to
     serve is chosen from that table (selection.select_served).
     """
-    if not 0.0 < tpr < 1.0:
-        raise CalibrationError(f"tpr must be strictly between 0 and 1, got {tpr}")
-    if not 0.0 < fit_fraction < 1.0:
-        raise CalibrationError(f"fit_fraction must be strictly between 0 and 1, got {fit_fraction}")
+    for name, value, ok in (("tpr", tpr, 0.0 < tpr < 1.0), ("fit_fraction", fit_fraction, 0.0 < fit_fraction < 1.0)):
+        if not ok:
+            raise CalibrationError(f"{name} must be strictly between 0 and 1, got {value}")
     if not alpha > 0:
         raise CalibrationError(f"alpha (Laplace pseudo-count) must be positive, got {alpha}")
     inputs = embeddings if isinstance(embeddings, Inputs) else Inputs.from_arrays(embeddings, features)
-    active = inputs.active
-    n, dim = active.shape
+    fit_rows, held_rows = split_rows(inputs.active.shape, fit_fraction, seed)
+    fit, held = inputs.take(fit_rows), inputs.take(held_rows)
+    scorer, fitted = fit_activation(fit.active, held.active, tpr=tpr, alpha=alpha, max_knots=max_knots)
+    detectors = fit_detectors(fit, seed=seed, mixture_k=mixture_k, rank=rank, alpha=alpha)
+    suite = ScoreSuite(scorer, detectors, scorer.thresholds, "combined", expected_l0=expected_l0)
+    held_all = suite.score_all(held)
+    selection = select_served(held_all, _validation_scores(suite, validation, inputs), tpr=tpr)
+    l0_all = l0_fraction(inputs.active)
+    quantiles = dict(zip(map(str, QUANTILE_LEVELS), np.quantile(l0_all, QUANTILE_LEVELS).tolist(), strict=True))
+    cal = CalibrationV2(
+        version=CALIBRATION_VERSION,
+        kind="lpjepa-ood-activation",
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        dim=scorer.dim,
+        tpr=float(tpr),
+        seed=int(seed),
+        alpha=float(alpha),
+        n=len(inputs),
+        n_fit=len(fit),
+        n_holdout=len(held),
+        rates=scorer.rates.tolist(),
+        l0=L0Section(
+            knots=scorer.l0_cdf.knots.tolist(),
+            bandwidth=scorer.l0_cdf.bandwidth,
+            mean=float(np.mean(l0_all)),
+            std=float(np.std(l0_all)),
+            quantiles=quantiles,
+            expected=None if expected_l0 is None else float(expected_l0),
+        ),
+        **fitted,
+        feature_dim=None if inputs.features is None else int(inputs.features.shape[1]),
+        detectors={name: det.state() for name, det in detectors.items()},
+        scores={name: _score_entry(name, values, tpr) for name, values in held_all.items()},
+        served=selection["served"],
+        selection=selection,
+        drift=fit_drift_null(fit.active, held.active, scorer.rates, scorer.l0_cdf, window=drift_window, seed=seed),
+        **({} if source is None else {"source": dict(source)}),
+    )
+    return cal.to_dict()
+
+
+def split_rows(shape: tuple[int, int], fit_fraction: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """(fit rows, held-out rows), a seeded random split with at least MIN_PART rows on each side, each sorted."""
+    n, dim = shape
     if n < 2 * MIN_PART:
         raise CalibrationError(f"calibration needs at least {2 * MIN_PART} in-distribution embeddings, got {n}")
     if dim < 1:
         raise CalibrationError("embeddings have no dimensions")
     order = np.random.default_rng(seed).permutation(n)
     n_fit = int(np.clip(round(n * fit_fraction), MIN_PART, n - MIN_PART))
-    fit_rows, held_rows = np.sort(order[:n_fit]), np.sort(order[n_fit:])
-    fit, held = active[fit_rows], active[held_rows]
+    return np.sort(order[:n_fit]), np.sort(order[n_fit:])
 
+
+def fit_activation(fit: Any, held: Any, *, tpr: float, alpha: float, max_knots: int) -> tuple[OODScorer, dict]:
+    """The activation scorer with its thresholds, and the calibration fields that record how it was fitted.
+
+    Rates and the l0 distribution come from the fit part; the normalisation of each score and the thresholds
+    from the held-out part (the module docstring says why)."""
+    n_fit, dim = fit.shape
     counts = np.asarray(fit.sum(axis=0), dtype=np.float64).ravel()
     rates = (counts + alpha) / (n_fit + 2.0 * alpha)
-    l0_fit = l0_fraction(fit)
-    ecdf = SmoothedECDF.fit(l0_fit, max_knots=max_knots, min_bandwidth=0.5 / dim)
-
-    raw = OODScorer(
-        dim=dim,
-        rates=rates,
-        l0_cdf=ecdf,
-        norm={"rate": (0.0, 1.0), "pattern": (0.0, 1.0)},
-        thresholds=dict.fromkeys(SCORE_NAMES, math.inf),
-    )
+    ecdf = SmoothedECDF.fit(l0_fraction(fit), max_knots=max_knots, min_bandwidth=0.5 / dim)
+    unit = {"rate": (0.0, 1.0), "pattern": (0.0, 1.0)}
+    raw = OODScorer(dim=dim, rates=rates, l0_cdf=ecdf, norm=unit, thresholds=dict.fromkeys(SCORE_NAMES, math.inf))
     held_scores = raw.score(held)
     norm = {
         name: (float(np.mean(held_scores.by_name(name))), float(np.std(held_scores.by_name(name))))
@@ -102,67 +137,32 @@ def calibrate(
     }
     scorer = OODScorer(dim=dim, rates=rates, l0_cdf=ecdf, norm=norm, thresholds=dict.fromkeys(SCORE_NAMES, 0.0))
     held_scores = scorer.score(held)
-    thresholds = {name: conformal_threshold(held_scores.by_name(name), tpr) for name in SCORE_NAMES}
-    held_tpr = {name: float(np.mean(held_scores.by_name(name) <= thresholds[name])) for name in SCORE_NAMES}
+    scorer.thresholds = {name: conformal_threshold(held_scores.by_name(name), tpr) for name in SCORE_NAMES}
+    held_tpr = {name: float(np.mean(held_scores.by_name(name) <= scorer.thresholds[name])) for name in SCORE_NAMES}
+    return scorer, {
+        "dead_dims": int(np.sum(counts == 0)),
+        "normalization": {name: {"mean": m, "std": s} for name, (m, s) in norm.items()},
+        "thresholds": scorer.thresholds,
+        "holdout_tpr": held_tpr,
+    }
 
-    detectors = fit_detectors(inputs.take(fit_rows), seed=seed, mixture_k=mixture_k, rank=rank, alpha=alpha)
-    scorer.thresholds = thresholds
-    suite = ScoreSuite(scorer, detectors, thresholds, "combined", expected_l0=expected_l0)
-    held_inputs = inputs.take(held_rows)
-    held_all = suite.score_all(held_inputs)
-    score_table: dict[str, Any] = {}
-    for name, values in held_all.items():
-        thr = conformal_threshold(values, tpr)
-        score_table[name] = {"threshold": thr, "holdout_tpr": float(np.mean(values <= thr)), "needs": NEEDS[name]}
 
-    val_scores = {}
+def _score_entry(name: str, held: NDArray[Any], tpr: float) -> dict[str, Any]:
+    thr = conformal_threshold(held, tpr)
+    return {"threshold": thr, "holdout_tpr": float(np.mean(held <= thr)), "needs": NEEDS[name]}
+
+
+def _validation_scores(suite: ScoreSuite, validation: dict[str, Any] | None, inputs: Inputs) -> dict[str, Any]:
+    """Every score of `suite` on each non-empty validation set."""
+    out = {}
     for set_name, val in (validation or {}).items():
         val_inputs = val if isinstance(val, Inputs) else Inputs.from_arrays(val)
         if len(val_inputs) == 0:
             continue
         if val_inputs.features is None and inputs.features is not None:
             raise CalibrationError(f"validation set {set_name!r} has no encoder features but the ID data has")
-        val_scores[set_name] = suite.score_all(val_inputs)
-    selection = select_served(held_all, val_scores, tpr=tpr)
-
-    l0_all = l0_fraction(active)
-    quantile_levels = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-    cal: dict[str, Any] = {
-        "version": CALIBRATION_VERSION,
-        "kind": "lpjepa-ood-activation",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dim": int(dim),
-        "tpr": float(tpr),
-        "seed": int(seed),
-        "alpha": float(alpha),
-        "n": int(n),
-        "n_fit": int(n_fit),
-        "n_holdout": int(n - n_fit),
-        "rates": rates.tolist(),
-        "l0": {
-            "knots": ecdf.knots.tolist(),
-            "bandwidth": ecdf.bandwidth,
-            "mean": float(np.mean(l0_all)),
-            "std": float(np.std(l0_all)),
-            "quantiles": {
-                str(q): float(v) for q, v in zip(quantile_levels, np.quantile(l0_all, quantile_levels), strict=True)
-            },
-            "expected": None if expected_l0 is None else float(expected_l0),
-        },
-        "dead_dims": int(np.sum(counts == 0)),
-        "normalization": {name: {"mean": m, "std": s} for name, (m, s) in norm.items()},
-        "thresholds": thresholds,
-        "holdout_tpr": held_tpr,
-        "feature_dim": None if inputs.features is None else int(inputs.features.shape[1]),
-        "detectors": {name: det.state() for name, det in detectors.items()},
-        "scores": score_table,
-        "served": selection["served"],
-        "selection": selection,
-        "drift": fit_drift_null(fit, held, rates, ecdf, window=drift_window, seed=seed),
-    }
-    if source is not None:
-        cal["source"] = dict(source)
-    return cal
+        out[set_name] = suite.score_all(val_inputs)
+    return out
 
 
 def calibrate_model(

@@ -33,16 +33,6 @@ def _window(text: str) -> int:
     return value
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (a file, a spec, a stored calibration), reported as one line, exit 2."""
-    from data.sources import DataSpecError
-    from export.errors import ModelLoadError
-    from ood.inputs import InputError
-    from ood.scores import CalibrationError
-
-    return InputError, CalibrationError, ModelLoadError, DataSpecError
-
-
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -52,25 +42,31 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ood.calibration import calibrate_model
     from ood.shifts import SHIFT_NAMES
 
-    try:
-        cal = calibrate_model(
-            args.model,
-            args.data,
-            limit=args.limit,
-            tpr=args.tpr,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            validate_ood=args.validate_ood,
-            validate_limit=args.validate_limit,
-            shifts=[] if args.no_shifts else list(SHIFT_NAMES),
-            shift_limit=args.shift_limit,
-            drift_window=args.drift_window,
-        )
-    except _user_errors() as err:
-        raise CliError(str(err)) from err
+    cal = calibrate_model(
+        args.model,
+        args.data,
+        limit=args.limit,
+        tpr=args.tpr,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        validate_ood=args.validate_ood,
+        validate_limit=args.validate_limit,
+        shifts=[] if args.no_shifts else list(SHIFT_NAMES),
+        shift_limit=args.shift_limit,
+        drift_window=args.drift_window,
+    )
+    summary = _calibration_summary(args, cal)
+    if args.json:
+        _print_json(summary)
+    else:
+        _print_calibration(args, cal, summary)
+    return 0
+
+
+def _calibration_summary(args: argparse.Namespace, cal: dict[str, Any]) -> dict[str, Any]:
     selection = cal["selection"]
-    summary = {
+    return {
         "model": args.model,
         "data": args.data,
         "n": cal["n"],
@@ -94,9 +90,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         "l0_expected": cal["l0"]["expected"],
         "dead_dims": cal["dead_dims"],
     }
-    if args.json:
-        _print_json(summary)
-        return 0
+
+
+def _print_calibration(args: argparse.Namespace, cal: dict[str, Any], summary: dict[str, Any]) -> None:
+    selection = cal["selection"]
     expected = "n/a" if summary["l0_expected"] is None else f"{summary['l0_expected']:.4f}"
     print(
         f"calibrated {args.model} on {cal['n']} images of {args.data} "
@@ -121,7 +118,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         f"  threshold {summary['threshold']:.4f} on {cal['served']} for {cal['tpr']:.0%} ID TPR "
         f"(held-out TPR {summary['holdout_tpr']:.4f}); drift window {summary['drift_window']}; stored with the model"
     )
-    return 0
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -157,21 +153,18 @@ def _eval(args: argparse.Namespace) -> int:
     from core.atomic_io import atomic_write_text
     from ood.evaluate import evaluate_model
 
-    try:
-        result = evaluate_model(
-            args.model,
-            args.id,
-            args.ood,
-            limit=args.limit,
-            train_limit=args.train_limit,
-            k=args.k,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-            recalibrate=args.recalibrate,
-        )
-    except _user_errors() as err:
-        raise CliError(str(err)) from err
+    result = evaluate_model(
+        args.model,
+        args.id,
+        args.ood,
+        limit=args.limit,
+        train_limit=args.train_limit,
+        k=args.k,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        recalibrate=args.recalibrate,
+    )
     if args.out:
         atomic_write_text(args.out, json.dumps(result.report, indent=2) + "\n")
     if args.json:
@@ -186,24 +179,19 @@ def _score(args: argparse.Namespace) -> int:
     from ood.inputs import embed_images, image_paths, open_image, open_runtime
     from ood.suite import ScoreSuite
 
-    try:
-        files = image_paths(args.paths)
-        runtime = open_runtime(args.model)
-        cal = runtime.ood_calibration
-        if cal is None:
-            raise CliError(
-                f"model {args.model} has no OOD calibration; run `lpjepa ood calibrate --model "
-                f"{args.model} --data SPEC` first"
-            )
-        suite = ScoreSuite.from_calibration(cal)
-        if suite.needs_features() and not runtime.feature_dim:
-            raise CliError(f"the calibration serves {suite.served}, but {args.model} has no encoder-feature output")
-        loaders = [(str(f), (lambda f=f: open_image(f))) for f in files]
-        embedded = embed_images(
-            runtime, loaders, batch_size=args.batch_size, progress=not args.no_progress, desc="score"
+    files = image_paths(args.paths)
+    runtime = open_runtime(args.model)
+    cal = runtime.ood_calibration
+    if cal is None:
+        raise CliError(
+            f"model {args.model} has no OOD calibration; run `lpjepa ood calibrate --model "
+            f"{args.model} --data SPEC` first"
         )
-    except _user_errors() as err:
-        raise CliError(str(err)) from err
+    suite = ScoreSuite.from_calibration(cal)
+    if suite.needs_features() and not runtime.feature_dim:
+        raise CliError(f"the calibration serves {suite.served}, but {args.model} has no encoder-feature output")
+    loaders = [(str(f), (lambda f=f: open_image(f))) for f in files]
+    embedded = embed_images(runtime, loaders, batch_size=args.batch_size, progress=not args.no_progress, desc="score")
     records: list[dict[str, Any]] = []
     if embedded.n:
         scored = suite.score(embedded.inputs()).to_records()
@@ -245,21 +233,48 @@ def register(subparsers: Any) -> None:
     )
     sub = ood.add_subparsers(dest="ood_command", metavar="ACTION", parser_class=OneLineParser)
     sub.required = True
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True, help="exported model (.onnx)")
-        p.add_argument("--batch-size", type=_positive_int, default=256, help="images per runtime call")
-        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-    cal = sub.add_parser(
-        "calibrate",
-        help="fit the OOD scores on in-distribution data and store them in the model",
-        description="Embed in-distribution images, fit every OOD score on one part, set the thresholds on the "
-        "other, evaluate each score against the --validate-ood sets and synthetic shifts of the ID data, serve the "
-        "one with the best worst-case AUROC, and store the calibration (with the drift monitor's null) in the model.",
+    _calibrate_arguments(
+        _action(
+            sub,
+            "calibrate",
+            _calibrate,
+            "fit the OOD scores on in-distribution data and store them in the model",
+            "Embed in-distribution images, fit every OOD score on one part, set the thresholds on the other, evaluate "
+            "each score against the --validate-ood sets and synthetic shifts of the ID data, serve the one with the "
+            "best worst-case AUROC, and store the calibration (with the drift monitor's null) in the model.",
+        )
     )
-    common(cal)
+    _eval_arguments(
+        _action(
+            sub,
+            "eval",
+            _eval,
+            "AUROC / FPR@95 / AUPR of the scores beside KNN and Mahalanobis",
+            "Evaluate the activation scores and baselines, OOD as the positive class.",
+        )
+    )
+    score = _action(
+        sub,
+        "score",
+        _score,
+        "per-image OOD scores with the model's stored calibration",
+        "Score image files or folders: score, l0, is_ood per image.",
+    )
+    score.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER")
+
+
+def _action(sub: Any, name: str, func: Any, help: str, description: str) -> argparse.ArgumentParser:
+    """An `ood` action with the flags every action takes."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("--model", required=True, help="exported model (.onnx)")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per runtime call")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=func)
+    return p
+
+
+def _calibrate_arguments(cal: argparse.ArgumentParser) -> None:
     cal.add_argument("--data", required=True, help="in-distribution data spec (built-in name or image folder)")
     cal.add_argument("--limit", type=_positive_int, default=None, help="use a seeded random subset of this size")
     cal.add_argument("--tpr", type=_fraction, default=0.95, help="in-distribution true positive rate (0.95)")
@@ -281,14 +296,9 @@ def register(subparsers: Any) -> None:
     cal.add_argument(
         "--drift-window", type=_window, default=64, help="images in the server's drift-monitor window (64)"
     )
-    cal.set_defaults(func=_calibrate)
 
-    ev = sub.add_parser(
-        "eval",
-        help="AUROC / FPR@95 / AUPR of the scores beside KNN and Mahalanobis",
-        description="Evaluate the activation scores and baselines, OOD as the positive class.",
-    )
-    common(ev)
+
+def _eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--id", required=True, help="in-distribution evaluation spec, e.g. fashion-mnist:test")
     ev.add_argument("--ood", required=True, help="out-of-distribution spec, e.g. mnist or an image folder")
     ev.add_argument("--limit", type=_positive_int, default=None, help="cap on ID and OOD evaluation images each")
@@ -303,13 +313,3 @@ def register(subparsers: Any) -> None:
         help="calibrate on the ID train split instead of using the model's stored calibration",
     )
     ev.add_argument("--out", default=None, help="also write the JSON report to this file")
-    ev.set_defaults(func=_eval)
-
-    sc = sub.add_parser(
-        "score",
-        help="per-image OOD scores with the model's stored calibration",
-        description="Score image files or folders: score, l0, is_ood per image.",
-    )
-    common(sc)
-    sc.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER")
-    sc.set_defaults(func=_score)

@@ -17,7 +17,6 @@ Every detector maps an `Inputs` batch to one score per row (higher = more unusua
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +27,17 @@ from scipy import linalg, sparse
 from scipy.special import logsumexp
 
 from ood.baselines import ledoit_wolf
-from ood.scores import CalibrationError, activation_matrix
+from ood.schema import (
+    DETECTOR_STATE,
+    CalibrationError,
+    GaussianState,
+    LowRankState,
+    MixtureState,
+    encode_array,
+    validate,
+)
+from ood.scores import activation_matrix
 
-INPUTS = ("active", "codes", "features")
 _EPS = 1e-6
 
 
@@ -79,27 +86,6 @@ class Inputs:
                 raise ValueError("this score needs encoder features, which the model does not export")
             return self.features
         return {"active": self.active, "codes": self.codes}[name]
-
-
-def encode_array(arr: NDArray[Any]) -> dict[str, Any]:
-    a = np.ascontiguousarray(arr, dtype="<f4")
-    return {"dtype": "float32", "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
-
-
-def decode_array(obj: Any, where: str, shape: tuple[int, ...] | None = None) -> NDArray[np.float64]:
-    if not isinstance(obj, dict) or obj.get("dtype") != "float32" or not isinstance(obj.get("b64"), str):
-        raise CalibrationError(f"calibration field {where!r} is not an encoded float32 array")
-    try:
-        raw = base64.b64decode(obj["b64"].encode("ascii"), validate=True)
-        want = tuple(int(s) for s in obj["shape"])
-        arr = np.frombuffer(raw, dtype="<f4").reshape(want).astype(np.float64)
-    except (ValueError, TypeError, KeyError) as err:
-        raise CalibrationError(f"calibration field {where!r} cannot be decoded: {err}") from err
-    if shape is not None and arr.shape != shape:
-        raise CalibrationError(f"calibration field {where!r} has shape {arr.shape}, expected {shape}")
-    if not np.all(np.isfinite(arr)):
-        raise CalibrationError(f"calibration field {where!r} holds non-finite values")
-    return arr
 
 
 def _dense(x: Any) -> NDArray[np.float64]:
@@ -171,14 +157,8 @@ class BernoulliMixture:
         }
 
     @classmethod
-    def from_state(cls, st: dict[str, Any], where: str) -> BernoulliMixture:
-        log_w = np.asarray(st.get("log_weights", []), dtype=np.float64)
-        if log_w.ndim != 1 or log_w.size == 0 or not np.all(np.isfinite(log_w)):
-            raise CalibrationError(f"calibration field '{where}.log_weights' must be a list of finite numbers")
-        rates = decode_array(st.get("rates"), f"{where}.rates")
-        if rates.ndim != 2 or rates.shape[0] != log_w.size:
-            raise CalibrationError(f"calibration field '{where}.rates' must be K x D with K = {log_w.size}")
-        return cls(log_w, rates, st.get("input", "active"))
+    def from_state(cls, st: MixtureState) -> BernoulliMixture:
+        return cls(np.asarray(st.log_weights, dtype=np.float64), st.rates.array, st.input)
 
 
 # ------------------------------------------------------------------------------------------ low-rank Gaussian
@@ -243,16 +223,8 @@ class LowRankGaussian:
         }
 
     @classmethod
-    def from_state(cls, st: dict[str, Any], where: str) -> LowRankGaussian:
-        mean = decode_array(st.get("mean"), f"{where}.mean")
-        comps = decode_array(st.get("components"), f"{where}.components")
-        vals = np.asarray(st.get("eigvals", []), dtype=np.float64)
-        noise = float(st.get("noise", 0.0))
-        if comps.ndim != 2 or comps.shape[1] != mean.size or vals.shape != (comps.shape[0],):
-            raise CalibrationError(f"calibration section {where!r} has inconsistent shapes")
-        if not (noise > 0 and np.all(vals > 0)):
-            raise CalibrationError(f"calibration section {where!r} needs positive variances")
-        return cls(mean, comps, vals, noise, st.get("input", "active"))
+    def from_state(cls, st: LowRankState) -> LowRankGaussian:
+        return cls(st.mean.array, st.components.array, np.asarray(st.eigvals, dtype=np.float64), st.noise, st.input)
 
 
 # ------------------------------------------------------------------------------------------ full Gaussian
@@ -294,22 +266,18 @@ class GaussianMahalanobis:
         }
 
     @classmethod
-    def from_state(cls, st: dict[str, Any], where: str) -> GaussianMahalanobis:
-        mean = decode_array(st.get("mean"), f"{where}.mean")
-        white = decode_array(st.get("whitening"), f"{where}.whitening", (mean.size, mean.size))
-        return cls(mean, white, float(st.get("shrinkage", 0.0)), st.get("input", "codes"))
+    def from_state(cls, st: GaussianState) -> GaussianMahalanobis:
+        return cls(st.mean.array, st.whitening.array, st.shrinkage, st.input)
 
 
 _KINDS = {c.kind: c for c in (BernoulliMixture, LowRankGaussian, GaussianMahalanobis)}
 
 
-def detector_from_state(st: Any, where: str) -> Any:
-    """Rebuild a detector from its `state()`; CalibrationError names the section when anything is off."""
-    if not isinstance(st, dict) or st.get("type") not in _KINDS:
-        raise CalibrationError(f"calibration section {where!r} has no known detector type")
-    if st.get("input") not in INPUTS:
-        raise CalibrationError(f"calibration section {where!r} has an unknown input {st.get('input')!r}")
-    return _KINDS[st["type"]].from_state(st, where)
+def detector_from_state(st: Any, where: str = "") -> Any:
+    """Rebuild a detector from its `state()` or its validated schema model (ood.schema); CalibrationError names
+    the field `where` when anything is off."""
+    state = st if isinstance(st, MixtureState | LowRankState | GaussianState) else validate(DETECTOR_STATE, st, where)
+    return _KINDS[state.type].from_state(state)
 
 
 def fit_detectors(

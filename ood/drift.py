@@ -40,6 +40,8 @@ from numba import njit
 from numpy.typing import NDArray
 from scipy import sparse, stats
 
+from ood.schema import CalibrationV2, DriftSection, encode_array, parse_calibration
+
 DEFAULT_WINDOW = 64
 DEFAULT_FALSE_ALARM_RATE = 1e-4
 N_TESTS = 3
@@ -92,8 +94,6 @@ def fit_drift_null(
     (their variances, the residual's moments) from the held-out part: directions fitted to the same sample would
     soak up more of its variance than of fresh data's, and the residual test would alarm too often.
     """
-    from ood.detectors import encode_array
-
     f = sparse.csr_matrix(fit_active, dtype=np.float64)
     a = sparse.csr_matrix(held_active, dtype=np.float64)
     n, dim = a.shape
@@ -202,38 +202,31 @@ class DriftMonitor:
     def __init__(
         self,
         rates: NDArray[Any],
-        section: dict[str, Any],
+        section: DriftSection,
         *,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
         target_l0: float | None = None,
     ) -> None:
+        """`section` is the validated drift section of a calibration of len(rates) dimensions (ood.schema checks
+        that its l0 pmf and principal directions match them)."""
         if not 0.0 < false_alarm_rate < 1.0:
             raise ValueError(f"false_alarm_rate must be strictly between 0 and 1, got {false_alarm_rate}")
         self.rates = np.asarray(rates, dtype=np.float64)
         self.dim = int(self.rates.size)
-        self.window = int(section["window"])
-        pmf = np.asarray(section["l0_pmf"], dtype=np.float64)
-        if pmf.shape != (self.dim + 1,) or self.window < 2:
-            raise ValueError("the calibration's drift section does not match the model's dimension")
+        self.window = section.window
         self.false_alarm_rate = float(false_alarm_rate)
         self.target_l0 = None if target_l0 is None else float(target_l0)
-        from ood.detectors import decode_array
-
-        comps = decode_array(section["principal"]["components"], "drift.principal.components")
-        self.eigvals = np.asarray(section["principal"]["eigvals"], dtype=np.float64)
-        if comps.ndim != 2 or comps.shape[1] != self.dim or self.eigvals.shape != (comps.shape[0],):
-            raise ValueError("the calibration's drift section has inconsistent principal directions")
-        self.scale = float(section["residual"]["scale"])
-        self.df = float(section["residual"]["df"])
+        principal, residual = section.principal, section.residual
+        self.eigvals = np.asarray(principal.eigvals, dtype=np.float64)
+        self.scale, self.df = residual.scale, residual.df
         self._expected, self._inv_var = chi_weights(self.rates, self.window)
-        self._weights = np.ascontiguousarray(comps * np.sqrt(self._inv_var)[None, :])
+        self._weights = np.ascontiguousarray(principal.components.array * np.sqrt(self._inv_var)[None, :])
         self._inv_lam = 1.0 / self.eigvals
-        cdf, sf = window_sum_tails(pmf, self.window)
+        cdf, sf = window_sum_tails(np.asarray(section.l0_pmf, dtype=np.float64), self.window)
         self._p_l0 = np.minimum(1.0, 2.0 * np.minimum(cdf, sf))
         level = self.false_alarm_rate / N_TESTS
         self._l0_reject = self._p_l0 < level  # lookup by window l0 sum
-        self.t2_scale = float(section["principal"]["scale"])
-        self.t2_df = float(section["principal"]["df"])
+        self.t2_scale, self.t2_df = principal.scale, principal.df
         self._t2_crit = self.t2_scale * float(stats.chi2.isf(level, self.t2_df))
         self._q_crit = self.scale * float(stats.chi2.isf(level, self.df))
         self._lock = threading.Lock()
@@ -246,8 +239,10 @@ class DriftMonitor:
         """None when there is no calibration or it has no drift section (written before the monitor existed)."""
         if not isinstance(cal, dict) or not isinstance(cal.get("drift"), dict):
             return None
-        target = (cal.get("l0") or {}).get("expected")
-        return cls(cal["rates"], cal["drift"], false_alarm_rate=false_alarm_rate, target_l0=target)
+        parsed = parse_calibration(cal)
+        if not isinstance(parsed, CalibrationV2) or parsed.drift is None:  # version 1 has no drift section
+            return None
+        return cls(parsed.rates, parsed.drift, false_alarm_rate=false_alarm_rate, target_l0=parsed.l0.expected)
 
     def reset(self) -> None:
         with self._lock:

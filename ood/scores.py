@@ -17,16 +17,10 @@ from numpy.typing import NDArray
 from scipy import sparse
 from scipy.special import log_ndtr, logsumexp
 
-from core.errors import InvalidError
+from ood.schema import Calibration, CalibrationError, parse_calibration
 
-CALIBRATION_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: activation scores only, served `combined`
 SCORE_NAMES = ("rate", "pattern", "combined")
 _CHUNK = 2048  # rows per block in the kernel CDF: bounds memory at _CHUNK x knots float64
-
-
-class CalibrationError(InvalidError):
-    """A calibration dict that is missing, of another version, or inconsistent; the message names the field."""
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -142,31 +136,6 @@ class OODScores:
         return {"rate": self.rate_score, "pattern": self.pattern_score, "combined": self.score}[name]
 
 
-def _float_list(cal: dict[str, Any], key: str, length: int | None = None) -> NDArray[np.float64]:
-    try:
-        arr = np.asarray(cal[key], dtype=np.float64)
-    except KeyError as err:
-        raise CalibrationError(f"calibration is missing {key!r}") from err
-    except (TypeError, ValueError) as err:
-        raise CalibrationError(f"calibration field {key!r} is not a list of numbers") from err
-    if arr.ndim != 1 or (length is not None and arr.size != length) or not np.all(np.isfinite(arr)):
-        want = f"{length} finite numbers" if length is not None else "a list of finite numbers"
-        raise CalibrationError(f"calibration field {key!r} must be {want}")
-    return arr
-
-
-def _number(d: dict[str, Any], key: str, where: str) -> float:
-    try:
-        value = float(d[key])
-    except KeyError as err:
-        raise CalibrationError(f"calibration is missing {where}{key!r}") from err
-    except (TypeError, ValueError) as err:
-        raise CalibrationError(f"calibration field {where}{key!r} is not a number") from err
-    if not math.isfinite(value):
-        raise CalibrationError(f"calibration field {where}{key!r} is not finite")
-    return value
-
-
 class OODScorer:
     """Scores embeddings against a stored in-distribution calibration (see `calibration.calibrate`).
 
@@ -189,8 +158,6 @@ class OODScorer:
     ) -> None:
         self.dim = int(dim)
         self.rates = np.asarray(rates, dtype=np.float64)
-        if self.rates.shape != (self.dim,) or np.any(self.rates <= 0) or np.any(self.rates >= 1):
-            raise CalibrationError(f"rates must be {self.dim} numbers strictly between 0 and 1")
         self.l0_cdf = l0_cdf
         self.norm = {k: (float(m), max(float(s), 1e-12)) for k, (m, s) in norm.items()}
         self.thresholds = {k: float(v) for k, v in thresholds.items()}
@@ -212,47 +179,19 @@ class OODScorer:
 
     @classmethod
     def from_calibration(cls, cal: dict[str, Any]) -> OODScorer:
-        """Rebuild a scorer from the JSON dict `calibrate` produced, validating every field it relies on."""
-        if not isinstance(cal, dict):
-            raise CalibrationError(f"calibration must be a JSON object, got {type(cal).__name__}")
-        version = cal.get("version")
-        if version not in READABLE_VERSIONS:
-            raise CalibrationError(
-                f"calibration version {version!r} is not supported (this build reads versions "
-                f"{', '.join(map(str, READABLE_VERSIONS))}); run `lpjepa ood calibrate` again"
-            )
-        dim = int(_number(cal, "dim", ""))
-        if dim < 1:
-            raise CalibrationError("calibration 'dim' must be positive")
-        rates = _float_list(cal, "rates", dim)
-        l0_section = cal.get("l0")
-        if not isinstance(l0_section, dict):
-            raise CalibrationError("calibration is missing the 'l0' section")
-        knots = _float_list(l0_section, "knots")
-        if knots.size == 0:
-            raise CalibrationError("calibration 'l0.knots' is empty")
-        bandwidth = _number(l0_section, "bandwidth", "l0.")
-        if bandwidth <= 0:
-            raise CalibrationError("calibration 'l0.bandwidth' must be positive")
-        norm_section = cal.get("normalization")
-        thr_section = cal.get("thresholds")
-        if not isinstance(norm_section, dict) or not isinstance(thr_section, dict):
-            raise CalibrationError("calibration is missing 'normalization' or 'thresholds'")
-        norm = {}
-        for name in ("rate", "pattern"):
-            entry = norm_section.get(name)
-            if not isinstance(entry, dict):
-                raise CalibrationError(f"calibration is missing 'normalization.{name}'")
-            where = f"normalization.{name}."
-            norm[name] = (_number(entry, "mean", where), _number(entry, "std", where))
-        thresholds = {name: _number(thr_section, name, "thresholds.") for name in SCORE_NAMES}
+        """Rebuild a scorer from the JSON dict `calibrate` produced (validated by ood.schema)."""
+        return cls.from_model(parse_calibration(cal), cal)
+
+    @classmethod
+    def from_model(cls, cal: Calibration, raw: dict[str, Any] | None = None) -> OODScorer:
+        norm = cal.normalization
         return cls(
-            dim=dim,
-            rates=rates,
-            l0_cdf=SmoothedECDF(np.sort(knots), bandwidth),
-            norm=norm,
-            thresholds=thresholds,
-            calibration=cal,
+            dim=cal.dim,
+            rates=np.asarray(cal.rates, dtype=np.float64),
+            l0_cdf=SmoothedECDF(np.sort(np.asarray(cal.l0.knots, dtype=np.float64)), cal.l0.bandwidth),
+            norm={"rate": (norm.rate.mean, norm.rate.std), "pattern": (norm.pattern.mean, norm.pattern.std)},
+            thresholds=cal.thresholds.model_dump(include=set(SCORE_NAMES)),
+            calibration=raw,
         )
 
     def _check(self, embeddings: Any) -> sparse.csr_matrix:

@@ -15,7 +15,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ood.detectors import Inputs, detector_from_state
-from ood.scores import CalibrationError, OODScorer
+from ood.schema import CalibrationError, CalibrationV2, parse_calibration
+from ood.scores import OODScorer
 
 ACTIVATION = ("rate", "pattern", "combined")
 # What each score needs at scoring time (the point of the activation scores: no index, no D x D matrix).
@@ -169,34 +170,15 @@ class ScoreSuite:
     @classmethod
     def from_calibration(cls, cal: dict[str, Any]) -> ScoreSuite:
         """Version 1 calibrations (activation scores only) serve `combined`, as they did when written."""
-        activation = OODScorer.from_calibration(cal)
-        expected = (cal.get("l0") or {}).get("expected")
-        if cal.get("version") == 1:
+        parsed = parse_calibration(cal)
+        activation = OODScorer.from_model(parsed, cal)
+        if not isinstance(parsed, CalibrationV2):
             return cls(activation, {}, dict(activation.thresholds), "combined", calibration=cal)
-        section = cal.get("detectors")
-        scores = cal.get("scores")
-        if not isinstance(section, dict) or not isinstance(scores, dict):
-            raise CalibrationError("calibration is missing 'detectors' or 'scores'")
-        detectors = {name: detector_from_state(st, f"detectors.{name}") for name, st in section.items()}
-        for name, det in detectors.items():
-            if det.input_name != "features" and getattr(det, "dim", None) not in (None, activation.dim):
-                raise CalibrationError(f"calibration section 'detectors.{name}' has the wrong dimension")
-        thresholds: dict[str, float] = {}
-        for name, entry in scores.items():
-            try:
-                thresholds[name] = float(entry["threshold"])
-            except (TypeError, KeyError, ValueError) as err:
-                raise CalibrationError(
-                    f"calibration field 'scores.{name}.threshold' is missing or not a number"
-                ) from err
-        served = cal.get("served")
-        if not isinstance(served, str):
-            raise CalibrationError("calibration is missing 'served' (the name of the score it serves)")
         return cls(
             activation,
-            detectors,
-            thresholds,
-            served,
-            expected_l0=None if expected is None else float(expected),
+            {name: detector_from_state(state) for name, state in parsed.detectors.items()},
+            {name: entry.threshold for name, entry in parsed.scores.items()},
+            parsed.served,
+            expected_l0=parsed.l0.expected,
             calibration=cal,
         )
