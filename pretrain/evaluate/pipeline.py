@@ -24,7 +24,7 @@ from pretrain.evaluate.features import extract
 from pretrain.evaluate.nhsic import DEFAULT_DIMS, DEFAULT_SAMPLES, nhsic
 from pretrain.evaluate.probes import KNN_K, KNN_TEMPERATURE, knn_accuracy, linear_probe
 from pretrain.evaluate.sparsity import dimension_rates, l0_fraction, rate_report, sparsity_report
-from pretrain.evaluate.splits import EvalError, resolve_splits
+from pretrain.evaluate.splits import EvalError, EvalSplits, resolve_splits
 
 REQUIRED_KEYS = (
     "linear_acc",
@@ -134,19 +134,96 @@ def online_probe_accuracy(
     return out
 
 
-def _channel_note(data_channels: int | None, config: ModelConfig) -> str | None:
-    mode = pil_mode(config.in_channels)
+def _notes(splits: EvalSplits, config: ModelConfig, exp_l0: float | None) -> list[str]:
+    """What a reader of the numbers must know: the splits used, channel conversions, what l0 can mean here."""
+    notes = list(splits.notes)
+    mode, data_channels = pil_mode(config.in_channels), splits.eval_source.channels
     if data_channels is None:
-        return (
+        notes.append(
             f"images are converted to {mode} as needed by the eval transform (model in_channels={config.in_channels})"
         )
-    if data_channels != config.in_channels:
-        src = pil_mode(data_channels)
-        return (
+    elif data_channels != config.in_channels:
+        notes.append(
             f"data has {data_channels} channel(s), the model takes {config.in_channels}: images are converted "
-            f"{src} -> {mode} by the eval transform, as at serving time"
+            f"{pil_mode(data_channels)} -> {mode} by the eval transform, as at serving time"
         )
-    return None
+    if exp_l0 is None:
+        notes.append(f"method {config.method} has no RGN target, so expected_l0 is null")
+    if not config.rectify:
+        notes.append("the projector output is not rectified: exact zeros are not expected, l0 is the non-zero rate")
+    return notes
+
+
+def _check_args(k: int, batch_size: int, max_train: int | None, limit: int | None) -> None:
+    if k < 1:
+        raise EvalError(f"k must be positive, got {k}")
+    if batch_size < 1:
+        raise EvalError(f"batch size must be positive, got {batch_size}")
+    if max_train is not None and max_train < 2:
+        raise EvalError(f"--max-train must be at least 2, got {max_train}")
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be at least 1, got {limit}")
+
+
+def _extract_splits(model: Encoder, splits: EvalSplits, batch_size: int, progress: bool) -> tuple[list, list[float]]:
+    """[(features, codes, labels)] of the probe's train and evaluation images, and the time each was done;
+    non-finite outputs are refused (a broken checkpoint would otherwise score as a bad one)."""
+    out, done = [], []
+    for name, source, indices in (
+        ("train", splits.train_source, splits.train_indices),
+        ("eval", splits.eval_source, splits.eval_indices),
+    ):
+        feats, z, y = extract(
+            model, source, model.config, batch_size, indices=indices, progress=progress, desc=f"features ({name})"
+        )
+        for what, tensor in (("backbone features", feats), ("projector outputs", z)):
+            if not torch.isfinite(tensor).all():
+                raise EvalError(
+                    f"the model produced non-finite {what} (NaN/inf weights or activations in the checkpoint?)"
+                )
+        assert y is not None  # resolve_splits guarantees labels
+        out.append((feats, z, y))
+        done.append(time.perf_counter())
+    return out, done
+
+
+def _load(checkpoint: str | Path, dev: torch.device) -> tuple[Encoder, str]:
+    name = str(resolve_checkpoint(checkpoint))
+    return load_checkpoint(checkpoint, device=dev)[0], name
+
+
+def _train_mode_l0(model: Encoder, splits: EvalSplits, batch_size: int) -> float:
+    """l0 of the evaluation codes with BatchNorm on batch statistics: the rate the training loss was steering."""
+    _, z, _ = extract(
+        model,
+        splits.eval_source,
+        model.config,
+        batch_size,
+        indices=splits.eval_indices,
+        progress=False,
+        train_mode=True,
+    )
+    return l0_fraction(z)
+
+
+def _context(
+    splits: EvalSplits, config: ModelConfig, feature_dim: int, dim: int, checkpoint: str | None, data: str
+) -> dict[str, Any]:
+    """What was evaluated on what: the report's context keys, in the report's order."""
+    return {
+        "n_train": int(len(splits.train_indices)),
+        "n_eval": int(len(splits.eval_indices)),
+        "feature_dim": feature_dim,
+        "dim": dim,
+        "checkpoint": checkpoint,
+        "data": data,
+        "train_data": splits.train_desc,
+        "eval_data": splits.eval_desc,
+        "holdout": splits.holdout,
+        "method": config.method,
+        "rectify": config.rectify,
+        "target": {"p": config.target_p, "mu": config.target_mu, "sigma": config.target_sigma},
+    }
 
 
 def evaluate_checkpoint(
@@ -175,58 +252,17 @@ def evaluate_checkpoint(
     list of D floats, for histograms). Raises CheckpointError, DataSpecError or EvalError with a message naming the
     problem.
     """
-    if k < 1:
-        raise EvalError(f"k must be positive, got {k}")
-    if batch_size < 1:
-        raise EvalError(f"batch size must be positive, got {batch_size}")
-    if max_train is not None and max_train < 2:
-        raise EvalError(f"--max-train must be at least 2, got {max_train}")
-    if limit is not None and limit < 1:
-        raise EvalError(f"--limit must be at least 1, got {limit}")
+    _check_args(k, batch_size, max_train, limit)
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    if isinstance(checkpoint, Encoder):
-        model, ckpt_name = checkpoint, None
-    else:
-        ckpt_name = str(resolve_checkpoint(checkpoint))
-        model, _ = load_checkpoint(checkpoint, device=dev)
+    model, ckpt_name = (checkpoint, None) if isinstance(checkpoint, Encoder) else _load(checkpoint, dev)
     config = model.config
     t_load = time.perf_counter()
     splits = resolve_splits(data_spec, max_train=max_train, limit=limit, seed=seed)
     t_data = time.perf_counter()
-    notes = list(splits.notes)
-    channel_note = _channel_note(splits.eval_source.channels, config)
-    if channel_note:
-        notes.append(channel_note)
-    tr_feats, tr_z, tr_y = extract(
-        model,
-        splits.train_source,
-        config,
-        batch_size,
-        indices=splits.train_indices,
-        progress=progress,
-        desc="features (train)",
+    ((tr_feats, tr_z, tr_y), (ev_feats, ev_z, ev_y)), (t_tr, t_ev) = _extract_splits(
+        model, splits, batch_size, progress
     )
-    t_tr = time.perf_counter()
-    ev_feats, ev_z, ev_y = extract(
-        model,
-        splits.eval_source,
-        config,
-        batch_size,
-        indices=splits.eval_indices,
-        progress=progress,
-        desc="features (eval)",
-    )
-    t_ev = time.perf_counter()
-    assert tr_y is not None and ev_y is not None  # resolve_splits guarantees labels
-    for name, tensor in (
-        ("backbone features", tr_feats),
-        ("projector outputs", tr_z),
-        ("backbone features", ev_feats),
-        ("projector outputs", ev_z),
-    ):
-        if not torch.isfinite(tensor).all():
-            raise EvalError(f"the model produced non-finite {name} (NaN/inf weights or activations in the checkpoint?)")
     result = evaluate_embeddings(tr_feats, tr_z, tr_y, ev_feats, ev_z, ev_y, k=k, device=dev, seed=seed)
     exp_l0, exp_l1 = target_expected(config)
     result.update(rate_report(ev_z, exp_l0))
@@ -234,46 +270,28 @@ def evaluate_checkpoint(
         result["dim_rates"] = [round(float(r), 6) for r in dimension_rates(ev_z)]
     t_extra = time.perf_counter()
     if train_mode_l0:
-        _, z_train_mode, _ = extract(
-            model, splits.eval_source, config, batch_size, indices=splits.eval_indices, progress=False, train_mode=True
-        )
-        result["l0_train_mode"] = l0_fraction(z_train_mode)
+        result["l0_train_mode"] = _train_mode_l0(model, splits, batch_size)
     if online and not isinstance(checkpoint, Encoder):
         result.update(online_probe_accuracy(checkpoint, ev_feats, ev_z, ev_y))
-    result["timings"]["extra_s"] = time.perf_counter() - t_extra
-    if exp_l0 is None:
-        notes.append(f"method {config.method} has no RGN target, so expected_l0 is null")
-    if not config.rectify:
-        notes.append("the projector output is not rectified: exact zeros are not expected, l0 is the non-zero rate")
     timings = {
         "load_s": t_load - t_start,
         "data_s": t_data - t_load,
         "extract_train_s": t_tr - t_data,
         "extract_eval_s": t_ev - t_tr,
         **result.pop("timings"),
+        "extra_s": time.perf_counter() - t_extra,
+        "extract_img_per_s": (len(splits.train_indices) + len(splits.eval_indices)) / max(t_ev - t_data, 1e-9),
     }
-    timings["extract_img_per_s"] = (len(splits.train_indices) + len(splits.eval_indices)) / max(t_ev - t_data, 1e-9)
     timings["total_s"] = time.perf_counter() - t_start
     result["expected_l0"] = exp_l0
     report: dict[str, Any] = {key: result.pop(key) for key in REQUIRED_KEYS}
     report.update(result)
     report.update(
         expected_l1=exp_l1,
-        n_train=int(len(splits.train_indices)),
-        n_eval=int(len(splits.eval_indices)),
-        feature_dim=int(tr_feats.shape[1]),
-        dim=int(tr_z.shape[1]),
-        checkpoint=ckpt_name,
-        data=data_spec,
-        train_data=splits.train_desc,
-        eval_data=splits.eval_desc,
-        holdout=splits.holdout,
-        method=config.method,
-        rectify=config.rectify,
-        target={"p": config.target_p, "mu": config.target_mu, "sigma": config.target_sigma},
+        **_context(splits, config, int(tr_feats.shape[1]), int(tr_z.shape[1]), ckpt_name, data_spec),
         device=str(dev),
         seed=seed,
-        notes=notes,
+        notes=_notes(splits, config, exp_l0),
         timings={key: round(val, 4) for key, val in timings.items()},
     )
     return report
