@@ -37,12 +37,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from core.atomic_io import atomic_path, atomic_write_text  # noqa: E402
+from data.sources import open_source as open_spec  # noqa: E402
+from data.splits import subsample  # noqa: E402
 from models.checkpoint import read_header, resolve_checkpoint  # noqa: E402
 from ood.baselines import KNNDistance, Mahalanobis  # noqa: E402
 from ood.calibration import calibrate  # noqa: E402
 from ood.detectors import BernoulliMixture, Inputs  # noqa: E402
 from ood.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor  # noqa: E402
-from ood.inputs import embed_images, embed_source, open_runtime, open_spec, subsample  # noqa: E402
+from ood.inputs import embed_images, embed_source, open_runtime  # noqa: E402
 from ood.metrics import ood_metrics  # noqa: E402
 from ood.shifts import SHIFT_NAMES, shifted_loaders  # noqa: E402
 from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite  # noqa: E402

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from data.splits import subsample
 from ood.detectors import Inputs, fit_detectors
 from ood.drift import DEFAULT_WINDOW, fit_drift_null
 from ood.schema import CALIBRATION_VERSION, CalibrationError, CalibrationV2, L0Section
 from ood.scores import SCORE_NAMES, OODScorer, SmoothedECDF, l0_fraction
 from ood.selection import select_served
-from ood.shifts import SHIFT_NAMES
+from ood.shifts import SHIFT_NAMES, shifted_loaders
 from ood.suite import NEEDS, ScoreSuite
 
 MIN_PART = 20  # fewest embeddings in each of the fit and threshold parts
@@ -188,41 +190,29 @@ def calibrate_model(
     The calibration lands in the model's ONNX metadata (or its sidecar) through export.metadata, which is where
     EmbeddingRuntime.ood_calibration and therefore `lpjepa serve` look for it.
     """
+    from data.sources import open_source
     from export.metadata import write_ood_calibration
-    from ood.inputs import InputError, embed_images, embed_source, open_runtime, open_spec, subsample
-    from ood.shifts import shifted_loaders
+    from ood.inputs import InputError, embed_source, open_runtime
 
     unknown = [name for name in shifts if name not in SHIFT_NAMES]
     if unknown:
         raise InputError(f"unknown synthetic shift {', '.join(unknown)}; choose from {', '.join(SHIFT_NAMES)}")
     runtime = open_runtime(model_path)
-    source = open_spec(data_spec)
-    val_sources = {spec: open_spec(spec) for spec in dict.fromkeys(validate_ood)}  # bad spec: fail before work
-    indices = subsample(len(source), limit, seed)
-    embedded = embed_source(
-        runtime, source, indices, batch_size=batch_size, progress=progress, desc=f"calibrate {data_spec}"
-    )
-    if embedded.n == 0:
-        raise InputError(f"no image of {data_spec} could be decoded ({len(embedded.failed)} failed)")
-    validation: dict[str, Any] = {}
-    for spec, val_source in val_sources.items():
-        val = embed_source(
-            runtime,
-            val_source,
-            subsample(len(val_source), validate_limit, seed + 3),
-            batch_size=batch_size,
-            progress=progress,
+    source = open_source(data_spec)
+    val_sources = {spec: open_source(spec) for spec in dict.fromkeys(validate_ood)}  # bad spec: fail before work
+    embed = partial(embed_source, runtime, batch_size=batch_size, progress=progress)
+    embedded = embed(source, subsample(len(source), limit, seed), desc=f"calibrate {data_spec}", what=data_spec)
+    validation = {
+        spec: embed(
+            val,
+            subsample(len(val), validate_limit, seed + 3),
             desc=f"validate {spec}",
-        )
-        if val.n == 0:
-            raise InputError(f"no image of the validation set {spec} could be decoded ({len(val.failed)} failed)")
-        validation[spec] = val.inputs()
+            what=f"the validation set {spec}",
+        ).inputs()
+        for spec, val in val_sources.items()
+    }
     shift_idx = subsample(len(source), shift_limit, seed + 4)
-    for shift in shifts:
-        loaders = shifted_loaders(source, shift_idx, shift, seed=seed)
-        val = embed_images(runtime, loaders, batch_size=batch_size, progress=progress, desc=f"shift {shift}")
-        if val.n:
-            validation[f"shift:{shift}"] = val.inputs()
+    validation.update(_embed_shifts(runtime, source, shift_idx, shifts, seed, batch_size=batch_size, progress=progress))
     expected = runtime.metadata.get("expected_l0") if isinstance(runtime.metadata, dict) else None
     cal = calibrate(
         embedded.inputs(),
@@ -245,3 +235,17 @@ def calibrate_model(
     if write:
         write_ood_calibration(str(model_path), cal)
     return cal
+
+
+def _embed_shifts(
+    runtime: Any, source: Any, indices: NDArray[Any], shifts: Any, seed: int, **embed: Any
+) -> dict[str, Inputs]:
+    """`shift:<name>` validation sets: the images `indices` of `source` under each synthetic shift."""
+    from ood.inputs import embed_images
+
+    out = {}
+    for shift in shifts:
+        val = embed_images(runtime, shifted_loaders(source, indices, shift, seed=seed), desc=f"shift {shift}", **embed)
+        if val.n:
+            out[f"shift:{shift}"] = val.inputs()
+    return out

@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from data.splits import subsample, train_spec_for
 from ood.baselines import KNNDistance, Mahalanobis, l0_deviation
 from ood.calibration import calibrate
 from ood.detectors import Inputs
@@ -25,7 +27,6 @@ from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
 
 REPORT_VERSION = 2
 OUR_METHODS = ("rate", "pattern", "combined")
-_TEST_TO_TRAIN = {"test": "train", "val": "train", "t10k": "train"}
 
 
 @dataclass
@@ -87,53 +88,33 @@ def evaluate_embeddings(
     suite = ScoreSuite.from_calibration(calibration)
     id_in, ood_in = _as_inputs(id_emb), _as_inputs(ood_emb)
     train_codes = train_emb.codes if isinstance(train_emb, Inputs) else train_emb
-    n_id, n_ood = len(id_in), len(ood_in)
-    n_total = n_id + n_ood
-    methods: dict[str, dict[str, Any]] = {}
-    s_id: dict[str, NDArray[np.float64]] = {}
-    s_ood: dict[str, NDArray[np.float64]] = {}
-
+    run = _Runs(len(id_in) + len(ood_in))
     for name in suite.names:
-        if suite.needs_features(name) and (id_in.features is None or ood_in.features is None):
-            continue
-        (s_id[name], s_ood[name]), secs = _timed(
-            lambda name=name: (suite.score_named(name, id_in), suite.score_named(name, ood_in))
-        )
-        methods[name] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
-
+        if not (suite.needs_features(name) and (id_in.features is None or ood_in.features is None)):
+            run(name, lambda name=name: (suite.score_named(name, id_in), suite.score_named(name, ood_in)))
     k_used = min(k, int(train_codes.shape[0]))
     knn, fit_s = _timed(lambda: KNNDistance(k_used).fit(train_codes))
-    (s_id["knn"], s_ood["knn"]), secs = _timed(lambda: (knn.score(id_in.codes), knn.score(ood_in.codes)))
-    methods["knn"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "k": k_used}
-
+    run("knn", lambda: (knn.score(id_in.codes), knn.score(ood_in.codes)), fit_s=fit_s, k=k_used)
     maha, fit_s = _timed(lambda: Mahalanobis().fit(train_codes))
-    (s_id["mahalanobis"], s_ood["mahalanobis"]), secs = _timed(
-        lambda: (maha.score(id_in.codes), maha.score(ood_in.codes))
-    )
-    methods["mahalanobis"] = {"fit_s": fit_s, "score_us": 1e6 * secs / n_total, "shrinkage": maha.shrinkage}
-
+    run("mahalanobis", lambda: (maha.score(id_in.codes), maha.score(ood_in.codes)), fit_s, shrinkage=maha.shrinkage)
     l0_id, l0_ood = l0_fraction(id_in.active), l0_fraction(ood_in.active)
+    cal_l0 = calibration.get("l0", {})
     if expected_l0 is None:
-        expected_l0 = calibration.get("l0", {}).get("expected")
-    if expected_l0 is not None and "l0_deviation" not in methods:
-        (s_id["l0_deviation"], s_ood["l0_deviation"]), secs = _timed(
-            lambda: (l0_deviation(l0_id, expected_l0), l0_deviation(l0_ood, expected_l0))
-        )
-        methods["l0_deviation"] = {"fit_s": 0.0, "score_us": 1e6 * secs / n_total}
-
-    for name, entry in methods.items():
-        entry.update(ood_metrics(s_id[name], s_ood[name], tpr))
+        expected_l0 = cal_l0.get("expected")
+    if expected_l0 is not None and "l0_deviation" not in run.methods:
+        run("l0_deviation", lambda: (l0_deviation(l0_id, expected_l0), l0_deviation(l0_ood, expected_l0)))
+    for name, entry in run.methods.items():
+        entry.update(ood_metrics(run.s_id[name], run.s_ood[name], tpr))
         entry["needs"] = NEEDS[name]
         entry["activation_statistics"] = name in ACTIVATION_STATISTICS
         entry["served"] = name == suite.served
-
-    served_id, served_ood = s_id.get(suite.served), s_ood.get(suite.served)
+    served_id, served_ood = run.s_id.get(suite.served), run.s_ood.get(suite.served)
     report = {
         "version": REPORT_VERSION,
         "metric_notes": "OOD is the positive class; fpr95 = FPR on ID at 95% TPR on OOD; aupr = AUPR-Out",
         "served": suite.served,
         "selection": {key: (calibration.get("selection") or {}).get(key) for key in ("rule", "reason")},
-        "methods": methods,
+        "methods": run.methods,
         "operating_point": {
             "score": suite.served,
             "threshold": suite.threshold,
@@ -147,25 +128,30 @@ def evaluate_embeddings(
             "id_std": float(np.std(l0_id)),
             "ood_mean": float(np.mean(l0_ood)),
             "ood_std": float(np.std(l0_ood)),
-            "calibration_mean": calibration.get("l0", {}).get("mean"),
+            "calibration_mean": cal_l0.get("mean"),
         },
-        "batch_l0_auroc": batch_l0_shift(l0_id, l0_ood, float(calibration.get("l0", {}).get("mean", np.mean(l0_id)))),
+        "batch_l0_auroc": batch_l0_shift(l0_id, l0_ood, float(cal_l0.get("mean", np.mean(l0_id)))),
         "dim": suite.dim,
     }
-    return EvalResult(report=report, l0_id=l0_id, l0_ood=l0_ood, scores_id=s_id, scores_ood=s_ood)
+    return EvalResult(report=report, l0_id=l0_id, l0_ood=l0_ood, scores_id=run.s_id, scores_ood=run.s_ood)
+
+
+class _Runs:
+    """Each method's (ID, OOD) scores and its report entry: fit time, scoring time per input, its settings."""
+
+    def __init__(self, n_total: int) -> None:
+        self.n_total = n_total
+        self.methods: dict[str, dict[str, Any]] = {}
+        self.s_id: dict[str, NDArray[np.float64]] = {}
+        self.s_ood: dict[str, NDArray[np.float64]] = {}
+
+    def __call__(self, name: str, score: Callable[[], Any], fit_s: float = 0.0, **settings: Any) -> None:
+        (self.s_id[name], self.s_ood[name]), secs = _timed(score)
+        self.methods[name] = {"fit_s": fit_s, "score_us": 1e6 * secs / self.n_total, **settings}
 
 
 def _as_inputs(x: Any) -> Inputs:
     return x if isinstance(x, Inputs) else Inputs.from_arrays(x)
-
-
-def train_spec_for(id_spec: str) -> str | None:
-    """The ID data set's train split when `id_spec` names its test/val split; None means split the ID source."""
-    head, at, root = id_spec.strip().partition("@")
-    name, _, split = head.partition(":")
-    if split.lower() in _TEST_TO_TRAIN and not Path(id_spec).expanduser().exists():
-        return f"{name}:{_TEST_TO_TRAIN[split.lower()]}{at}{root}"
-    return None
 
 
 def evaluate_model(
@@ -187,40 +173,18 @@ def evaluate_model(
     The model's stored calibration is used when it has one (that is what `serve` uses); otherwise, or with
     `recalibrate`, the scores are calibrated on the same ID train split the baselines are fitted on.
     """
-    from ood.inputs import InputError, embed_source, open_runtime, open_spec, subsample
+    from data.sources import open_source
+    from ood.inputs import embed_source, open_runtime
 
     runtime = open_runtime(model_path)
-    id_source = open_spec(id_spec)
-    ood_source = open_spec(ood_spec)
-    train_spec = train_spec_for(id_spec)
-    if train_spec is not None:
-        train_source = open_spec(train_spec)
-        train_idx = subsample(len(train_source), train_limit, seed)
-        id_idx = subsample(len(id_source), limit, seed + 1)
-        train_how = f"{train_spec}, {len(train_idx)} sampled (seed {seed})"
-    else:
-        train_source = id_source
-        order = np.random.default_rng(seed).permutation(len(id_source))
-        half = len(order) // 2
-        if half < 2:
-            raise InputError(f"{id_spec} has {len(id_source)} images; the ID train/eval split needs at least 4")
-        train_idx = np.sort(order[:half][:train_limit])
-        rest = order[half:]
-        id_idx = np.sort(rest if limit is None else rest[:limit])
-        train_spec = id_spec
-        train_how = f"seeded split of {id_spec}: {len(train_idx)} to fit, disjoint from the {len(id_idx)} evaluated"
+    id_source = open_source(id_spec)
+    ood_source = open_source(ood_spec)
+    train_spec, train_source, train_idx, id_idx, train_how = _train_split(id_spec, id_source, limit, train_limit, seed)
+    embed = partial(embed_source, runtime, batch_size=batch_size, progress=progress)
+    train = embed(train_source, train_idx, desc=f"embed {train_spec} (ID train)", what=f"{train_spec} (ID train)")
+    id_eval = embed(id_source, id_idx, desc=f"embed {id_spec} (ID)", what=f"{id_spec} (ID)")
     ood_idx = subsample(len(ood_source), limit, seed + 2)
-
-    def embed(source: Any, idx: NDArray[Any], what: str) -> Any:
-        out = embed_source(runtime, source, idx, batch_size=batch_size, progress=progress, desc=f"embed {what}")
-        if out.n == 0:
-            raise InputError(f"no image of {what} could be decoded ({len(out.failed)} failed)")
-        return out
-
-    train = embed(train_source, train_idx, f"{train_spec} (ID train)")
-    id_eval = embed(id_source, id_idx, f"{id_spec} (ID)")
-    ood_eval = embed(ood_source, ood_idx, f"{ood_spec} (OOD)")
-
+    ood_eval = embed(ood_source, ood_idx, desc=f"embed {ood_spec} (OOD)", what=f"{ood_spec} (OOD)")
     stored = None if recalibrate else runtime.ood_calibration
     if stored is not None:
         calibration, cal_from = stored, "model"
@@ -249,3 +213,27 @@ def evaluate_model(
         }
     )
     return result
+
+
+def _train_split(
+    id_spec: str, id_source: Any, limit: int | None, train_limit: int, seed: int
+) -> tuple[str, Any, NDArray[np.int64], NDArray[np.int64], str]:
+    """(train spec, train source, train indices, ID evaluation indices, how the split was made): the data set's
+    train split when `id_spec` names another one, otherwise a seeded half of the ID source, disjoint from the
+    evaluated half."""
+    from data.sources import open_source
+    from ood.inputs import InputError
+
+    train_spec = train_spec_for(id_spec)
+    if train_spec is not None:
+        train_source = open_source(train_spec)
+        train_idx, id_idx = subsample(len(train_source), train_limit, seed), subsample(len(id_source), limit, seed + 1)
+        return train_spec, train_source, train_idx, id_idx, f"{train_spec}, {len(train_idx)} sampled (seed {seed})"
+    order = np.random.default_rng(seed).permutation(len(id_source))
+    half = len(order) // 2
+    if half < 2:
+        raise InputError(f"{id_spec} has {len(id_source)} images; the ID train/eval split needs at least 4")
+    train_idx, rest = np.sort(order[:half][:train_limit]), order[half:]
+    id_idx = np.sort(rest if limit is None else rest[:limit])
+    how = f"seeded split of {id_spec}: {len(train_idx)} to fit, disjoint from the {len(id_idx)} evaluated"
+    return id_spec, id_source, train_idx, id_idx, how

@@ -56,25 +56,6 @@ def open_runtime(model_path: str | Path) -> Any:
         raise InputError(f"cannot load model {model_path}: {type(err).__name__}: {err}") from err
 
 
-def open_spec(spec: str) -> Any:
-    """An ImageSource for a data spec, with the spec grammar's error turned into InputError."""
-    from data.sources import DataSpecError, open_source
-
-    try:
-        return open_source(spec)
-    except DataSpecError as err:
-        raise InputError(str(err)) from err
-
-
-def subsample(n: int, limit: int | None, seed: int) -> NDArray[np.int64]:
-    """All indices, or a seeded random `limit` of them in sorted order (sorted keeps file reads sequential)."""
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be positive, got {limit}")
-    if limit is None or limit >= n:
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False)).astype(np.int64)
-
-
 def _embed_batch(runtime: Any, images: list[Any]) -> tuple[sparse.csr_matrix, NDArray[np.float32] | None]:
     if getattr(runtime, "feature_dim", None):
         return runtime.embed_with_features(images)
@@ -152,11 +133,15 @@ def embed_source(
     batch_size: int = 256,
     progress: bool = True,
     desc: str = "embed",
+    what: str | None = None,
 ) -> Embedded:
-    """Embed `indices` of an ImageSource; `Embedded.indices` maps rows back to source indices."""
+    """Embed `indices` of an ImageSource; `Embedded.indices` maps rows back to source indices. With `what` (how
+    an error names the set), a set none of whose images decode is an InputError."""
     idx = np.arange(len(source), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     loaders = [(f"{source.name}[{i}]", (lambda i=int(i): source.image(i))) for i in idx]
     out = embed_images(runtime, loaders, batch_size=batch_size, progress=progress, desc=desc)
+    if what is not None and out.n == 0:
+        raise InputError(f"no image of {what} could be decoded ({len(out.failed)} failed)")
     out.indices = idx[out.indices]
     return out
 

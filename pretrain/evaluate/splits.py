@@ -14,33 +14,13 @@ import numpy as np
 
 from core.errors import InvalidError
 from data.sources import ImageSource, open_source
+from data.splits import FASHION_NAMES, ROOTED_WITH_TRAIN, subsample, train_spec_for
 
-# Data sets whose spec can name a different split (see data.sources.open_source).
-_FASHION_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
-_ROOTED_WITH_TRAIN = ("cifar10", "cifar100", "stl10", "imagenet100")
 HOLDOUT_FRACTION = 0.2
 
 
 class EvalError(InvalidError):
     """Data that cannot be evaluated (no labels, too few images or classes, unusable device)."""
-
-
-def train_spec_for(spec: str) -> str | None:
-    """Spec of the train split of the data set `spec` names; None when it has none or `spec` is that split.
-
-    Follows open_source's grammar: `name[:split][@root]` for built-ins, otherwise a folder path.
-    """
-    spec = spec.strip()
-    head, _, root = spec.partition("@")
-    name, _, split = head.partition(":")
-    lname = name.lower()
-    if root:
-        if lname in _ROOTED_WITH_TRAIN and (split or "train") != "train":
-            return f"{name}:train@{root}"
-        return None
-    if lname in _FASHION_NAMES and (split or "train") != "train":
-        return f"{name}:train"
-    return None
 
 
 def stratified_holdout(
@@ -59,15 +39,6 @@ def stratified_holdout(
         held.append(members[:n_held])
         train.append(members[n_held:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
-
-
-def subsample(indices: np.ndarray, n: int | None, seed: int) -> np.ndarray:
-    """At most n of `indices`, uniformly without replacement and seeded, kept in ascending order."""
-    if n is None or n >= len(indices):
-        return indices
-    if n < 1:
-        raise EvalError(f"a subsample needs at least 1 image, got {n}")
-    return np.sort(np.random.default_rng(seed).choice(indices, size=n, replace=False))
 
 
 @dataclass
@@ -138,5 +109,5 @@ def _names_train_split(spec: str) -> bool:
     head, _, root = spec.strip().partition("@")
     name, _, split = head.partition(":")
     lname = name.lower()
-    named = lname in _FASHION_NAMES or (bool(root) and lname in _ROOTED_WITH_TRAIN)
+    named = lname in FASHION_NAMES or (bool(root) and lname in ROOTED_WITH_TRAIN)
     return named and (split or "train") == "train"
