@@ -222,16 +222,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
 
 
 # ------------------------------------------------------------------------------------------ the export
-def expected_l0_for(config: Any) -> float | None:
-    """The target's analytic activation rate, only where it describes the served embedding (RGN target and
-    rectified features); None for dense targets and the support-mismatch ablations."""
-    if config.method != "rectified_lpjepa" or not config.rectify:
-        return None
-    from models.rgg_law import expected_l0
-
-    return float(expected_l0(config.target_p, config.target_mu, config.target_sigma))
-
-
 def build_metadata(
     config: Any,
     checkpoint: Path,
@@ -242,6 +232,7 @@ def build_metadata(
     feature_dim: int | None = None,
 ) -> dict[str, Any]:
     extra = {} if feature_dim is None else {"features_name": FEATURES_NAME, "feature_dim": int(feature_dim)}
+    target = config.target
     return {
         **extra,
         "format": meta_io.FORMAT,
@@ -249,10 +240,10 @@ def build_metadata(
         "method": config.method,
         "backbone": config.backbone,
         "rectify": bool(config.rectify),
-        "target_p": float(config.target_p),
-        "target_mu": float(config.target_mu),
-        "target_sigma": float(config.target_sigma),
-        "expected_l0": expected_l0_for(config),
+        "target_p": target.p,
+        "target_mu": target.mu,
+        "target_sigma": target.sigma,
+        "expected_l0": config.expected_l0,
         "image_size": int(config.image_size),
         "in_channels": int(config.in_channels),
         "mean": [float(v) for v in config.mean],

@@ -1,4 +1,5 @@
-"""Model checkpoints: safetensors weights with the whole ModelConfig in the header, written atomically.
+"""Model checkpoints: safetensors weights with the whole ModelConfig (and so the Target) in the header, written
+atomically.
 
 One self-describing file is what lets `lpjepa export` and `lpjepa serve` work from a checkpoint alone. Training
 state for `--resume` (optimizer, schedule, RNG) lives in a separate file owned by pretrain/.
@@ -11,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from core.atomic_io import atomic_path
 from core.errors import InvalidError
-from models.config import ModelConfig
+from models.config import ModelConfig, one_line
 from models.encoder import Encoder, build_model
 
 FORMAT = "lpjepa-checkpoint/1"
@@ -59,6 +61,8 @@ def read_header(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{ckpt} is not an lpjepa checkpoint (format {meta.get('format')!r})")
     try:
         config = ModelConfig.from_json(meta["config"])
+    except ValidationError as err:
+        raise CheckpointError(f"{ckpt} has an invalid model config: {one_line(err)}") from err
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{ckpt} has an invalid model config: {err}") from err
     return config, json.loads(meta.get("extra", "{}"))

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from models.methods import METHODS, TARGET_KINDS
+from models.rgg import Target
 
 # Normalisation statistics shipped with the built-in data sets; a user's own data can set any.
 FASHION_MNIST_MEAN = (0.2860,)
@@ -13,80 +17,75 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "vit", "convnext")
-METHODS = (
-    "rectified_lpjepa",
-    "lejepa",
-    "vicreg",
-    "simclr",
-    "nvicreg_relu",
-    "ncl_relu",
-    "ablation_gn_raw",  # GN target, raw (unrectified) features
-    "ablation_gn_relu",  # GN target, rectified features
-    "ablation_rgn_raw",  # RGN target, raw features
-)
 
 
-@dataclass
-class ModelConfig:
+def one_line(err: ValidationError, prefix: str = "") -> str:
+    """A pydantic error as one CLI-sized line per problem: `field.path: message (got value)`."""
+    parts = []
+    for e in err.errors(include_url=False):
+        where = prefix + ".".join(str(x) for x in e["loc"])
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where.rstrip('.') or 'config'}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return "; ".join(parts)
+
+
+class ModelConfig(BaseModel):
     """Architecture, input contract and training target of an encoder.
 
     The input fields (image_size, in_channels, mean, std) define the evaluation transform, which the ONNX runtime
-    must reproduce bit for bit; the target fields travel into the exported metadata so a served model can state
-    its designed activation rate.
+    must reproduce bit for bit; the target fields (the `Target` the model was trained toward) travel into the
+    exported metadata so a served model can state its designed activation rate.
     """
 
-    backbone: str = "resnet18"
-    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
-    projector_dims: list[int] = field(default_factory=lambda: [512, 512, 512])
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    backbone: Literal[BACKBONES] = "resnet18"  # type: ignore[valid-type]
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+    projector_dims: list[PositiveInt] = Field(default_factory=lambda: [512, 512, 512], min_length=1)
     # BatchNorm in the projector's hidden layers (SimCLR/NCL's reference projector has none).
     projector_bn: bool = True
     rectify: bool = True
-    in_channels: int = 3
-    image_size: int = 32
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    method: str = "rectified_lpjepa"
-    target_p: float = 1.0
+    in_channels: Literal[1, 3] = 3
+    image_size: int = Field(32, ge=8)
+    mean: list[float] = Field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[PositiveFloat] = Field(default_factory=lambda: list(IMAGENET_STD))
+    method: Literal[tuple(METHODS)] = "rectified_lpjepa"  # type: ignore[valid-type]
+    target_p: PositiveFloat = 1.0
     target_mu: float = 0.0
-    target_sigma: float = 0.7071067811865476
+    target_sigma: PositiveFloat = 0.7071067811865476
+    # Which form of the law the loss matched (models.methods.TargetKind); null in checkpoints written before
+    # it was stored, and then taken from the method's registry entry.
+    target_kind: Literal[TARGET_KINDS] | None = None  # type: ignore[valid-type]
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {self.image_size}")
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError("mean and std need one entry per input channel")
-        if any(s <= 0 for s in self.std):
-            raise ValueError("std entries must be positive")
-        if not self.projector_dims or any(int(d) < 1 for d in self.projector_dims):
-            raise ValueError("projector_dims must be a non-empty list of positive widths")
-        if not self.target_p > 0 or not self.target_sigma > 0:
-            raise ValueError("target_p and target_sigma must be positive")
+        if self.target_kind is None:
+            self.target_kind = METHODS[self.method].target
+        return self
 
     @property
     def embed_dim(self) -> int:
         return int(self.projector_dims[-1])
 
+    @property
+    def target(self) -> Target:
+        return Target(self.target_p, self.target_mu, self.target_sigma, self.target_kind)  # type: ignore[arg-type]
+
+    @property
+    def expected_l0(self) -> float | None:
+        """The activation rate the served embedding is designed to have (None where the target says nothing)."""
+        return self.target.embedding_l0(self.rectify)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
         return cls(**data)
 
     @classmethod

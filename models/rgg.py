@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.methods import TARGET_KINDS, TargetKind
 from models.rgg_law import (
     SIGMA_WORDS,
     check_mu,
@@ -40,7 +41,7 @@ from models.rgg_law import (
 
 __all__ = [
     "SIGMA_WORDS",
-    "RGNTarget",
+    "Target",
     "check_mu",
     "check_p",
     "check_rate",
@@ -179,28 +180,43 @@ def sample_rgn(
 
 
 @dataclass(frozen=True)
-class RGNTarget:
-    """A resolved target RGN_p(mu, sigma) (sigma already a number), as the trainer and the CLI consume it."""
+class Target:
+    """A training target: the law GN_p(mu, sigma) (sigma resolved to a number) and which of its forms the loss
+    matched (`kind`: "rgn" = ReLU(X), "gn" = X, "gaussian" / "none" for methods whose loss has no GN law).
+
+    Created once from the config, stored in the checkpoint's ModelConfig (target_p/mu/sigma/kind) and read back
+    from it by evaluation and export, so nothing re-derives p, mu or sigma.
+    """
 
     p: float
     mu: float
     sigma: float
+    kind: TargetKind = "rgn"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", check_p(self.p))
         object.__setattr__(self, "mu", check_mu(self.mu))
         object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target kind must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}")
 
     @classmethod
-    def from_spec(cls, p: float, mu: float, sigma: str | float = "gn") -> RGNTarget:
+    def from_spec(cls, p: float, mu: float, sigma: str | float = "gn", kind: TargetKind = "rgn") -> Target:
         """Build from a config-style spec: sigma 'gn' (METHOD.md default), 'rgn' or a number."""
-        return cls(p, mu, resolve_sigma(p, mu, sigma))
+        return cls(p, mu, resolve_sigma(p, mu, sigma), kind)
 
     @classmethod
-    def from_l0(cls, p: float, rate: float, sigma: str | float = "gn") -> RGNTarget:
-        """Build the target whose expected activation rate is `rate` (mu solved, see `mu_for_l0`)."""
+    def from_l0(cls, p: float, rate: float, sigma: str | float = "gn") -> Target:
+        """Build the RGN target whose expected activation rate is `rate` (mu solved, see `mu_for_l0`)."""
         mu, sig = mu_for_l0(p, rate, sigma)
         return cls(p, mu, sig)
+
+    def embedding_l0(self, rectified: bool) -> float | None:
+        """The activation rate that the trained embedding should show, or None where the target says nothing
+        about it: only an RGN target matched by rectified codes makes P(code > 0) = P(X > 0). A GN target has
+        negative mass that ReLU codes cannot reach, raw codes (ablation_rgn_raw) are almost never exactly zero,
+        and the dense and contrastive baselines have no such law at all."""
+        return self.expected_l0 if rectified and self.kind == "rgn" else None
 
     @property
     def expected_l0(self) -> float:

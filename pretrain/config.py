@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InvalidError
-from models.config import BACKBONES, METHODS
+from models.config import BACKBONES
+from models.methods import METHODS
+from models.rgg import Target
 
 CONFIG_PACKAGE = "pretrain.configs"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -40,15 +42,6 @@ DEAD_DIM_FIXES = (
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROJECTOR_CHOICES = ("auto", "dims")
-# The baselines' own projectors in the reference (solo-learn configs): (widths, BatchNorm in the hidden layers).
-# VICReg: 2048-2048-2048 with BN; SimCLR and NCL: Linear-ReLU-Linear 2048 -> 256 without BN. The Rectified
-# LpJEPA family, LeJEPA and the ablation cells use `model.projector_dims` (the rectified MLP, with BN).
-REFERENCE_PROJECTORS: dict[str, tuple[list[int], bool]] = {
-    "vicreg": ([2048, 2048, 2048], True),
-    "nvicreg_relu": ([2048, 2048, 2048], True),
-    "simclr": ([2048, 256], False),
-    "ncl_relu": ([2048, 256], False),
-}
 
 
 class ConfigError(InvalidError):
@@ -95,7 +88,7 @@ class ModelSection:
     backbone: str = "resnet18"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     projector_dims: list[int] = field(default_factory=lambda: [512, 512, 512])
-    # "auto": the baselines get their reference projector (REFERENCE_PROJECTORS, written into projector_dims and
+    # "auto": the baselines get their reference projector (models.methods, written into projector_dims and
     # projector_bn when the config is loaded); "dims": projector_dims / projector_bn as given, for every method.
     projector: str = "auto"
     projector_bn: bool = True
@@ -197,14 +190,21 @@ class TrainConfig:
     @property
     def dead_dim_fix(self) -> str:
         if self.method.dead_dim_fix is None:
-            return "marginal" if self.method.name == "rectified_lpjepa" else "none"
+            return METHODS[self.method.name].dead_dim_fix
         return self.method.dead_dim_fix
+
+    @property
+    def target(self) -> Target:
+        """The method's target, sigma resolved: what the loss matches and the checkpoint stores."""
+        m = self.method
+        return Target.from_spec(m.p, m.mu, m.sigma, METHODS[m.name].target)
 
     def resolve_method_defaults(self) -> None:
         """The baselines' reference projector (model.projector = "auto") and lr (optim.lr_by_method)."""
         name = self.method.name
-        if self.model.projector == "auto" and name in REFERENCE_PROJECTORS:
-            dims, bn = REFERENCE_PROJECTORS[name]
+        reference = METHODS[name].projector if name in METHODS else None
+        if self.model.projector == "auto" and reference is not None:
+            dims, bn = reference
             self.model.projector_dims, self.model.projector_bn = list(dims), bn
         if name in self.optim.lr_by_method:
             lr = self.optim.lr_by_method[name]

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import rgg_law
+from models.methods import METHODS
+from models.rgg import Target
 from pretrain.config import ConfigError, TrainConfig
 from pretrain.distributed import gather_with_grad
-from pretrain.losses import RELU_FEATURE_METHODS, build_loss
+from pretrain.losses import build_loss
 from pretrain.losses.precision import fp32_region
 
-SLICED_METHODS = frozenset({"rectified_lpjepa", "ablation_gn_raw", "ablation_gn_relu", "ablation_rgn_raw"})
-RGN_TARGET_METHODS = frozenset({"rectified_lpjepa", "ablation_rgn_raw"})
 MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q"})
 # Quantile (pinball) rate terms on the pre-activation: fixed point P(h_j > 0) = r for every dimension j.
 RATE_FIXES = frozenset({"quantile", "quantile_shift"})
@@ -50,7 +50,7 @@ RATE_FIXES = frozenset({"quantile", "quantile_shift"})
 
 def rectifies(method: str) -> bool:
     """Whether the method's features (and hence the exported model's output) go through the final ReLU."""
-    return method in RELU_FEATURE_METHODS
+    return METHODS[method].rectified
 
 
 class _LeakyBackwardReLU(torch.autograd.Function):
@@ -143,31 +143,32 @@ class Objective(nn.Module):
     def __init__(self, cfg: TrainConfig, sigma: float, embed_dim: int, generator: torch.Generator) -> None:
         super().__init__()
         m = cfg.method
-        self.method = m.name
-        self.relu = rectifies(m.name)
+        spec = METHODS[m.name]
+        self.method, self.features = m.name, spec.features
+        self.relu = spec.rectified
         # "axis+rate" combines an axis fix (marginal, threshold*) with a rate term (quantile, quantile_shift).
         self.fix, _, self.rate_fix = cfg.dead_dim_fix.partition("+")
         if self.fix in RATE_FIXES and not self.rate_fix:
             self.fix, self.rate_fix = "none", self.fix
         self.slope = float(m.leaky_slope)
         self.generator = generator
-        self.p, self.mu, self.sigma = float(m.p), float(m.mu), float(sigma)
-        if self.fix in MARGINAL_FIXES and m.name not in SLICED_METHODS:
+        self.target = Target(m.p, m.mu, sigma, spec.target)
+        if self.fix in MARGINAL_FIXES and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a sliced-W2 method, not {m.name!r}")
-        if self.fix.startswith("threshold") and not (self.relu and m.name in RGN_TARGET_METHODS):
+        if self.fix.startswith("threshold") and not (self.relu and spec.target == "rgn"):
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs rectified features and an RGN target")
         if self.fix == "leaky" and not self.relu:
             raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
         if self.rate_fix and (self.rate_fix not in RATE_FIXES or self.fix not in MARGINAL_FIXES | {"none"}):
             raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} is not an axis fix + a rate term")
-        if self.rate_fix and m.name not in SLICED_METHODS:
+        if self.rate_fix and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.rate_fix!r} needs a target with a rate (a sliced-W2 method)")
         self.alpha = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
         self.w_rdm = float(m.w_rdm)
         self.rate_weight = float(m.rate_weight) if self.rate_fix else 0.0
         # The target's activation rate P(X > 0) = Phi(mu / sigma); the same for the GN and RGN cells.
-        self.rate = rgg_law.expected_l0(self.p, self.mu, self.sigma)
-        if m.name in SLICED_METHODS:
+        self.rate = self.target.expected_l0
+        if spec.sliced:
             self.loss = build_loss(
                 m.name,
                 w_inv=m.w_inv,
@@ -179,11 +180,11 @@ class Objective(nn.Module):
                 projection=m.projections,
                 generator=generator,
             )
-        elif m.name == "lejepa":
+        elif spec.loss == "lejepa":
             self.loss = build_loss(
                 m.name, lam=m.lejepa_lambda, num_projections=m.lejepa_projections, generator=generator
             )
-        elif m.name in ("vicreg", "nvicreg_relu"):
+        elif spec.loss == "vicreg":
             self.loss = build_loss(m.name, w_inv=m.vicreg_sim, w_var=m.vicreg_var, w_cov=m.vicreg_cov)
         else:
             self.loss = build_loss(m.name, temperature=m.temperature)
@@ -194,23 +195,13 @@ class Objective(nn.Module):
             return h
         if self.fix == "leaky":
             return leaky_backward_relu(h, self.slope)
-        if self.method == "ncl_relu":
+        if self.features == "rep_relu":
             return rep_relu(h)
         return F.relu(h)
 
     def _target(self, shape: tuple[int, int], device: torch.device, rectified: bool) -> torch.Tensor:
-        from models import rgg
-
-        sampler = rgg.sample_rgn if rectified else rgg.sample_gn
-        y = sampler(
-            shape,
-            self.p,
-            self.mu,
-            self.sigma,
-            generator=self.generator,
-            device=self.generator.device,
-            dtype=torch.float32,
-        )
+        sampler = self.target.sample if rectified else self.target.sample_gn
+        y = sampler(shape, generator=self.generator, device=self.generator.device, dtype=torch.float32)
         return y.to(device=device, dtype=torch.float32)
 
     def _quantiles(self, n: int, device: torch.device) -> torch.Tensor:
@@ -218,8 +209,9 @@ class Objective(nn.Module):
         a draw without sampling noise, so each batch asks exactly the same number of samples to fire."""
         cache = self.__dict__.setdefault("_quantile_cache", {})
         if n not in cache:
+            t = self.target
             q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-            cache[n] = torch.from_numpy(rgg_law.gn_ppf(q.numpy(), self.p, self.mu, self.sigma)).float()[:, None]
+            cache[n] = torch.from_numpy(rgg_law.gn_ppf(q.numpy(), t.p, t.mu, t.sigma)).float()[:, None]
         return cache[n].to(device)
 
     def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
@@ -250,7 +242,7 @@ class Objective(nn.Module):
                         x = self._target(tuple(hg.shape), hg.device, rectified=False)
                         marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "threshold_sym")
                     else:  # straight-through variant; raw features: plain per-axis W2
-                        y = self._target(tuple(hg.shape), hg.device, self.method in RGN_TARGET_METHODS)
+                        y = self._target(tuple(hg.shape), hg.device, self.target.kind == "rgn")
                         marg = marg + marginal_w2(hg, y, rectified=self.relu)
             marg = marg / len(hs)
             total = total + self.w_rdm * self.alpha * marg

@@ -23,7 +23,6 @@ from data.loader import Batch, build_batches, default_stats, detect_channels
 from data.sources import open_source
 from models.config import ModelConfig
 from models.encoder import Encoder, build_model
-from models.rgg import expected_l0, resolve_sigma
 from pretrain.config import TrainConfig
 from pretrain.methods import Objective, rectifies
 from pretrain.metrics_log import MetricsLog
@@ -112,8 +111,7 @@ def resolve_config(cfg: TrainConfig, source: Any) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
-    m = cfg.method
-    sigma = resolve_sigma(m.p, m.mu, m.sigma)
+    m, target = cfg.method, cfg.target
     return ModelConfig(
         backbone=cfg.model.backbone,
         backbone_kwargs=dict(cfg.model.backbone_kwargs),
@@ -125,9 +123,10 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
         mean=list(cfg.model.mean),
         std=list(cfg.model.std),
         method=m.name,
-        target_p=float(m.p),
-        target_mu=float(m.mu),
-        target_sigma=float(sigma),
+        target_p=target.p,
+        target_mu=target.mu,
+        target_sigma=target.sigma,
+        target_kind=target.kind,
     )
 
 
@@ -165,8 +164,7 @@ class Trainer:
         self.batches = build_batches(cfg, source, m.in_channels, m.mean, m.std, rt.rank, rt.world, rt.device)
         self.total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * self.batches.steps_per_epoch))
         self.schedule = WarmupCosine.from_config(cfg.optim, self.total)
-        rgn = cfg.method.name in ("rectified_lpjepa", "ablation_rgn_raw")
-        self.target_l0 = expected_l0(m.target_p, m.target_mu, m.target_sigma) if rgn else None
+        self.target_l0 = m.expected_l0
         self.start, self.elapsed_before, self.t0 = 0, 0.0, time.perf_counter()
         self.log: MetricsLog | None = None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -151,3 +152,39 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch) -
         save_checkpoint(path, model, extra={"step": 2})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_checkpoint_without_target_kind_takes_it_from_the_method(tmp_path) -> None:
+    """Checkpoints written before the target kind was stored still load; the kind, and with it the served
+    embedding's expected l0, comes from the method registry."""
+    from safetensors.torch import save_file
+
+    from models.checkpoint import FORMAT
+
+    model = build_model(tiny_config(method="ablation_rgn_raw", rectify=False, target_mu=-1.0))
+    old = model.config.to_dict()
+    del old["target_kind"]
+    path = tmp_path / "old.safetensors"
+    save_file(dict(model.state_dict()), str(path), metadata={"format": FORMAT, "config": json.dumps(old)})
+    config, _ = read_header(path)
+    assert config.target_kind == "rgn" and config.target.mu == -1.0
+    assert config.expected_l0 is None  # raw codes: the RGN target's rate is not the embedding's
+    old.update(method="rectified_lpjepa", rectify=True)
+    save_file(dict(model.state_dict()), str(path), metadata={"format": FORMAT, "config": json.dumps(old)})
+    config, _ = read_header(path)
+    # p = 1: GN_1(mu, sigma) is the Laplace law with scale sigma, P(X > 0) = exp(mu / sigma) / 2 for mu < 0
+    assert config.expected_l0 == pytest.approx(0.5 * math.exp(-1.0 / config.target_sigma), rel=1e-12)
+    for method, kind in (("ablation_gn_relu", "gn"), ("lejepa", "gaussian"), ("ncl_relu", "none")):
+        assert tiny_config(method=method).target_kind == kind and tiny_config(method=method).expected_l0 is None
+
+
+def test_invalid_model_config_in_a_header_names_the_field(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from models.checkpoint import FORMAT
+
+    bad = {**tiny_config().to_dict(), "image_size": 4}
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "config": json.dumps(bad)})
+    with pytest.raises(CheckpointError, match=r"invalid model config: image_size: .*8 \(got 4\)$"):
+        read_header(path)

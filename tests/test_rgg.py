@@ -14,7 +14,7 @@ from scipy import integrate, special
 from scipy.stats import gennorm
 
 from models import rgg
-from models.rgg import RGNTarget
+from models.rgg import Target
 
 P_VALUES = (0.5, 1.0, 1.5, 2.0, 3.0)
 MU_VALUES = (-3.0, -1.0, 0.0, 0.5, 2.0)
@@ -274,7 +274,7 @@ def test_seeded_sampling_is_reproducible(p: float) -> None:
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
 @pytest.mark.parametrize("p", (0.5, 1.0, 2.0, 3.0))
 def test_dtype_respected_and_drawn_in_float32(dtype: torch.dtype, p: float) -> None:
-    target = RGNTarget.from_spec(p, 0.0)
+    target = Target.from_spec(p, 0.0)
     x = target.sample((200, 256), generator=torch.Generator().manual_seed(1), dtype=dtype)
     assert x.dtype == dtype and x.shape == (200, 256) and x.device.type == "cpu"
     assert torch.isfinite(x).all() and (x >= 0).all()
@@ -317,7 +317,7 @@ def test_bad_p_is_a_value_error(p: object) -> None:
     with pytest.raises(ValueError, match="p must"):
         rgg.sample_rgn(3, p)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="p must"):
-        RGNTarget(p, 0.0, 1.0)  # type: ignore[arg-type]
+        Target(p, 0.0, 1.0)  # type: ignore[arg-type]
 
 
 def test_bad_arguments_are_value_errors() -> None:
@@ -345,7 +345,7 @@ def test_bad_arguments_are_value_errors() -> None:
 
 
 def test_rgn_target_api() -> None:
-    t = RGNTarget.from_spec(1.0, -3.0)
+    t = Target.from_spec(1.0, -3.0)
     assert (t.p, t.mu, t.sigma) == (1.0, -3.0, rgg.sigma_gn(1.0))
     assert t.expected_l0 == rgg.expected_l0(1.0, -3.0, t.sigma)
     assert t.expected_l1 == rgg.expected_l1(1.0, -3.0, t.sigma)
@@ -353,9 +353,9 @@ def test_rgn_target_api() -> None:
     assert list(t.summary()) == ["p", "mu", "sigma", "expected_l0", "expected_l1", "mean", "var"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         t.mu = 0.0  # type: ignore[misc]
-    assert RGNTarget.from_spec(2.0, 0.5, 0.3).sigma == 0.3
-    assert RGNTarget.from_spec(2.0, 0.5, "rgn").var == pytest.approx(1.0, rel=1e-10)
-    assert RGNTarget.from_l0(1.5, 0.1, "rgn").expected_l0 == pytest.approx(0.1, rel=1e-10)
+    assert Target.from_spec(2.0, 0.5, 0.3).sigma == 0.3
+    assert Target.from_spec(2.0, 0.5, "rgn").var == pytest.approx(1.0, rel=1e-10)
+    assert Target.from_l0(1.5, 0.1, "rgn").expected_l0 == pytest.approx(0.1, rel=1e-10)
     gen = torch.Generator().manual_seed(0)
     y = t.sample_gn((8, 16), generator=gen)
     assert y.shape == (8, 16) and (y < 0).any()

@@ -3,8 +3,8 @@
 Keys that every consumer relies on (the CLI's --json, the trainer's bench): linear_acc, knn_acc,
 proj_linear_acc, proj_knn_acc (fractions in [0, 1]; "proj" = on the projector output, otherwise on backbone
 features), l0, l1, dead_dims (measured on the projector output of the evaluation split), expected_l0 (the
-target's analytic activation rate, null for methods without an RGN target) and nhsic. Everything else is
-context: sizes, the target, notes about splits and conversions, timings.
+target's analytic activation rate where it describes the embedding, `ModelConfig.expected_l0`) and nhsic.
+Everything else is context: sizes, the target, notes about splits and conversions, timings.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from models.checkpoint import load_checkpoint, resolve_checkpoint
 from models.config import ModelConfig
 from models.encoder import Encoder
 from models.preprocess import pil_mode
-from models.rgg_law import expected_l0, expected_l1
 from pretrain.evaluate.features import extract
 from pretrain.evaluate.nhsic import DEFAULT_DIMS, DEFAULT_SAMPLES, nhsic
 from pretrain.evaluate.probes import KNN_K, KNN_TEMPERATURE, knn_accuracy, linear_probe
@@ -41,17 +40,14 @@ REQUIRED_KEYS = (
 # points lower on the mu = 0 fmnist-cpu run (0.796 / 0.832 vs 0.815 / 0.837), so subsampling is opt-in.
 DEFAULT_MAX_TRAIN: int | None = None
 DEFAULT_BATCH_SIZE = 256
-# Methods whose target is RGN_p(mu, sigma) = ReLU(GN_p): only they have a designed activation rate. The GN
-# ablations and the dense/contrastive baselines have none, and inventing one (1.0) would hide that.
-RGN_TARGET_METHODS = ("rectified_lpjepa", "ablation_rgn_raw")
 
 
 def target_expected(config: ModelConfig) -> tuple[float | None, float | None]:
-    """(expected l0, expected l1) of the training target, or (None, None) for methods without an RGN target."""
-    if config.method not in RGN_TARGET_METHODS:
+    """(expected l0, expected l1) of the embedding, or (None, None) where the target does not describe it: the
+    GN ablations and the dense/contrastive baselines have no designed rate, and inventing one would hide that."""
+    if config.expected_l0 is None:
         return None, None
-    p, mu, sigma = config.target_p, config.target_mu, config.target_sigma
-    return expected_l0(p, mu, sigma), expected_l1(p, mu, sigma)
+    return config.expected_l0, config.target.expected_l1
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -148,7 +144,7 @@ def _notes(splits: EvalSplits, config: ModelConfig, exp_l0: float | None) -> lis
             f"{pil_mode(data_channels)} -> {mode} by the eval transform, as at serving time"
         )
     if exp_l0 is None:
-        notes.append(f"method {config.method} has no RGN target, so expected_l0 is null")
+        notes.append(f"method {config.method} has no RGN target for rectified codes, so expected_l0 is null")
     if not config.rectify:
         notes.append("the projector output is not rectified: exact zeros are not expected, l0 is the non-zero rate")
     return notes

@@ -5,7 +5,7 @@ losses take two views and return (total, parts) where parts holds detached float
 baselines NVICReg-ReLU and NCL-ReLU are VICRegLoss and NTXentLoss fed ReLU-rectified embeddings.
 """
 
-from pretrain.losses.factory import LOSS_METHODS, RELU_FEATURE_METHODS, build_loss
+from pretrain.losses.factory import LOSS_METHODS, LOSSES, build_loss
 from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.lejepa import LeJEPALoss
 from pretrain.losses.ntxent import NTXentLoss, nt_xent
@@ -16,7 +16,7 @@ from pretrain.losses.vicreg import VICRegLoss, covariance_penalty, variance_hing
 
 __all__ = [
     "LOSS_METHODS",
-    "RELU_FEATURE_METHODS",
+    "LOSSES",
     "LeJEPALoss",
     "NTXentLoss",
     "RDMReg",
