@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from export.runtime import ModelLoadError
-    from serve.app import create_app, load_runtime, load_scorer, open_store
+    from serve.app import create_app
+    from serve.embedding import load_runtime, load_scorer, open_store
     from serve.store import StoreError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,43 +4,21 @@ dynamic-batched inference, and turning dense rows into the API's sparse embeddin
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import numpy as np
 
 from index.thumbnails import thumbnail_png
-from serve.batching import DynamicBatcher
 from serve.errors import ApiError
-from serve.images import PixelGate, load_images, open_images
+from serve.images import load_images, open_images
 from serve.metrics import ServeMetrics
 from serve.schemas import EmbeddingOut
 from serve.settings import ServeSettings
 from serve.store import ItemStore
 
-
-@dataclass
-class ServeState:
-    """Everything a request handler needs; one per app."""
-
-    settings: ServeSettings
-    metrics: ServeMetrics
-    runtime: Any = None
-    scorer: Any = None
-    store: ItemStore | None = None
-    batcher: DynamicBatcher | None = None
-    draining: bool = False
-    pixel_gate: PixelGate | None = None
-    drift: Any = None  # ood.drift.DriftMonitor when the calibration has a drift section
-
-    def __post_init__(self) -> None:
-        if self.pixel_gate is None:
-            self.pixel_gate = PixelGate(self.settings.decode_pixels_in_flight)
-
-    @property
-    def dim(self) -> int:
-        return int(self.runtime.dim)
+if TYPE_CHECKING:
+    from serve.dependencies import ServeState
 
 
 def load_runtime(settings: ServeSettings) -> Any:
@@ -216,18 +194,6 @@ async def embed_blobs(
     return EmbedOutput(dense, thumbnails, features, records)
 
 
-def ood_records(
-    state: ServeState, dense: np.ndarray, features: np.ndarray | None = None
-) -> list[dict[str, Any]] | None:
-    if state.scorer is None:
-        return None
-    records = state.scorer.score(dense, features).to_records()
-    flagged = sum(1 for r in records if r["is_ood"])
-    if flagged:
-        state.metrics.ood.inc(flagged)
-    return records
-
-
 def embedding_out(
     row_indices: np.ndarray, row_values: np.ndarray, dim: int, *, dense: bool = False, ood: dict[str, Any] | None = None
 ) -> EmbeddingOut:
@@ -253,15 +219,9 @@ def embedding_out(
 
 
 def dense_to_outputs(
-    state: ServeState,
-    dense: np.ndarray,
-    want_dense: bool,
-    features: np.ndarray | None = None,
-    records: list[dict[str, Any]] | None = None,
+    state: ServeState, dense: np.ndarray, want_dense: bool, records: list[dict[str, Any]] | None
 ) -> list[EmbeddingOut]:
-    """`records`: the OOD records embed_blobs already scored with the batch; computed here when not given."""
-    if records is None:
-        records = ood_records(state, dense, features)
+    """`records`: the OOD records embed_blobs scored with the batch (None for an uncalibrated model)."""
     out = []
     for i, row in enumerate(dense):
         idx = np.flatnonzero(row)

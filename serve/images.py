@@ -66,6 +66,10 @@ def decode_base64(text: str, where: str) -> bytes:
         raise InvalidBase64Error(f"{where}: not valid base64 ({err})") from err
 
 
+def encode_base64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
 def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """Open lazily: the format and the size come from the header, before a single pixel is decoded."""
     if not data:

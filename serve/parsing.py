@@ -1,8 +1,8 @@
 """Reading request bodies: JSON (strict), multipart forms, form fields and client-supplied embeddings.
 
 Every helper raises ApiError (or a strict-JSON error, serve/errors.py) with a 4xx status and a message naming the
-offending field, so the handlers in
-serve/app.py read like the API description and never produce a 500 for bad input.
+offending field, so the handlers in serve/routers/ read like the API description and never produce a 500 for bad
+input.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from index.validation import MAX_ID
 from serve import strict_json
 from serve.errors import ApiError, format_validation
-from serve.schemas import EmbeddingIn
+from serve.schemas import MULTIPART, EmbeddingIn
 from serve.settings import ServeSettings
 
 JSON_TYPES = ("application/json",)
-MULTIPART = "multipart/form-data"
 _ASCII_INT = re.compile(r"-?[0-9]{1,20}")  # int() would also take "١٢", " 12 " and "1_2"
 F32_MAX = float(np.finfo(np.float32).max)
 # Largest L2 norm of a stored or query vector: the product of two such norms is a finite float32, so every
@@ -236,8 +235,3 @@ def parse_payloads(text: str | None, n: int) -> list[dict[str, Any] | None]:
     if not isinstance(raw, list) or len(raw) != n or not all(p is None or isinstance(p, dict) for p in raw):
         raise ApiError(422, "invalid_payload", f"payloads must be a JSON list of {n} objects (or nulls)")
     return raw
-
-
-def check_payload(payload: dict[str, Any] | None, where: str, limit: int) -> None:
-    """Strict JSON object, depth <= 32, valid Unicode, at most `limit` bytes: it must read back forever."""
-    strict_json.check_payload_value(payload, where, limit)

@@ -214,3 +214,35 @@ class InfoResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, bool] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- OpenAPI helpers
+MULTIPART = "multipart/form-data"
+IMAGE_FILES_SCHEMA = {"type": "array", "items": {"type": "string", "format": "binary"}}
+# The JSON bodies are parsed by hand (strictly, serve/parsing.py), so FastAPI does not see these models: the app
+# adds them to the components its routes' `body_doc` references.
+REQUEST_MODELS = (EmbedJSON, SearchJSON, PutItemsJSON, EmbeddingIn)
+ERROR_DESCRIPTIONS = {
+    400: "malformed body (not JSON, not UTF-8, broken multipart)",
+    404: "no item with this id",
+    409: "this server has no index, or the model no OOD calibration",
+    413: "body, image, pixel budget, payload or count over a limit",
+    415: "unsupported content or image type",
+    422: "invalid input (the message names the field)",
+    503: "overloaded, loading or shutting down (Retry-After)",
+}
+
+
+def body_doc(json_model: type[BaseModel], multipart: dict[str, Any]) -> dict[str, Any]:
+    """Document both accepted body encodings of a route (FastAPI can declare only one natively)."""
+    content = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+        MULTIPART: {"schema": {"type": "object", "properties": multipart}},
+    }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of a route: exactly the error statuses it can answer (401 comes with the key check,
+    serve/dependencies.py)."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}

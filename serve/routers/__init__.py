@@ -1,0 +1,1 @@
+"""One APIRouter per resource; serve/app.py includes them, with the API key check where the settings demand it."""

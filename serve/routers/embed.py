@@ -1,0 +1,31 @@
+"""POST /v1/embed: sparse embeddings (with OOD scores when the model is calibrated) of one or many images."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+
+from serve.dependencies import State, request_images
+from serve.embedding import dense_to_outputs, embed_blobs
+from serve.parsing import form_text, parse_bool
+from serve.schemas import IMAGE_FILES_SCHEMA, EmbedJSON, EmbedResponse, body_doc, error_docs
+
+router = APIRouter(tags=["model"])
+
+
+@router.post(
+    "/v1/embed",
+    summary="Sparse embeddings (and OOD scores) of one or many images",
+    openapi_extra=body_doc(EmbedJSON, {"files": IMAGE_FILES_SCHEMA, "dense": {"type": "boolean"}}),
+    responses=error_docs(400, 413, 415, 422, 503),
+)
+async def embed(
+    request: Request, state: State, dense: bool | None = Query(None, description="also return dense vectors")
+) -> EmbedResponse:
+    state.ready()
+    blobs, body = await request_images(request, state.settings)
+    if "json" in body:
+        want_dense = bool(dense) or body["json"].dense
+    else:
+        want_dense = bool(dense) or parse_bool(form_text(body["form"], "dense"), "dense", False)
+    out = await embed_blobs(state, blobs)
+    return EmbedResponse(embeddings=dense_to_outputs(state, out.dense, want_dense, out.ood))
