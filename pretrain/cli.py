@@ -77,7 +77,7 @@ def run_train(args: argparse.Namespace) -> int:
     from data.sources import DataSpecError
     from models.checkpoint import CheckpointError
     from pretrain.config import ConfigError
-    from pretrain.state import StateError
+    from pretrain.rundir import StateError
     from pretrain.trainer import INTERRUPTED, TrainError, train
 
     rank = int(os.environ.get("RANK", "0"))

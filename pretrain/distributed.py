@@ -68,15 +68,6 @@ def gather_with_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return _GatherWithGrad.apply(x.contiguous(), dim)
 
 
-def gather_no_grad(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks without autograd (metrics, target statistics)."""
-    if not is_distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
 def broadcast_seed(seed: int) -> int:
     """Return rank 0's ``seed`` on every rank, so per-loss random streams start identical everywhere.
 

@@ -8,7 +8,6 @@ logging costs next to nothing; the offline numbers come from `lpjepa eval`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,26 +16,27 @@ from pretrain.evaluate.sparsity import NEAR_DEAD_FRACTION
 from pretrain.rundir import RunDir
 
 
-@dataclass
-class Window:
-    """Running sums over one log interval."""
+class MetricsLog:
+    """Running sums over the current log window; each `flush` turns them into the log step's lines in the run
+    folder (rank 0) and the progress bar's numbers, and starts the next window."""
 
-    steps: int = 0
-    images: int = 0
-    start: float = 0.0
-    l0: float = 0.0
-    probe_hits: float = 0.0
-    probe_code_hits: float = 0.0
-    probe_n: int = 0
-    parts: dict[str, float] | None = None
-    active: torch.Tensor | None = None
-    fired: torch.Tensor | None = None  # per dimension: how many samples were non-zero
-    samples: int = 0
+    def __init__(self, run: RunDir, *, name: str, start: int, total: int, target_l0: float | None, show: bool) -> None:
+        self.run, self.target_l0 = run, target_l0
+        self.bar = None
+        if show and run.writer:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"train {name}", unit="step", dynamic_ncols=True)
+        self.reset()
+        self.last: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.steps = self.images = self.probe_n = self.samples = 0
         self.l0 = self.probe_hits = self.probe_code_hits = 0.0
-        self.parts, self.active, self.fired, self.start = {}, None, None, time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self.active: torch.Tensor | None = None  # per dimension: non-zero on some sample of the window
+        self.fired: torch.Tensor | None = None  # per dimension: how many samples were non-zero
+        self.start = time.perf_counter()
 
     @torch.no_grad()
     def add(self, z0: torch.Tensor, parts: dict[str, float], images: int, probes: tuple | None) -> None:
@@ -56,56 +56,39 @@ class Window:
         self.steps += 1
         self.images += images
         for k, v in parts.items():
-            self.parts[k] = self.parts.get(k, 0.0) + v  # type: ignore[index]
+            self.parts[k] = self.parts.get(k, 0.0) + v
 
-    def rate_record(self, target_l0: float | None) -> tuple[dict[str, Any], list[float]]:
+    def rate_record(self) -> tuple[dict[str, Any], list[float]]:
         """Percentiles of the per-dimension rates of this window, near-dead count, and the rates themselves."""
         if self.fired is None or not self.samples:
             return {}, []
         rates = (self.fired.double() / self.samples).cpu()
         q = torch.quantile(rates, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
         rec: dict[str, Any] = {"rate_p05": round(q[0], 6), "rate_p50": round(q[1], 6), "rate_p95": round(q[2], 6)}
-        if target_l0:
-            rec["near_dead_dims"] = int((rates < NEAR_DEAD_FRACTION * target_l0).sum())
+        if self.target_l0:
+            rec["near_dead_dims"] = int((rates < NEAR_DEAD_FRACTION * self.target_l0).sum())
         return rec, [round(float(r), 5) for r in rates]
 
-    def record(self, target_l0: float | None) -> tuple[dict[str, Any], list[float]]:
-        """The window's metrics (without step, epoch and lr) and its per-dimension rates."""
+    def flush(self, step: int, epoch: float, lr: float, elapsed_s: float) -> None:
+        """End the window: write its lines (rank 0), show them on the bar, start the next window."""
         dt = max(time.perf_counter() - self.start, 1e-9)
         record = {
-            **{k: round(v / max(self.steps, 1), 6) for k, v in (self.parts or {}).items()},
+            "step": step,
+            "epoch": round(epoch, 4),
+            "lr": lr,
+            **{k: round(v / max(self.steps, 1), 6) for k, v in self.parts.items()},
             "l0": round(self.l0 / self.steps, 6),
             "dead_dims": int((~self.active).sum()) if self.active is not None else None,
             "images_per_s": round(self.images / dt, 2),
         }
-        if target_l0 is not None:
-            record["target_l0"] = round(target_l0, 6)
-        rate_stats, rates = self.rate_record(target_l0)
+        if self.target_l0 is not None:
+            record["target_l0"] = round(self.target_l0, 6)
+        rate_stats, rates = self.rate_record()
         record.update(rate_stats)
         if self.probe_n:
             record["probe_acc"] = round(self.probe_hits / self.probe_n, 4)
             record["probe_code_acc"] = round(self.probe_code_hits / self.probe_n, 4)
-        return record, rates
-
-
-class MetricsLog:
-    """The window of the current log interval, its lines in the run folder, and the progress bar (rank 0)."""
-
-    def __init__(self, run: RunDir, *, name: str, start: int, total: int, target_l0: float | None, show: bool) -> None:
-        self.run, self.target_l0 = run, target_l0
-        self.bar = None
-        if show and run.writer:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=f"train {name}", unit="step", dynamic_ncols=True)
-        self.window = Window()
-        self.window.reset()
-        self.last: dict[str, Any] = {}
-
-    def flush(self, step: int, epoch: float, lr: float, elapsed_s: float) -> None:
-        """End the window: write its line (rank 0), show it on the bar, start the next window."""
-        record, rates = self.window.record(self.target_l0)
-        record = {"step": step, "epoch": round(epoch, 4), "lr": lr, **record, "elapsed_s": round(elapsed_s, 2)}
+        record["elapsed_s"] = round(elapsed_s, 2)
         self.last = record
         self.run.log(record, rates)
         if self.bar is not None:
@@ -115,7 +98,7 @@ class MetricsLog:
                 img_s=f"{record['images_per_s']:.0f}",
                 **({"probe": f"{record['probe_acc']:.3f}"} if "probe_acc" in record else {}),
             )
-        self.window.reset()
+        self.reset()
 
     def tick(self) -> None:
         if self.bar is not None:

@@ -39,18 +39,8 @@ class LARS(Optimizer):
     ) -> None:
         if lr <= 0:
             raise ValueError(f"LARS: lr must be positive, got {lr}")
-        super().__init__(
-            params,
-            {
-                "lr": lr,
-                "momentum": momentum,
-                "weight_decay": weight_decay,
-                "eta": eta,
-                "eps": eps,
-                "clip_lr": bool(clip_lr),
-                "lars_exclude": False,
-            },
-        )
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, clip_lr=bool(clip_lr))
+        super().__init__(params, {**defaults, "lars_exclude": False})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]

@@ -4,20 +4,93 @@ Files (rank 0 writes them): config.json (the resolved TrainConfig), model.safete
 export and eval read), train_state.pt (for --resume), metrics.jsonl and dim_rates.jsonl (one JSON line per log
 step) and summary.json at the end. Every write but the append-only logs is atomic (core/atomic_io); the logs are
 cut back to the resumed step, so a crash between a log line and its checkpoint cannot leave a step logged twice.
+train_state.pt adds to the weights the optimiser moments, the probes, the step, and the random streams that are
+not a pure function of the step (the loss's shared generator, the global RNGs), so a resumed run follows the
+uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.atomic_io import atomic_write_text
+import numpy as np
+import torch
+
+from core.atomic_io import atomic_path, atomic_write_text
 from core.errors import InvalidError
 from models.checkpoint import MODEL_FILENAME, save_checkpoint
 from models.encoder import Encoder
 from pretrain.config import TrainConfig
-from pretrain.state import STATE_FILENAME, TrainState, load_state, save_state
+
+STATE_FILENAME = "train_state.pt"
+STATE_FORMAT = "lpjepa-train-state/1"
+
+
+class StateError(InvalidError):
+    """A train_state.pt that is missing, unreadable or from another run; the message names the file."""
+
+
+@dataclass
+class TrainState:
+    step: int
+    total_steps: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    probe: dict[str, torch.Tensor] | None = None
+    probe_optimizer: dict[str, Any] | None = None
+    loss_generator: torch.Tensor | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def capture_rng() -> dict[str, Any]:
+    out: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: str | Path, state: TrainState) -> Path:
+    payload = {"format": STATE_FORMAT, **state.__dict__}
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        torch.save(payload, tmp)
+    return target
+
+
+def load_state(path: str | Path) -> TrainState:
+    p = Path(path)
+    if not p.is_file():
+        raise StateError(f"no training state at {p}; nothing to resume")
+    try:
+        # weights_only=False: the payload holds numpy/python RNG states, and the file is our own.
+        payload = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a corrupt pickle
+        raise StateError(f"{p} is not a readable training state: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        raise StateError(f"{p} is not an lpjepa training state")
+    payload.pop("format")
+    try:
+        return TrainState(**payload)
+    except TypeError as err:
+        raise StateError(f"{p} has unexpected fields: {err}") from err
+
 
 CONFIG_FILENAME = "config.json"
 METRICS_FILENAME = "metrics.jsonl"
@@ -28,15 +101,8 @@ SUMMARY_FILENAME = "summary.json"
 RUN_FILES = (CONFIG_FILENAME, MODEL_FILENAME, STATE_FILENAME, METRICS_FILENAME, RATES_FILENAME, SUMMARY_FILENAME)
 # Keys that may differ between the original run and its --resume: they change speed or logging, not the result.
 RUNTIME_KEYS = frozenset(
-    {
-        "train.progress",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.threads",
-        "train.device",
-        "data.num_workers",
-        "description",
-    }
+    {"train.progress", "train.log_every", "train.checkpoint_every", "train.threads", "train.device"}
+    | {"data.num_workers", "description"}
 )
 
 

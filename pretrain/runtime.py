@@ -26,20 +26,17 @@ from pretrain.distributed import broadcast_seed, get_rank, get_world_size, is_di
 from pretrain.rundir import TrainError
 
 
-def _launched_by_torchrun() -> bool:
-    """torchrun sets TORCHELASTIC_RUN_ID in every worker; a plain process with WORLD_SIZE > 1 is also a rank."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_distributed(want_device: str = "auto") -> tuple[bool, int]:
     """Join the torchrun process group when launched under torchrun; returns (distributed, local_rank).
 
     A one-process torchrun joins a group too, so `torchrun --nproc_per_node 1` runs the real DDP path (process
     group, DistributedDataParallel wrapper, collectives) rather than silently the single-process one; that is
     how scripts/gpu_check.sh proves the NCCL path on a one-GPU machine. NCCL only when training on CUDA:
-    train.device=cpu on a GPU machine uses gloo.
+    train.device=cpu on a GPU machine uses gloo. torchrun sets TORCHELASTIC_RUN_ID in every worker; a plain
+    process with WORLD_SIZE > 1 is also a rank.
     """
-    if not _launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not launched or (dist.is_available() and dist.is_initialized()):
         return is_distributed(), int(os.environ.get("LOCAL_RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_cuda = want_device.startswith("cuda") or (want_device == "auto" and torch.cuda.is_available())
@@ -89,15 +86,6 @@ def autocast_dtype(want: str, device: torch.device) -> torch.dtype | None:
     if want == "fp16" and device.type != "cuda":
         raise TrainError("train.precision=fp16 needs a CUDA device; use bf16 or fp32")
     return torch.bfloat16 if want == "bf16" else torch.float16
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of all parameters (bytes): equal digests on all ranks prove the DDP replicas stayed identical."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class StopFlag:
@@ -178,8 +166,12 @@ class Runtime:
         return bool(t.item() > 0)
 
     def digests(self, model: nn.Module) -> list[str]:
-        """Every rank's weights_digest, in rank order."""
-        digest = weights_digest(model)
+        """Every rank's sha256 of its parameters, in rank order: equal digests prove the replicas stayed identical."""
+        h = hashlib.sha256()
+        for name, p in sorted(model.named_parameters()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        digest = h.hexdigest()
         if not self.distributed:
             return [digest]
         gathered: list[Any] = [None] * self.world

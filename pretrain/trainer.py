@@ -27,9 +27,8 @@ from pretrain.config import TrainConfig
 from pretrain.methods import Objective, rectifies
 from pretrain.metrics_log import MetricsLog
 from pretrain.optim import WarmupCosine, build_optimizer
-from pretrain.rundir import RunDir, TrainError, config_diff, read_run_config
+from pretrain.rundir import RunDir, TrainError, TrainState, capture_rng, config_diff, read_run_config, restore_rng
 from pretrain.runtime import Runtime, StopFlag, launch
-from pretrain.state import TrainState, capture_rng, restore_rng
 
 INTERRUPTED = "interrupted"
 COMPLETED = "completed"
@@ -212,7 +211,7 @@ class Trainer:
         if not math.isfinite(parts["loss"]):
             raise FloatingPointError(f"loss became {parts['loss']} at step {step}; lower optim.lr or use fp32")
         assert self.log is not None
-        self.log.window.add(zs[0], parts, self.cfg.train.batch_size, probes)
+        self.log.add(zs[0], parts, self.cfg.train.batch_size, probes)
         return lr
 
     def checkpoint(self, step: int) -> None:

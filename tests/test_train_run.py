@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from cli.main import main
 from models.checkpoint import load_checkpoint
 from models.rgg import sigma_gn
-from pretrain.state import load_state
+from pretrain.rundir import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -111,25 +111,20 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     from core.atomic_io import atomic_write_text
-    from data.sources import DataSpecError
-    from models.checkpoint import CheckpointError
     from pretrain.evaluate.pipeline import evaluate_checkpoint
-    from pretrain.evaluate.splits import EvalError
 
-    try:
-        report = evaluate_checkpoint(
-            args.checkpoint,
-            args.data,
-            max_train=args.max_train or None,
-            limit=args.limit,
-            k=args.k,
-            batch_size=args.batch_size,
-            device=args.device,
-            progress=not args.no_progress,
-            seed=args.seed,
-        )
-    except (CheckpointError, DataSpecError, EvalError) as err:
-        raise CliError(str(err).replace("\n", " ")) from None
+    # CheckpointError, DataSpecError and EvalError reach cli.main, which prints their one-line message (exit 2).
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        max_train=args.max_train or None,
+        limit=args.limit,
+        k=args.k,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
     text = json.dumps(report, indent=2, allow_nan=False)
     if args.out:
         try:

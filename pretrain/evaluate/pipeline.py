@@ -112,7 +112,7 @@ def online_probe_accuracy(
 ) -> dict[str, float]:
     """Accuracy of the online probes stored in a run folder's train_state.pt on the evaluation features;
     {} when the path is not a run folder with probes (a bare model file, a run trained without labels)."""
-    from pretrain.state import STATE_FILENAME, load_state
+    from pretrain.rundir import STATE_FILENAME, load_state
 
     path = Path(run)
     state_path = path / STATE_FILENAME if path.is_dir() else path.parent / STATE_FILENAME
