@@ -1,8 +1,8 @@
 """`lpjepa index build` and `lpjepa search`: embed a data set into an index, query it with an image.
 
 Heavy imports (onnxruntime via export.runtime, numpy, scipy, faiss) happen inside the handlers so that
-`lpjepa --help` stays fast. Every expected failure (bad model, data spec, image, index files, options) becomes
-a CliError: one line on stderr and exit code 2.
+`lpjepa --help` stays fast. Every expected failure (bad model, data spec, image, index files, options) raises
+its stage's error, which `lpjepa` (cli.errors) reports as one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -70,6 +70,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build a vector index of a data set's embeddings")
     actions = index.add_subparsers(dest="index_command", metavar="ACTION", parser_class=OneLineParser)
     actions.required = True
+    _register_build(actions)
+    repair = actions.add_parser(
+        "repair",
+        help="recover the server's database (serve.sqlite3) of an index directory after damage",
+        description="Copy every intact row of INDEX_DIR/serve.sqlite3 (CRC-checked) into a new database, keep the "
+        "damaged file as serve.sqlite3.damaged-<time>, and report what was kept and lost; salvages an old "
+        "serve-wal.log that the migration refused. Run it when `lpjepa serve` refuses to start on damaged state.",
+    )
+    repair.add_argument("index_dir", help="index directory served by `lpjepa serve --index`")
+    repair.set_defaults(func=_cmd_repair)
+
+    search = subparsers.add_parser("search", help="find the indexed images most similar to an image")
+    search.add_argument("--model", required=True, help="exported model (.onnx), the one that built the index")
+    search.add_argument("--index", help="index directory written by `lpjepa index build` (csr, faiss)")
+    search.add_argument(
+        "--backend", choices=("csr", "faiss", "milvus"), help="milvus: search --collection at --milvus-uri"
+    )
+    search.add_argument("--image", required=True, help="query image file")
+    search.add_argument("-k", "--k", type=_positive_int, default=10, help="number of results (default 10)")
+    search.add_argument("--json", action="store_true", help='print {"results": [{"id", "score", "payload"}]}')
+    add_milvus_arguments(search)
+    search.set_defaults(func=_cmd_search)
+
+
+def _register_build(actions: argparse._SubParsersAction) -> None:
     build = actions.add_parser(
         "build",
         help="embed every image of a data spec and write an index directory",
@@ -131,28 +156,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_milvus_arguments(build, index_kind=True)
     build.set_defaults(func=_cmd_build)
-
-    repair = actions.add_parser(
-        "repair",
-        help="recover the server's database (serve.sqlite3) of an index directory after damage",
-        description="Copy every intact row of INDEX_DIR/serve.sqlite3 (CRC-checked) into a new database, keep the "
-        "damaged file as serve.sqlite3.damaged-<time>, and report what was kept and lost; salvages an old "
-        "serve-wal.log that the migration refused. Run it when `lpjepa serve` refuses to start on damaged state.",
-    )
-    repair.add_argument("index_dir", help="index directory served by `lpjepa serve --index`")
-    repair.set_defaults(func=_cmd_repair)
-
-    search = subparsers.add_parser("search", help="find the indexed images most similar to an image")
-    search.add_argument("--model", required=True, help="exported model (.onnx), the one that built the index")
-    search.add_argument("--index", help="index directory written by `lpjepa index build` (csr, faiss)")
-    search.add_argument(
-        "--backend", choices=("csr", "faiss", "milvus"), help="milvus: search --collection at --milvus-uri"
-    )
-    search.add_argument("--image", required=True, help="query image file")
-    search.add_argument("-k", "--k", type=_positive_int, default=10, help="number of results (default 10)")
-    search.add_argument("--json", action="store_true", help='print {"results": [{"id", "score", "payload"}]}')
-    add_milvus_arguments(search)
-    search.set_defaults(func=_cmd_search)
 
 
 # ---------------------------------------------------------------------- building
@@ -333,16 +336,7 @@ def build_index(
     from index.factory import create_index
 
     t0 = time.perf_counter()
-    if backend == "milvus":
-        if out is not None:
-            raise CliError("--out is for csr and faiss; a milvus index is written to --collection at --milvus-uri")
-        if not milvus:
-            raise CliError("--backend milvus needs --milvus-uri")
-    else:
-        if out is None:
-            raise CliError(f"--backend {backend} needs --out DIR")
-        if shard is not None:
-            raise CliError("--shard needs --backend milvus (the shards write into one shared collection)")
+    _check_destination(backend, out, milvus, shard)
     options: dict[str, Any] = {"spec": faiss_index} if backend == "faiss" else dict(milvus or {})
     if backend == "csr" and csr_mode != "exact":
         options["mode"] = csr_mode
@@ -363,13 +357,7 @@ def build_index(
         "images": n,
     }
     if backend == "milvus" and index.metadata:  # a shard joining a collection another shard created
-        built_with = (index.metadata.get("model") or {}).get("sha256")
-        if built_with != model_sha or index.metadata.get("data") != data or index.metadata.get("images") != n:
-            raise CliError(
-                f"collection {options['collection']!r} holds another build (model sha256 {str(built_with)[:12]}, "
-                f"data {index.metadata.get('data')!r}, {index.metadata.get('images')} images); the shards of one "
-                "index need the same --model, --data and --limit"
-            )
+        _check_same_build(index.metadata, metadata, options["collection"])
     index.metadata = metadata
     lo, hi = shard_rows(n, shard)
     chunks = embed_source(
@@ -390,36 +378,55 @@ def build_index(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if backend == "milvus":
-        result.update(
-            collection=options["collection"],
-            milvus_index=index.index_kind,
-            shard=None if shard is None else f"{shard[0]}/{shard[1]}",
-            rows=[lo, hi],
-        )
+        shard_name = None if shard is None else f"{shard[0]}/{shard[1]}"
+        result.update(collection=options["collection"], milvus_index=index.index_kind, shard=shard_name, rows=[lo, hi])
     return result
+
+
+def _check_destination(
+    backend: str, out: str | None, milvus: dict[str, Any] | None, shard: tuple[int, int] | None
+) -> None:
+    if backend == "milvus":
+        if out is not None:
+            raise CliError("--out is for csr and faiss; a milvus index is written to --collection at --milvus-uri")
+        if not milvus:
+            raise CliError("--backend milvus needs --milvus-uri")
+    else:
+        if out is None:
+            raise CliError(f"--backend {backend} needs --out DIR")
+        if shard is not None:
+            raise CliError("--shard needs --backend milvus (the shards write into one shared collection)")
+
+
+def _check_same_build(found: dict[str, Any], ours: dict[str, Any], collection: str) -> None:
+    """A shard may only join a collection built from the same model file, data spec and number of images."""
+    built_with = (found.get("model") or {}).get("sha256")
+    if (built_with, found.get("data"), found.get("images")) != (ours["model"]["sha256"], ours["data"], ours["images"]):
+        raise CliError(
+            f"collection {collection!r} holds another build (model sha256 {str(built_with)[:12]}, "
+            f"data {found.get('data')!r}, {found.get('images')} images); the shards of one "
+            "index need the same --model, --data and --limit"
+        )
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     reject_milvus_flags_without_backend(args)
-    try:
-        summary = build_index(
-            args.model,
-            args.data,
-            args.out,
-            backend=args.backend,
-            faiss_index=args.faiss_index,
-            csr_mode=args.csr_mode,
-            metric=args.metric,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            target_recall=args.target_recall,
-            thumbnail_px=args.thumbnails,
-            progress=not args.no_progress,
-            milvus=milvus_options(args) if args.backend == "milvus" else None,
-            shard=args.shard,
-        )
-    except (ValueError, OSError) as err:  # index, model, data-spec and image errors are all ValueErrors
-        raise CliError(_one_line(err)) from None
+    summary = build_index(
+        args.model,
+        args.data,
+        args.out,
+        backend=args.backend,
+        faiss_index=args.faiss_index,
+        csr_mode=args.csr_mode,
+        metric=args.metric,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        target_recall=args.target_recall,
+        thumbnail_px=args.thumbnails,
+        progress=not args.no_progress,
+        milvus=milvus_options(args) if args.backend == "milvus" else None,
+        shard=args.shard,
+    )
     print(json.dumps(summary))
     return 0
 
@@ -483,10 +490,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise CliError("give --index DIR, or --backend milvus --milvus-uri URI")
     if milvus is not None and args.index:
         raise CliError("--index is for csr and faiss; with --backend milvus give --milvus-uri and --collection")
-    try:
-        found = search_image(args.model, args.index, args.image, args.k, milvus=milvus)
-    except (ValueError, OSError) as err:
-        raise CliError(_one_line(err)) from None
+    found = search_image(args.model, args.index, args.image, args.k, milvus=milvus)
     if "warning" in found:
         sys.stderr.write(f"lpjepa search: warning: {found['warning']}\n")
     if args.json:

@@ -107,9 +107,8 @@ def search_inverted(
     acc: np.ndarray,
 ) -> int:
     """Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
-    for e in range(q_indptr[lo], q_indptr[hi]):
-        if q_indices[e] < 0 or q_indices[e] >= dim:
-            return 1
+    if _columns_outside(q_indptr, q_indices, lo, hi, dim):
+        return 1
     none = np.empty(0, np.bool_)
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
@@ -200,94 +199,178 @@ def search_approx(
     is skipped only if its partial score plus all of them cannot enter.
 
     Returns 1, having changed nothing, if a query column lies outside [0, dim), else 0."""
-    for e in range(q_indptr[lo], q_indptr[hi]):
-        if q_indices[e] < 0 or q_indices[e] >= dim:
-            return 1
-    masked = alive.size > 0
+    if _columns_outside(q_indptr, q_indices, lo, hi, dim):
+        return 1
     n_tiles = (n_rows + tile - 1) // tile
     cuttable = np.zeros(dim, np.bool_)
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
         r = heap_rows[heap_lo + q - lo]
-        n_cut = 0
-        if safe:  # the longest lists, where pruning saves the most, share the whole budget
-            for _ in range(min(safe_lists, b - a)):
-                best, best_len = -1, -1
-                for e in range(a, b):
-                    j = q_indices[e]
-                    if not cuttable[j] and lengths[j] > best_len:
-                        best, best_len = j, lengths[j]
-                cuttable[best] = True
-                n_cut += 1
-        else:
-            for e in range(a, b):
-                cuttable[q_indices[e]] = True
-            n_cut = b - a
+        n_cut = _mark_cuttable(q_indices, a, b, cuttable, safe, lengths, safe_lists)
         per_list = cut / max(1, n_cut) if safe else cut
         for e in range(a, b):
             qdense[q_indices[e]] = q_data[e]
-        # Probe: the rows holding each query dimension's largest values, scored exactly, give the first
-        # threshold (a true lower bound of the k-th best score).
-        per_dim = min(top_rows.shape[1], max(2, probe_rows // max(1, b - a)))
-        for e in range(a, b):
-            j = q_indices[e]
-            for i in range(per_dim):
-                row = top_rows[j, i]
-                if row < 0:
-                    break
-                if masked and not alive[row]:
-                    continue
-                _offer(s, r, _rescore(x_indptr, x_indices, x_data, row, qdense), row_offset + row)
+        _probe(top_rows, x_indptr, x_indices, x_data, q_indices, a, b, qdense, s, r, row_offset, alive, probe_rows)
         for t in range(n_tiles):
-            theta = s[0]
-            base = t * dim
-            nt = 0
-            worst_missed = np.float32(0.0)  # largest contribution left out of this tile's partial scores
-            all_missed = np.float32(0.0)  # their sum over the cut lists: a bound on what any row lacks
-            for e in range(a, b):
-                j = q_indices[e]
-                w = q_data[e]
-                p0, p1 = indptr[base + j], indptr[base + j + 1]
-                if theta > 0 and p1 > p0 and cuttable[j]:
-                    c = per_list * theta / w
-                    left, right = p0, p1  # first entry below the cut (lists are sorted by value, descending)
-                    while left < right:
-                        mid = (left + right) // 2
-                        if data[mid] >= c:
-                            left = mid + 1
-                        else:
-                            right = mid
-                    if left < p1:
-                        worst_missed = max(worst_missed, w * data[left])
-                        all_missed += w * data[left]
-                    p1 = left
-                for p in range(p0, p1):  # branch-free: the append is undone unless the row was untouched
-                    lr = rows[p]
-                    old = acc[lr]
-                    touched[nt] = lr
-                    nt += old == 0
-                    acc[lr] = old + w * data[p]
-            r0 = t * tile
-            for i in range(nt):
-                lr = touched[i]
-                v = acc[lr]
-                acc[lr] = 0
-                # approximate: a row of the true top-k missing at most `slack` contributions (each at most
-                # worst_missed) still passes; safe: no row that could enter is skipped
-                bound = all_missed if safe else slack * worst_missed
-                if v + bound < s[0]:
-                    continue
-                row = r0 + lr
-                if masked and not alive[row]:
-                    continue
-                if worst_missed > 0:
-                    v = _rescore(x_indptr, x_indices, x_data, row, qdense)
-                _offer(s, r, v, row_offset + row)
+            nt, worst_missed, all_missed = _accumulate_tile(
+                indptr, rows, data, t * dim, q_indices, q_data, a, b, cuttable, per_list, s[0], acc, touched
+            )
+            # approximate: a row of the true top-k missing at most `slack` contributions (each at most
+            # worst_missed) still passes; safe: no row that could enter is skipped
+            bound = all_missed if safe else slack * worst_missed
+            rescore = worst_missed > 0
+            _offer_tile(
+                nt, touched, acc, bound, t * tile, rescore, x_indptr, x_indices, x_data, qdense, s, r, row_offset, alive
+            )
         for e in range(a, b):
             qdense[q_indices[e]] = 0
             cuttable[q_indices[e]] = False
     return 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _columns_outside(q_indptr: np.ndarray, q_indices: np.ndarray, lo: int, hi: int, dim: int) -> bool:
+    """Whether a column of queries ``lo:hi`` lies outside [0, dim): the kernels then change nothing."""
+    for e in range(q_indptr[lo], q_indptr[hi]):  # noqa: SIM110 - numba compiles the loop, not any(generator)
+        if q_indices[e] < 0 or q_indices[e] >= dim:
+            return True
+    return False
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _mark_cuttable(
+    q_indices: np.ndarray, a: int, b: int, cuttable: np.ndarray, safe: bool, lengths: np.ndarray, safe_lists: int
+) -> int:
+    """Flag the lists of the query (entries ``a:b``) that may be cut and return how many: all of them, or with
+    ``safe`` its ``safe_lists`` longest, where pruning saves the most (they share the whole budget)."""
+    if not safe:
+        for e in range(a, b):
+            cuttable[q_indices[e]] = True
+        return b - a
+    n_cut = 0
+    for _ in range(min(safe_lists, b - a)):
+        best, best_len = -1, -1
+        for e in range(a, b):
+            j = q_indices[e]
+            if not cuttable[j] and lengths[j] > best_len:
+                best, best_len = j, lengths[j]
+        cuttable[best] = True
+        n_cut += 1
+    return n_cut
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _probe(
+    top_rows: np.ndarray,
+    x_indptr: np.ndarray,
+    x_indices: np.ndarray,
+    x_data: np.ndarray,
+    q_indices: np.ndarray,
+    a: int,
+    b: int,
+    qdense: np.ndarray,
+    s: np.ndarray,
+    r: np.ndarray,
+    row_offset: int,
+    alive: np.ndarray,
+    probe_rows: int,
+) -> None:
+    """The rows holding each query dimension's largest values, scored exactly, give the first threshold (a true
+    lower bound of the k-th best score)."""
+    masked = alive.size > 0
+    per_dim = min(top_rows.shape[1], max(2, probe_rows // max(1, b - a)))
+    for e in range(a, b):
+        j = q_indices[e]
+        for i in range(per_dim):
+            row = top_rows[j, i]
+            if row < 0:
+                break
+            if masked and not alive[row]:
+                continue
+            _offer(s, r, _rescore(x_indptr, x_indices, x_data, row, qdense), row_offset + row)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _accumulate_tile(
+    indptr: np.ndarray,
+    rows: np.ndarray,
+    data: np.ndarray,
+    base: int,
+    q_indices: np.ndarray,
+    q_data: np.ndarray,
+    a: int,
+    b: int,
+    cuttable: np.ndarray,
+    per_list: float,
+    theta: float,
+    acc: np.ndarray,
+    touched: np.ndarray,
+) -> tuple[int, np.float32, np.float32]:
+    """Partial scores of one tile's rows into ``acc`` (their tile-local numbers into ``touched``), each cuttable
+    list cut at ``per_list * theta / q_j``. Returns (rows touched, the largest contribution left out, the sum of
+    the left-out maxima over the cut lists: a bound on what any row lacks)."""
+    nt = 0
+    worst_missed = np.float32(0.0)
+    all_missed = np.float32(0.0)
+    for e in range(a, b):
+        j = q_indices[e]
+        w = q_data[e]
+        p0, p1 = indptr[base + j], indptr[base + j + 1]
+        if theta > 0 and p1 > p0 and cuttable[j]:
+            c = per_list * theta / w
+            left, right = p0, p1  # first entry below the cut (lists are sorted by value, descending)
+            while left < right:
+                mid = (left + right) // 2
+                if data[mid] >= c:
+                    left = mid + 1
+                else:
+                    right = mid
+            if left < p1:
+                worst_missed = max(worst_missed, w * data[left])
+                all_missed += w * data[left]
+            p1 = left
+        for p in range(p0, p1):  # branch-free: the append is undone unless the row was untouched
+            lr = rows[p]
+            old = acc[lr]
+            touched[nt] = lr
+            nt += old == 0
+            acc[lr] = old + w * data[p]
+    return nt, worst_missed, all_missed
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _offer_tile(
+    nt: int,
+    touched: np.ndarray,
+    acc: np.ndarray,
+    bound: float,
+    r0: int,
+    rescore: bool,
+    x_indptr: np.ndarray,
+    x_indices: np.ndarray,
+    x_data: np.ndarray,
+    qdense: np.ndarray,
+    s: np.ndarray,
+    r: np.ndarray,
+    row_offset: int,
+    alive: np.ndarray,
+) -> None:
+    """Offer the touched rows of a tile (first row ``r0``) whose partial score plus ``bound`` can still enter,
+    rescored exactly when lists were cut; zeroes ``acc`` behind itself."""
+    masked = alive.size > 0
+    for i in range(nt):
+        lr = touched[i]
+        v = acc[lr]
+        acc[lr] = 0
+        if v + bound < s[0]:
+            continue
+        row = r0 + lr
+        if masked and not alive[row]:
+            continue
+        if rescore:
+            v = _rescore(x_indptr, x_indices, x_data, row, qdense)
+        _offer(s, r, v, row_offset + row)
 
 
 @njit(nogil=True, cache=True)

@@ -92,13 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from index.errors import BackendUnavailableError, InvalidInputError
     from index.milvus_server import LocalMilvus
 
-    try:
-        server = LocalMilvus(args.data_dir, args.port, host=args.host).start()
-    except (BackendUnavailableError, InvalidInputError, OSError) as err:
-        raise CliError(str(err)) from None
+    server = LocalMilvus(args.data_dir, args.port, host=args.host).start()
 
     def stop(signum: int, _frame: Any) -> None:
         # Only leave the wait: stopping here would wait for the child inside the outer wait (which holds the
