@@ -65,29 +65,18 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibration_summary(args: argparse.Namespace, cal: dict[str, Any]) -> dict[str, Any]:
-    selection = cal["selection"]
+    """What `ood calibrate --json` prints: the calibration's facts without its fitted arrays."""
+    sel, served, l0 = cal["selection"], cal["scores"][cal["served"]], cal["l0"]
     return {
         "model": args.model,
         "data": args.data,
-        "n": cal["n"],
-        "n_fit": cal["n_fit"],
-        "n_holdout": cal["n_holdout"],
-        "dim": cal["dim"],
-        "feature_dim": cal["feature_dim"],
-        "tpr": cal["tpr"],
-        "served": cal["served"],
-        "reason": selection["reason"],
-        "rule": selection["rule"],
-        "threshold": cal["scores"][cal["served"]]["threshold"],
-        "holdout_tpr": cal["scores"][cal["served"]]["holdout_tpr"],
+        **{key: cal[key] for key in ("n", "n_fit", "n_holdout", "dim", "feature_dim", "tpr", "served")},
+        **{key: sel[key] for key in ("reason", "rule")},
+        **{key: served[key] for key in ("threshold", "holdout_tpr")},
         "scores": cal["scores"],
-        "validation_sets": selection["validation_sets"],
-        "summary": selection["summary"],
-        "table": selection["table"],
+        **{key: sel[key] for key in ("validation_sets", "summary", "table")},
         "drift_window": cal["drift"]["window"],
-        "l0_mean": cal["l0"]["mean"],
-        "l0_std": cal["l0"]["std"],
-        "l0_expected": cal["l0"]["expected"],
+        **{f"l0_{key}": l0[key] for key in ("mean", "std", "expected")},
         "dead_dims": cal["dead_dims"],
     }
 

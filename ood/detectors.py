@@ -36,7 +36,7 @@ from ood.schema import (
     encode_array,
     validate,
 )
-from ood.scores import activation_matrix
+from ood.scores import activation_matrix, code_matrix
 
 _EPS = 1e-6
 
@@ -53,12 +53,8 @@ class Inputs:
 
     @classmethod
     def from_arrays(cls, codes: Any, features: Any = None) -> Inputs:
-        active = activation_matrix(codes)
-        if sparse.issparse(codes):
-            csr = sparse.csr_matrix(codes, dtype=np.float64)
-        else:
-            arr = np.asarray(codes, dtype=np.float64)
-            csr = sparse.csr_matrix(arr[None, :] if arr.ndim == 1 else arr)
+        csr = code_matrix(codes)
+        active = activation_matrix(csr)
         feats = None
         if features is not None:
             feats = np.asarray(features, dtype=np.float32)

@@ -339,19 +339,10 @@ class DriftMonitor:
             count, alarm = self._count, self._alarm
             window_l0 = None if count == 0 else self._l0_sum / (count * self.dim)
             extra = {"evaluations": self.evaluations, "alarms": self.alarms, "images": self.images}
-        return {
-            "enabled": True,
-            "alarm": alarm,
-            "pvalue": p,
-            "test": TEST_NAME,
-            "window_size": self.window,
-            "window_count": count,
-            "window_l0": window_l0,
-            "target_l0": self.target_l0,
-            "false_alarm_rate": self.false_alarm_rate,
-            "pvalue_l0": p_l0,
-            "pvalue_pattern": p_pat,
-            **extra,
+        return {  # the keys of the disabled body, in its order, then the extras
+            **disabled_snapshot(self.false_alarm_rate, self.target_l0),
+            **{"enabled": True, "alarm": alarm, "pvalue": p, "window_size": self.window, "window_count": count},
+            **{"window_l0": window_l0, "pvalue_l0": p_l0, "pvalue_pattern": p_pat, **extra},
         }
 
 

@@ -77,10 +77,6 @@ class MixtureState(Section):
             raise ValueError(f"rates must be K x D with K = {len(self.log_weights)} (the log_weights)")
         return self
 
-    @property
-    def dim(self) -> int:
-        return int(self.rates.array.shape[1])
-
 
 class LowRankState(Section):
     type: Literal["lowrank_gaussian"]
@@ -97,10 +93,6 @@ class LowRankState(Section):
             raise ValueError("mean (D), components (r x D) and eigvals (r) have inconsistent shapes")
         return self
 
-    @property
-    def dim(self) -> int:
-        return int(self.mean.array.size)
-
 
 class GaussianState(Section):
     type: Literal["gaussian"]
@@ -115,10 +107,6 @@ class GaussianState(Section):
         if self.mean.array.ndim != 1 or self.whitening.array.shape != (d, d):
             raise ValueError(f"whitening must be D x D with D = {d} (the mean)")
         return self
-
-    @property
-    def dim(self) -> int:
-        return int(self.mean.array.size)
 
 
 DetectorState = Annotated[MixtureState | LowRankState | GaussianState, Field(discriminator="type")]
@@ -236,8 +224,9 @@ class CalibrationV2(CalibrationV1):
     @model_validator(mode="after")
     def _consistent(self) -> CalibrationV2:
         for name, det in self.detectors.items():
-            if det.input != "features" and det.dim != self.dim:
-                raise ValueError(f"'detectors.{name}' has {det.dim} dimensions; the calibration has {self.dim}")
+            dim = det.rates.array.shape[1] if isinstance(det, MixtureState) else det.mean.array.size
+            if det.input != "features" and dim != self.dim:
+                raise ValueError(f"'detectors.{name}' has {dim} dimensions; the calibration has {self.dim}")
         drift = self.drift
         if drift is not None:
             comps = drift.principal.components.array

@@ -24,31 +24,33 @@ _CHUNK = 2048  # rows per block in the kernel CDF: bounds memory at _CHUNK x kno
 
 
 # ------------------------------------------------------------------------------------------ activations
+def code_matrix(embeddings: sparse.spmatrix | sparse.sparray | NDArray[Any]) -> sparse.csr_matrix:
+    """The codes as a float64 CSR copy (a 1-D vector is one input), refused when no score could use them."""
+    if sparse.issparse(embeddings):
+        mat = sparse.csr_matrix(embeddings, dtype=np.float64, copy=True)
+    else:
+        arr = np.asarray(embeddings)
+        arr = arr[None, :] if arr.ndim == 1 else arr
+        if arr.ndim != 2:
+            raise ValueError(f"embeddings must be 2-D (N x dim), got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"embeddings must be numeric, got dtype {arr.dtype}")
+        mat = sparse.csr_matrix(arr.astype(np.float64))
+    if mat.nnz and not np.all(np.isfinite(mat.data)):
+        raise ValueError("embeddings contain NaN or infinite values")
+    return mat
+
+
 def activation_matrix(embeddings: sparse.spmatrix | sparse.sparray | NDArray[Any]) -> sparse.csr_matrix:
     """The binary 'which dimensions fire' matrix as CSR, whatever form the embeddings come in.
 
     Explicit zeros stored in a CSR are dropped: a dimension is active only when its value is non-zero, which is
     the definition of l0 the method reports.
     """
-    if sparse.issparse(embeddings):
-        mat = sparse.csr_matrix(embeddings, copy=True)
-        if mat.ndim != 2:
-            raise ValueError(f"embeddings must be 2-D (N x dim), got shape {mat.shape}")
-        if mat.nnz and not np.all(np.isfinite(mat.data)):
-            raise ValueError("embeddings contain NaN or infinite values")
-        mat.data = (mat.data != 0).astype(np.float64)
-        mat.eliminate_zeros()
-        return mat
-    arr = np.asarray(embeddings)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D (N x dim), got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"embeddings must be numeric, got dtype {arr.dtype}")
-    if arr.size and not np.all(np.isfinite(arr)):
-        raise ValueError("embeddings contain NaN or infinite values")
-    return sparse.csr_matrix((arr != 0).astype(np.float64))
+    mat = code_matrix(embeddings)
+    mat.data = (mat.data != 0).astype(np.float64)
+    mat.eliminate_zeros()
+    return mat
 
 
 def l0_fraction(active: sparse.csr_matrix) -> NDArray[np.float64]:
@@ -199,21 +201,6 @@ class OODScorer:
         if active.shape[1] != self.dim:
             raise ValueError(f"embeddings have {active.shape[1]} dimensions; the calibration has {self.dim}")
         return active
-
-    def rate_score(self, l0: NDArray[Any]) -> NDArray[np.float64]:
-        """Rate score of l0 values (fractions); exact multiples of 1/D come from the table."""
-        l0 = np.asarray(l0, dtype=np.float64)
-        counts = np.rint(l0 * self.dim)
-        on_lattice = np.abs(counts - l0 * self.dim) < 1e-6
-        if np.all(on_lattice):
-            return self._rate_table[counts.astype(np.int64)]
-        return self.l0_cdf.two_sided_score(l0)
-
-    def l0_band(self) -> tuple[float, float] | None:
-        """The range of l0 whose rate score stays within the rate threshold: the calibrated in-distribution band
-        of activation rates (None if no l0 value passes, which a valid calibration never produces)."""
-        ok = np.nonzero(self._rate_table <= self.thresholds["rate"])[0]
-        return None if ok.size == 0 else (float(ok.min() / self.dim), float(ok.max() / self.dim))
 
     def pattern_score(self, active: sparse.csr_matrix) -> NDArray[np.float64]:
         return (self._base + active @ self._weights) / self.dim

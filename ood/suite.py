@@ -53,19 +53,12 @@ class ServedScores:
         return int(self.score.size)
 
     def to_records(self) -> list[dict[str, Any]]:
+        named = {"score_name": self.score_name, "threshold": self.threshold}
+        rows = zip(self.score, self.is_ood, self.l0, self.rate_score, self.pattern_score, strict=True)
         return [
-            {
-                "score": float(s),
-                "is_ood": bool(o),
-                "l0": float(l0),
-                "rate_score": float(r),
-                "pattern_score": float(p),
-                "score_name": self.score_name,
-                "threshold": self.threshold,
-            }
-            for s, o, l0, r, p in zip(
-                self.score, self.is_ood, self.l0, self.rate_score, self.pattern_score, strict=True
-            )
+            {"score": float(s), "is_ood": bool(o), "l0": float(l0), "rate_score": float(r), "pattern_score": float(p)}
+            | named
+            for s, o, l0, r, p in rows
         ]
 
 
