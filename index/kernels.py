@@ -9,6 +9,9 @@ Three ways to compute the (queries x database) inner products, each fastest in a
   in contiguous, vectorised rows; the work falls with the database density only.
 * ``dense``   - densify a chunk of database rows and call BLAS (sgemm), as FAISS IndexFlatIP does; fastest
   once the data is dense enough that skipping zeros no longer pays.
+* ``blockmax`` - large blocks through :mod:`index.blockmax` (an upper bound per group of similar rows, only the
+  groups that can still enter the top-k scored), the rest as ``sparse``. Its work is what a build-time probe
+  measured: the bound pass (groups x query non-zeros) and the rows it scored per query.
 
 All of them release the GIL, so the callers run them on query blocks in a thread pool.
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-KERNELS = ("auto", "sparse", "spdense", "dense")
+KERNELS = ("auto", "sparse", "spdense", "dense", "blockmax")
 
 
 def row_slice(x: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
@@ -64,6 +67,11 @@ class CostModel:
     dense_per_fma: float = 0.01829  # one sgemm multiply-add (database element x query)
     dense_per_element: float = 1.388  # densifying one database element (once per search)
     query_block: int = 64  # queries per spdense block
+    # Block-max kernel, fitted on 1M x 512 at 1% (Zipf) on the loaded box, against sparse_per_product measured
+    # in the same run (bench/bench_index.py --calibrate-blockmax): one block bound per query non-zero, one row
+    # scored from the forward CSR (a random block read, ~5 non-zeros).
+    blockmax_per_bound: float = 0.5
+    blockmax_per_row: float = 15.0
     # The inverted index costs as much memory as the data. Above this density it is never built: at 75% it
     # halved single-query latency (100k x 2048: 94 ms instead of 189 ms) yet FAISS Flat on the dense copy took
     # 48 ms, so dense data belongs in the faiss backend and doubling csr's memory buys nothing.
@@ -80,6 +88,20 @@ class CostModel:
             "dense": self.dense_per_fma * n_rows * dim * n_queries + self.dense_per_element * n_rows * dim,
         }
 
-    def choose(self, **work: float) -> str:
+    def blockmax(self, *, bounds: float, rows_scored: float, other_products: float) -> float:
+        """Nanoseconds of the ``blockmax`` kernel: ``bounds`` block bounds (blocks x query non-zeros),
+        ``rows_scored`` rows scored exactly, ``other_products`` posting entries of the blocks it leaves to the
+        sparse kernel (too small for block-max)."""
+        return (
+            self.blockmax_per_bound * bounds
+            + self.blockmax_per_row * rows_scored
+            + self.sparse_per_product * other_products
+        )
+
+    def choose(self, blockmax: float | None = None, **work: float) -> str:
+        """The cheapest kernel for ``work`` (see :meth:`costs`); ``blockmax`` is that kernel's estimate, where
+        the index has block-max structures."""
         estimates = self.costs(**work)
+        if blockmax is not None and math.isfinite(estimates["sparse"]):
+            estimates["blockmax"] = blockmax
         return min(estimates, key=estimates.__getitem__)
