@@ -26,8 +26,24 @@ from models.checkpoint import MODEL_FILENAME, save_checkpoint
 from models.encoder import Encoder
 from pretrain.config import TrainConfig
 
+CONFIG_FILENAME = "config.json"
+METRICS_FILENAME = "metrics.jsonl"
+# One line per log step: the per-dimension activation rate of the projector output over that log window (train
+# mode, local batch), so the histogram of rates can be followed through training (bench/diagnose_sparsity.py).
+RATES_FILENAME = "dim_rates.jsonl"
+SUMMARY_FILENAME = "summary.json"
 STATE_FILENAME = "train_state.pt"
 STATE_FORMAT = "lpjepa-train-state/1"
+RUN_FILES = (CONFIG_FILENAME, MODEL_FILENAME, STATE_FILENAME, METRICS_FILENAME, RATES_FILENAME, SUMMARY_FILENAME)
+# Keys that may differ between the original run and its --resume: they change speed or logging, not the result.
+RUNTIME_KEYS = frozenset(
+    {"train.progress", "train.log_every", "train.checkpoint_every", "train.threads", "train.device"}
+    | {"data.num_workers", "description"}
+)
+
+
+class TrainError(InvalidError):
+    """A training request that cannot start (run folder conflict, resume mismatch, absent device); the CLI exits 2."""
 
 
 class StateError(InvalidError):
@@ -90,24 +106,6 @@ def load_state(path: str | Path) -> TrainState:
         return TrainState(**payload)
     except TypeError as err:
         raise StateError(f"{p} has unexpected fields: {err}") from err
-
-
-CONFIG_FILENAME = "config.json"
-METRICS_FILENAME = "metrics.jsonl"
-# One line per log step: the per-dimension activation rate of the projector output over that log window (train
-# mode, local batch), so the histogram of rates can be followed through training (bench/diagnose_sparsity.py).
-RATES_FILENAME = "dim_rates.jsonl"
-SUMMARY_FILENAME = "summary.json"
-RUN_FILES = (CONFIG_FILENAME, MODEL_FILENAME, STATE_FILENAME, METRICS_FILENAME, RATES_FILENAME, SUMMARY_FILENAME)
-# Keys that may differ between the original run and its --resume: they change speed or logging, not the result.
-RUNTIME_KEYS = frozenset(
-    {"train.progress", "train.log_every", "train.checkpoint_every", "train.threads", "train.device"}
-    | {"data.num_workers", "description"}
-)
-
-
-class TrainError(InvalidError):
-    """A training request that cannot start (run folder conflicts, resume mismatch); the CLI exits 2 on it."""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
