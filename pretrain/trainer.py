@@ -295,7 +295,8 @@ def train(
         replace = run.check(resume, force)
         if resume:
             run.check_resumable(cfg)
-        trainer = Trainer(cfg, source, rt, run, rt.seed(cfg.train.seed))
+        seed = rt.seed(cfg.train.seed)  # before anything draws from torch's global RNG (the initial weights)
+        trainer = Trainer(cfg, source, rt, run, seed)
         # Everything that bad input can break has been built: only now touch the run folder (after every rank has
         # checked it, so rank 0 cannot clear files another rank is still looking at).
         rt.barrier()
