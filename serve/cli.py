@@ -11,11 +11,54 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from cli.argtypes import positive_int
 from cli.errors import CliError
-from index.milvus_cli import TOKEN_ENV as MILVUS_TOKEN_ENV
 from index.milvus_cli import add_milvus_arguments, reject_milvus_flags_without_backend
+
+MILVUS_URI_ENV = "LPJEPA_MILVUS_URI"  # serve/settings.py's milvus_uri (not imported: --help stays light)
+MB = 1024 * 1024
+# The flags that set a ServeSettings field: (flag, field, type or argparse action, help). None is every flag's default,
+# so a flag not given leaves its field to LPJEPA_<FIELD> or to its default in serve/settings.py (the help quotes it).
+SETTING_FLAGS: tuple[tuple[str, str, type | str, str], ...] = (
+    ("--host", "host", str, "address to bind (default 127.0.0.1)"),
+    ("--port", "port", int, "port (default 8000; 0 picks a free one)"),
+    ("--api-key", "api_key", str, "require Authorization: Bearer KEY for writes (default: $LPJEPA_API_KEY if set)"),
+    ("--auth-reads", "auth_reads", "store_true", "require the API key for reads too"),
+    ("--no-batching", "batching", "store_false", "one model call per request (the benchmark baseline)"),
+    ("--threads", "model_threads", int, "ONNX Runtime threads per model call (default: all cores)"),
+    ("--model-spin", "model_spin", "store_true", "let ONNX Runtime's idle threads spin-wait (faster on dedicated "
+     "cores; off by default: on a shared or small machine they take the cores HTTP needs)"),
+    ("--batch-decode-pixels", "batch_decode_pixels", int, "requests with at most this many pixels are decoded by the "
+     "model thread with their batch; larger ones in the decode pool (default 65536; 0 = always the pool)"),
+    ("--max-batch", "max_batch", int, "images per model call (default 64)"),
+    ("--max-wait-ms", "max_wait_ms", float, "how long the first request of a batch waits for company (default 5 ms)"),
+    ("--max-queue", "max_queue", int, "images queued for the model before 503 (1024)"),
+    ("--max-inflight", "max_inflight", int, "concurrent API requests before 503 (256)"),
+    ("--max-body-mb", "max_body_bytes", float, "largest request body in MB (default 20)"),
+    ("--max-image-mp", "max_image_pixels", float, "largest image in megapixels (default 40)"),
+    ("--max-request-mp", "max_request_pixels", float, "decoded megapixels per request, all images together, checked "
+     "from their headers (default 40)"),
+    ("--max-images", "max_images_per_request", int, "images per request (default 64)"),
+    ("--max-k", "max_k", int, "largest k for search (default 1000, at most 100000)"),
+    ("--compact-every", "compact_every", int, "stored writes between index snapshots (default 1000)"),
+    ("--index-backend", "index_backend", str, "backend for a new index (default csr)"),
+    ("--index-metric", "index_metric", str, "metric for a new index (default cosine)"),
+    ("--thumbnail-px", "thumbnail_px", int, "thumbnail size stored for images added to the index (0 = none; "
+     "default 48)"),
+    ("--drift-false-alarm-rate", "drift_false_alarm_rate", float, "drift monitor: chance that one evaluation on "
+     "in-distribution traffic alarms (default 1e-4)"),
+)  # fmt: skip
+SCALE = {"max_body_bytes": MB, "max_image_pixels": 1e6, "max_request_pixels": 1e6}  # MB and megapixels on the CLI
+# index.milvus_cli's flags (their dests) -> the settings fields
+MILVUS_FIELDS = {
+    "milvus_uri": "milvus_uri",
+    "milvus_token": "milvus_token",
+    "collection": "milvus_collection",
+    "milvus_index": "milvus_index",
+    "milvus_timeout": "milvus_timeout_s",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,68 +66,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the HTTP API (embed, search, items, OOD, web page)",
         description="Serve an exported model over HTTP: POST /v1/embed, /v1/search, /v1/ood, PUT/GET/DELETE "
-        "/v1/items, /healthz, /readyz, /metrics, a web page at / and OpenAPI docs at /docs.",
+        "/v1/items, /healthz, /readyz, /metrics, a web page at / and OpenAPI docs at /docs. Every setting can also "
+        "be given as an environment variable LPJEPA_<SETTING> (LPJEPA_API_KEY, LPJEPA_MAX_BATCH, ...); flags win.",
     )
     p.add_argument("--model", required=True, type=Path, help="exported ONNX model (lpjepa export)")
     p.add_argument(
-        "--index",
-        type=Path,
-        default=None,
-        help="index directory (lpjepa index build); created empty when it does not exist",
+        "--index", type=Path, help="index directory (lpjepa index build); created empty when it does not exist"
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument(
-        "--api-key", default=None, help="require Authorization: Bearer KEY for writes (default: $LPJEPA_API_KEY if set)"
-    )
-    p.add_argument("--auth-reads", action="store_true", help="require the API key for reads too")
-    p.add_argument(
-        "--no-batching",
-        dest="batching",
-        action="store_false",
-        help="one model call per request (the benchmark baseline)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per model call (default: all cores)")
-    p.add_argument(
-        "--model-spin",
-        action="store_true",
-        help="let ONNX Runtime's idle threads spin-wait (faster on dedicated cores; off by default: on a shared "
-        "or small machine they take the cores HTTP needs)",
-    )
-    p.add_argument(
-        "--batch-decode-pixels",
-        type=int,
-        default=65_536,
-        help="requests with at most this many pixels are decoded by the model thread with their batch; larger ones "
-        "in the decode pool (default 65536; 0 = always the pool)",
-    )
-    p.add_argument("--max-batch", type=int, default=64, help="images per model call (default 64)")
-    p.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=5.0,
-        help="how long the first request of a batch waits for company (default 5 ms)",
-    )
-    p.add_argument("--max-queue", type=int, default=1024, help="images queued for the model before 503 (1024)")
-    p.add_argument("--max-inflight", type=int, default=256, help="concurrent API requests before 503 (256)")
-    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
-    p.add_argument("--max-image-mp", type=float, default=40.0, help="largest image in megapixels (default 40)")
-    p.add_argument(
-        "--max-request-mp",
-        type=float,
-        default=40.0,
-        help="decoded megapixels per request, all images together, checked from their headers (default 40)",
-    )
-    p.add_argument("--max-images", type=int, default=64, help="images per request (default 64)")
-    p.add_argument("--max-k", type=int, default=1000, help="largest k for search (default 1000, at most 100000)")
-    p.add_argument(
-        "--compact-every", type=int, default=1000, help="stored writes between index snapshots (default 1000)"
-    )
-    p.add_argument("--index-backend", default="csr", help="backend for a new index (default csr)")
+    for flag, field, kind, text in SETTING_FLAGS:
+        how = {"action": kind} if isinstance(kind, str) else {"type": kind}
+        p.add_argument(flag, dest=field, default=None, help=text, **how)
     p.add_argument(
         "--backend",
         choices=("csr", "faiss", "milvus"),
-        default=None,
         help="csr/faiss: the index lives in this process (--index DIR, durable in DIR/serve.sqlite3); milvus: in the "
         "collection at --milvus-uri, and the server keeps no state of its own (same as --index-backend)",
     )
@@ -95,73 +89,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="server processes on the port (default 1); more than one needs no --index (embed/OOD only) or "
         "--backend milvus with an http:// uri, the only mode in which processes share the index",
     )
-    p.add_argument("--index-metric", default="cosine", help="metric for a new index (default cosine)")
-    p.add_argument(
-        "--thumbnail-px",
-        type=int,
-        default=48,
-        help="thumbnail size stored for images added to the index (0 = none; default 48)",
-    )
-    p.add_argument(
-        "--drift-false-alarm-rate",
-        type=float,
-        default=1e-4,
-        help="drift monitor: chance that one evaluation on in-distribution traffic alarms (default 1e-4)",
-    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_milvus_arguments(p, index_kind=True, timeout_s=5.0)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, **dict.fromkeys(MILVUS_FIELDS))  # not given: the environment or the settings' default
 
 
-def build_settings(args: argparse.Namespace):
-    from pydantic import ValidationError
-
+def build_settings(args: argparse.Namespace) -> Any:
+    """The flags given over the LPJEPA_* environment over the defaults (serve/settings.py)."""
     from serve.settings import ServeSettings
 
-    try:
-        return ServeSettings.with_env(
-            model_path=args.model,
-            index_dir=args.index,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            auth_reads=args.auth_reads,
-            batching=args.batching,
-            max_batch=args.max_batch,
-            model_threads=args.threads,
-            model_spin=args.model_spin,
-            batch_decode_pixels=args.batch_decode_pixels,
-            max_wait_ms=args.max_wait_ms,
-            max_queue=args.max_queue,
-            max_inflight=args.max_inflight,
-            max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-            max_image_pixels=int(args.max_image_mp * 1e6),
-            max_request_pixels=int(args.max_request_mp * 1e6),
-            max_images_per_request=args.max_images,
-            max_k=args.max_k,
-            compact_every=args.compact_every,
-            index_backend=args.backend or args.index_backend,
-            index_metric=args.index_metric,
-            milvus_uri=args.milvus_uri,
-            milvus_token=args.milvus_token or os.environ.get(MILVUS_TOKEN_ENV) or None,
-            milvus_collection=args.collection,
-            milvus_index=args.milvus_index,
-            milvus_timeout_s=args.milvus_timeout,
-            thumbnail_px=args.thumbnail_px,
-            drift_false_alarm_rate=args.drift_false_alarm_rate,
-        )
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()))
-        raise CliError(f"invalid value for {field}: {first.get('msg')}") from err
+    given = {field: getattr(args, field) for _, field, _, _ in SETTING_FLAGS}
+    given.update({field: getattr(args, dest) for dest, field in MILVUS_FIELDS.items()})
+    for field, scale in SCALE.items():
+        if given[field] is not None:
+            given[field] = int(given[field] * scale)
+    given["index_backend"] = args.backend or args.index_backend
+    return ServeSettings.with_env(model_path=args.model, index_dir=args.index, **given)
 
 
 def run(args: argparse.Namespace) -> int:
-    reject_milvus_flags_without_backend(args, args.backend or args.index_backend)
-    if (args.backend or args.index_backend) == "milvus" and not args.milvus_uri:
+    if (args.backend or args.index_backend) == "milvus" and not (args.milvus_uri or os.environ.get(MILVUS_URI_ENV)):
         raise CliError("--backend milvus needs --milvus-uri (a .db file or http://host:port)")
     settings = build_settings(args)
-    if args.auth_reads and settings.api_key is None:
+    reject_milvus_flags_without_backend(args, settings.index_backend)
+    if settings.auth_reads and settings.api_key is None:
         raise CliError("--auth-reads needs --api-key (or LPJEPA_API_KEY)")
     if not settings.model_path.is_file():
         raise CliError(f"no model file at {settings.model_path} (export one with `lpjepa export`)")

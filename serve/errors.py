@@ -22,16 +22,8 @@ from core.errors import InvalidError, LpjepaError, UnavailableError
 from export.errors import ImageDecodeError, ModelLoadError
 from index.errors import BackendUnavailableError, DimensionMismatchError, IndexError_, UnknownIdError
 from ood.scores import CalibrationError
-from serve import images, strict_json
-from serve.batching import ModelFailedError, OverloadedError, ShuttingDownError
-from serve.durable_log import (
-    CorruptStoreError,
-    StoreClosedError,
-    StoreError,
-    StoreLockedError,
-    StoreUnavailableError,
-    WrongDimensionError,
-)
+from serve import batching, images, strict_json
+from serve import durable_log as db
 
 log = logging.getLogger("lpjepa.serve")
 
@@ -51,15 +43,15 @@ class ApiError(LpjepaError):
 # Retry-After (RETRY_AFTER_S, 1 s unless listed).
 HTTP_ERRORS: dict[type[BaseException], tuple[int, str]] = {
     # the batcher and the decode gate
-    OverloadedError: (503, "overloaded"),
+    batching.OverloadedError: (503, "overloaded"),
     images.DecodeBusyError: (503, "overloaded"),
-    ShuttingDownError: (503, "shutting_down"),
-    ModelFailedError: (500, "model_error"),
+    batching.ShuttingDownError: (503, "shutting_down"),
+    batching.ModelFailedError: (500, "model_error"),
     # the store and its database
-    StoreClosedError: (503, "shutting_down"),
-    StoreUnavailableError: (503, "storage_error"),
-    **{cls: (status, cls.code) for cls, status in ((StoreLockedError, 409), (CorruptStoreError, 500))},
-    **{cls: (422, cls.code) for cls in (WrongDimensionError, StoreError)},
+    db.StoreClosedError: (503, "shutting_down"),
+    db.StoreUnavailableError: (503, "storage_error"),
+    **{cls: (status, cls.code) for cls, status in ((db.StoreLockedError, 409), (db.CorruptStoreError, 500))},
+    **{cls: (422, cls.code) for cls in (db.WrongDimensionError, db.StoreError)},
     # uploaded images
     images.InvalidImageError: (422, "invalid_image"),
     images.InvalidBase64Error: (422, "invalid_base64"),

@@ -109,42 +109,12 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
 
     wal_path = directory / LEGACY_WAL
     log.warning("%s: migrating the old write-ahead log %s to the SQLite database %s", directory, LEGACY_WAL, DB_NAME)
-    try:
-        state_path, thumbs_path = directory / LEGACY_STATE, directory / LEGACY_THUMBS
-        applied = int(json.loads(state_path.read_text())["applied_seq"]) if state_path.is_file() else 0
-        raw_thumbs = json.loads(thumbs_path.read_text()) if thumbs_path.is_file() else {}
-        thumbs = {int(k): base64.b64decode(v) for k, v in raw_thumbs.items()}
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptStoreError(directory / LEGACY_STATE, f"unreadable old server state ({err})") from None
+    applied, thumbs = _read_legacy_state(directory)
     records, dropped = read_legacy_log(wal_path, salvage=salvage)
     if dropped:
         log.warning("%s: %d bytes at the end of the old log were a torn (never acknowledged) write", wal_path, dropped)
     try:
-        touched: set[int] = set()
-        applied_records = 0
-        for seq, body in records:
-            if seq <= applied:
-                continue  # already in the snapshot
-            try:
-                record = decode_legacy_record(body)
-            except (ValueError, KeyError, struct.error) as err:
-                raise CorruptStoreError(wal_path, f"record {seq} cannot be decoded ({err})") from None
-            ids = record["ids"]
-            if record["op"] == "upsert":
-                index.add(ids, record["matrix"], payloads=list(record["payloads"]), thumbnails=record["thumbs"])
-                for i, thumb in zip(ids.tolist(), record["thumbs"], strict=True):
-                    if thumb is None:
-                        thumbs.pop(i, None)
-                    else:
-                        thumbs[i] = thumb
-            else:
-                present = ids[index.contains(ids)]
-                if present.size:
-                    index.remove(present)
-                for i in ids.tolist():
-                    thumbs.pop(i, None)
-            touched.update(ids.tolist())
-            applied_records += 1
+        touched, n_records = _apply_records(index, records, applied, thumbs, wal_path)
         thumbs = {i: t for i, t in thumbs.items() if index.contains([i])[0]}
         for i, thumb in thumbs.items():  # side-file thumbnails of snapshot items the log did not touch
             if i not in touched:
@@ -156,7 +126,71 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
         dead = [i for i in ordered if not index.contains([i])[0]]
     except ValueError as err:  # a record or thumbnail the index refuses: the old state is not what was written
         raise CorruptStoreError(wal_path, f"the old state cannot be applied ({err})") from None
+    index.metadata[SEQ_KEY] = _write_database(directory, index, live, dead, dim=dim, wal_path=wal_path)
+    index.save(directory)
+    for name in (LEGACY_WAL, LEGACY_STATE, LEGACY_THUMBS):
+        if (directory / name).exists():
+            os.replace(directory / name, directory / f"{name}.migrated")
+    fsync_path(directory)
+    log.warning(
+        "%s: migrated %d old log records (%d items, %d deletions, %d thumbnails) into %s; the old files are kept as "
+        "*.migrated and can be deleted",
+        directory,
+        n_records,
+        live.size,
+        len(dead),
+        len(thumbs),
+        DB_NAME,
+    )
+    return index
 
+
+def _read_legacy_state(directory: Path) -> tuple[int, dict[int, bytes]]:
+    """The old snapshot's sequence number and the thumbnail side file."""
+    try:
+        state_path, thumbs_path = directory / LEGACY_STATE, directory / LEGACY_THUMBS
+        applied = int(json.loads(state_path.read_text())["applied_seq"]) if state_path.is_file() else 0
+        raw_thumbs = json.loads(thumbs_path.read_text()) if thumbs_path.is_file() else {}
+        return applied, {int(k): base64.b64decode(v) for k, v in raw_thumbs.items()}
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptStoreError(directory / LEGACY_STATE, f"unreadable old server state ({err})") from None
+
+
+def _apply_records(
+    index: Any, records: list[tuple[int, bytes]], applied: int, thumbs: dict[int, bytes], wal_path: Path
+) -> tuple[set[int], int]:
+    """Apply the records after the snapshot to the index (and `thumbs`); returns the ids touched and the count."""
+    touched: set[int] = set()
+    n_records = 0
+    for seq, body in records:
+        if seq <= applied:
+            continue  # already in the snapshot
+        try:
+            record = decode_legacy_record(body)
+        except (ValueError, KeyError, struct.error) as err:
+            raise CorruptStoreError(wal_path, f"record {seq} cannot be decoded ({err})") from None
+        ids = record["ids"]
+        if record["op"] == "upsert":
+            index.add(ids, record["matrix"], payloads=list(record["payloads"]), thumbnails=record["thumbs"])
+            for i, thumb in zip(ids.tolist(), record["thumbs"], strict=True):
+                if thumb is None:
+                    thumbs.pop(i, None)
+                else:
+                    thumbs[i] = thumb
+        else:
+            present = ids[index.contains(ids)]
+            if present.size:
+                index.remove(present)
+            for i in ids.tolist():
+                thumbs.pop(i, None)
+        touched.update(ids.tolist())
+        n_records += 1
+    return touched, n_records
+
+
+def _write_database(directory: Path, index: Any, live: np.ndarray, dead: list[int], *, dim: int, wal_path: Path) -> int:
+    """Write one row per touched id into a new database under a temporary name, then rename it into place;
+    returns its last sequence number."""
     tmp = directory / f"{DB_NAME}.migrating"
     for stale in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}.lock")):
         stale.unlink(missing_ok=True)
@@ -176,20 +210,4 @@ def migrate_legacy(directory: Path, index: Any, *, dim: int, salvage: bool = Fal
     Path(f"{tmp}.lock").unlink(missing_ok=True)
     os.replace(tmp, directory / DB_NAME)
     fsync_path(directory)
-    index.metadata[SEQ_KEY] = last
-    index.save(directory)
-    for name in (LEGACY_WAL, LEGACY_STATE, LEGACY_THUMBS):
-        if (directory / name).exists():
-            os.replace(directory / name, directory / f"{name}.migrated")
-    fsync_path(directory)
-    log.warning(
-        "%s: migrated %d old log records (%d items, %d deletions, %d thumbnails) into %s; the old files are kept as "
-        "*.migrated and can be deleted",
-        directory,
-        applied_records,
-        live.size,
-        len(dead),
-        len(thumbs),
-        DB_NAME,
-    )
-    return index
+    return last

@@ -219,6 +219,19 @@ class Health(BaseModel):
 # --------------------------------------------------------------------------------------------- OpenAPI helpers
 MULTIPART = "multipart/form-data"
 IMAGE_FILES_SCHEMA = {"type": "array", "items": {"type": "string", "format": "binary"}}
+# The multipart fields of each route that takes images (the JSON bodies are the models below/above).
+OOD_FORM = {"files": IMAGE_FILES_SCHEMA}
+EMBED_FORM = {**OOD_FORM, "dense": {"type": "boolean"}}
+SEARCH_FORM = {
+    "file": {"type": "string", "format": "binary"},
+    "k": {"type": "integer"},
+    "thumbnails": {"type": "boolean"},
+}
+PUT_ITEMS_FORM = {
+    **OOD_FORM,
+    "ids": {"type": "string", "description": "JSON list or comma-separated ids, one per file"},
+    "payloads": {"type": "string", "description": "optional JSON list of objects, one per file"},
+}
 # The JSON bodies are parsed by hand (strictly, serve/parsing.py), so FastAPI does not see these models: the app
 # adds them to the components its routes' `body_doc` references.
 REQUEST_MODELS = (EmbedJSON, SearchJSON, PutItemsJSON, EmbeddingIn)

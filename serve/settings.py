@@ -1,27 +1,44 @@
 """Everything an operator can tune about the server, validated once at start-up.
 
-Limits live here (not scattered through handlers) so the CLI flags, the tests and /v1/info all read the same
-numbers, and a bad value fails at start-up with a message instead of surfacing as odd behaviour under load.
+Limits live here (not scattered through handlers) so the CLI flags, the environment, the tests and /v1/info all
+read the same numbers, and a bad value fails at start-up with a message instead of surfacing as odd behaviour
+under load. Every field can be set as an environment variable LPJEPA_<FIELD> (LPJEPA_API_KEY, LPJEPA_MAX_BATCH, ...;
+pydantic-settings): `lpjepa serve` flags override those, and they override the defaults here.
 """
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as EnvParseError
 
-API_KEY_ENV = "LPJEPA_API_KEY"
+from core.errors import InvalidError
+
+ENV_PREFIX = "LPJEPA_"
+# The settings a client needs to size its requests (/v1/info "limits"; never the key).
+PUBLIC_LIMITS = {
+    "max_body_bytes", "max_image_pixels", "max_request_pixels", "max_images_per_request", "max_items_per_request",
+    "max_k", "max_payload_bytes", "image_formats", "batching", "max_batch", "max_wait_ms", "max_queue", "max_inflight",
+}  # fmt: skip
 
 # Formats PIL decodes that make sense as photos; anything else (EPS, PDF, ICO, ...) is refused up front because
 # some of PIL's plug-ins shell out or are rarely exercised, which is not what a public endpoint should run.
 DEFAULT_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 
 
-class ServeSettings(BaseModel):
-    """Configuration of one server instance; `lpjepa serve` builds it from flags, tests build it directly."""
+class SettingsInvalid(InvalidError):
+    """A server setting (a flag or an LPJEPA_* environment variable, named in the message) is out of range."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ServeSettings(BaseSettings):
+    """Configuration of one server instance; `lpjepa serve` builds it from flags over the environment, tests build
+    it directly (the environment applies there too; a worker of `--workers N` gets its settings as JSON, without)."""
+
+    # An empty variable counts as unset (`LPJEPA_API_KEY= lpjepa serve ...` must not set an empty key).
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
 
     model_path: Path
     index_dir: Path | None = None
@@ -107,32 +124,30 @@ class ServeSettings(BaseModel):
         return tuple(v.upper() for v in value)
 
     @classmethod
-    def with_env(cls, **kwargs: object) -> ServeSettings:
-        """Fill the API key from LPJEPA_API_KEY when not given, so it need not appear in `ps` output."""
-        if kwargs.get("api_key") is None and os.environ.get(API_KEY_ENV):
-            kwargs["api_key"] = os.environ[API_KEY_ENV]
-        return cls(**kwargs)
+    def with_env(cls, **given: object) -> ServeSettings:
+        """`given` (None: not given) over the LPJEPA_* environment over the defaults, so e.g. the API key need not
+        appear in `ps` output. A bad value is a SettingsInvalid naming the field, or the variable it came from."""
+        given = {name: value for name, value in given.items() if value is not None}
+        try:
+            return cls(**given)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first.get("loc", ()))
+            where = field if not field or field.split(".")[0] in given else f"{ENV_PREFIX}{field.upper()}"
+            raise SettingsInvalid(f"invalid value for {where}: {first.get('msg')}") from err
+        except EnvParseError as err:  # a list-valued variable that is not JSON
+            field = re.search(r'field "(\w+)"', str(err))
+            where = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "an LPJEPA_* environment variable"
+            raise SettingsInvalid(f"invalid value for {where}: {err} (expected JSON)") from err
 
     @property
     def decode_pixels_in_flight(self) -> int:
         return self.concurrent_decodes * self.max_request_pixels
 
     def public_limits(self) -> dict[str, object]:
-        """The limits a client needs to size its requests (never the key)."""
+        keyed = self.api_key is not None
         return {
-            "max_body_bytes": self.max_body_bytes,
-            "max_image_pixels": self.max_image_pixels,
-            "max_request_pixels": self.max_request_pixels,
-            "max_images_per_request": self.max_images_per_request,
-            "max_items_per_request": self.max_items_per_request,
-            "max_k": self.max_k,
-            "max_payload_bytes": self.max_payload_bytes,
-            "image_formats": list(self.image_formats),
-            "batching": self.batching,
-            "max_batch": self.max_batch,
-            "max_wait_ms": self.max_wait_ms,
-            "max_queue": self.max_queue,
-            "max_inflight": self.max_inflight,
-            "auth_writes": self.api_key is not None,
-            "auth_reads": self.api_key is not None and self.auth_reads,
+            **self.model_dump(mode="json", include=PUBLIC_LIMITS),
+            "auth_writes": keyed,
+            "auth_reads": keyed and self.auth_reads,
         }

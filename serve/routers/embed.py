@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 from serve.dependencies import State, request_images
 from serve.embedding import dense_to_outputs, embed_blobs
 from serve.parsing import form_text, parse_bool
-from serve.schemas import IMAGE_FILES_SCHEMA, EmbedJSON, EmbedResponse, body_doc, error_docs
+from serve.schemas import EMBED_FORM, EmbedJSON, EmbedResponse, body_doc, error_docs
 
 router = APIRouter(tags=["model"])
 
@@ -15,7 +15,7 @@ router = APIRouter(tags=["model"])
 @router.post(
     "/v1/embed",
     summary="Sparse embeddings (and OOD scores) of one or many images",
-    openapi_extra=body_doc(EmbedJSON, {"files": IMAGE_FILES_SCHEMA, "dense": {"type": "boolean"}}),
+    openapi_extra=body_doc(EmbedJSON, EMBED_FORM),
     responses=error_docs(400, 413, 415, 422, 503),
 )
 async def embed(

@@ -11,48 +11,23 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as FastApiPath
 
 from index.validation import MAX_ID
+from serve import parsing
 from serve.dependencies import ServeState, State
 from serve.embedding import embed_blobs, embedding_out
 from serve.errors import ApiError
 from serve.images import decode_base64, encode_base64
-from serve.parsing import (
-    check_id,
-    content_kind,
-    embedding_row,
-    form_files,
-    form_text,
-    parse_ids,
-    parse_int,
-    parse_payloads,
-    read_form,
-    read_json,
-    rows_to_csr,
-)
-from serve.schemas import (
-    IMAGE_FILES_SCHEMA,
-    DeleteResponse,
-    ItemOut,
-    PutItemsJSON,
-    PutItemsResponse,
-    body_doc,
-    error_docs,
-)
+from serve.schemas import PUT_ITEMS_FORM, DeleteResponse, ItemOut, PutItemsJSON, PutItemsResponse, body_doc, error_docs
 from serve.strict_json import check_payload_value
 
 router = APIRouter(tags=["index"])
 write_router = APIRouter(tags=["index"])
 PathItemId = Annotated[int, FastApiPath(ge=0, le=MAX_ID, description="item id, 0 .. 2**63-2")]
-MULTIPART_FIELDS = {
-    "files": IMAGE_FILES_SCHEMA,
-    "ids": {"type": "string", "description": "JSON list or comma-separated ids, one per file"},
-    "payloads": {"type": "string", "description": "optional JSON list of objects, one per file"},
-}
 
 
 def _item_id(request: Request) -> int:
     """The path's id as ASCII digits (FastAPI's int would also take "1_0"), in range."""
-    item_id = parse_int(request.path_params["item_id"], "item_id", 0)
-    check_id(item_id)
+    item_id = parsing.parse_int(request.path_params["item_id"], "item_id", 0)
+    parsing.check_id(item_id)
     return item_id
 
 
@@ -76,7 +51,7 @@ async def get_item(request: Request, state: State, item_id: PathItemId, thumbnai
 @write_router.put(
     "/v1/items",
     summary="Add or replace items (durable before the reply)",
-    openapi_extra=body_doc(PutItemsJSON, MULTIPART_FIELDS),
+    openapi_extra=body_doc(PutItemsJSON, PUT_ITEMS_FORM),
     responses=error_docs(400, 409, 413, 415, 422, 503),
 )
 async def put_items(request: Request, state: State) -> PutItemsResponse:
@@ -94,7 +69,7 @@ async def put_items(request: Request, state: State) -> PutItemsResponse:
             nz = np.flatnonzero(vectors[j])
             rows[pos] = (nz.astype(np.int32), vectors[j][nz])
             thumbs[pos] = blob_thumbs[j]
-    matrix = rows_to_csr(rows, state.dim)
+    matrix = parsing.rows_to_csr(rows, state.dim)
     created, replaced = await anyio.to_thread.run_sync(
         store.upsert, np.asarray(ids, dtype=np.int64), matrix, payloads, thumbs
     )
@@ -105,13 +80,13 @@ async def put_items(request: Request, state: State) -> PutItemsResponse:
 async def _read_items(request: Request, state: ServeState) -> tuple[list[int], list[Any], list[Any], list, list[int]]:
     """(ids, payloads, rows: a client embedding or None per item, image blobs, the item position of each blob)."""
     settings = state.settings
-    if content_kind(request) == "multipart":
-        form = await read_form(request, settings)
-        blobs = await form_files(form, "files", settings)
-        ids = parse_ids(form_text(form, "ids"), len(blobs))
-        payloads = parse_payloads(form_text(form, "payloads"), len(blobs))
+    if parsing.content_kind(request) == "multipart":
+        form = await parsing.read_form(request, settings)
+        blobs = await parsing.form_files(form, "files", settings)
+        ids = parsing.parse_ids(parsing.form_text(form, "ids"), len(blobs))
+        payloads = parsing.parse_payloads(parsing.form_text(form, "payloads"), len(blobs))
         return ids, payloads, [None] * len(blobs), blobs, list(range(len(blobs)))
-    body = await read_json(request, PutItemsJSON)
+    body = await parsing.read_json(request, PutItemsJSON)
     if len(body.items) > settings.max_items_per_request:
         raise ApiError(413, "too_many_items", f"at most {settings.max_items_per_request} items per request")
     blobs, image_pos, rows = [], [], []
@@ -121,7 +96,7 @@ async def _read_items(request: Request, state: ServeState) -> tuple[list[int], l
             image_pos.append(i)
             rows.append(None)
         else:
-            rows.append(embedding_row(item.embedding, state.dim, f"items[{i}].embedding"))
+            rows.append(parsing.embedding_row(item.embedding, state.dim, f"items[{i}].embedding"))
     return [item.id for item in body.items], [item.payload for item in body.items], rows, blobs, image_pos
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from serve.dependencies import State, request_images
 from serve.embedding import embed_blobs
-from serve.schemas import IMAGE_FILES_SCHEMA, EmbedJSON, OODOut, OODResponse, body_doc, error_docs
+from serve.schemas import OOD_FORM, EmbedJSON, OODOut, OODResponse, body_doc, error_docs
 
 router = APIRouter(tags=["ood"])
 
@@ -14,7 +14,7 @@ router = APIRouter(tags=["ood"])
 @router.post(
     "/v1/ood",
     summary="OOD scores of one or many images (needs a calibrated model)",
-    openapi_extra=body_doc(EmbedJSON, {"files": IMAGE_FILES_SCHEMA}),
+    openapi_extra=body_doc(EmbedJSON, OOD_FORM),
     responses=error_docs(400, 409, 413, 415, 422, 503),
 )
 async def ood(request: Request, state: State) -> OODResponse:
