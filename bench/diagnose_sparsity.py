@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.rgg import expected_l0, gn_ppf, sigma_gn
+from models.rgg import expected_l0, gn_cdf, gn_ppf, sigma_gn
 from pretrain.config import load_config
 from pretrain.methods import Objective
 from pretrain.optim import WarmupCosine
@@ -84,6 +84,8 @@ def train_mode_l0(net: nn.Module, data: ToyData, seed: int, batches: int = 16) -
 
 
 def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
+    bias_init = next((float(s.split("=")[1]) for s in sets if s.startswith("bias=")), None)
+    sets = [s for s in sets if not s.startswith("bias=")]
     overrides = [s for s in sets if not s.startswith("steps=")]
     cfg = load_config("fmnist-cpu", [f"method.mu={args.mu}", f"method.num_projections={args.k}", *overrides])
     torch.manual_seed(args.seed)
@@ -91,6 +93,10 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
     data = ToyData(args.seed)
     net = projector(args.dim)
     objective = Objective(cfg, sigma, args.dim, torch.Generator().manual_seed(args.seed + 1))
+    objective.init_projector(net)  # the last bias at mu for "preact"; a no-op for the other fixes
+    if bias_init is not None:  # "bias=B": the last bias starts at B whatever the fix
+        with torch.no_grad():
+            net[-1].bias.fill_(bias_init)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
     steps = int(next((s.split("=")[1] for s in sets if s.startswith("steps=")), args.steps))
     schedule = WarmupCosine(2e-3, steps, int(0.05 * steps))
@@ -98,18 +104,27 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
     history = []
     every = max(steps // snapshots, 1) if snapshots else 0
     t0 = time.perf_counter()
+    batch_rates = []  # l0 of the training batch as the loss saw it (train mode), over the last 10% of steps
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = schedule.lr(step)
         x1, x2 = data.batch(256, g)
         h = net(torch.cat([x1, x2]))
         loss, _, _ = objective([h[:256], h[256:]], 2)
+        if step >= steps - max(steps // 10, 1):
+            batch_rates.append(float((h.detach() > 0).double().mean()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if every and (step + 1) % every == 0:
             history.append((step + 1, rates_of(net, data, 4096, 99)[0].numpy()))
     wall = time.perf_counter() - t0
+    # The last training batch again, after the last step: train mode (batch statistics) vs eval mode (running ones).
+    with torch.no_grad():
+        same_train = float((net(torch.cat([x1, x2])) > 0).double().mean())
+        net.eval()
+        same_eval = float((net(torch.cat([x1, x2])) > 0).double().mean())
+        net.train()
     rates, h = rates_of(net, data, 8192, 123)
     target = expected_l0(1.0, args.mu, sigma)
     z = torch.relu(h)
@@ -118,8 +133,25 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
     q = np.linspace(0.5 / 20000, 1 - 0.5 / 20000, 20000)
     xt = gn_ppf(q, 1.0, args.mu, sigma)
     xt = xt[xt > 0]
+    # The pile just below / above 0: mass of h in (-0.05 sigma, 0] and (0, 0.05 sigma) over the GN's own mass there.
+    band, mu = TINY * sigma, args.mu
+    lo, mid, hi = gn_cdf(np.array([-band, 0.0, band]), 1.0, args.mu, sigma)
+    gn_band, gn_band_up = float(mid - lo), float(hi - mid)
     return {
         "sets": [s for s in sets if not s.startswith("steps=")],
+        "l0_train_batch": float(np.mean(batch_rates)),
+        # Per-dimension pre-activation quantiles (median over dimensions) against the GN's, in sigma units.
+        "h_quantiles": {
+            str(lv): [
+                round(float(h.quantile(lv, dim=0).median()) / sigma, 3),
+                round(float(gn_ppf(lv, 1.0, mu, sigma)) / sigma, 3),
+            ]
+            for lv in (0.002, 0.007, 0.02, 0.1, 0.5, 0.9, 0.95, 0.98, 0.993, 0.998)
+        },
+        "l0_same_batch_train": same_train,
+        "l0_same_batch_eval": same_eval,
+        "pile_below": float(((h > -band) & (h <= 0)).double().mean()) / gn_band,
+        "pile_above": float(((h > 0) & (h < band)).double().mean()) / gn_band_up,
         "steps": steps,
         "l0": float(rates.mean()),
         "target_l0": target,
@@ -218,6 +250,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="only the five objectives, no steps/slices/weight rows")
     ap.add_argument("--only", nargs="*", default=None, help="labels (prefix match) to run")
+    ap.add_argument(
+        "--row", action="append", default=[], help="an extra row LABEL=SET1,SET2 (config overrides, steps=N)"
+    )
     ap.add_argument("--out", default=None, help="folder for the JSON and the rate-histogram PNGs")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -225,10 +260,13 @@ def main() -> None:
     header = (
         f"{'objective (mu=' + format(args.mu, 'g') + ', D=' + str(args.dim) + ')':46s} {'steps':>5s} {'l0':>7s} "
         f"{'rel err':>8s} {'train':>7s} {'dead':>4s} {'near':>4s} {'p05':>7s} {'p50':>7s} {'p95':>7s} "
-        f"{'tiny':>5s} {'tgt':>5s} {'act/s':>5s} {'tgt':>5s} {'s':>5s}"
+        f"{'tiny':>5s} {'tgt':>5s} {'act/s':>5s} {'tgt':>5s} {'batch':>7s} {'sameT':>7s} {'sameE':>7s} "
+        f"{'pile-':>5s} {'pile+':>5s} {'s':>5s}"
     )
     print(header)
-    for label, sets in plan(args.quick):
+    extra = [(r.split("=", 1)[0], r.split("=", 1)[1].split(",")) for r in args.row]
+    rows = extra if extra and args.only is None else plan(args.quick) + extra
+    for label, sets in rows:
         if args.only and not any(label.startswith(o) for o in args.only):
             continue
         sets = [f"steps={4 * args.steps}" if s == "steps=4x" else s for s in sets]
@@ -239,9 +277,12 @@ def main() -> None:
             f"{label:46s} {r['steps']:5d} {r['l0']:7.4f} {r['rel_err']:+8.2f} {r['l0_train_mode']:7.4f} "
             f"{r['dead']:4d} {r['near_dead']:4d} "
             f"{r['rate_p05']:7.4f} {r['rate_p50']:7.4f} {r['rate_p95']:7.4f} {r['tiny_share']:5.2f} "
-            f"{r['target_tiny_share']:5.2f} {r['mean_active']:5.2f} {r['target_mean_active']:5.2f} {r['wall_s']:5.0f}",
+            f"{r['target_tiny_share']:5.2f} {r['mean_active']:5.2f} {r['target_mean_active']:5.2f} "
+            f"{r['l0_train_batch']:7.4f} {r['l0_same_batch_train']:7.4f} {r['l0_same_batch_eval']:7.4f} "
+            f"{r['pile_below']:5.1f} {r['pile_above']:5.1f} {r['wall_s']:5.0f}",
             flush=True,
         )
+        print("    h quantiles / sigma (median over dims) vs GN:", r["h_quantiles"], flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

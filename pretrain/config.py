@@ -39,6 +39,8 @@ DEAD_DIM_FIXES = (
     "marginal+quantile",
     "marginal+quantile_shift",
     "threshold_q+quantile",
+    "preact",
+    "marginal+preact",
 )
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PROJECTOR_CHOICES = ("auto", "dims")
@@ -118,7 +120,8 @@ class MethodConfig:
     # Dead-dimension fix (pretrain/methods.py): "marginal" adds the D coordinate axes as slicing directions,
     # matched with a straight-through gradient for samples that should fire and do not; "threshold" and
     # "threshold_sym" pull by the distance to the GN quantile instead; "leaky" gives the final ReLU a leaky
-    # backward everywhere; "none" is the paper's objective. null = "marginal" for rectified_lpjepa, else "none".
+    # backward everywhere; "preact" matches the pre-activation to the un-rectified GN along the axes (last bias
+    # starts at mu); "none" is the paper's objective. null = "marginal" for rectified_lpjepa, else "none".
     # The forward pass (and so every exported code) is the exact ReLU in every case.
     dead_dim_fix: str | None = None
     leaky_slope: float = 0.1

@@ -24,7 +24,9 @@ Alternatives kept runnable for the ablation (measured in docs/results/pretrain.m
 off-but-should-fire sample by its distance to the GN quantile instead of straight through; "threshold_sym"
 also pushes on-but-should-be-off samples to their (negative) GN quantile, which pins l0 hardest: it narrows
 the l0 overshoot at mu = 1, where the default leaves should-be-zero samples just above zero; "leaky" gives
-the final ReLU a leaky backward for every loss term; "none" is the paper's objective.
+the final ReLU a leaky backward for every loss term; "none" is the paper's objective. "preact" matches the
+pre-activation itself to the un-rectified GN along the axes (both sides of 0) and starts the last bias at mu;
+it is the one measured to hold the designed rate down to mu = -3 in the toy (bench/pretrain_notes.md).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ from pretrain.distributed import gather_with_grad
 from pretrain.losses import build_loss
 from pretrain.losses.precision import fp32_region
 
-MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q"})
+MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q", "preact"})
 # Quantile (pinball) rate terms on the pre-activation: fixed point P(h_j > 0) = r for every dimension j.
 RATE_FIXES = frozenset({"quantile", "quantile_shift"})
+# Terms that may follow an axis fix after "+" (weight method.rate_weight): the rate terms and the pre-activation W2.
+SECOND_TERMS = RATE_FIXES | {"preact"}
 
 
 def rectifies(method: str) -> bool:
@@ -137,6 +141,24 @@ def threshold_marginal_w2(h: torch.Tensor, x: torch.Tensor, symmetric: bool = Fa
     return diff.square().mean()
 
 
+def preact_w2(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-axis W2 between the PRE-activation h_j and x_j ~ GN_p(mu, sigma), the un-rectified target: mean over
+    coordinates and ranks of (sorted h_j - sorted x_j)^2, on every sample, both sides of 0 ("preact").
+
+    Its fixed point is h_j ~ GN_p(mu, sigma), so P(h_j > 0) = Phi(mu / sigma) with the GN's density, not a pile,
+    on either side of 0, and ReLU(h_j) is then exactly RGN-distributed: the term agrees with the rectified target
+    and leaves the forward pass (exact ReLU codes) alone. The rectified W2 terms are blind to the negative side,
+    so inactive samples pile up just below 0 (pushed down by a force 2h that vanishes at 0+), where any drift of
+    the weights flips a share of them back above 0: the floor of issue 15. Here a wrongly active sample is
+    pushed to its negative quantile with a force 2(h - x) that stays >= 2|x| as h -> 0+, a sample that should
+    fire is pulled up from wherever it is (a dead coordinate revives), and the density just below 0 is asked to
+    be the GN's. Needs the last bias to start near mu (`Objective.init_projector`): see there.
+    """
+    hs = torch.sort(h, dim=0).values
+    xs = torch.sort(x, dim=0).values
+    return (hs - xs).square().mean()
+
+
 class Objective(nn.Module):
     """Maps the projector pre-activations of all views to (loss, parts, codes) for the configured method."""
 
@@ -155,11 +177,13 @@ class Objective(nn.Module):
         self.target = Target(m.p, m.mu, sigma, spec.target)
         if self.fix in MARGINAL_FIXES and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a sliced-W2 method, not {m.name!r}")
-        if self.fix.startswith("threshold") and not (self.relu and spec.target == "rgn"):
-            raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs rectified features and an RGN target")
+        if (self.fix.startswith("threshold") or "preact" in (self.fix, self.rate_fix)) and not (
+            self.relu and spec.target == "rgn"
+        ):
+            raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} needs rectified features and an RGN target")
         if self.fix == "leaky" and not self.relu:
             raise ConfigError(f"method.dead_dim_fix: 'leaky' needs rectified features; {m.name!r} has none")
-        if self.rate_fix and (self.rate_fix not in RATE_FIXES or self.fix not in MARGINAL_FIXES | {"none"}):
+        if self.rate_fix and (self.rate_fix not in SECOND_TERMS or self.fix not in MARGINAL_FIXES | {"none"}):
             raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} is not an axis fix + a rate term")
         if self.rate_fix and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.rate_fix!r} needs a target with a rate (a sliced-W2 method)")
@@ -188,6 +212,23 @@ class Objective(nn.Module):
             self.loss = build_loss(m.name, w_inv=m.vicreg_sim, w_var=m.vicreg_var, w_cov=m.vicreg_cov)
         else:
             self.loss = build_loss(m.name, temperature=m.temperature)
+
+    @torch.no_grad()
+    def init_projector(self, projector: nn.Module) -> None:
+        """With the "preact" term, start the projector's last bias at the target's location mu.
+
+        Measured in the toy (bench/diagnose_sparsity.py, mu = -3): from the default bias 0, AdamW (lr 2e-3,
+        600 steps, step <= lr) moves a bias by well under 1, so the network reaches the pre-activation median
+        -3 through negative weights on its non-negative (post-ReLU) hidden features; that makes h_j left-skewed
+        with a light upper tail (preact fits the GN's quantiles to 0.98 and squashes the top 2% just below 0:
+        l0 0.0003, 92 of 128 dimensions dead). Started at mu, the same term lands on the designed rate.
+        """
+        if "preact" not in (self.fix, self.rate_fix):
+            return
+        last = [m for m in projector.modules() if isinstance(m, nn.Linear)]
+        if not last or last[-1].bias is None:
+            raise ConfigError("method.dead_dim_fix: 'preact' needs a projector ending in a Linear with a bias")
+        last[-1].bias.fill_(self.target.mu)
 
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         """The features the loss sees; exactly the exported model's output in the forward pass."""
@@ -235,7 +276,9 @@ class Objective(nn.Module):
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
                     hg = hg.float()
-                    if self.fix == "threshold_q":
+                    if self.fix == "preact":
+                        marg = marg + preact_w2(hg, self._quantiles(hg.shape[0], hg.device).expand_as(hg))
+                    elif self.fix == "threshold_q":
                         x = self._quantiles(hg.shape[0], hg.device).expand_as(hg)
                         marg = marg + threshold_marginal_w2(hg, x, symmetric=True)
                     elif self.fix.startswith("threshold"):
@@ -253,7 +296,11 @@ class Objective(nn.Module):
             for h in hs:
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
-                    term = term + pinball_rate(hg.float(), self.rate, shift_only=self.rate_fix == "quantile_shift")
+                    hg = hg.float()
+                    if self.rate_fix == "preact":
+                        term = term + preact_w2(hg, self._quantiles(hg.shape[0], hg.device).expand_as(hg))
+                    else:
+                        term = term + pinball_rate(hg, self.rate, shift_only=self.rate_fix == "quantile_shift")
             term = term / len(hs)
             total = total + self.w_rdm * self.rate_weight * term
             parts["rate_term"] = float(term.detach())

@@ -150,6 +150,7 @@ class Trainer:
         self.model: nn.Module = self.net  # the DDP wrapper once `fit` starts
         self.loss_gen = torch.Generator(device=rt.device).manual_seed(seed * 7919 + 17)
         self.objective = Objective(cfg, self.mcfg.target_sigma, self.mcfg.embed_dim, self.loss_gen)
+        self.objective.init_projector(self.net.encoder.projector)
         self.optimizer = build_optimizer(cfg.optim, self.net.encoder)
         probe_params = [p for n, p in self.net.named_parameters() if n.startswith("probe_")]
         self.probe_opt = (

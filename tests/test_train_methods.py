@@ -18,6 +18,7 @@ from pretrain.methods import (
     leaky_backward_relu,
     marginal_w2,
     pinball_rate,
+    preact_w2,
     rectifies,
     rep_relu,
     threshold_marginal_w2,
@@ -428,3 +429,83 @@ def test_deterministic_quantiles_and_combined_fixes():
     assert "marginal" in parts and "rate_term" in parts
     with pytest.raises(ConfigError, match="dead_dim_fix"):
         load_config("smoke", ["method.dead_dim_fix=quantile+marginal"])
+
+
+def test_preact_fixed_point_is_the_gn_law_and_its_rate():
+    """A 1-D location-scale toy, h = a u + b with u a fixed standard-Laplace sample: minimising preact_w2 against
+    the GN_1(-3, sigma_GN) quantiles recovers (a, b) = (sigma, mu) (scipy's gennorm: scale sigma for p = 1), so
+    P(h > 0) = 0.5 exp(b / a) is the analytic rate Phi(mu / sigma) = 0.0072 although a batch of 512 has only
+    3.7 target positives; the rectified straight-through W2 from the same start does not pin the location."""
+    from scipy import stats
+
+    mu, sigma = -3.0, sigma_gn(1.0)
+    u = torch.from_numpy(stats.laplace.rvs(size=(4096, 1), random_state=np.random.default_rng(0))).float()
+    cfg = load_config("smoke", [f"method.mu={mu}", "method.num_projections=16", "method.dead_dim_fix=preact"])
+    x = Objective(cfg, sigma, 1, torch.Generator())._quantiles(512, torch.device("cpu"))
+
+    def fit(loss_fn) -> tuple[float, float]:
+        a = torch.tensor(1.0, requires_grad=True)
+        b = torch.tensor(mu / 2, requires_grad=True)
+        opt = torch.optim.Adam([a, b], lr=0.02)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(1500):
+            h = a * u[torch.randint(0, 4096, (512,), generator=g)] + b
+            opt.zero_grad()
+            loss_fn(h).backward()
+            opt.step()
+        return float(a.detach()), float(b.detach())
+
+    a, b = fit(lambda h: preact_w2(h, x))
+    assert a == pytest.approx(sigma, rel=0.05) and b == pytest.approx(mu, abs=0.1)
+    assert 0.5 * math.exp(b / a) == pytest.approx(expected_l0(1.0, mu, sigma), rel=0.2)
+    assert stats.gennorm(beta=1.0, loc=mu, scale=sigma).sf(0.0) == pytest.approx(expected_l0(1.0, mu, sigma))
+    y = F.relu(x)
+    a_r, b_r = fit(lambda h: marginal_w2(h, y, rectified=True))
+    assert abs(0.5 * math.exp(b_r / a_r) / expected_l0(1.0, mu, sigma) - 1) > 0.2
+
+
+def test_preact_force_on_a_wrong_active_does_not_vanish_at_zero():
+    """A sample at h = 1e-4 ranked against a negative target quantile x: preact_w2 pushes it down with
+    2 (h - x) / N >= 2 |x| / N, the rectified straight-through W2 with 2 h / N -> 0; a sample far below 0 ranked
+    against a positive quantile is pulled up; samples below 0 matched to negative quantiles are held there."""
+    n = 8
+    x = torch.tensor([-3.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3, 0.8])[:, None]
+    h = torch.tensor([-3.1, -2.4, -2.0, -1.6, -1.0, -0.6, 1e-4, -5.0])[:, None].requires_grad_(True)
+    preact_w2(h, x).backward()
+    # sorted h: the 1e-4 sample is the top one (matched to 0.8); the -5.0 sample the bottom one (matched to -3)
+    hs = torch.sort(h.detach(), dim=0).values
+    xs = torch.sort(x, dim=0).values
+    np.testing.assert_allclose(torch.sort(h.detach(), 0).indices.squeeze().numpy(), [7, 0, 1, 2, 3, 4, 5, 6])
+    np.testing.assert_allclose(h.grad[torch.sort(h.detach(), 0).indices.squeeze()], 2 * (hs - xs) / n, rtol=1e-6)
+    # the same ranks with the wrong active matched to a negative quantile: a non-vanishing downward push
+    x2 = torch.tensor([-3.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3, -0.2])[:, None]
+    h2 = torch.tensor([-3.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3, 1e-4])[:, None].requires_grad_(True)
+    preact_w2(h2, x2).backward()
+    assert float(h2.grad[7]) == pytest.approx(2 * (1e-4 + 0.2) / n) and float(h2.grad[7]) >= 2 * 0.2 / n
+    assert torch.allclose(h2.grad[:7], torch.zeros(7, 1))
+    h3 = h2.detach().clone().requires_grad_(True)
+    marginal_w2(h3, F.relu(x2), rectified=True).backward()
+    assert float(h3.grad[7]) == pytest.approx(2 * 1e-4 / n)  # the vanishing force preact replaces
+    h4 = torch.tensor([-9.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3, -0.2])[:, None].requires_grad_(True)
+    preact_w2(h4, x).backward()  # the top target quantile (0.8) pulls the top sample (-0.2) up
+    assert float(h4.grad[7]) == pytest.approx(2 * (-0.2 - 0.8) / n)
+
+
+def test_preact_fix_starts_the_last_bias_at_mu_and_combines_with_marginal():
+    """init_projector sets the last Linear's bias to mu for "preact" (alone or after "+") and leaves the
+    projector untouched for the other fixes; the term is reported as the axis part or as the second term."""
+    from models.projector import build_projector
+
+    for fix, changed in (("preact", True), ("marginal+preact", True), ("marginal", False), ("threshold_q", False)):
+        cfg = load_config("smoke", ["method.mu=-2", "method.num_projections=16", f"method.dead_dim_fix={fix}"])
+        obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+        proj = build_projector(16, [32, 8], rectify=True)
+        before = proj[-2].bias.detach().clone()
+        obj.init_projector(proj)
+        if changed:
+            assert torch.equal(proj[-2].bias, torch.full((8,), -2.0))
+        else:
+            assert torch.equal(proj[-2].bias, before)
+        h = [torch.randn(64, 8, requires_grad=True) for _ in range(2)]
+        _, parts, _ = obj(h, n_global=2)
+        assert "marginal" in parts and (("rate_term" in parts) == ("+" in fix))
