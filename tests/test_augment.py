@@ -23,15 +23,8 @@ from data.augment import (
     shift_hue,
 )
 from data.loader import ArrayBatches, FileBatches, build_batches, convert_channels, default_stats
-from data.sources import load_fashion_mnist, open_source
+from data.sources import open_source
 from pretrain.config import AugmentConfig, TrainConfig
-
-torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_fashion_mnist("test")
 
 
 @pytest.fixture(scope="module")

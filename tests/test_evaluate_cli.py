@@ -8,25 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config
 from PIL import Image
 
 from cli.main import main
 from data.sources import load_fashion_mnist
 from models.checkpoint import save_checkpoint
-from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
+from models.config import ModelConfig
 from models.encoder import build_model
 from models.rgg_law import expected_l0, expected_l1
 from pretrain.evaluate import REQUIRED_KEYS, evaluate_checkpoint, target_expected
 from pretrain.evaluate.splits import stratified_holdout, subsample, train_spec_for
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny model, tiny batches: on a shared 2-core box OpenMP threads only spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(argv: list[str]) -> int:
@@ -35,17 +27,8 @@ def run_cli(argv: list[str]) -> int:
 
 
 def _tiny_config(in_channels: int = 1, **kw) -> ModelConfig:
-    mean, std = (list(FASHION_MNIST_MEAN), list(FASHION_MNIST_STD)) if in_channels == 1 else ([0.5] * 3, [0.25] * 3)
-    return ModelConfig(
-        backbone="resnet18",
-        backbone_kwargs={"width": 0.125},
-        projector_dims=[64, 64, 32],
-        in_channels=in_channels,
-        image_size=28,
-        mean=mean,
-        std=std,
-        **kw,
-    )
+    colour = {} if in_channels == 1 else {"mean": [0.5] * 3, "std": [0.25] * 3}
+    return tiny_config(projector_dims=[64, 64, 32], in_channels=in_channels, **colour, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from data.sources import DataSpecError, ImageSource, load_fashion_mnist
+from data.sources import DataSpecError, ImageSource
 from models.config import ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
 from pretrain.evaluate.features import convert_mode_array, extract, transform_array_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core box OpenMP threads only spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def fashion_images() -> np.ndarray:
-    return load_fashion_mnist("test").array[:48]
+def fashion_images(fmnist) -> np.ndarray:
+    return fmnist.array[:48]
 
 
 def _pil_reference(images: np.ndarray, config: ModelConfig) -> torch.Tensor:

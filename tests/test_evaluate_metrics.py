@@ -23,15 +23,6 @@ from pretrain.evaluate.sparsity import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core box OpenMP threads only spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_l0_and_dead_dims_on_a_hand_made_matrix():
     z = torch.tensor([[0.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, -1e-30]])
     assert l0_fraction(z) == pytest.approx(4 / 12)

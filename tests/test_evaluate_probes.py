@@ -11,15 +11,6 @@ from scipy import optimize, special
 from pretrain.evaluate.probes import KNN_TEMPERATURE, knn_accuracy, knn_predict, linear_probe, standardize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core box OpenMP threads only spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _knn_reference(train_x, train_y, test_x, k, temperature, num_classes):
     """One test point at a time, the textbook way: cosine similarities, k largest, exp(s/T) votes."""
     tr = train_x / np.maximum(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12)

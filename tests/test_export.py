@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import grey_batch, tiny_config
 from scipy import stats
 
 from data.sources import open_source, sample_image_files
@@ -28,7 +29,7 @@ from export.onnx_export import (
 )
 from export.parity import FP32_MAX_ABS_ERR, TOLERANCES, compare
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
+from models.config import FASHION_MNIST_MEAN, ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
 
@@ -44,12 +45,6 @@ def _calibrate_bn(model: torch.nn.Module, batch: torch.Tensor) -> torch.nn.Modul
     return model.eval()
 
 
-def _grey_batch(n: int) -> torch.Tensor:
-    src = open_source("fashion-mnist:train")
-    x = torch.from_numpy(np.array(src.array[:n])).float().div(255).unsqueeze(1)
-    return (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
-
-
 def _colour_batch(config: ModelConfig) -> torch.Tensor:
     tf = eval_transform(config)
     images = load_images(None, 3, 60, purpose="parity").images
@@ -59,17 +54,7 @@ def _colour_batch(config: ModelConfig) -> torch.Tensor:
 def make_grey_run(root: Path, mu: float = -0.5) -> Path:
     """A run directory holding a small grey ResNet-18 whose BN statistics come from Fashion-MNIST."""
     torch.manual_seed(0)
-    config = ModelConfig(
-        backbone="resnet18",
-        backbone_kwargs={"width": 0.125},
-        projector_dims=[64, 64],
-        in_channels=1,
-        image_size=28,
-        mean=list(FASHION_MNIST_MEAN),
-        std=list(FASHION_MNIST_STD),
-        target_mu=mu,
-    )
-    model = _calibrate_bn(build_model(config), _grey_batch(256))
+    model = _calibrate_bn(build_model(tiny_config(projector_dims=[64, 64], target_mu=mu)), grey_batch(256))
     run = root / "run"
     run.mkdir(parents=True)
     save_checkpoint(run / "model.safetensors", model)
@@ -116,7 +101,7 @@ def test_batch_axis_is_dynamic_and_named_batch(grey):
     assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 17
     model, _ = load_checkpoint(run)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    x = _grey_batch(7)
+    x = grey_batch(7)
     for n in (1, 7):
         got, feats = sess.run(None, {INPUT_NAME: x[:n].numpy()})
         with torch.no_grad():
@@ -162,7 +147,7 @@ def test_ood_calibration_written_atomically_into_the_model(grey, tmp_path):
     assert meta_io.read_metadata(copy)[meta_io.OOD_KEY] == calibration
     assert meta_io.read_ood_calibration(copy) == calibration  # embedded wins over the sidecar
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", sidecar.name]  # no temp file left behind
-    x = _grey_batch(3).numpy()
+    x = grey_batch(3).numpy()
     before = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
     after = ort.InferenceSession(str(copy), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
     np.testing.assert_array_equal(before, after)
@@ -226,10 +211,16 @@ def test_reduced_precision_exports_stay_within_tolerance(grey, tmp_path, precisi
     # the graph boundary stays float32 so callers never change
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(float)" and sess.get_outputs()[0].type == "tensor(float)"
-    assert sess.run(None, {INPUT_NAME: _grey_batch(7).numpy()})[0].shape == (7, 64)
+    assert sess.run(None, {INPUT_NAME: grey_batch(7).numpy()})[0].shape == (7, 64)
 
 
-def test_int8_beyond_a_tightened_gate_fails_and_writes_nothing(grey, tmp_path, capsys):
+def _int8_export(run: Path, out: Path, parity_images: int) -> list[str]:
+    """`lpjepa export` of `run` at int8 with the quick TorchScript exporter and 32 calibration images."""
+    return ["export", str(run), "--out", str(out), "--precision", "int8", "--exporter", "torchscript",
+            "--parity-images", str(parity_images), "--calibration-images", "32"]  # fmt: skip
+
+
+def test_int8_beyond_a_tightened_gate_fails_and_writes_nothing(grey, tmp_path, lpjepa):
     """A real int8 model of an untrained network keeps ~0.8 of the fp32 neighbours: demanding 0.99 must fail."""
     run, _, _ = grey
     out = tmp_path / "strict.onnx"
@@ -245,25 +236,7 @@ def test_int8_beyond_a_tightened_gate_fails_and_writes_nothing(grey, tmp_path, c
         )
     assert not out.exists() and not info.value.report.passed
     assert info.value.report.checks[0].passed  # fp32 was fine; the int8 gate is what failed
-    code, stdout, err = _cli(
-        [
-            "export",
-            str(run),
-            "--out",
-            str(out),
-            "--precision",
-            "int8",
-            "--exporter",
-            "torchscript",
-            "--parity-images",
-            "32",
-            "--calibration-images",
-            "32",
-            "--min-overlap",
-            "0.999",
-        ],
-        capsys,
-    )
+    code, stdout, err = lpjepa(*_int8_export(run, out, parity_images=32), "--min-overlap", "0.999")
     assert code == 2 and "FAIL" in stdout and "nothing was written" in err and not out.exists()
 
 
@@ -311,42 +284,13 @@ def test_topk_overlap_matches_scipy_cosine_neighbours():
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from cli.main import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_exports_int8_and_writes_a_json_report(grey, tmp_path, capsys):
+def test_cli_exports_int8_and_writes_a_json_report(grey, tmp_path, lpjepa):
     run, _, _ = grey
     out, report_path = tmp_path / "cli.onnx", tmp_path / "parity.json"
     ood = tmp_path / "ood.json"
     ood.write_text(json.dumps({"mean_l0": 0.3}))
-    code, stdout, _ = _cli(
-        [
-            "export",
-            str(run),
-            "--out",
-            str(out),
-            "--precision",
-            "int8",
-            "--exporter",
-            "torchscript",
-            "--parity-images",
-            "64",
-            "--calibration-images",
-            "32",
-            "--report",
-            str(report_path),
-            "--ood-calibration",
-            str(ood),
-        ],
-        capsys,
+    code, stdout, _ = lpjepa(
+        *_int8_export(run, out, parity_images=64), "--report", str(report_path), "--ood-calibration", str(ood)
     )
     assert code == 0, stdout
     assert "fp32" in stdout and "int8" in stdout and "top10" in stdout and f"wrote {out}" in stdout
@@ -355,7 +299,7 @@ def test_cli_exports_int8_and_writes_a_json_report(grey, tmp_path, capsys):
     assert meta_io.read_metadata(out)[meta_io.OOD_KEY] == {"mean_l0": 0.3}
 
 
-def test_cli_bad_input_exits_2_with_a_message(grey, tmp_path, capsys):
+def test_cli_bad_input_exits_2_with_a_message(grey, tmp_path, lpjepa):
     run, _, _ = grey
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 7 + b"not a checkpoint" * 10)
@@ -371,7 +315,7 @@ def test_cli_bad_input_exits_2_with_a_message(grey, tmp_path, capsys):
         (["export", str(run), "--out", str(tmp_path / "a.onnx"), "--min-overlap", "0.5"], "fp16 or int8 only"),
     ]
     for argv, message in cases:
-        code, _, err = _cli(argv, capsys)
+        code, _, err = lpjepa(*argv)
         assert code == 2, argv
         assert message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1

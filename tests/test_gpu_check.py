@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_in_session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,21 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def check(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gpu-check")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     cmd = ["bash", str(REPO / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick", "--out", str(out)]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    returncode, log, _ = run_in_session(
+        cmd, "gpu_check.sh --device cpu --quick", merge_stderr=True, env={"PYTHON": sys.executable}
     )
-    try:
-        log, _ = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("gpu_check.sh --device cpu --quick did not finish within 420 s")
     path = out / "gpu_check.json"
     assert path.is_file(), log[-3000:]
     doc = json.loads(path.read_text())
-    doc["_returncode"], doc["_log"] = proc.returncode, log
+    doc["_returncode"], doc["_log"] = returncode, log
     return doc
 
 

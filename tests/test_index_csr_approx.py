@@ -212,16 +212,11 @@ def test_impact_order_and_top_rows():
 
 
 @pytest.mark.slow
-def test_recall_on_real_embeddings(tmp_path_factory):
+def test_recall_on_real_embeddings(model_path, fmnist):
     """Real Fashion-MNIST images through the (untrained) tiny exported encoder: real activation statistics."""
-    from test_serve_support import export_tiny_model
-
-    from data.sources import open_source
     from export.runtime import EmbeddingRuntime
 
-    model = export_tiny_model(tmp_path_factory.getbasetemp())
-    source = open_source("fashion-mnist:test")
-    emb = EmbeddingRuntime(model).embed([source[i][0] for i in range(3000)])
+    emb = EmbeddingRuntime(model_path).embed([fmnist[i][0] for i in range(3000)])
     x, q = emb[:2700], emb[2700:]
     exact, approx = build_pair(x, "cosine", approx_cut=0.05, approx_slack=3.0)
     es, _ = exact.search(q, 10)

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import png_bytes
 from PIL import Image
 from test_index_support import assert_exact_topk, brute_force, random_csr
 
@@ -65,7 +66,7 @@ def test_thumbnails_are_stored_beside_the_payload(milvus_server, milvus_collecti
     buf = io.BytesIO()
     noise.save(buf, format="PNG")
     big = buf.getvalue()
-    small = _png(Image.new("L", (4, 4), 9))
+    small = png_bytes(Image.new("L", (4, 4), 9))
     index.add([1, 2, 3], random_csr(3, D, 0.5, seed=2), [{"a": 1}, None, None], [big, None, small])
     assert len(big) > 65535
     assert index.thumbnails([1, 2, 3, -1]) == [big, None, small, None]
@@ -74,12 +75,6 @@ def test_thumbnails_are_stored_beside_the_payload(milvus_server, milvus_collecti
     assert index.thumbnails([3]) == [None] and index.thumbnail_count == 1
     items = index.items([1, 2, 404])
     assert set(items) == {1, 2} and items[1]["thumbnail"] == big and items[1]["payload"] == {"a": 1}
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def test_ids_page_through_more_than_one_query_window(milvus_server, milvus_collection, monkeypatch):

@@ -27,15 +27,6 @@ from pretrain.losses import (
 SIGMA_GN_P1 = 1.0 / math.sqrt(2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 cores shared by everyone; these tensors are small enough for one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def gennorm(p: float, mu: float, sigma: float):
     """The method's GN_p(mu, sigma) as scipy's gennorm: the independent reference for the target law."""
     return stats.gennorm(beta=p, loc=mu, scale=sigma * p ** (1.0 / p))

@@ -99,6 +99,18 @@ def run_step(name: str, model: torch.nn.Module, x1: torch.Tensor, x2: torch.Tens
     return total.detach(), grads[0], grads[1]
 
 
+def step_record(model: torch.nn.Linear, step: tuple) -> dict[str, torch.Tensor]:
+    """What a rank and the single-process reference must agree on after one step: the loss and all gradients."""
+    value, g1, g2 = step
+    return {
+        "loss": value,
+        "z1_grad": g1,
+        "z2_grad": g2,
+        "weight_grad": model.weight.grad.detach().clone(),
+        "bias_grad": model.bias.grad.detach().clone(),
+    }
+
+
 def worker(rank: int, port: int, out: Path) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -116,14 +128,7 @@ def worker(rank: int, port: int, out: Path) -> None:
             model = torch.nn.Linear(D_IN, D_OUT)
             model.load_state_dict(state)
             ddp = DDP(model)
-            value, g1, g2 = run_step(name, ddp, x1[sl], x2[sl], make_loss(name))
-            results[name] = {
-                "loss": value,
-                "z1_grad": g1,
-                "z2_grad": g2,
-                "weight_grad": model.weight.grad.detach().clone(),
-                "bias_grad": model.bias.grad.detach().clone(),
-            }
+            results[name] = step_record(model, run_step(name, ddp, x1[sl], x2[sl], make_loss(name)))
         # Without an explicit seed the ranks' global RNGs differ; the seed broadcast must still align them.
         torch.manual_seed(100 + rank)
         z = torch.relu(torch.randn(LOCAL_BATCH, D_OUT, generator=torch.Generator().manual_seed(rank)))
@@ -147,14 +152,7 @@ def single_process_reference() -> dict[str, dict[str, torch.Tensor]]:
     for name in LOSSES:
         model = torch.nn.Linear(D_IN, D_OUT)
         model.load_state_dict(state)
-        value, g1, g2 = run_step(name, model, x1, x2, make_loss(name))
-        ref[name] = {
-            "loss": value,
-            "z1_grad": g1,
-            "z2_grad": g2,
-            "weight_grad": model.weight.grad.detach().clone(),
-            "bias_grad": model.bias.grad.detach().clone(),
-        }
+        ref[name] = step_record(model, run_step(name, model, x1, x2, make_loss(name)))
     return ref
 
 

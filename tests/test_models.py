@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import helpers
 import pytest
 import torch
 
@@ -23,17 +24,9 @@ FAMILIES = [
 
 
 def tiny_config(backbone: str = "resnet18", kwargs: dict | None = None, **over) -> ModelConfig:
-    base = dict(
-        backbone=backbone,
-        backbone_kwargs=kwargs or {"width": 0.125},
-        in_channels=1,
-        image_size=28,
-        mean=[0.286],
-        std=[0.353],
-        projector_dims=[32, 32, 16],
-    )
-    base.update(over)
-    return ModelConfig(**base)
+    """helpers.tiny_config with another backbone and a smaller projector."""
+    base = dict(backbone=backbone, backbone_kwargs=kwargs or {"width": 0.125}, projector_dims=[32, 32, 16])
+    return helpers.tiny_config(**{**base, **over})
 
 
 @pytest.mark.parametrize(("backbone", "kwargs"), FAMILIES)

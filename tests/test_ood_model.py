@@ -7,13 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from helpers import export_tiny_model, tiny_config
 from PIL import Image
 
 from cli.main import main
-from models.checkpoint import save_checkpoint
-from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
-from models.encoder import build_model
 from ood import calibrate_model
 from ood.suite import ScoreSuite
 
@@ -21,22 +18,8 @@ from ood.suite import ScoreSuite
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A randomly initialised ResNet-18 at width 0.125 exported to ONNX, plus a copy that stays uncalibrated."""
-    from export.onnx_export import export_checkpoint
-
     root = tmp_path_factory.mktemp("ood_model")
-    config = ModelConfig(
-        backbone="resnet18",
-        backbone_kwargs={"width": 0.125, "small_stem": True},
-        projector_dims=[64, 64, 64],
-        in_channels=1,
-        image_size=28,
-        mean=list(FASHION_MNIST_MEAN),
-        std=list(FASHION_MNIST_STD),
-        target_mu=0.0,
-    )
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(root / "model.safetensors", build_model(config).eval())
-    export_checkpoint(str(ckpt), str(root / "model.onnx"), parity=False)
+    export_tiny_model(root, tiny_config(backbone_kwargs={"width": 0.125, "small_stem": True}, target_mu=0.0))
     (root / "plain").mkdir()
     shutil.copy(root / "model.onnx", root / "plain" / "model.onnx")
     return root / "model.onnx", root / "plain" / "model.onnx"
@@ -65,12 +48,6 @@ def odd_folder(tmp_path_factory):
     return d
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_calibration_round_trips_through_the_model_file(calibrated):
     from export.runtime import EmbeddingRuntime
 
@@ -96,12 +73,11 @@ def test_calibration_round_trips_through_the_model_file(calibrated):
     assert 0.90 <= 1.0 - a.is_ood.mean() <= 0.995
 
 
-def test_cli_calibrate_then_score_odd_images(exported, odd_folder, capsys, tmp_path):
+def test_cli_calibrate_then_score_odd_images(exported, odd_folder, lpjepa, tmp_path):
     _, plain = exported
     model = tmp_path / "m.onnx"
     shutil.copy(plain, model)
-    code, out, err = run_cli(
-        capsys,
+    code, out, err = lpjepa(
         "ood",
         "calibrate",
         "--model",
@@ -131,7 +107,7 @@ def test_cli_calibrate_then_score_odd_images(exported, odd_folder, capsys, tmp_p
     assert summary["summary"][summary["served"]]["min_auroc"] >= best - 0.005
     assert summary["served"] in summary["reason"] and summary["drift_window"] == 64
 
-    code, out, err = run_cli(capsys, "ood", "score", "--model", str(model), str(odd_folder), "--json", "--no-progress")
+    code, out, err = lpjepa("ood", "score", "--model", str(model), str(odd_folder), "--json", "--no-progress")
     assert code == 0, err
     report = json.loads(out)
     names = sorted(r["path"].rsplit("/", 1)[-1] for r in report["results"])
@@ -142,17 +118,14 @@ def test_cli_calibrate_then_score_odd_images(exported, odd_folder, capsys, tmp_p
         assert np.isfinite(r["score"]) and 0.0 <= r["l0"] <= 1.0 and isinstance(r["is_ood"], bool)
         assert r["is_ood"] == (r["score"] > report["threshold"]) and r["score_name"] == summary["served"]
 
-    code, out, err = run_cli(
-        capsys, "ood", "score", "--model", str(model), str(odd_folder / "tiny.png"), "--no-progress"
-    )
+    code, out, err = lpjepa("ood", "score", "--model", str(model), str(odd_folder / "tiny.png"), "--no-progress")
     assert code == 0 and "tiny.png" in out and "flagged out-of-distribution" in out
 
 
-def test_cli_eval_json_fields(calibrated, capsys, tmp_path):
+def test_cli_eval_json_fields(calibrated, lpjepa, tmp_path):
     model, _ = calibrated
     out_file = tmp_path / "eval.json"
-    code, out, err = run_cli(
-        capsys,
+    code, out, err = lpjepa(
         "ood",
         "eval",
         "--model",
@@ -187,7 +160,7 @@ def test_cli_eval_json_fields(calibrated, capsys, tmp_path):
     assert rep["l0"]["expected"] == pytest.approx(0.5, abs=1e-6)  # p=1, mu=0: half the dimensions fire
 
 
-def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, capsys, tmp_path):
+def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, lpjepa, tmp_path):
     """A folder ID spec has no train split: half is used to fit, the other half evaluated; no calibration stored
     in the plain model, so the scores are calibrated at eval time on that half."""
     _, plain = exported
@@ -199,8 +172,7 @@ def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, ca
     src = open_source("fashion-mnist:test")
     for i in range(120):
         src.image(i).save(id_dir / ("a" if i % 2 else "b") / f"{i}.png")
-    code, out, err = run_cli(
-        capsys,
+    code, out, err = lpjepa(
         "ood",
         "eval",
         "--model",
@@ -222,8 +194,8 @@ def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, ca
     assert rep["calibration"]["from"].startswith("fitted at eval time")
     assert rep["methods"]["knn"]["k"] == 50
 
-    code, out, err = run_cli(
-        capsys, "ood", "eval", "--model", str(plain), "--id", str(id_dir), "--ood", str(odd_folder), "--no-progress"
+    code, out, err = lpjepa(
+        "ood", "eval", "--model", str(plain), "--id", str(id_dir), "--ood", str(odd_folder), "--no-progress"
     )
     assert code == 0, err
     assert "AUROC" in out and "knn" in out and "mahalanobis" in out and "batch size" in out
@@ -241,10 +213,10 @@ def test_cli_eval_on_image_folders_splits_the_id_folder(exported, odd_folder, ca
         (["ood", "calibrate", "--model", "MODEL", "--data", "mnist", "--validate-ood", "nope"], "unknown data spec"),
     ],
 )
-def test_cli_errors_are_one_line_exit_2(exported, odd_folder, capsys, argv, message):
+def test_cli_errors_are_one_line_exit_2(exported, odd_folder, lpjepa, argv, message):
     model, plain = exported
     subst = {"MODEL": str(model), "PLAIN": str(plain), "TINY": str(odd_folder / "tiny.png")}
-    code, out, err = run_cli(capsys, *[subst.get(a, a) for a in argv], "--no-progress")
+    code, out, err = lpjepa(*[subst.get(a, a) for a in argv], "--no-progress")
     assert code == 2
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
@@ -256,14 +228,14 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "--tpr" in capsys.readouterr().err
 
 
-def test_cli_score_with_a_foreign_calibration_is_a_clear_error(exported, odd_folder, capsys, tmp_path):
+def test_cli_score_with_a_foreign_calibration_is_a_clear_error(exported, odd_folder, lpjepa, tmp_path):
     from export.metadata import write_ood_calibration
 
     _, plain = exported
     model = tmp_path / "m.onnx"
     shutil.copy(plain, model)
     write_ood_calibration(model, {"version": 99, "dim": 64})
-    code, _, err = run_cli(capsys, "ood", "score", "--model", str(model), str(odd_folder / "tiny.png"))
+    code, _, err = lpjepa("ood", "score", "--model", str(model), str(odd_folder / "tiny.png"))
     assert code == 2 and "calibration version 99 is not supported" in err and err.count("\n") == 1
 
 

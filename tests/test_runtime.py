@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import grey_batch, tiny_config
 from onnx import TensorProto, helper
 from PIL import Image
 from scipy import sparse
@@ -23,7 +24,7 @@ from export.parity import FP32_MAX_ABS_ERR
 from export.preprocess import Preprocessor
 from export.runtime import EmbeddingRuntime, ImageDecodeError, ModelLoadError
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
+from models.config import ModelConfig
 from models.encoder import build_model
 from models.preprocess import eval_transform
 
@@ -67,18 +68,7 @@ def _export(tmp: Path, config: ModelConfig, calib: torch.Tensor) -> tuple[Path, 
 
 @pytest.fixture(scope="module")
 def grey_model(tmp_path_factory) -> tuple[Path, Path]:
-    config = ModelConfig(
-        backbone="resnet18",
-        backbone_kwargs={"width": 0.125},
-        projector_dims=[48],
-        in_channels=1,
-        image_size=28,
-        mean=list(FASHION_MNIST_MEAN),
-        std=list(FASHION_MNIST_STD),
-    )
-    src = open_source("fashion-mnist:train")
-    x = (torch.from_numpy(np.array(src.array[:128])).float().div(255).unsqueeze(1) - 0.286) / 0.353
-    return _export(tmp_path_factory.mktemp("rt-grey"), config, x)
+    return _export(tmp_path_factory.mktemp("rt-grey"), tiny_config(projector_dims=[48]), grey_batch(128))
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,14 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
-from test_serve_support import (
-    calibrated_copy,
+from helpers import (
     cifar_files,
-    export_tiny_model,
     fashion_images,
     fashion_pngs,
     png_bytes,
     reference_embeddings,
 )
+from PIL import Image
 
 from models.rgg_law import expected_l0
 from serve.app import create_app
@@ -37,11 +35,6 @@ from serve.settings import ServeSettings
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DIM = 64
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
 # The index-related tests run three times: the in-process index (csr, durable in SQLite), the same API on an
@@ -542,11 +535,11 @@ def test_api_key_from_environment(model_path, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ calibrated model
-def test_ood_scores_match_the_scorer(model_path, tmp_path_factory, tmp_path):
+def test_ood_scores_match_the_scorer(calibrated_model, tmp_path):
     from export.runtime import EmbeddingRuntime
     from ood.suite import ScoreSuite
 
-    calibrated, cal = calibrated_copy(model_path, tmp_path_factory.getbasetemp())
+    calibrated, cal = calibrated_model
     images = fashion_images(4, offset=50)
     colour = [Image.open(p).convert("RGB") for p in cifar_files()[:3]]
     runtime = EmbeddingRuntime(str(calibrated))

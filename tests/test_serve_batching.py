@@ -14,9 +14,9 @@ import os
 import httpx
 import numpy as np
 import pytest
+from helpers import fashion_images, fashion_pngs, png_bytes
 from PIL import Image
 from pydantic import ValidationError
-from test_serve_support import calibrated_copy, export_tiny_model, fashion_images, fashion_pngs, png_bytes
 
 from export.runtime import EmbeddingRuntime
 from ood.suite import ScoreSuite
@@ -121,10 +121,8 @@ def test_settings_refuse_a_negative_decode_threshold(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the real app
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    path, _ = calibrated_copy(export_tiny_model(base), base)
-    return path
+def calibrated(calibrated_model):
+    return calibrated_model[0]
 
 
 async def _post_all(app, bodies: list[bytes]) -> list[httpx.Response]:

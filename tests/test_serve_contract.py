@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from helpers import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -19,7 +20,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from test_serve_support import ServerProcess, export_tiny_model
 
 KEY = "contract-key"
 EXAMPLES = 25  # per operation and generation mode
@@ -35,10 +35,9 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = export_tiny_model(tmp_path_factory.getbasetemp())
+def server(model_path, tmp_path_factory):
     index = tmp_path_factory.mktemp("contract") / "index"
-    proc = ServerProcess("--model", str(model), "--index", str(index), "--api-key", KEY, "--max-inflight", "64")
+    proc = ServerProcess("--model", str(model_path), "--index", str(index), "--api-key", KEY, "--max-inflight", "64")
     yield proc
     proc.stop()
 

@@ -6,19 +6,16 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
+from helpers import fashion_images, png_bytes
 from PIL import ImageOps
-from test_serve_support import calibrated_copy, export_tiny_model, fashion_images, png_bytes
 
 from serve.app import create_app
 from serve.settings import ServeSettings
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    plain = export_tiny_model(base)
-    calibrated, cal = calibrated_copy(plain, base)
-    return plain, calibrated, cal
+def models(model_path, calibrated_model):
+    return model_path, *calibrated_model
 
 
 def files(images) -> list:

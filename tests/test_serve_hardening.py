@@ -16,17 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import fashion_pngs
 from test_serve_api import AUTH, DIM, assert_error, b64, make_settings, multipart
-from test_serve_support import export_tiny_model, fashion_pngs
 
 from serve.app import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
 BASELINE = {

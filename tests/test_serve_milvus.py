@@ -14,7 +14,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from test_serve_support import ServerProcess, export_tiny_model, run_cli
+from helpers import ServerProcess, run_cli
 
 from index.milvus_server import LocalMilvus, free_port
 
@@ -23,11 +23,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DIM = 64
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
 def replica(model_path, uri: str, collection: str, *extra: str) -> ServerProcess:

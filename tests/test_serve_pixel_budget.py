@@ -10,7 +10,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_serve_support import ServerProcess, export_tiny_model, fashion_pngs
+from helpers import ServerProcess, fashion_pngs
 
 SIDE = 6300  # 39.7 MP: under the per-image limit (40 MP), so only the per-request budget can refuse 8 of them
 
@@ -37,9 +37,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = export_tiny_model(tmp_path_factory.getbasetemp())
-    proc = ServerProcess("--model", str(model), "--max-images", "16")
+def server(model_path):
+    proc = ServerProcess("--model", str(model_path), "--max-images", "16")
     yield proc
     proc.stop()
 

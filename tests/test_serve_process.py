@@ -11,16 +11,11 @@ import time
 import httpx
 import numpy as np
 import pytest
-from test_serve_support import ServerProcess, export_tiny_model, fashion_pngs, run_cli
+from helpers import ServerProcess, fashion_pngs, run_cli
 
 KEY = "process-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DIM = 64
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
@@ -78,48 +73,41 @@ def test_oversized_body_is_refused_without_reading_it(server):
     assert reply.startswith("HTTP/1.1 413") and "payload_too_large" in reply
 
 
-def _cli(capsys, *args: str) -> tuple[int, str]:
-    """Run `lpjepa` in process (same code path as the console script, minus interpreter start-up)."""
-    from cli.main import main
-
-    capsys.readouterr()
-    rc = main(list(args))
-    return rc, capsys.readouterr().err
-
-
-def test_cli_errors_are_one_line_with_exit_code_2(model_path, tmp_path, capsys):
-    rc, err = _cli(capsys, "serve", "--model", str(tmp_path / "nope.onnx"))
+def test_cli_errors_are_one_line_with_exit_code_2(model_path, tmp_path, lpjepa):
+    rc, _, err = lpjepa("serve", "--model", str(tmp_path / "nope.onnx"))
     assert rc == 2 and "no model file" in err and err.count("\n") == 1
     not_onnx = tmp_path / "bad.onnx"
     not_onnx.write_bytes(b"this is not an onnx file")
-    rc, err = _cli(capsys, "serve", "--model", str(not_onnx), "--port", "0")
+    rc, _, err = lpjepa("serve", "--model", str(not_onnx), "--port", "0")
     assert rc == 2 and "cannot load model" in err and err.count("\n") == 1
-    rc, err = _cli(capsys, "serve", "--model", str(model_path), "--auth-reads")
+    rc, _, err = lpjepa("serve", "--model", str(model_path), "--auth-reads")
     assert rc == 2 and "--auth-reads needs --api-key" in err
-    rc, err = _cli(capsys, "serve", "--model", str(model_path), "--max-batch", "0")
+    rc, _, err = lpjepa("serve", "--model", str(model_path), "--max-batch", "0")
     assert rc == 2 and "max_batch" in err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        rc, err = _cli(capsys, "serve", "--model", str(model_path), "--port", str(port))
+        rc, _, err = lpjepa("serve", "--model", str(model_path), "--port", str(port))
     assert rc == 2 and "cannot listen" in err
     not_index = tmp_path / "not-an-index"
     not_index.mkdir()
     (not_index / "notes.txt").write_text("a user's file")
-    rc, err = _cli(capsys, "serve", "--model", str(model_path), "--index", str(not_index), "--port", "0")
+    rc, _, err = lpjepa("serve", "--model", str(model_path), "--index", str(not_index), "--port", "0")
     assert rc == 2 and "cannot open index" in err and (not_index / "notes.txt").read_text() == "a user's file"
     # argparse errors are one line and exit 2 as well
+    from cli.main import main
+
     with pytest.raises(SystemExit) as exc:
-        _cli(capsys, "serve")
+        main(["serve"])
     assert exc.value.code == 2
 
 
-def test_index_of_another_dimension_is_refused(model_path, tmp_path, capsys):
+def test_index_of_another_dimension_is_refused(model_path, tmp_path, lpjepa):
     from index.factory import create_index
 
     create_index(backend="csr", dim=DIM + 1, metric="ip").save(tmp_path / "idx")
-    rc, err = _cli(capsys, "serve", "--model", str(model_path), "--index", str(tmp_path / "idx"), "--port", "0")
+    rc, _, err = lpjepa("serve", "--model", str(model_path), "--index", str(tmp_path / "idx"), "--port", "0")
     assert rc == 2 and "dimension 65" in err and "64" in err and err.count("\n") == 1
 
 

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import run_cli
 from test_serve_durability import _abandon, _filled, _legacy_dir, _rows, _state
-from test_serve_support import export_tiny_model, run_cli
 
 from serve.durable_log import DB_NAME, CorruptStoreError
 from serve.repair import repair
@@ -96,8 +96,7 @@ def test_repair_salvages_an_old_log_the_migration_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_serve_refuses_damaged_state_and_repair_lets_it_start(tmp_path):
-    model = export_tiny_model(tmp_path)
+def test_serve_refuses_damaged_state_and_repair_lets_it_start(model_path, tmp_path):
     idx64 = tmp_path / "idx64"
     store = ItemStore.open(idx64, dim=64, compact_every=10**6)
     store.upsert(np.arange(30), _rows(30, dim=64), [{"i": i} for i in range(30)], [None] * 30)
@@ -105,7 +104,7 @@ def test_serve_refuses_damaged_state_and_repair_lets_it_start(tmp_path):
     raw = bytearray((idx64 / DB_NAME).read_bytes())
     raw[len(raw) // 2 :] = bytes(len(raw) - len(raw) // 2)  # the second half zeroed
     (idx64 / DB_NAME).write_bytes(bytes(raw))
-    refused = run_cli("serve", "--model", str(model), "--index", str(idx64), "--port", "0")
+    refused = run_cli("serve", "--model", str(model_path), "--index", str(idx64), "--port", "0")
     assert refused.returncode == 2, refused.stderr
     assert str(idx64 / DB_NAME) in refused.stderr and "lpjepa index repair" in refused.stderr
     repaired = run_cli("index", "repair", str(idx64))

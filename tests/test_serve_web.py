@@ -139,13 +139,12 @@ def capture(url: str, images: list[Path], out: Path, *, width: int = 1280, k: in
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(calibrated_model, tmp_path_factory):
     """A calibrated tiny model, an index of the first N_INDEXED Fashion-MNIST test images built by the CLI
     (thumbnails on by default), and `lpjepa serve` over both."""
-    from test_serve_support import ServerProcess, calibrated_copy, export_tiny_model, run_cli
+    from helpers import ServerProcess, run_cli
 
-    base = tmp_path_factory.getbasetemp()
-    model, _ = calibrated_copy(export_tiny_model(base), base)
+    model, _ = calibrated_model
     index_dir = tmp_path_factory.mktemp("web") / "index"
     built = run_cli("index", "build", "--model", str(model), "--data", "fashion-mnist:test", "--out", str(index_dir),
                     "--limit", str(N_INDEXED), "--no-progress")  # fmt: skip
@@ -154,13 +153,6 @@ def served(tmp_path_factory):
     proc = ServerProcess("--model", str(model), "--index", str(index_dir), "--api-key", KEY)
     yield proc, model, index_dir
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    from data.sources import open_source
-
-    return open_source("fashion-mnist:test")
 
 
 def pct(x: float) -> str:
@@ -174,15 +166,15 @@ def save_png(img: Image.Image, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ tests
-def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion, tmp_path):
+def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fmnist, tmp_path):
     proc, model, index_dir = served
-    from test_serve_support import cifar_files
+    from helpers import cifar_files
 
     from export.runtime import EmbeddingRuntime
     from index import load_index
 
-    indexed = save_png(fashion.image(3), tmp_path / "indexed-row-3.png")  # its own item must come back first
-    unseen = save_png(fashion.image(4321), tmp_path / "unseen-row-4321.png")
+    indexed = save_png(fmnist.image(3), tmp_path / "indexed-row-3.png")  # its own item must come back first
+    unseen = save_png(fmnist.image(4321), tmp_path / "unseen-row-4321.png")
     photo = cifar_files()[0]  # a real colour photo: another distribution
     queries = [indexed, unseen, photo]
     with proc.client() as c:
@@ -223,7 +215,7 @@ def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion,
             assert len(card["hits"]) == 8
             for hit in card["hits"]:  # every neighbour shows the thumbnail the index build stored for it
                 assert hit["complete"] and hit["w"] == 28 and hit["h"] == 28, hit
-                assert fashion.classes[fashion[hit["id"]][1]] in hit["text"]
+                assert fmnist.classes[fmnist[hit["id"]][1]] in hit["text"]
             stored = Image.open(io.BytesIO(index.thumbnails([card["hits"][0]["id"]])[0]))
             assert stored.size == (28, 28)
         assert cards[0]["hits"][0]["id"] == 3 and "1.000" in cards[0]["hits"][0]["text"]
@@ -241,14 +233,14 @@ def test_search_shows_code_ood_verdict_and_neighbour_thumbnails(served, fashion,
         assert shot.size[0] == 1280 and shot.size[1] > 1000 and pixels.std() > 5  # rendered, not a blank page
 
 
-def test_bad_files_fail_inline_in_words_without_stopping_the_others(served, fashion, tmp_path):
+def test_bad_files_fail_inline_in_words_without_stopping_the_others(served, fmnist, tmp_path):
     proc, _, _ = served
     notes = tmp_path / "notes.txt"
     notes.write_text("this is not an image\n" * 20)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
     huge = save_png(Image.new("L", (7000, 7000), 200), tmp_path / "huge.png")  # 49 MP: over the 40 MP limit
-    good = save_png(fashion.image(10), tmp_path / "good.png")
+    good = save_png(fmnist.image(10), tmp_path / "good.png")
     with browser() as driver:
         open_page(driver, proc.url)
         cards = search(driver, [notes, broken, huge, good])
@@ -266,12 +258,12 @@ def test_bad_files_fail_inline_in_words_without_stopping_the_others(served, fash
     assert by_name["good.png"]["state"] == "done" and by_name["good.png"]["hits"][0]["id"] == 10
 
 
-def test_phone_width_375_px(served, fashion, tmp_path):
+def test_phone_width_375_px(served, fmnist, tmp_path):
     """At 375 CSS px nothing scrolls sideways, upload and status come before the results, the grid fits."""
     proc, _, _ = served
     with browser(375, 812, mobile=True) as driver:
         open_page(driver, proc.url)
-        cards = search(driver, [save_png(fashion.image(3), tmp_path / "q.png")], k=6)
+        cards = search(driver, [save_png(fmnist.image(3), tmp_path / "q.png")], k=6)
         assert cards[0]["state"] == "done" and all(h["w"] > 0 for h in cards[0]["hits"])
         layout = driver.execute_script(
             "const r = (s) => document.querySelector(s).getBoundingClientRect();"
@@ -307,13 +299,13 @@ def test_controls_are_labelled_and_reachable_by_keyboard(served):
         assert {"file", "k", "api-key", "clear"} <= set(reached), reached
 
 
-def test_dropped_images_are_searched(served, fashion):
+def test_dropped_images_are_searched(served, fmnist):
     """Dropping files on the drop zone (a real DragEvent carrying a DataTransfer, as the browser builds on a drop)
     searches them like chosen files."""
     proc, _, _ = served
-    from test_serve_support import png_bytes
+    from helpers import png_bytes
 
-    data = base64.b64encode(png_bytes(fashion.image(5))).decode()
+    data = base64.b64encode(png_bytes(fmnist.image(5))).decode()
     with browser() as driver:
         open_page(driver, proc.url)
         driver.execute_script(
@@ -334,7 +326,7 @@ def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
     """A full window of real MNIST digits (another distribution) through /v1/embed: the status panel must say so.
     Runs after the searches above (module order), whose few Fashion-MNIST inputs share the window."""
     proc, _, _ = served
-    from test_serve_support import png_bytes
+    from helpers import png_bytes
 
     from data.sources import open_source
 
@@ -357,10 +349,10 @@ def test_drift_panel_raises_the_alarm_after_a_window_of_digits(served):
         assert f"p = {drift['pvalue']:.2g}"[:6] in panel.text
 
 
-def test_milvus_backend_serves_the_index_builds_thumbnails_to_the_page(served, fashion, milvus_server, tmp_path):
+def test_milvus_backend_serves_the_index_builds_thumbnails_to_the_page(served, fmnist, milvus_server, tmp_path):
     """The same page over the stateless Milvus mode: `lpjepa index build --backend milvus` stores each thumbnail in
     the collection, `lpjepa serve --backend milvus` reads them back, the page shows them and names the backend."""
-    from test_serve_support import ServerProcess, run_cli
+    from helpers import ServerProcess, run_cli
 
     _, model, _ = served
     collection = f"web_{tmp_path.name[-12:]}".replace("-", "_")
@@ -375,7 +367,7 @@ def test_milvus_backend_serves_the_index_builds_thumbnails_to_the_page(served, f
             open_page(driver, proc.url)
             assert driver.find_element(By.ID, "st-backend").text == "milvus"
             assert driver.find_element(By.ID, "st-index").text == "120 items"
-            cards = search(driver, [save_png(fashion.image(7), tmp_path / "row-7.png")], k=6)
+            cards = search(driver, [save_png(fmnist.image(7), tmp_path / "row-7.png")], k=6)
         hits = cards[0]["hits"]
         assert cards[0]["state"] == "done" and hits[0]["id"] == 7 and len(hits) == 6
         assert all(h["complete"] and h["w"] == 28 and h["h"] == 28 for h in hits), hits

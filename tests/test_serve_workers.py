@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_serve_support import (
+from helpers import (
     ServerProcess,
-    export_tiny_model,
     fashion_images,
     png_bytes,
     reference_embeddings,
@@ -18,11 +17,6 @@ from test_serve_support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    return export_tiny_model(tmp_path_factory.getbasetemp())
 
 
 def _worker_pids(parent: int) -> set[int]:

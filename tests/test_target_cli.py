@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -23,19 +24,11 @@ KEYS = ["p", "mu", "sigma", "expected_l0", "expected_l1", "mean", "var"]
 
 
 @pytest.fixture
-def lpjepa(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """The real `cli.main.main` with only this stage registered (the other stages may not exist yet)."""
+def lpjepa(lpjepa, monkeypatch: pytest.MonkeyPatch):
+    """conftest's in-process CLI narrowed to `lpjepa target ...`, with only this stage registered (the other
+    stages may not exist yet)."""
     monkeypatch.setattr(cli.main, "STAGE_CLIS", ("models.cli",))
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = cli.main.main(["target", *argv])
-        except SystemExit as exc:  # argparse errors (OneLineParser) exit 2 from parse_args
-            code = exc.code
-        out, err = capsys.readouterr()
-        return int(code), out, err
-
-    return run
+    return functools.partial(lpjepa, "target")
 
 
 def test_register_adds_target_with_handler() -> None:

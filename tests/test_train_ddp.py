@@ -4,17 +4,12 @@ end with bit-identical weights (DDP's gradient averaging plus the rank-synchroni
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_in_session
 
 from models.checkpoint import load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ddp
@@ -48,18 +43,8 @@ def test_two_process_gloo_run(tmp_path):
         "--no-progress",
         *[a for s in sets for a in ("--set", s)],
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own session: on a timeout the whole group (torchrun and both workers) is killed, so nothing can hang on.
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process DDP run did not finish within 420 s")
-    assert proc.returncode == 0, stderr[-3000:]
+    returncode, stdout, stderr = run_in_session(cmd, "the 2-process DDP run")
+    assert returncode == 0, stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed" and summary["step"] == 4
     digests = summary["weight_digests"]

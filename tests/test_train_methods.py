@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from data.loader import build_batches
-from data.sources import load_fashion_mnist
 from models.rgg import expected_l0, sigma_gn
 from pretrain.config import ConfigError, load_config
 from pretrain.methods import (
@@ -26,7 +25,6 @@ from pretrain.methods import (
 from pretrain.optim import LARS, WarmupCosine, build_optimizer
 from pretrain.trainer import TrainNet, model_config, resolve_config
 
-torch.set_num_threads(1)
 METHODS = (
     "rectified_lpjepa",
     "lejepa",
@@ -38,11 +36,6 @@ METHODS = (
     "ablation_gn_relu",
     "ablation_rgn_raw",
 )
-
-
-@pytest.fixture(scope="module")
-def fmnist():
-    return load_fashion_mnist("test")
 
 
 def _tiny(method: str, *extra: str):
@@ -164,30 +157,8 @@ def test_fix_restores_dead_dims_in_optimisation():
     objective leaves them dead."""
     target_l0 = expected_l0(1.0, -2.0, sigma_gn(1.0))
 
-    def run(fix: str) -> tuple[int, float]:
-        cfg = load_config("smoke", ["method.mu=-2", "method.num_projections=64", f"method.dead_dim_fix={fix}"])
-        gen = torch.Generator().manual_seed(0)
-        obj = Objective(cfg, sigma_gn(1.0), 24, gen)
-        torch.manual_seed(0)
-        x = torch.randn(512, 16)
-        lin = torch.nn.Linear(16, 24)
-        with torch.no_grad():
-            lin.bias[:8] = -20.0  # dead at the start
-        opt = torch.optim.Adam(lin.parameters(), lr=0.05)
-        for _ in range(150):
-            idx = torch.randint(0, 512, (256,))
-            h1 = lin(x[idx] + 0.05 * torch.randn(256, 16))
-            h2 = lin(x[idx] + 0.05 * torch.randn(256, 16))
-            loss, _, _ = obj([h1, h2], n_global=2)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            z = F.relu(lin(x))
-        return int(((z > 0).sum(0) == 0).sum()), float((z > 0).float().mean())
-
-    dead_none, _ = run("none")
-    dead_fix, l0_fix = run("marginal")
+    dead_none, _, _ = _linear_run(["method.dead_dim_fix=none"])
+    dead_fix, l0_fix, _ = _linear_run(["method.dead_dim_fix=marginal"])
     assert dead_none >= 8
     assert dead_fix == 0
     # the rate is held near the target (the issue's tolerance: 0.05); the fix overshoots it somewhat
@@ -258,7 +229,7 @@ def _linear_run(sets: list[str]) -> tuple[int, float, dict]:
     x = torch.randn(512, 16)
     lin = torch.nn.Linear(16, 24)
     with torch.no_grad():
-        lin.bias[:8] = -20.0
+        lin.bias[:8] = -20.0  # dead at the start
     opt = torch.optim.Adam(lin.parameters(), lr=0.05)
     for _ in range(150):
         idx = torch.randint(0, 512, (256,))

@@ -1,7 +1,8 @@
-"""Shared support for the serve tests (no tests here): a tiny exported model, real images, a server process.
+"""Plain helpers shared by the test modules (no tests here; the fixtures built on them are in conftest.py): a tiny
+model config and its ONNX export, real images, the `lpjepa` CLI as a subprocess, a server process.
 
-The tiny model is exported once per pytest session (cached under the session's base temp directory) because
-export is the slowest part of the set-up and every serve test module needs the same model.
+conftest.py exports the tiny model once per session (``model_path``): export is the slowest part of the set-up and
+every serve, index and OOD test module needs the same model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -22,69 +24,74 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = dict(
-    backbone="resnet18",
-    backbone_kwargs={"width": 0.125},
-    in_channels=1,
-    image_size=28,
-    mean=[0.286],
-    std=[0.353],
-    projector_dims=[64, 64, 64],
-)
-_LOCK = threading.Lock()
 
 
-def tiny_config():
-    from models.config import ModelConfig
+def tiny_config(**over):
+    """The tests' small encoder: a ResNet-18 at width 0.125 on 28 px grey images with Fashion-MNIST's statistics
+    (``over`` replaces any field: projector_dims, in_channels, backbone_kwargs, target_mu, ...)."""
+    from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, ModelConfig
 
-    return ModelConfig(**TINY_CONFIG)
+    fields = dict(
+        backbone="resnet18",
+        backbone_kwargs={"width": 0.125},
+        in_channels=1,
+        image_size=28,
+        mean=list(FASHION_MNIST_MEAN),
+        std=list(FASHION_MNIST_STD),
+        projector_dims=[64, 64, 64],
+    )
+    return ModelConfig(**{**fields, **over})
 
 
-def export_tiny_model(base: Path) -> Path:
-    """A randomly initialised tiny encoder exported to ONNX, cached in `base` for the whole session."""
+def grey_batch(n: int, split: str = "train"):
+    """The first `n` Fashion-MNIST images of `split` as a normalised (n, 1, 28, 28) float tensor."""
+    import torch
+
+    from data.sources import load_fashion_mnist
+    from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    x = torch.from_numpy(np.array(load_fashion_mnist(split).array[:n])).float().div(255).unsqueeze(1)
+    return (x - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+
+
+def export_tiny_model(out: Path, config=None) -> Path:
+    """A randomly initialised (seed 0) encoder (default: tiny_config()) saved to `out`/model.safetensors and
+    exported to ONNX without the parity check."""
     import torch
 
     from export.onnx_export import export_checkpoint
     from models.checkpoint import save_checkpoint
     from models.encoder import build_model
 
-    out = base / "serve-tiny-model"
-    onnx_path = out / "model.onnx"
-    with _LOCK:
-        if onnx_path.is_file():
-            return onnx_path
-        out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
-        ckpt = save_checkpoint(out / "model.safetensors", build_model(tiny_config()))
-        export_checkpoint(ckpt, onnx_path, parity=False)  # parity is export's own test; this compares to torch
-    return onnx_path
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(out / "model.safetensors", build_model(config or tiny_config()).eval())
+    export_checkpoint(ckpt, out / "model.onnx", parity=False)  # parity is export's own test; this compares to torch
+    return out / "model.onnx"
 
 
 def checkpoint_of(onnx_path: Path) -> Path:
     return onnx_path.parent / "model.safetensors"
 
 
-def calibrated_copy(onnx_path: Path, base: Path, n_images: int = 200) -> tuple[Path, dict]:
-    """A copy of the model carrying an OOD calibration fitted on real Fashion-MNIST test images."""
+def calibrated_copy(onnx_path: Path, out: Path, n_images: int = 200) -> tuple[Path, dict]:
+    """A copy of the model in `out` carrying an OOD calibration fitted on real Fashion-MNIST test images."""
     import shutil
 
     from export.metadata import write_ood_calibration
     from export.runtime import EmbeddingRuntime
     from ood import calibrate
 
-    out = base / "serve-tiny-calibrated"
     target = out / "model.onnx"
-    with _LOCK:
-        if not target.is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            for f in onnx_path.parent.iterdir():
-                if f.name.startswith("model.onnx"):
-                    shutil.copy(f, out / f.name)
-            rt = EmbeddingRuntime(str(target))
-            images = fashion_images(n_images, offset=1000)
-            codes, feats = rt.embed_with_features(images)  # no validation set: serves feature_mahalanobis
-            cal = calibrate(codes, features=feats, tpr=0.95, seed=0)
-            write_ood_calibration(str(target), cal)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in onnx_path.parent.iterdir():
+        if f.name.startswith("model.onnx"):
+            shutil.copy(f, out / f.name)
+    rt = EmbeddingRuntime(str(target))
+    images = fashion_images(n_images, offset=1000)
+    codes, feats = rt.embed_with_features(images)  # no validation set: serves feature_mahalanobis
+    cal = calibrate(codes, features=feats, tpr=0.95, seed=0)
+    write_ood_calibration(str(target), cal)
     rt = EmbeddingRuntime(str(target))
     assert rt.ood_calibration is not None
     return target, rt.ood_calibration
@@ -212,3 +219,25 @@ def lpjepa_command() -> list[str]:
 
 def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run([*lpjepa_command(), *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_session(
+    cmd: Sequence[str], what: str, *, timeout: float = 420.0, merge_stderr: bool = False, env: dict | None = None
+) -> tuple[int, str, str]:
+    """Run `cmd` (one OMP thread) in its own session and return (returncode, stdout, stderr); on a timeout the
+    whole process group (torchrun and its workers, a script's children) is killed and the test fails, so nothing
+    can hang on after it."""
+    import pytest
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    stderr = subprocess.STDOUT if merge_stderr else subprocess.PIPE
+    proc = subprocess.Popen(
+        list(cmd), cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+    return proc.returncode, out, err or ""
