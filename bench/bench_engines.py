@@ -22,7 +22,6 @@ at a time, so machine load (other jobs share the cores) hits all alike; the load
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import json
@@ -39,16 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import scipy.sparse as sp
+from common import ROOT
+from sparse_data import zipf_sparse
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from sparse_data import zipf_sparse  # noqa: E402
-
-from index.csr_index import CsrIndex  # noqa: E402
+from index.csr_index import CsrIndex
 
 DEFAULT_BASELINE = "3ac82a2"  # main before the approximate mode and the exact-mode work of issue 18
 K = 10
@@ -372,6 +368,8 @@ def load_baseline(rev: str) -> type:
                 text = re.sub(r"\bimport index\b", f"import {pkg}", text)
                 (dest / src.name).write_text(text)
     sys.path.insert(0, str(target))
+    # Modules that moved since `rev` and that its index/ imports: the old name is the new module.
+    sys.modules.setdefault("models.atomic_io", importlib.import_module("core.atomic_io"))
     return importlib.import_module(f"{pkg}.csr_index").CsrIndex
 
 
@@ -411,56 +409,78 @@ def make_truth(x: sp.csr_matrix, exact: CsrIndex):
     return recall
 
 
-def bench_cell(cell: dict, engines: list[Engine], args, log) -> list[dict]:
-    x, queries, tune_q = cell["x"], cell["queries"], cell["tune"]
-    log(f"  data {cell['name']}: {x.shape[0]:,} x {x.shape[1]}, {x.nnz / x.shape[0] / x.shape[1]:.1%} dense")
-    exact = CsrIndex(x.shape[1], "ip")
-    exact.add(np.arange(x.shape[0]), x)
-    exact.prepare()
-    truth_fn = make_truth(x, exact)
+def build_engines(engines: list[Engine], cell: dict, truth_fn: Callable, args, log) -> list[Engine]:
+    """The engines that build (and tune) on this cell; one that cannot run here is reported, not fatal."""
     built = []
     for engine in engines:
         try:
-            engine.build(x, tune_q, truth_fn, args.target, log)
+            engine.build(cell["x"], cell["tune"], truth_fn, args.target, log)
         except Exception as err:  # an engine that cannot run here is reported, not fatal to the table
             log(f"    {engine.name}: build failed: {type(err).__name__}: {err}")
             continue
         log(f"    built {engine.name:16s} in {engine.build_s:6.1f}s (+{engine.tune_s:.1f}s tuning) {engine.setting}")
         built.append(engine)
-    big = x.shape[0] >= 500_000
-    n_single = {e.name: min(cell["singles"], queries.shape[0]) for e in built}
+    return built
+
+
+def single_counts(built: list[Engine], cell: dict, args, big: bool) -> dict[str, int]:
+    """Single queries timed per engine: fewer for the slow ones (FAISS Flat, Milvus), fewer still at 1M."""
+    n_single = {e.name: cell["singles"] for e in built}
     for e in built:
         if e.name.startswith("faiss"):
             n_single[e.name] = min(cell["singles"], 10 if big else 30)
         if e.name.startswith("milvus"):
             n_single[e.name] = min(cell["singles"], args.milvus_singles_1m if big else args.milvus_singles)
-    n_single = {name: min(count, queries.shape[0]) for name, count in n_single.items()}
+    return {name: min(count, cell["queries"].shape[0]) for name, count in n_single.items()}
+
+
+def time_singles(built: list[Engine], queries, n_single: dict[str, int], order_rng) -> tuple[dict, dict]:
+    """Seconds and results of single queries. A fresh random engine order per query: a fixed rotation keeps
+    each engine behind the same neighbour, and the one behind FAISS Flat (which streams the whole dense matrix)
+    always ran on cold caches."""
     prepared = {e.name: e.prepare_queries(queries[: n_single[e.name]]) for e in built}
     single: dict[str, list[float]] = {e.name: [] for e in built}
-    single_found: dict[str, list[np.ndarray]] = {e.name: [] for e in built}
-    # A fresh random engine order per query and per round: a fixed rotation keeps each engine behind the same
-    # neighbour, and the one behind FAISS Flat (which streams the whole dense matrix) always ran on cold caches.
-    order_rng = np.random.default_rng(0)
+    found: dict[str, list[np.ndarray]] = {e.name: [] for e in built}
     for i in range(max(n_single.values(), default=0)):
-        rotated = [built[j] for j in order_rng.permutation(len(built))]
-        for e in rotated:
+        for e in [built[j] for j in order_rng.permutation(len(built))]:
             if i < n_single[e.name]:
                 t0 = time.perf_counter()
                 found1 = e.search1(prepared[e.name][i])
                 single[e.name].append(time.perf_counter() - t0)
-                single_found[e.name].append(found1)
-    batch_q = queries[: args.batch]
+                found[e.name].append(found1)
+    return single, found
+
+
+def time_batches(built: list[Engine], batch_q, rounds: int, big: bool, order_rng) -> tuple[dict, dict]:
+    """Seconds per batch search over `rounds` in a fresh random order each (the slow engines twice at 1M), and
+    each engine's first results."""
     batch: dict[str, list[float]] = {e.name: [] for e in built}
     first: dict[str, np.ndarray] = {}
-    for r in range(cell["rounds"]):
-        rotated = [built[j] for j in order_rng.permutation(len(built))]
-        for e in rotated:
+    for r in range(rounds):
+        for e in [built[j] for j in order_rng.permutation(len(built))]:
             if r and e.name.startswith(("faiss", "milvus")) and big and r >= 2:
                 continue
             t0 = time.perf_counter()
             found = e.search_batch(batch_q)
             batch[e.name].append(time.perf_counter() - t0)
             first.setdefault(e.name, found)
+    return batch, first
+
+
+def bench_cell(cell: dict, engines: list[Engine], args, log) -> list[dict]:
+    x, queries = cell["x"], cell["queries"]
+    log(f"  data {cell['name']}: {x.shape[0]:,} x {x.shape[1]}, {x.nnz / x.shape[0] / x.shape[1]:.1%} dense")
+    exact = CsrIndex(x.shape[1], "ip")
+    exact.add(np.arange(x.shape[0]), x)
+    exact.prepare()
+    truth_fn = make_truth(x, exact)
+    built = build_engines(engines, cell, truth_fn, args, log)
+    big = x.shape[0] >= 500_000
+    n_single = single_counts(built, cell, args, big)
+    order_rng = np.random.default_rng(0)
+    single, single_found = time_singles(built, queries, n_single, order_rng)
+    batch_q = queries[: args.batch]
+    batch, first = time_batches(built, batch_q, cell["rounds"], big, order_rng)
     rows = []
     load = os.getloadavg()[0]
     for e in built:
@@ -693,20 +713,11 @@ def markdown(
 
 def write_section(path: Path, text: str) -> None:
     """Replace this benchmark's section of ``path`` (or put it first), leaving the rest as it was."""
-    old = path.read_text() if path.is_file() else ""
-    if SECTION_BEGIN in old and SECTION_END in old:
-        head, rest = old.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = text + ("\n" + old if old else "")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
+    common.write_section(path, text, SECTION_BEGIN, SECTION_END)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="20k-vector cells: a smoke run of the pipeline")
     parser.add_argument("--cells", default="", help="comma-separated cell names to run (default: all)")
     parser.add_argument("--engines", default="", help="comma-separated engines to run (default: all)")

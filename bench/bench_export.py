@@ -21,10 +21,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import common
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import md_table
 
 BATCHES = (1, 32, 256)
 
@@ -69,8 +70,76 @@ def time_rounds(backends: dict[str, callable], batch: np.ndarray, rounds: int) -
     return times
 
 
+def measure(args: argparse.Namespace, tmp: Path) -> tuple[Any, dict, list[dict]]:
+    """Export fp32 and int8 (parity-checked), then time the three backends at every batch size."""
+    import torch
+
+    from data.sources import open_source
+    from export.onnx_export import export_checkpoint
+    from export.runtime import EmbeddingRuntime
+    from models.checkpoint import load_checkpoint
+
+    ckpt = args.checkpoint or build_default_checkpoint(tmp / "model.safetensors")
+    reports = {}
+    for precision in ("fp32", "int8"):
+        reports[precision] = export_checkpoint(
+            ckpt, tmp / f"{precision}.onnx", precision=precision, exporter=args.exporter, parity_images=512
+        )
+        print(reports[precision].format(), file=sys.stderr)
+    model, _ = load_checkpoint(ckpt)
+    runtimes = {
+        p: EmbeddingRuntime(
+            tmp / f"{p}.onnx", providers=["CPUExecutionProvider"], batch_size=256, num_threads=args.threads
+        )
+        for p in ("fp32", "int8")
+    }
+    src = open_source("fashion-mnist:test")
+    images = runtimes["fp32"].preprocess([src.image(i) for i in range(max(BATCHES))])
+
+    def torch_eager(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    backends = {
+        "PyTorch eager fp32": torch_eager,
+        "ONNX Runtime fp32": runtimes["fp32"].run,
+        "ONNX Runtime int8": runtimes["int8"].run,
+    }
+    results = []
+    for batch_size, rounds in zip(BATCHES, args.rounds, strict=True):
+        for name, ts in time_rounds(backends, images[:batch_size], rounds).items():
+            p50 = statistics.median(ts)
+            results.append(
+                {"backend": name, "batch": batch_size, "rounds": rounds, "p50_ms": 1e3 * p50,
+                 "images_per_s": batch_size / p50}
+            )  # fmt: skip
+    return model, reports, results
+
+
+def report(model, reports: dict, results: list[dict], threads: int) -> str:
+    import onnxruntime
+    import torch
+
+    config = model.config
+    int8 = reports["int8"].checks[-1]
+    eager = {r["batch"]: r["images_per_s"] for r in results if r["backend"].startswith("PyTorch")}
+    rows = [[r["backend"], r["batch"], f"{r['p50_ms']:.2f}", f"{r['images_per_s']:.0f}",
+             f"{r['images_per_s'] / eager[r['batch']]:.2f}x"] for r in results]  # fmt: skip
+    lines = [
+        f"model: {config.backbone} {config.backbone_kwargs}, {config.in_channels}x{config.image_size}px, "
+        f"projector {config.projector_dims}; {threads} threads; torch {torch.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}; CPU: {cpu_name()}",
+        "",
+        *md_table(["backend", "batch", "p50 latency (ms)", "images/s", "speed-up vs eager"], rows, align="lrrrr"),
+        "",
+        f"int8 vs PyTorch fp32 on 512 Fashion-MNIST test images: l0 drift {int8.l0_drift:.4f}, "
+        f"top-10 overlap {int8.topk_overlap:.3f}, max |err| {int8.max_abs_err:.3f}",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument(
@@ -87,84 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from data.sources import open_source
-    from export.onnx_export import export_checkpoint
-    from export.runtime import EmbeddingRuntime
-    from models.checkpoint import load_checkpoint
-
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        ckpt = args.checkpoint or build_default_checkpoint(tmp / "model.safetensors")
-        reports = {}
-        for precision in ("fp32", "int8"):
-            reports[precision] = export_checkpoint(
-                ckpt, tmp / f"{precision}.onnx", precision=precision, exporter=args.exporter, parity_images=512
-            )
-            print(reports[precision].format(), file=sys.stderr)
-        model, _ = load_checkpoint(ckpt)
-        runtimes = {
-            p: EmbeddingRuntime(
-                tmp / f"{p}.onnx", providers=["CPUExecutionProvider"], batch_size=256, num_threads=args.threads
-            )
-            for p in ("fp32", "int8")
-        }
-        src = open_source("fashion-mnist:test")
-        images = runtimes["fp32"].preprocess([src.image(i) for i in range(max(BATCHES))])
-
-        def torch_eager(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                return model(torch.from_numpy(x)).numpy()
-
-        backends = {
-            "PyTorch eager fp32": torch_eager,
-            "ONNX Runtime fp32": runtimes["fp32"].run,
-            "ONNX Runtime int8": runtimes["int8"].run,
-        }
-        results = []
-        for batch_size, rounds in zip(BATCHES, args.rounds, strict=True):
-            times = time_rounds(backends, images[:batch_size], rounds)
-            for name, ts in times.items():
-                p50 = statistics.median(ts)
-                results.append(
-                    {
-                        "backend": name,
-                        "batch": batch_size,
-                        "rounds": rounds,
-                        "p50_ms": 1e3 * p50,
-                        "images_per_s": batch_size / p50,
-                    }
-                )
-
-    config = model.config
-    int8 = reports["int8"].checks[-1]
-    lines = [
-        f"model: {config.backbone} {config.backbone_kwargs}, {config.in_channels}x{config.image_size}px, "
-        f"projector {config.projector_dims}; {args.threads} threads; torch {torch.__version__}, "
-        f"onnxruntime {__import__('onnxruntime').__version__}; CPU: {cpu_name()}",
-        "",
-        "| backend | batch | p50 latency (ms) | images/s | speed-up vs eager |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    eager = {r["batch"]: r["images_per_s"] for r in results if r["backend"].startswith("PyTorch")}
-    for r in results:
-        lines.append(
-            f"| {r['backend']} | {r['batch']} | {r['p50_ms']:.2f} | {r['images_per_s']:.0f} | "
-            f"{r['images_per_s'] / eager[r['batch']]:.2f}x |"
-        )
-    lines += [
-        "",
-        f"int8 vs PyTorch fp32 on 512 Fashion-MNIST test images: l0 drift {int8.l0_drift:.4f}, "
-        f"top-10 overlap {int8.topk_overlap:.3f}, max |err| {int8.max_abs_err:.3f}",
-    ]
-    print("\n".join(lines))
+        model, reports, results = measure(args, Path(tmp_dir))
+    print(report(model, reports, results, args.threads))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"results": results, "threads": args.threads, "parity": {p: r.to_dict() for p, r in reports.items()}},
-                indent=2,
-            )
-        )
+        parity = {p: r.to_dict() for p, r in reports.items()}
+        args.json.write_text(json.dumps({"results": results, "threads": args.threads, "parity": parity}, indent=2))
     return 0
 
 

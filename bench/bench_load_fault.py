@@ -35,13 +35,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import common
 import httpx
 import numpy as np
+from bench_serve import export_preset, start_server, stop_server
+from common import ROOT
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import build_model, start_server, stop_server  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MIX = {"write": 3, "search": 4, "embed": 2, "get": 1}
@@ -54,7 +53,7 @@ class Server:
     def __init__(self, model: Path, index: Path) -> None:
         self.model, self.index = model, index
         self.lock = threading.Lock()
-        self.proc, self.url = start_server(model, self._args())
+        self.proc, self.url = start_server(model, None, self._args())
         self.down = False
 
     def _args(self) -> list[str]:
@@ -66,7 +65,7 @@ class Server:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         t0 = time.monotonic()
-        proc, url = start_server(self.model, self._args())
+        proc, url = start_server(self.model, None, self._args())
         with self.lock:
             self.proc, self.url, self.down = proc, url, False
         return time.monotonic() - t0
@@ -206,7 +205,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def verify(model: Path, index: Path, acked: dict[int, dict]) -> tuple[int, int]:
     """Fresh server on the same directory: (acked writes that do not read back, 5xx seen while checking)."""
-    proc, url = start_server(model, ["--index", str(index), "--api-key", KEY])
+    proc, url = start_server(model, index, ["--api-key", KEY])
     lost = 0
     errors = 0
     try:
@@ -298,7 +297,7 @@ def write_report(rounds: list[dict], lost: int, verify_5xx: int, args: argparse.
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--model", type=Path, default=None, help="exported model (default: a tiny random one)")
@@ -306,7 +305,7 @@ def main() -> int:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="lpjepa-loadfault-") as tmp:
         work = Path(tmp)
-        model = args.model or build_model(work, "tiny")
+        model = args.model or export_preset(work, "tiny")
         index = work / "index"
         server = Server(model, index)
         try:

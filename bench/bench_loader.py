@@ -13,13 +13,13 @@ the model's: then the model step is the bottleneck, as it should be.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -118,7 +118,7 @@ def bench_model(batch: int, repeats: int, bf16: bool, channels_last: bool) -> fl
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)

@@ -30,25 +30,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
+from common import ROOT, md_table
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from core.atomic_io import atomic_path, atomic_write_text  # noqa: E402
-from data.sources import open_source as open_spec  # noqa: E402
-from data.splits import subsample  # noqa: E402
-from models.checkpoint import read_header, resolve_checkpoint  # noqa: E402
-from ood.baselines import KNNDistance, Mahalanobis  # noqa: E402
-from ood.calibration import calibrate  # noqa: E402
-from ood.detectors import BernoulliMixture, Inputs  # noqa: E402
-from ood.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor  # noqa: E402
-from ood.inputs import embed_images, embed_source, open_runtime  # noqa: E402
-from ood.metrics import ood_metrics  # noqa: E402
-from ood.shifts import SHIFT_NAMES, shifted_loaders  # noqa: E402
-from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite  # noqa: E402
-from serve.metrics import ServeMetrics  # noqa: E402
+from core.atomic_io import atomic_path, atomic_write_text
+from data.sources import open_source as open_spec
+from data.splits import subsample
+from models.checkpoint import read_header, resolve_checkpoint
+from ood.baselines import KNNDistance, Mahalanobis
+from ood.calibration import calibrate
+from ood.detectors import BernoulliMixture, Inputs
+from ood.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor
+from ood.inputs import embed_images, embed_source, open_runtime
+from ood.metrics import ood_metrics
+from ood.shifts import SHIFT_NAMES, shifted_loaders
+from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
+from serve.metrics import ServeMetrics
 
 ID_SPEC, TRAIN_SPEC = "fashion-mnist:test", "fashion-mnist:train"
 VALIDATE_SPEC = "samples:cifar10"
@@ -144,19 +142,10 @@ def drift_time_to_alarm(
 
 
 # ------------------------------------------------------------------------------------------ one model
-def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from export.onnx_export import export_checkpoint
-
-    ckpt = resolve_checkpoint(run)
-    config, extra = read_header(ckpt)
-    name = Path(run).resolve().name if Path(run).is_dir() else ckpt.stem
-    onnx_path = work / f"{name}.onnx"
-    print(f"[{label}] exporting {ckpt} -> {onnx_path}", flush=True)
-    export_checkpoint(str(ckpt), str(onnx_path), precision="fp32", features=True)
-    runtime = open_runtime(onnx_path)
-    expected = runtime.metadata.get("expected_l0")
+def embed_sets(runtime, label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every image set of one model: train (calibration + baselines), ID test, the validation sets the served
+    score is chosen on (cifar10 samples, shifts of *train* images), and the evaluated OOD sets."""
     seed = args.seed
-
     train_src, id_src = open_spec(TRAIN_SPEC), open_spec(ID_SPEC)
     start = time.perf_counter()
     train = embed_source(runtime, train_src, subsample(len(train_src), args.train_limit, seed), desc=f"{label} train")
@@ -180,67 +169,53 @@ def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dic
     for shift in SHIFT_NAMES:
         loaders = shifted_loaders(id_src, shift_test_idx, shift, seed=seed + 1)
         ood[f"{shift} (test images)"] = embed_images(runtime, loaders, desc=f"{label} {shift}").inputs()
+    return {"train": train, "id": id_eval, "embed_us": embed_us, "validation": validation, "ood": ood}
 
-    print(f"[{label}] calibrating on {train.n} train embeddings", flush=True)
-    start = time.perf_counter()
-    cal = calibrate(
-        train.inputs(),
-        seed=seed,
-        expected_l0=expected,
-        validation=validation,
-        source={"spec": TRAIN_SPEC, "n_images": train.n, "validate_ood": [VALIDATE_SPEC], "shifts": SHIFT_NAMES},
-    )
-    calibrate_s = time.perf_counter() - start
-    cal = json.loads(json.dumps(cal))  # exactly what is stored with a model
-    suite = ScoreSuite.from_calibration(cal)
 
-    id_in = id_eval.inputs()
-    train_in = train.inputs()
-    print(f"[{label}] fitting baselines and scoring", flush=True)
-    knn = KNNDistance(min(args.k, train.n)).fit(train_in.codes)
-    maha = Mahalanobis().fit(train_in.codes)
-    # How much the EM mixture depends on its initialisation: the same fit half (calibrate's split), other seeds.
-    order = np.random.default_rng(seed).permutation(train.n)
-    fit_rows = np.sort(order[: int(np.clip(round(train.n * 0.5), 20, train.n - 20))])
-    reseeded = {
-        f"pattern_mixture (seed {s})": BernoulliMixture.fit(train_in.active[fit_rows], 16, seed=s)
-        for s in args.mixture_seeds
-    }
+class Scorers:
+    """The calibrated suite beside the baselines fitted on the same train embeddings (KNN, Mahalanobis) and
+    pattern_mixture refitted with other EM seeds on calibrate's fit half (how much it depends on its start)."""
 
-    def all_scores(x: Inputs) -> dict[str, np.ndarray]:
-        out = suite.score_all(x)
-        out["knn"] = knn.score(x.codes)
-        out["mahalanobis"] = maha.score(x.codes)
-        for name, det in reseeded.items():
+    def __init__(self, suite: ScoreSuite, train_in: Inputs, args: argparse.Namespace) -> None:
+        self.suite = suite
+        self.knn = KNNDistance(min(args.k, len(train_in))).fit(train_in.codes)
+        self.maha = Mahalanobis().fit(train_in.codes)
+        n = len(train_in)
+        order = np.random.default_rng(args.seed).permutation(n)
+        fit_rows = np.sort(order[: int(np.clip(round(n * 0.5), 20, n - 20))])
+        self.reseeded = {
+            f"pattern_mixture (seed {s})": BernoulliMixture.fit(train_in.active[fit_rows], 16, seed=s)
+            for s in args.mixture_seeds
+        }
+
+    def all(self, x: Inputs) -> dict[str, np.ndarray]:
+        out = self.suite.score_all(x)
+        out["knn"] = self.knn.score(x.codes)
+        out["mahalanobis"] = self.maha.score(x.codes)
+        for name, det in self.reseeded.items():
             out[name] = det.score(x)
         return out
 
-    s_id = all_scores(id_in)
-    methods = list(s_id)
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for set_name, x in ood.items():
-        s_ood = all_scores(x)
-        table[set_name] = {m: ood_metrics(s_id[m], s_ood[m]) for m in methods}
-    table_n = {set_name: len(x) for set_name, x in ood.items()}
+    def cost_us(self, id_in: Inputs, args: argparse.Namespace) -> dict[str, float]:
+        """Scoring cost per input on a sample of ID inputs, interleaved medians."""
+        rng = np.random.default_rng(args.seed)
+        batch = id_in.take(np.sort(rng.choice(len(id_in), min(args.timing_inputs, len(id_in)), replace=False)))
+        fns: dict[str, Any] = {m: (lambda m=m: self.suite.score_named(m, batch)) for m in self.suite.names}
+        fns["knn"] = lambda: self.knn.score(batch.codes)
+        fns["mahalanobis"] = lambda: self.maha.score(batch.codes)
+        fns["served (server path)"] = lambda: self.suite.score(batch)
+        return median_interleaved(fns, len(batch), args.repeats)
 
-    # Scoring cost per input on a mixed ID + MNIST batch, interleaved medians.
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(id_in), min(args.timing_inputs, len(id_in)), replace=False)
-    batch = id_in.take(np.sort(pick))
-    n_t = len(batch)
-    fns: dict[str, Any] = {m: (lambda m=m: suite.score_named(m, batch)) for m in suite.names}
-    fns["knn"] = lambda: knn.score(batch.codes)
-    fns["mahalanobis"] = lambda: maha.score(batch.codes)
-    fns["served (server path)"] = lambda: suite.score(batch)
-    cost = median_interleaved(fns, n_t, args.repeats)
 
-    # Drift monitor at the default false-alarm rate.
+def drift_report(cal: dict, id_in: Inputs, ood: dict[str, Inputs], args: argparse.Namespace) -> dict[str, Any]:
+    """The drift monitor at the chosen false-alarm rate: false alarms on ID, time to alarm per OOD stream, and the
+    per-request cost of observing beside the l0 histogram the server already records."""
     mon = DriftMonitor.from_calibration(cal, false_alarm_rate=args.false_alarm_rate)
     assert mon is not None
     id_rows = rows_of(id_in)
-    far = drift_false_alarms(mon, id_rows, args.drift_passes, seed)
+    far = drift_false_alarms(mon, id_rows, args.drift_passes, args.seed)
     tta = {
-        set_name: drift_time_to_alarm(mon, id_rows, rows_of(x), args.drift_reps, args.drift_cap, seed + 7)
+        set_name: drift_time_to_alarm(mon, id_rows, rows_of(x), args.drift_reps, args.drift_cap, args.seed + 7)
         for set_name, x in ood.items()
     }
     one = id_rows[:2000]
@@ -257,7 +232,52 @@ def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dic
         len(one),
         args.repeats,
     )
+    return {
+        "window": mon.window,
+        "false_alarm_rate": mon.false_alarm_rate,
+        "false_alarms": far,
+        "time_to_alarm": tta,
+        "observe_us": observe,
+        "test": mon.snapshot()["test"],
+    }
 
+
+def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from export.onnx_export import export_checkpoint
+
+    ckpt = resolve_checkpoint(run)
+    config, extra = read_header(ckpt)
+    name = Path(run).resolve().name if Path(run).is_dir() else ckpt.stem
+    onnx_path = work / f"{name}.onnx"
+    print(f"[{label}] exporting {ckpt} -> {onnx_path}", flush=True)
+    export_checkpoint(str(ckpt), str(onnx_path), precision="fp32", features=True)
+    runtime = open_runtime(onnx_path)
+    expected = runtime.metadata.get("expected_l0")
+    sets = embed_sets(runtime, label, args)
+    train, ood = sets["train"], sets["ood"]
+
+    print(f"[{label}] calibrating on {train.n} train embeddings", flush=True)
+    start = time.perf_counter()
+    cal = calibrate(
+        train.inputs(),
+        seed=args.seed,
+        expected_l0=expected,
+        validation=sets["validation"],
+        source={"spec": TRAIN_SPEC, "n_images": train.n, "validate_ood": [VALIDATE_SPEC], "shifts": SHIFT_NAMES},
+    )
+    calibrate_s = time.perf_counter() - start
+    cal = json.loads(json.dumps(cal))  # exactly what is stored with a model
+    suite = ScoreSuite.from_calibration(cal)
+
+    id_in = sets["id"].inputs()
+    print(f"[{label}] fitting baselines and scoring", flush=True)
+    scorers = Scorers(suite, train.inputs(), args)
+    s_id = scorers.all(id_in)
+    methods = list(s_id)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, x in ood.items():
+        s_ood = scorers.all(x)
+        table[set_name] = {m: ood_metrics(s_id[m], s_ood[m]) for m in methods}
     best_act = {
         set_name: max((m for m in methods if m in ACTIVATION_STATISTICS), key=lambda m: row[m]["auroc"])
         for set_name, row in table.items()
@@ -269,8 +289,8 @@ def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dic
         "target": {"p": config.target_p, "mu": config.target_mu, "sigma": config.target_sigma, "expected_l0": expected},
         "dim": suite.dim,
         "feature_dim": cal["feature_dim"],
-        "n": {"train": train.n, "id": len(id_in), **{k: v for k, v in table_n.items()}},
-        "embed_us_per_image": embed_us,
+        "n": {"train": train.n, "id": len(id_in), **{k: len(x) for k, x in ood.items()}},
+        "embed_us_per_image": sets["embed_us"],
         "calibrate_s": calibrate_s,
         "served": cal["served"],
         "selection": cal["selection"],
@@ -281,18 +301,11 @@ def bench_run(run: str, label: str, work: Path, args: argparse.Namespace) -> dic
         "served_id_tpr": float(np.mean(s_id[cal["served"]] <= suite.threshold)),
         "table": table,
         "best_activation_score": best_act,
-        "cost_us": cost,
-        "drift": {
-            "window": mon.window,
-            "false_alarm_rate": mon.false_alarm_rate,
-            "false_alarms": far,
-            "time_to_alarm": tta,
-            "observe_us": observe,
-            "test": mon.snapshot()["test"],
-        },
+        "cost_us": scorers.cost_us(id_in, args),
+        "drift": drift_report(cal, id_in, ood, args),
         "l0": {"id_mean": cal["l0"]["mean"], "expected": expected},
         "_served_id": s_id[cal["served"]].tolist(),
-        "_served_mnist": all_scores(ood["mnist"])[cal["served"]].tolist(),
+        "_served_mnist": scorers.all(ood["mnist"])[cal["served"]].tolist(),
     }
 
 
@@ -370,28 +383,116 @@ def plot(reps: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+INTRO = (
+    "ID = Fashion-MNIST test (10,000); OOD is the positive class (AUROC, FPR@95 = FPR on ID at 95% TPR on OOD, "
+    "AUPR-Out), as in OpenOOD. Every score and both baselines are fitted on the same Fashion-MNIST train "
+    "embeddings ({n_train:,}); the calibration fits on half, sets thresholds on the other half. The "
+    "served score is chosen as `lpjepa ood calibrate --validate-ood samples:cifar10` chooses it: highest "
+    "worst-case AUROC over held-out train images vs the cifar10 samples and the four synthetic shifts of *train* "
+    "images. None of the evaluated OOD sets below was used to choose (the shifts below are of test images).",
+    "",
+    "Scores: **rate**, **pattern**, **combined** (activation rate / per-dimension Bernoulli NLL / their z-mean); "
+    "**l0_deviation** = |l0 - analytic E[l0]|; **pattern_mixture** = NLL under a 16-cluster mixture of Bernoullis "
+    "on the firing pattern (EM); **pattern_lowrank** = PPCA (rank 32) Mahalanobis on the firing pattern; "
+    "**code_lowrank** = the same on the code values; **code_mahalanobis** = full Ledoit-Wolf Gaussian on the code "
+    "values (calibration half); **feature_mahalanobis** = the same on the encoder features (the model's second "
+    "ONNX output); baselines **mahalanobis** (code values, all train embeddings) and **knn** (k = 50, cosine, "
+    "Sun et al. 2022). *act.* marks the activation-statistics scores (no index, no D x D matrix).",
+)
+
+
+def score_tables(rep: dict[str, Any]) -> list[str]:
+    """AUROC (with cost and needs) and FPR@95 / AUPR-Out of every score on every evaluated OOD set."""
+    sets = list(rep["table"])
+    short = [s.split(" (")[0] for s in sets]
+    methods = list(rep["table"][sets[0]])
+    auroc = []
+    for m in methods:
+        name = f"**{m}** (served)" if m == rep["served"] else m
+        us = rep["cost_us"].get(m)
+        auroc.append([name + (" *act.*" if m in ACTIVATION_STATISTICS else "")]
+                     + [f"{rep['table'][s][m]['auroc']:.4f}" for s in sets]
+                     + ["-" if us is None else format(us, ".2f"), NEEDS.get(m.split(" (")[0], "")])  # fmt: skip
+    fpr = [
+        [m] + [f"{rep['table'][s][m]['fpr95']:.3f} / {rep['table'][s][m]['aupr']:.3f}" for s in sets] for m in methods
+    ]
+    return [
+        "AUROC per OOD set (n: " + ", ".join(f"{h} {rep['n'][s]}" for h, s in zip(short, sets, strict=True)) + "):",
+        "",
+        *md_table(["score", *short, "us/input", "needs"], auroc),
+        "",
+        "FPR@95 / AUPR-Out per OOD set:",
+        "",
+        *md_table(["score", *short], fpr),
+    ]
+
+
+def selection_table(sel: dict[str, Any]) -> list[str]:
+    """The validation AUROCs the served score was chosen on, best worst case first."""
+    by = {(r["score"], r["set"]): r for r in sel["table"]}
+    rows = [[m] + [f"{by[(m, s)]['auroc']:.4f}" for s in sel["validation_sets"]] + [f"{srow['min_auroc']:.4f}"]
+            for m, srow in sorted(sel["summary"].items(), key=lambda kv: -kv[1]["min_auroc"])]  # fmt: skip
+    return [
+        "Validation table the choice was made on (AUROC, held-out train images vs each validation set):",
+        "",
+        *md_table(["score", *sel["validation_sets"], "min"], rows),
+    ]
+
+
+def drift_lines(d: dict[str, Any]) -> list[str]:
+    far, obs = d["false_alarms"], d["observe_us"]
+    first = next(iter(d["time_to_alarm"].values()))
+    rows = [[s, f"{tt['alarmed']}/{tt['reps']}", tt["median"], tt["p90"], tt["max"], f"{tt['within_window']:.2f}"]
+            for s, tt in d["time_to_alarm"].items()]  # fmt: skip
+    return [
+        f"Drift monitor (window {d['window']}, false-alarm rate {d['false_alarm_rate']:g} per evaluation; "
+        f"{d['test']}): {far['alarm_onsets']} alarm onsets over {far['images']:,} ID images "
+        f"({far['per_10k_images']:.2f} per 10,000; shuffled passes over the test set, one image per request). "
+        f"Per one-image request the monitor costs {obs['observe_dense']:.1f} us (from the dense "
+        f"embedding; {obs['observe_rows']:.1f} us from active indices), against "
+        f"{obs['l0 histogram (existing)']:.1f} us for the l0 histogram the server already records per "
+        f"image (same run, interleaved medians). Images until the alarm after a switch "
+        f"from a full ID window to each stream ({first['reps']} switches each, stream capped at {first['cap']}):",
+        "",
+        *md_table(["stream", "alarmed", "median", "p90", "max", "within one window"], rows),
+    ]
+
+
+def model_section(rep: dict[str, Any]) -> list[str]:
+    t, sel = rep["target"], rep["selection"]
+    server_us = rep["cost_us"]["served (server path)"]
+    expected = "n/a" if rep["l0"]["expected"] is None else format(rep["l0"]["expected"], ".4f")
+    return [
+        f"## {rep['label']} (p = {t['p']:g}, mu = {t['mu']:g}; D = {rep['dim']}, features F = {rep['feature_dim']})",
+        "",
+        f"Served: **{rep['served']}**. {sel['reason']}. Rule: {sel['rule']}. "
+        f"ID TPR of the served threshold on the test set: {rep['served_id_tpr']:.4f} (target 0.95). "
+        f"Embedding costs {rep['embed_us_per_image']:.0f} us/image; calibration (every score, drift null) took "
+        f"{rep['calibrate_s']:.1f} s. ID l0 {rep['l0']['id_mean']:.4f} (analytic {expected}).",
+        "",
+        f"Scoring one input the way the server does (served score + the rate/pattern fields of the response): "
+        f"{server_us:.2f} us, {rep['embed_us_per_image'] / max(server_us, 1e-9):.0f}x less than embedding it. "
+        "The `pattern_mixture (seed s)` rows refit the mixture with other initialisations on the same data: "
+        "how much that score depends on EM's starting point.",
+        "",
+        *score_tables(rep),
+        "",
+        *selection_table(sel),
+        "",
+        *drift_lines(rep["drift"]),
+        "",
+    ]
+
+
 def write_markdown(reps: list[dict[str, Any]], path: Path, png: str, command: str, note: str, load: str) -> None:
-    r0 = reps[0]
     lines = [
         "# OOD detection: every score, the served choice, and the drift monitor",
         "",
         f"Produced by `{command}` (one run, {load}).",
         "",
         *([f"**Models:** {note}", ""] if note else []),
-        "ID = Fashion-MNIST test (10,000); OOD is the positive class (AUROC, FPR@95 = FPR on ID at 95% TPR on OOD, "
-        "AUPR-Out), as in OpenOOD. Every score and both baselines are fitted on the same Fashion-MNIST train "
-        f"embeddings ({r0['n']['train']:,}); the calibration fits on half, sets thresholds on the other half. The "
-        "served score is chosen as `lpjepa ood calibrate --validate-ood samples:cifar10` chooses it: highest "
-        "worst-case AUROC over held-out train images vs the cifar10 samples and the four synthetic shifts of *train* "
-        "images. None of the evaluated OOD sets below was used to choose (the shifts below are of test images).",
-        "",
-        "Scores: **rate**, **pattern**, **combined** (activation rate / per-dimension Bernoulli NLL / their z-mean); "
-        "**l0_deviation** = |l0 - analytic E[l0]|; **pattern_mixture** = NLL under a 16-cluster mixture of Bernoullis "
-        "on the firing pattern (EM); **pattern_lowrank** = PPCA (rank 32) Mahalanobis on the firing pattern; "
-        "**code_lowrank** = the same on the code values; **code_mahalanobis** = full Ledoit-Wolf Gaussian on the code "
-        "values (calibration half); **feature_mahalanobis** = the same on the encoder features (the model's second "
-        "ONNX output); baselines **mahalanobis** (code values, all train embeddings) and **knn** (k = 50, cosine, "
-        "Sun et al. 2022). *act.* marks the activation-statistics scores (no index, no D x D matrix).",
+        INTRO[0].format(n_train=reps[0]["n"]["train"]),
+        *INTRO[1:],
         "",
         "## Goals",
         "",
@@ -399,85 +500,13 @@ def write_markdown(reps: list[dict[str, Any]], path: Path, png: str, command: st
         "",
     ]
     for rep in reps:
-        t = rep["target"]
-        server_us = rep["cost_us"]["served (server path)"]
-        sets = list(rep["table"])
-        short = {s: s.split(" (")[0] for s in sets}
-        lines += [
-            f"## {rep['label']} (p = {t['p']:g}, mu = {t['mu']:g}; D = {rep['dim']}, "
-            f"features F = {rep['feature_dim']})",
-            "",
-            f"Served: **{rep['served']}**. {rep['selection']['reason']}. Rule: {rep['selection']['rule']}. "
-            f"ID TPR of the served threshold on the test set: {rep['served_id_tpr']:.4f} (target 0.95). "
-            f"Embedding costs {rep['embed_us_per_image']:.0f} us/image; calibration (every score, drift null) took "
-            f"{rep['calibrate_s']:.1f} s. ID l0 {rep['l0']['id_mean']:.4f} (analytic "
-            f"{'n/a' if rep['l0']['expected'] is None else format(rep['l0']['expected'], '.4f')}).",
-            "",
-            f"Scoring one input the way the server does (served score + the rate/pattern fields of the response): "
-            f"{server_us:.2f} us, {rep['embed_us_per_image'] / max(server_us, 1e-9):.0f}x less than embedding it. "
-            "The `pattern_mixture (seed s)` rows refit the mixture with other initialisations on the same data: "
-            "how much that score depends on EM's starting point.",
-            "",
-            "AUROC per OOD set (n: " + ", ".join(f"{short[s]} {rep['n'][s]}" for s in sets) + "):",
-            "",
-            "| score | " + " | ".join(short[s] for s in sets) + " | us/input | needs |",
-            "|---|" + "---|" * (len(sets) + 2),
-        ]
-        methods = list(rep["table"][sets[0]])
-        for m in methods:
-            name = f"**{m}** (served)" if m == rep["served"] else m
-            if m in ACTIVATION_STATISTICS:
-                name += " *act.*"
-            cells = " | ".join(f"{rep['table'][s][m]['auroc']:.4f}" for s in sets)
-            us = rep["cost_us"].get(m)
-            need = NEEDS.get(m.split(" (")[0], "")
-            lines.append(f"| {name} | {cells} | {'-' if us is None else format(us, '.2f')} | {need} |")
-        lines += ["", "FPR@95 / AUPR-Out per OOD set:", ""]
-        lines += ["| score | " + " | ".join(short[s] for s in sets) + " |", "|---|" + "---|" * len(sets)]
-        for m in methods:
-            cells = " | ".join(f"{rep['table'][s][m]['fpr95']:.3f} / {rep['table'][s][m]['aupr']:.3f}" for s in sets)
-            lines.append(f"| {m} | {cells} |")
-        sel = rep["selection"]
-        lines += [
-            "",
-            "Validation table the choice was made on (AUROC, held-out train images vs each validation set):",
-            "",
-            "| score | " + " | ".join(sel["validation_sets"]) + " | min |",
-            "|---|" + "---|" * (len(sel["validation_sets"]) + 1),
-        ]
-        by = {(r["score"], r["set"]): r for r in sel["table"]}
-        for m, srow in sorted(sel["summary"].items(), key=lambda kv: -kv[1]["min_auroc"]):
-            cells = " | ".join(f"{by[(m, s)]['auroc']:.4f}" for s in sel["validation_sets"])
-            lines.append(f"| {m} | {cells} | {srow['min_auroc']:.4f} |")
-        d = rep["drift"]
-        far = d["false_alarms"]
-        lines += [
-            "",
-            f"Drift monitor (window {d['window']}, false-alarm rate {d['false_alarm_rate']:g} per evaluation; "
-            f"{d['test']}): {far['alarm_onsets']} alarm onsets over {far['images']:,} ID images "
-            f"({far['per_10k_images']:.2f} per 10,000; shuffled passes over the test set, one image per request). "
-            f"Per one-image request the monitor costs {d['observe_us']['observe_dense']:.1f} us (from the dense "
-            f"embedding; {d['observe_us']['observe_rows']:.1f} us from active indices), against "
-            f"{d['observe_us']['l0 histogram (existing)']:.1f} us for the l0 histogram the server already records per "
-            f"image (same run, interleaved medians). Images until the alarm after a switch "
-            f"from a full ID window to each stream ({next(iter(d['time_to_alarm'].values()))['reps']} switches each, "
-            f"stream capped at {next(iter(d['time_to_alarm'].values()))['cap']}):",
-            "",
-            "| stream | alarmed | median | p90 | max | within one window |",
-            "|---|---|---|---|---|---|",
-        ]
-        for s, tt in d["time_to_alarm"].items():
-            lines.append(
-                f"| {s} | {tt['alarmed']}/{tt['reps']} | {tt['median']} | {tt['p90']} | {tt['max']} | "
-                f"{tt['within_window']:.2f} |"
-            )
-        lines.append("")
+        lines += model_section(rep)
     lines += [f"![served score, ID vs MNIST]({png})", ""]
     atomic_write_text(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("runs", nargs="+", help="run directories or checkpoints: the shipped recipe first, sparse last")
     parser.add_argument("--labels", nargs="*", default=None)
     parser.add_argument("--train-limit", type=int, default=None, help="Fashion-MNIST train images (default all)")

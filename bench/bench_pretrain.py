@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 MUS = (1.0, 0.0, -1.0, -2.0, -3.0)
 EVAL_SPEC = "fashion-mnist:test"
@@ -194,12 +196,27 @@ def _dead(r: dict) -> str:
     return "-" if dead is None else f"{round(dead * r['dim'])}/{r['dim']}"
 
 
-def write_plots(rows: list[dict], out_dir: Path, prefix: str = "pretrain") -> list[str]:
-    """PNGs beside the report, named after it (pretrain.md -> pretrain_*.png)."""
-    import matplotlib
+PLOT_STYLES = {  # group: (marker, colour, legend label)
+    "sweep": ("o", "C0", "shipped default"),
+    "nofix": ("x", "C3", "fix off (paper objective)"),
+    "old": ("s", "C1", "old default (marginal fix)"),
+    "quantile": ("v", "C5", "quantile rate term"),
+    "long": ("^", "C2", "shipped default, 4x steps"),
+    "p2": ("D", "C4", "shipped default, p=2"),
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_l0_vs_mu(plt, rows: list[dict], path: Path) -> None:
     import numpy as np
 
     from models.rgg import expected_l0, sigma_gn
@@ -211,29 +228,18 @@ def write_plots(rows: list[dict], out_dir: Path, prefix: str = "pretrain") -> li
     if any(r["group"] == "p2" for r in rows):
         s2 = sigma_gn(2.0)
         ax.semilogy(grid, [expected_l0(2.0, float(m), s2) for m in grid], "k:", label="analytic, p=2")
-    styles = {
-        "sweep": ("o", "C0", "shipped default"),
-        "nofix": ("x", "C3", "fix off (paper objective)"),
-        "old": ("s", "C1", "old default (marginal fix)"),
-        "quantile": ("v", "C5", "quantile rate term"),
-        "long": ("^", "C2", "shipped default, 4x steps"),
-        "p2": ("D", "C4", "shipped default, p=2"),
-    }
-    for group, (marker, color, label) in styles.items():
+    for group, (marker, color, label) in PLOT_STYLES.items():
         sel = [r for r in rows if r["group"] == group]
         if sel:
             ax.semilogy(
                 [r["mu"] for r in sel], [r["l0"] for r in sel], marker, color=color, ms=7, mfc="none", label=label
             )
-    ax.set_xlabel("mu  (target RGN_p(mu, sigma_GN))")
-    ax.set_ylabel("l0 on fashion-mnist:test (eval mode)")
-    ax.set_title("Activation rate: measured vs analytic")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{prefix}_l0_vs_mu.png", dpi=120)
+    xlabel, ylabel = "mu  (target RGN_p(mu, sigma_GN))", "l0 on fashion-mnist:test (eval mode)"
+    _finish(fig, ax, xlabel, ylabel, "Activation rate: measured vs analytic", path)
     plt.close(fig)
 
+
+def plot_acc_vs_l0(plt, rows: list[dict], path: Path) -> None:
     sweep = [r for r in rows if r["group"] == "sweep"]
     fig, ax = plt.subplots(figsize=(5.8, 4.2))
     ax.semilogx([r["l0"] for r in sweep], [r["linear_acc"] for r in sweep], "o-", color="C0", label="shipped default")
@@ -246,38 +252,54 @@ def write_plots(rows: list[dict], out_dir: Path, prefix: str = "pretrain") -> li
         )
     for i, r in enumerate(x for x in rows if x["group"] == "baselines"):
         ax.axhline(r["linear_acc"], color=f"C{i + 4}", ls=":", label=f"{r['label']} (l0 {r['l0']:.2f})")
-    ax.set_xlabel("l0 of the projector output (log scale)")
-    ax.set_ylabel("linear accuracy, backbone features")
-    ax.set_title("Accuracy vs sparsity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"{prefix}_acc_vs_l0.png", dpi=120)
+    xlabel, ylabel = "l0 of the projector output (log scale)", "linear accuracy, backbone features"
+    _finish(fig, ax, xlabel, ylabel, "Accuracy vs sparsity", path)
     plt.close(fig)
 
-    # Per-dimension rates on the test split, one panel per mu: shipped default against fix off / old default.
+
+def plot_dim_rates(plt, rows: list[dict], path: Path) -> bool:
+    """Per-dimension rates on the test split, one panel per mu: shipped default against fix off / old default
+    (False when no row of those groups exists)."""
+    import numpy as np
+
+    from models.rgg import expected_l0, sigma_gn
+
     mus = sorted({r["mu"] for r in rows if r["group"] in ("sweep", "nofix", "old", "quantile")}, reverse=True)
-    names = []
-    if mus:
-        fig, axes = plt.subplots(1, len(mus), figsize=(3.0 * len(mus), 3.0), squeeze=False)
-        bins = np.logspace(-4, 0, 33)
-        for ax, mu in zip(axes[0], mus, strict=True):
-            for group, (_, color, label) in styles.items():
-                sel = [r for r in rows if r["group"] == group and r["mu"] == mu and r.get("dim_rates")]
-                for r in sel:
-                    ax.hist(np.clip(r["dim_rates"], 1e-4, 1), bins=bins, histtype="step", color=color, label=label)
-            target = expected_l0(1.0, mu, sig)
-            ax.axvline(target, color="k", ls="--", lw=1)
-            ax.set_xscale("log")
-            ax.set_title(f"mu={mu:g} (target {target:.4f})", fontsize=8)
-            ax.set_xlabel("rate per dimension (0 at 1e-4)", fontsize=7)
-        axes[0][0].set_ylabel("dimensions")
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{prefix}_dim_rates.png", dpi=110)
-        plt.close(fig)
+    if not mus:
+        return False
+    fig, axes = plt.subplots(1, len(mus), figsize=(3.0 * len(mus), 3.0), squeeze=False)
+    bins = np.logspace(-4, 0, 33)
+    for ax, mu in zip(axes[0], mus, strict=True):
+        for group, (_, color, label) in PLOT_STYLES.items():
+            sel = [r for r in rows if r["group"] == group and r["mu"] == mu and r.get("dim_rates")]
+            for r in sel:
+                ax.hist(np.clip(r["dim_rates"], 1e-4, 1), bins=bins, histtype="step", color=color, label=label)
+        target = expected_l0(1.0, mu, sigma_gn(1.0))
+        ax.axvline(target, color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"mu={mu:g} (target {target:.4f})", fontsize=8)
+        ax.set_xlabel("rate per dimension (0 at 1e-4)", fontsize=7)
+    axes[0][0].set_ylabel("dimensions")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(rows: list[dict], out_dir: Path, prefix: str = "pretrain") -> list[str]:
+    """PNGs beside the report, named after it (pretrain.md -> pretrain_*.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{prefix}_l0_vs_mu.png", f"{prefix}_acc_vs_l0.png"]
+    plot_l0_vs_mu(plt, rows, out_dir / names[0])
+    plot_acc_vs_l0(plt, rows, out_dir / names[1])
+    if plot_dim_rates(plt, rows, out_dir / f"{prefix}_dim_rates.png"):
         names.append(f"{prefix}_dim_rates.png")
-    return [f"{prefix}_l0_vs_mu.png", f"{prefix}_acc_vs_l0.png", *names]
+    return names
 
 
 def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], wall: dict[str, float]) -> Path:
@@ -386,7 +408,7 @@ def goals(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the budget)")
     ap.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per run")

@@ -28,12 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import httpx
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import ROOT, md_table, wait_for_server
 
 
 def start_replica(model: Path, uri: str, collection: str) -> tuple[subprocess.Popen, str]:
@@ -41,23 +39,7 @@ def start_replica(model: Path, uri: str, collection: str) -> tuple[subprocess.Po
            "--backend", "milvus", "--milvus-uri", uri, "--collection", collection, "--max-inflight", "4096",
            "--threads", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "listening on" in line:
-            url = line.split("listening on ")[1].split()[0]
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        return proc, url
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("replica did not start")
+    return proc, wait_for_server(proc, 120, "replica")
 
 
 def query(rng: np.random.Generator, dim: int, nnz: int) -> dict:
@@ -100,39 +82,36 @@ async def drive(urls: list[str], clients: int, seconds: float, write_share: floa
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--items", type=int, default=20000)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--write-share", type=float, default=0.0)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs/results/replicas.md")
-    args = ap.parse_args()
-
-    from bench_serve import build_model
-
+def fill(uri: str, items: int, dim: int) -> float:
+    """`items` random codes into the collection "bench" in batches of 5,000; the seconds it took."""
     from index.factory import create_index
+
+    rng = np.random.default_rng(0)
+    index = create_index("milvus", dim, "cosine", uri=uri, collection="bench", batch_rows=5000)
+    t0 = time.perf_counter()
+    for lo in range(0, items, 5000):
+        n = min(5000, items - lo)
+        rows = [query(rng, dim, 8) for _ in range(n)]
+        dense = np.zeros((n, dim), np.float32)
+        for r, q in enumerate(rows):
+            dense[r, q["indices"]] = q["values"]
+        index.add(np.arange(lo, lo + n), dense, [{"row": int(i)} for i in range(lo, lo + n)])
+    index.close()
+    return time.perf_counter() - t0
+
+
+def measure(args: argparse.Namespace, dim: int) -> tuple[dict[str, list[dict]], float]:
+    """Milvus filled, two replicas started, then 1 vs 2 replicas in interleaved rounds: every round's result."""
+    from bench_serve import export_preset
+
     from index.milvus_server import LocalMilvus, free_port
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
-    model = build_model(tmp, "tiny")
-    dim = 64
+    model = export_preset(tmp, "tiny")
     server = LocalMilvus(tmp / "milvus", free_port()).start()
     procs: list[subprocess.Popen] = []
     try:
-        rng = np.random.default_rng(0)
-        index = create_index("milvus", dim, "cosine", uri=server.uri, collection="bench", batch_rows=5000)
-        t0 = time.perf_counter()
-        for lo in range(0, args.items, 5000):
-            n = min(5000, args.items - lo)
-            rows = [query(rng, dim, 8) for _ in range(n)]
-            dense = np.zeros((n, dim), np.float32)
-            for r, q in enumerate(rows):
-                dense[r, q["indices"]] = q["values"]
-            index.add(np.arange(lo, lo + n), dense, [{"row": int(i)} for i in range(lo, lo + n)])
-        fill_s = time.perf_counter() - t0
-        index.close()
+        fill_s = fill(server.uri, args.items, dim)
         urls = []
         for _ in range(2):
             proc, url = start_replica(model, server.uri, "bench")
@@ -154,23 +133,21 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         server.stop()
+    return runs, fill_s
 
+
+def report(runs: dict[str, list[dict]], fill_s: float, args: argparse.Namespace) -> str:
     base = statistics.median(r["rps"] for r in runs["1 replica"])
-    lines = [
-        "| replicas | req/s (median) | vs 1 replica | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    rows = []
     for name, rs in runs.items():
         rps = statistics.median(r["rps"] for r in rs)
-        lines.append(
-            f"| {name} | {rps:.0f} | {rps / base:.2f}x | {statistics.median(r['p50'] for r in rs):.1f} | "
-            f"{statistics.median(r['p99'] for r in rs):.1f} | {sum(r['errors'] for r in rs)} |"
-        )
+        rows.append([name, f"{rps:.0f}", f"{rps / base:.2f}x", f"{statistics.median(r['p50'] for r in rs):.1f}",
+                     f"{statistics.median(r['p99'] for r in rs):.1f}", sum(r["errors"] for r in rs)])  # fmt: skip
     load = os.getloadavg()
     cmd = "nice -n 10 .venv/bin/python bench/bench_replicas.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"
     )
-    text = "\n".join(
+    return "\n".join(
         [
             "## Serving replicas over one Milvus (bench/bench_replicas.py)",
             "",
@@ -185,10 +162,23 @@ def main() -> int:
             f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end of the run. Milvus and both replicas run on "
             "these same cores.",
             "",
-            *lines,
+            *md_table(["replicas", "req/s (median)", "vs 1 replica", "p50 ms", "p99 ms", "errors"], rows, "lrrrrr"),
             "",
         ]
     )
+
+
+def main() -> int:
+    ap = common.parser(__doc__)
+    ap.add_argument("--items", type=int, default=20000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--write-share", type=float, default=0.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs/results/replicas.md")
+    args = ap.parse_args()
+    runs, fill_s = measure(args, dim=64)
+    text = report(runs, fill_s, args)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -29,7 +29,6 @@ Needs `wrk` (Debian: apt-get install wrk). Not a test: minutes long, numbers dep
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -44,16 +43,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import httpx
 import numpy as np
+from common import ROOT, wait_for_server
 
-ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY = "lpjepabench7d1f"
 ORT_BATCHES = (1, 4, 8, 16, 32, 64)
 
 PRESETS = {
     # name: (ResNet-18 width, small stem, image size, input channels, projector widths)
     "demo": (0.125, True, 28, 1, [256, 256, 256]),  # what scripts/demo.sh trains (pretrain/configs/smoke.json)
+    "tiny": (
+        0.125,
+        False,
+        28,
+        1,
+        [64, 64, 64],
+    ),  # the test model (bench_replicas, bench_load_fault): overhead dominates
     # the paper's ImageNet projector (2048-2048-2048): at batch 1 a call is bound by reading its weights
     "wide": (0.25, False, 32, 3, [2048, 2048, 2048]),
 }
@@ -203,24 +210,7 @@ def start_server(model: Path, index: Path | None, extra: list[str]) -> tuple[sub
     cmd += [] if index is None else ["--index", str(index)]
     cmd += ["--port", "0", "--log-level", "warning", "--max-inflight", "4096", "--max-queue", "8192", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 180
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server exited with code {proc.wait()} before listening")
-        match = re.search(r"listening on (http://\S+)", line)
-        if match:
-            url = match.group(1)
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                        return proc, url
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    return proc, wait_for_server(proc, 180)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -438,18 +428,13 @@ START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
 
 def write_section(path: Path, text: str) -> None:
     """Replace only the benchmark's own section of the results page, so hand-written notes around it survive."""
-    block = f"{START}\n{text}\n{END}"
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = (old.rstrip() + "\n\n" if old else "## Serve: load benchmark (bench/bench_serve.py)\n\n") + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    common.write_section(
+        path, f"{START}\n{text}\n{END}", START, END, new_page="## Serve: load benchmark (bench/bench_serve.py)\n\n"
+    )
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--models", default="demo,wide", help="comma-separated: demo, wide, or paths to exported models")
     ap.add_argument("--clients", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--endpoints", nargs="+", default=["embed", "search"], choices=["embed", "search"])
@@ -463,7 +448,6 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("bench_serve: needs the wrk load generator (Debian: apt-get install wrk)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT))
     load0 = os.getloadavg()[0]
     cpu0 = os.times()
     results = []

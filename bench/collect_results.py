@@ -8,8 +8,9 @@ them in the order of the data flow, so RESULTS.md never holds a number that no s
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 ORDER = (
@@ -26,7 +27,7 @@ ORDER = (
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--sections", default=str(REPO / "docs" / "results"))
     ap.add_argument("--out", default=str(REPO / "docs" / "RESULTS.md"))
     args = ap.parse_args()

@@ -25,6 +25,7 @@ import math
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 from torch import nn
@@ -242,7 +243,7 @@ def write_histograms(results: dict[str, dict], out: Path, target: float) -> list
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = common.parser(__doc__)
     ap.add_argument("--mu", type=float, default=-3.0)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--dim", type=int, default=128)

@@ -601,7 +601,7 @@ def plan(quick: bool, device: str) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU smoke test well under a minute")
@@ -614,7 +614,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", default="smoke", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_steps(report: Report, args: argparse.Namespace, work: Path) -> None:
+    """Every step in order, each recorded (and the report rewritten) as it ends; a failed step skips only the
+    steps that need its output."""
+    report.doc["environment"] = environment(args.device)
+    report.write()
+    run_step(report, "imports", import_survey)
+    report.doc["data"] = prepare_data(work)
+    sizes = plan(args.quick, args.device)
+    run_step(report, "train_smoke", train_run, "smoke", sizes["smoke"], work / "smoke", args.device)
+    cifar = run_step(
+        report, "train_cifar10_shaped", train_run, "cifar10-gpu", sizes["cifar"], work / "cifar", args.device
+    )
+    run_step(report, "ddp", ddp_check, args.device, sizes["ddp"], work / "ddp", args.ddp_timeout)
+    export = {"status": "skipped", "reason": "the cifar10-shaped run failed"}
+    if cifar.get("status") == "ok":
+        export = run_step(
+            report, "export_onnx", export_check, cifar["run_dir"], work, args.device, sizes["parity_images"],
+            args.exporter,
+        )  # fmt: skip
+    else:
+        report.step("export_onnx", export)
+    embeddings = export.pop("_embeddings", None)
+    report.write()
+    if cifar.get("status") == "ok":
+        run_step(report, "tensorrt", tensorrt_check, cifar["run_dir"], work, sizes["parity_images"])
+    if embeddings is not None:
+        run_step(report, "faiss_gpu", faiss_check, embeddings, args.device)
+    if args.no_compile:
+        report.step("compile", {"status": "skipped", "reason": "--no-compile"})
+    else:  # last: the slowest step and the likeliest to misbehave on a new stack
+        run_step(report, "compile", compile_probe, args.device, args.quick, sizes["cifar"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.ddp_worker:
         return ddp_worker(args)
 
@@ -626,13 +663,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.device == "cpu" and args.quick:
         torch.set_num_threads(1)
-    out = Path(args.out)
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="lpjepa-gpu-check-")) if own_work else Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc)
     report = Report(
-        out / JSON_NAME,
+        Path(args.out) / JSON_NAME,
         {
             "started_at": started.isoformat(timespec="seconds"),
             "device_requested": args.device,
@@ -642,35 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     t_start = time.perf_counter()
     try:
-        report.doc["environment"] = environment(args.device)
-        report.write()
-        run_step(report, "imports", import_survey)
-        data = prepare_data(work)
-        report.doc["data"] = data
-        sizes = plan(args.quick, args.device)
-        run_step(report, "train_smoke", train_run, "smoke", sizes["smoke"], work / "smoke", args.device)
-        cifar = run_step(
-            report, "train_cifar10_shaped", train_run, "cifar10-gpu", sizes["cifar"], work / "cifar", args.device
-        )
-        run_step(report, "ddp", ddp_check, args.device, sizes["ddp"], work / "ddp", args.ddp_timeout)
-        export = {"status": "skipped", "reason": "the cifar10-shaped run failed"}
-        if cifar.get("status") == "ok":
-            export = run_step(
-                report, "export_onnx", export_check, cifar["run_dir"], work, args.device, sizes["parity_images"],
-                args.exporter,
-            )  # fmt: skip
-        else:
-            report.step("export_onnx", export)
-        embeddings = export.pop("_embeddings", None)
-        report.write()
-        if cifar.get("status") == "ok":
-            run_step(report, "tensorrt", tensorrt_check, cifar["run_dir"], work, sizes["parity_images"])
-        if embeddings is not None:
-            run_step(report, "faiss_gpu", faiss_check, embeddings, args.device)
-        if args.no_compile:
-            report.step("compile", {"status": "skipped", "reason": "--no-compile"})
-        else:  # last: the slowest step and the likeliest to misbehave on a new stack
-            run_step(report, "compile", compile_probe, args.device, args.quick, sizes["cifar"])
+        run_steps(report, args, work)
     finally:
         steps = report.doc["steps"]
         report.doc["failed_steps"] = [k for k, v in steps.items() if v.get("status") == "failed"]
