@@ -179,6 +179,6 @@ def _tolerance(args: argparse.Namespace) -> tuple[float, float] | None:
 def _write_report(path: Path | None, report: object) -> None:
     if path is None:
         return
-    from export.metadata import write_text_atomic
+    from core.atomic_io import atomic_write_text
 
-    write_text_atomic(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")  # type: ignore[attr-defined]
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")  # type: ignore[attr-defined]

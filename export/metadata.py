@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from core.atomic_io import atomic_path
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.atomic_io import DEFAULT_FILE_MODE, atomic_path, atomic_write_text
 from export.errors import ModelLoadError
 
 FORMAT = "lpjepa-onnx/1"
@@ -23,47 +25,58 @@ OOD_KEY = "ood_calibration"
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
-# key -> type tag; "str" values are stored raw, the others as JSON. Unknown keys are kept, JSON-decoded if they
-# parse, so files written by a newer exporter still load.
-SCHEMA: dict[str, str] = {
-    "format": "str",
-    "dim": "int",
-    "method": "str",
-    "backbone": "str",
-    "rectify": "bool",
-    "target_p": "float",
-    "target_mu": "float",
-    "target_sigma": "float",
-    "expected_l0": "float?",
-    "image_size": "int",
-    "in_channels": "int",
-    "mean": "floats",
-    "std": "floats",
-    "input_name": "str",
-    "output_name": "str",
-    "checkpoint_sha256": "str",
-    "checkpoint_name": "str",
-    "precision": "str",
-    "opset": "int",
-    "exporter": "str",
-    "created_at": "str",
-    "model_config": "json",
-    "parity": "json",
-    "tensorrt_profile": "json",
-    OOD_KEY: "json",
-}
+
+class ModelMetadata(BaseModel):
+    """The typed metadata of an export. A field may be absent (the check of REQUIRED is `validate`'s, so that a
+    partial update such as the parity summary encodes key by key) but never null, except `expected_l0`. Other
+    keys are kept (JSON-decoded if they parse), so files written by a newer exporter still load."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = Field(default=None)
+    dim: int = Field(default=None)
+    method: str = Field(default=None)
+    backbone: str = Field(default=None)
+    rectify: bool = Field(default=None)
+    target_p: float = Field(default=None)
+    target_mu: float = Field(default=None)
+    target_sigma: float = Field(default=None)
+    expected_l0: float | None = None  # None: the target says nothing about the served embedding's sparsity
+    image_size: int = Field(default=None)
+    in_channels: int = Field(default=None)
+    mean: list[float] = Field(default=None)
+    std: list[float] = Field(default=None)
+    input_name: str = Field(default=None)
+    output_name: str = Field(default=None)
+    checkpoint_sha256: str = Field(default=None)
+    checkpoint_name: str = Field(default=None)
+    precision: str = Field(default=None)
+    opset: int = Field(default=None)
+    exporter: str = Field(default=None)
+    created_at: str = Field(default=None)
+    encoder_config: dict[str, Any] = Field(default=None, alias="model_config")  # models.config.ModelConfig
+    parity: dict[str, Any] = Field(default=None)
+    tensorrt_profile: dict[str, int] = Field(default=None)
+    ood_calibration: Any = None
+
+
 REQUIRED = ("format", "dim", "image_size", "in_channels", "mean", "std", "input_name", "output_name", "precision")
+KEYS = frozenset(field.alias or name for name, field in ModelMetadata.model_fields.items())
+# Strings are stored raw, so Netron and `onnx` tooling show them readably; everything else as JSON.
+RAW_KEYS = frozenset(
+    field.alias or name for name, field in ModelMetadata.model_fields.items() if field.annotation is str
+)
 
 
-def _default_mode() -> int:
-    """The mode a plain open() would create: mkstemp's 0600 would hide the model from a serving user."""
-    try:  # Linux reports the umask without the set-and-restore race of os.umask()
-        with open("/proc/self/status", encoding="ascii") as fh:
-            umask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = os.umask(0o022)
-        os.umask(umask)
-    return 0o666 & ~umask
+def _typed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with each known key's value validated and coerced to its field's type (same keys, same order)."""
+    try:
+        dumped = ModelMetadata.model_validate(values).model_dump(by_alias=True, exclude_unset=True)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ModelLoadError(f"{where}: metadata key {key!r}: {first['msg']}") from None
+    return {key: dumped[key] for key in values}
 
 
 def save_onnx_atomic(model: Any, path: str | os.PathLike[str]) -> Path:
@@ -71,23 +84,11 @@ def save_onnx_atomic(model: Any, path: str | os.PathLike[str]) -> Path:
     import onnx
 
     target = Path(path)
-    mode = target.stat().st_mode & 0o777 if target.exists() else _default_mode()
+    mode = target.stat().st_mode & 0o777 if target.exists() else DEFAULT_FILE_MODE
     with atomic_path(target) as tmp:
         onnx.save(model, str(tmp))
         os.chmod(tmp, mode)
     return target
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
-        os.chmod(tmp, _default_mode())
-    return target
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def engine_sidecar(model_path: str | os.PathLike[str]) -> Path:
@@ -104,51 +105,36 @@ def _finite_json(value: Any) -> str:
 
 
 def encode(metadata: dict[str, Any]) -> dict[str, str]:
-    """Typed metadata -> metadata_props strings; rejects values that would not survive the round trip."""
+    """Typed metadata (all keys or some) -> metadata_props strings; rejects values that would not survive the
+    round trip (a ValueError naming the key)."""
+    try:
+        typed = _typed(metadata, "metadata")
+    except ModelLoadError as err:
+        raise ValueError(str(err)) from None
     out: dict[str, str] = {}
-    for key, value in metadata.items():
-        kind = SCHEMA.get(key, "json")
+    for key, value in typed.items():
         try:
-            if kind == "str":
-                if not isinstance(value, str):
-                    raise TypeError(f"expected a string, got {type(value).__name__}")
-                out[key] = value
-            elif kind in ("float", "float?") and value is not None:
-                out[key] = _finite_json(float(value))
-            else:
-                out[key] = _finite_json(value)
+            out[key] = value if key in RAW_KEYS else _finite_json(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"metadata key {key!r}: {err}") from err
     return out
 
 
-def decode(props: dict[str, str]) -> dict[str, Any]:
-    """metadata_props strings -> typed values (int, float, None, list[float], dict), by SCHEMA."""
+def decode(props: dict[str, str], where: str = "model") -> dict[str, Any]:
+    """metadata_props strings -> typed values (int, float, None, list[float], dict), by ModelMetadata."""
     out: dict[str, Any] = {}
     for key, text in props.items():
-        kind = SCHEMA.get(key)
-        if kind == "str":
+        if key in RAW_KEYS:
             out[key] = text
             continue
         try:
-            value = json.loads(text)
+            out[key] = json.loads(text)
         except json.JSONDecodeError:
-            if kind is None:  # someone else's free-text key
+            if key not in KEYS:  # someone else's free-text key
                 out[key] = text
                 continue
-            raise ModelLoadError(f"metadata key {key!r} holds invalid JSON: {text[:80]!r}") from None
-        if kind == "int":
-            value = int(value)
-        elif kind == "float":
-            value = float(value)
-        elif kind == "float?":
-            value = None if value is None else float(value)
-        elif kind == "floats":
-            value = [float(v) for v in value]
-        elif kind == "bool":
-            value = bool(value)
-        out[key] = value
-    return out
+            raise ModelLoadError(f"{where}: metadata key {key!r} holds invalid JSON: {text[:80]!r}") from None
+    return _typed(out, where)
 
 
 def validate(metadata: dict[str, Any], where: str) -> dict[str, Any]:
@@ -199,13 +185,13 @@ def read_metadata(model_path: str | os.PathLike[str]) -> dict[str, Any]:
             raise ModelLoadError(f"{sidecar} is not valid JSON: {err}") from err
         if not isinstance(props, dict):
             raise ModelLoadError(f"{sidecar} must hold a JSON object")
-        return validate(decode({str(k): str(v) for k, v in props.items()}), str(path))
-    return validate(decode(read_onnx_props(path)), str(path))
+        return validate(decode({str(k): str(v) for k, v in props.items()}, str(path)), str(path))
+    return validate(decode(read_onnx_props(path), str(path)), str(path))
 
 
 def write_engine_metadata(engine_path: str | os.PathLike[str], metadata: dict[str, Any]) -> Path:
     sidecar = engine_sidecar(engine_path)
-    write_text_atomic(sidecar, json.dumps(encode(metadata), indent=1, sort_keys=True) + "\n")
+    atomic_write_text(sidecar, json.dumps(encode(metadata), indent=1, sort_keys=True) + "\n")
     return sidecar
 
 
@@ -222,7 +208,7 @@ def write_ood_calibration(model_path: str | os.PathLike[str], calibration: dict[
         raise ModelLoadError(f"no model file at {path}")
     if path.suffix.lower() not in ONNX_SUFFIXES:
         read_metadata(path)  # refuse to decorate a foreign file
-        write_text_atomic(ood_sidecar(path), text + "\n")
+        atomic_write_text(ood_sidecar(path), text + "\n")
         return ood_sidecar(path)
     import onnx
 

@@ -3,8 +3,8 @@
 It reads everything it needs (input contract, embedding size, target, OOD calibration) from the model file's
 metadata, preprocesses raw images exactly like training's evaluation transform (export.preprocess), runs
 ONNX Runtime (CUDA first when present, else CPU) or a TensorRT engine in fixed-size chunks, and returns sparse
-rows. Import cost is numpy + Pillow + scipy; onnxruntime is imported when a runtime is created and torch only
-for TensorRT engines.
+rows. Import cost is numpy + Pillow + scipy; onnxruntime and pydantic (export.metadata) are imported when a
+runtime is created, torch only for TensorRT engines.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from export import metadata as meta_io
 from export.backends import OrtBackend, TensorRTBackend, default_providers
 from export.errors import ImageDecodeError, ModelLoadError
 from export.preprocess import ImageInput, Preprocessor
@@ -40,6 +39,8 @@ class EmbeddingRuntime:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        from export import metadata as meta_io  # pydantic: loaded with the first model, not on import
+
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ModelLoadError(f"no model file at {self.path}")
@@ -49,7 +50,7 @@ class EmbeddingRuntime:
             self._backend: Any = TensorRTBackend(self.path, self.metadata)
         elif suffix in meta_io.ONNX_SUFFIXES:
             self._backend = OrtBackend(self.path, providers, num_threads, spin)
-            self.metadata = meta_io.validate(meta_io.decode(self._backend.props), str(self.path))
+            self.metadata = meta_io.validate(meta_io.decode(self._backend.props, str(self.path)), str(self.path))
         else:
             raise ModelLoadError(
                 f"{self.path}: unsupported model file type {suffix or '(none)'!r}; expected "
@@ -98,12 +99,16 @@ class EmbeddingRuntime:
     @property
     def ood_calibration(self) -> dict[str, Any] | None:
         """Embedded `ood_calibration` metadata, else `<model>.ood.json`, else None (read once, then cached)."""
+        from export import metadata as meta_io
+
         if self._ood is False:
             self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
         return self._ood  # type: ignore[return-value]
 
     def reload_ood_calibration(self) -> dict[str, Any] | None:
         """Re-read after `write_ood_calibration` changed the file on disk."""
+        from export import metadata as meta_io
+
         self.metadata = meta_io.read_metadata(self.path)
         self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
         return self._ood
@@ -112,14 +117,17 @@ class EmbeddingRuntime:
         """Raw images -> (N, C, H, W) float32, identical to models.preprocess.eval_transform."""
         return self._preprocess(images, offset=offset)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed (N, C, H, W) input -> (N, dim) float32 embeddings, in chunks of `batch_size`."""
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch)
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(batch.shape)}"
             )
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed (N, C, H, W) input -> (N, dim) float32 embeddings, in chunks of `batch_size`."""
+        batch = self._checked(batch)
         out = np.empty((batch.shape[0], self.dim), dtype=np.float32)
         for start in range(0, batch.shape[0], self.batch_size):
             chunk = batch[start : start + self.batch_size]
@@ -130,12 +138,7 @@ class EmbeddingRuntime:
         """Like `run`, also returning the encoder features (N, feature_dim); needs a model exported with them."""
         if self.features_name is None:
             raise ValueError(f"{self.path} has no encoder-feature output; re-export it without --no-features")
-        batch = np.asarray(batch)
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"expected input of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(batch.shape)}"
-            )
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        batch = self._checked(batch)
         out = np.empty((batch.shape[0], self.dim), dtype=np.float32)
         feats = np.empty((batch.shape[0], int(self.feature_dim or 0)), dtype=np.float32)
         names = [self._backend.output_name, self.features_name]

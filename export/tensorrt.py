@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.atomic_io import atomic_write_bytes
 from export import metadata as meta_io
 from export.backends import missing_requirements
 from export.errors import MissingBackendError
@@ -121,7 +122,7 @@ def export_tensorrt(
             tolerance = onnx_kwargs.get("tolerance") if precision != "fp32" else None
             report.require(compare(reference, got, precision, backend="tensorrt", tolerance=tolerance), "TensorRT")
             metadata["parity"] = report.summary()
-        meta_io.write_bytes_atomic(out, engine)
+        atomic_write_bytes(out, engine)
         meta_io.write_engine_metadata(out, metadata)
     report.output = str(out)
     return report

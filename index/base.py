@@ -180,23 +180,20 @@ class VectorIndex(ABC):
 
     def payloads(self, ids: Any) -> list[Any]:
         """Payloads of ``ids`` in order; -1 (an empty result slot) gives None, unknown ids raise."""
-        keys = np.asarray(ids, dtype=np.int64).ravel()
-        with self._lock.read():
-            asked = keys[keys != -1]
-            present = self._contains(asked) if asked.size else np.ones(0, bool)
-            if not present.all():
-                raise _unknown(asked[~present], asked.size)
-            return [self._payloads.get(int(k)) for k in keys.tolist()]
+        return self._lookup(ids, self._payloads)
 
     def thumbnails(self, ids: Any) -> list[bytes | None]:
         """Thumbnail PNGs of ``ids`` in order (None where an item has none); same id rules as :meth:`payloads`."""
+        return self._lookup(ids, self._thumbnails)
+
+    def _lookup(self, ids: Any, table: dict[int, Any]) -> list[Any]:
         keys = np.asarray(ids, dtype=np.int64).ravel()
         with self._lock.read():
             asked = keys[keys != -1]
             present = self._contains(asked) if asked.size else np.ones(0, bool)
             if not present.all():
                 raise _unknown(asked[~present], asked.size)
-            return [self._thumbnails.get(int(k)) for k in keys.tolist()]
+            return [table.get(int(k)) for k in keys.tolist()]
 
     @property
     def thumbnail_count(self) -> int:

@@ -334,13 +334,16 @@ class MilvusIndex(VectorIndex):
         return int(ids.size)
 
     # ------------------------------------------------------------------ reads
-    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    def _checked_queries(self, queries: Any, k: int) -> tuple[int, Any]:
+        """(k, queries) after the checks every search runs, queries unit-length for cosine."""
         k = check_k(k)
         if k > MAX_TOPK:
             raise InvalidInputError(f"the milvus backend returns at most {MAX_TOPK} results per query, got k={k}")
         q = check_vectors(queries, self._dim, what="queries")
-        if self._metric == "cosine":
-            q = normalize_rows(q, row_norms(q))
+        return k, normalize_rows(q, row_norms(q)) if self._metric == "cosine" else q
+
+    def search(self, queries: Any, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        k, q = self._checked_queries(queries, k)
         nq = n_rows(q)
         scores = np.full((nq, k), -np.inf, np.float32)
         found = np.full((nq, k), -1, np.int64)
@@ -375,12 +378,7 @@ class MilvusIndex(VectorIndex):
     ) -> list[tuple[int, float, Any, bytes | None]]:
         """(id, score, payload, thumbnail or None) of the first query row's top ``k``, best first, in one search
         call that returns the payloads with the hits (the server's path; ``search`` + ``payloads`` is two)."""
-        k = check_k(k)
-        if k > MAX_TOPK:
-            raise InvalidInputError(f"the milvus backend returns at most {MAX_TOPK} results per query, got k={k}")
-        q = check_vectors(queries, self._dim, what="queries")
-        if self._metric == "cosine":
-            q = normalize_rows(q, row_norms(q))
+        k, q = self._checked_queries(queries, k)
         if n_rows(q) == 0:
             return []
         if not self._exists:

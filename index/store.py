@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core.atomic_io import file_sha256, fsync_path
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
@@ -34,9 +35,49 @@ FORMAT = "lpjepa-vector-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _OWN_FILE = re.compile(r"^(g\d{6}-[0-9a-f]{8}-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?(\.tmp)?|manifest\.json\.tmp)$")
-_REQUIRED = ("format", "format_version", "backend", "dim", "metric", "count", "files")
 
 Writer = Callable[[Path], None]
+
+
+class FileEntry(BaseModel):
+    """One data file of a generation: its name in the directory, and what it must hash to and weigh."""
+
+    name: str
+    sha256: str
+    bytes: int
+
+
+class Manifest(BaseModel):
+    """manifest.json. Keys it does not know (a newer writer's) are kept: the digest covers the whole object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str
+    format_version: int
+    backend: str
+    dim: int
+    metric: str
+    count: int
+    files: dict[str, FileEntry]
+    generation: int | None = None
+    created_utc: str | None = None
+    options: dict[str, Any] | None = None  # the backend's own (index.<backend>_index._options)
+    metadata: dict[str, Any] | None = None  # the caller's: model file and sha256, data spec (lpjepa index build)
+    software: dict[str, str] | None = None
+    manifest_sha256: str | None = None
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``manifest`` as the model sees it (the given keys only); CorruptIndexError naming the field and the file."""
+    try:
+        return Manifest.model_validate(manifest).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as err:
+        absent = [e["loc"][0] for e in err.errors() if e["type"] == "missing" and len(e["loc"]) == 1]
+        if absent:
+            raise CorruptIndexError(f"{path} lacks the fields {absent}") from None
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise CorruptIndexError(f"{path}: field {where!r}: {first['msg']}") from None
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -87,10 +128,9 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
     ``header`` holds the manifest fields (backend, dim, metric, count, options ...); ``writers`` maps a file
     role to (extension, function that writes the file at the given path).
     """
-    missing = [key for key in ("backend", "dim", "metric", "count") if key not in header]
-    if missing:
-        raise ValueError(f"manifest header lacks {missing}")
     root = Path(directory)
+    fields = {"format": FORMAT, "format_version": FORMAT_VERSION, **header, "files": {}}
+    fields = _check_manifest(fields, root / MANIFEST)  # before anything is written
     _check_target(root)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
@@ -106,14 +146,8 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
         fsync_path(tmp)
         files[role] = {"name": name, "sha256": file_sha256(tmp), "bytes": tmp.stat().st_size}
         os.replace(tmp, root / name)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **header,
-        "generation": generation,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017 - py3.10
-        "files": files,
-    }
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 - py3.10
+    manifest = {**fields, "generation": generation, "created_utc": now, "files": files}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     tmp_manifest = root / f"{MANIFEST}.tmp"
     with open(tmp_manifest, "w", encoding="utf-8") as f:
@@ -154,12 +188,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise CorruptIndexError(f"{path} was altered or corrupted: its content does not match its sha256")
-    absent = [key for key in _REQUIRED if key not in manifest]
-    if absent:
-        raise CorruptIndexError(f"{path} lacks the fields {absent}")
-    if not isinstance(manifest["files"], dict):
-        raise CorruptIndexError(f"{path}: 'files' must be an object")
-    return manifest
+    return _check_manifest(manifest, path)
 
 
 def verified_paths(
@@ -170,7 +199,7 @@ def verified_paths(
     out: dict[str, Path] = {}
     for role in roles:
         entry = manifest["files"].get(role)
-        if not isinstance(entry, dict) or not {"name", "sha256", "bytes"} <= entry.keys():
+        if entry is None:
             raise CorruptIndexError(f"{root / MANIFEST} has no valid entry for the {role!r} file")
         name = str(entry["name"])
         if not _OWN_FILE.match(name) or name.endswith(".tmp"):

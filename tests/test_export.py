@@ -16,6 +16,7 @@ import torch
 from helpers import grey_batch, tiny_config
 from scipy import stats
 
+from core.atomic_io import DEFAULT_FILE_MODE
 from data.sources import open_source, sample_image_files
 from export import metadata as meta_io
 from export.errors import ExportError, ParityError
@@ -73,7 +74,7 @@ def grey(tmp_path_factory):
 def test_fp32_export_of_a_small_model_passes_parity_on_fashion_mnist(grey):
     run, out, report = grey
     assert out.is_file() and report.passed
-    assert out.stat().st_mode & 0o777 == meta_io._default_mode()  # readable by a serving user, not 0600
+    assert out.stat().st_mode & 0o777 == DEFAULT_FILE_MODE  # readable by a serving user, not 0600
     assert report.data == "fashion-mnist:test" and report.n_images == PARITY_IMAGES
     (check,) = report.checks
     assert check.precision == "fp32" and check.max_abs_err <= FP32_MAX_ABS_ERR
