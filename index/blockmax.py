@@ -35,14 +35,15 @@ from numba import njit
 from index.compiled import _replace_worst, _rescore
 from index.inverted import guard_search
 
+SUB_BLOCKS = 8  # a visited block's parts are bounded again (finer maxima, read only for visited blocks)
 BLOCK_ROWS = 128  # rows per block: bounds tighten as blocks shrink, the bound pass grows with their number
-LEVEL_FRACTION = 0.8  # each round takes the blocks whose bound lies within this fraction of the previous round's
+LEVEL_FRACTION = 0.5  # each round takes the blocks whose bound lies within this fraction of the previous round's
 MIN_LEVEL = 0.05  # below this fraction of the best bound, one last round takes every block left
 # Blocks of fewer rows than this keep the inverted-index kernels (a bound pass over few blocks saves little).
 MIN_ROWS = 1 << 16
 PROBE_QUERIES = 32
 PROBE_K = 10
-PROBE_GIVE_UP = 0.1  # a probe query scoring more than this share of the blocks ends the probe: no pay
+PROBE_GIVE_UP = 0.1  # probe queries scoring more than this share of the blocks on average: no pay (stopped early)
 _LOCAL = threading.local()
 
 
@@ -55,6 +56,7 @@ class BlockMaxRows:
     indices: np.ndarray  # int32
     data: np.ndarray  # float32
     maxq: np.ndarray  # uint8 (dim, n_blocks): block maxima, quantised upward
+    subq: np.ndarray  # uint8 (n_blocks, dim, n_sub): maxima of each block's n_sub equal parts, same scale
     scale: np.ndarray  # float32 (dim,): maxq * scale bounds each value
     block_rows: int
     rows_per_query: float = 0.0  # rows a query scores, measured at build (:func:`probe`): the cost model's input
@@ -73,7 +75,8 @@ class BlockMaxRows:
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in (self.perm, self.indptr, self.indices, self.data, self.maxq, self.scale)))
+        arrays = (self.perm, self.indptr, self.indices, self.data, self.maxq, self.subq, self.scale)
+        return int(sum(a.nbytes for a in arrays))
 
 
 @njit(nogil=True, cache=True)
@@ -136,6 +139,44 @@ def _block_maxima(
 
 
 @njit(nogil=True, cache=True)
+def _sub_maxima(
+    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dim: int, block_rows: int, n_sub: int
+) -> np.ndarray:
+    """(n_blocks, dim, n_sub) maxima of each block's parts of block_rows / n_sub rows (contiguous per block and
+    dimension: the search reads all parts of one dimension of a visited block at once)."""
+    n = indptr.size - 1
+    n_blocks = (n + block_rows - 1) // block_rows
+    part = block_rows // n_sub
+    out = np.zeros((n_blocks, dim, n_sub), np.float32)
+    for i in range(n):
+        b = i // block_rows
+        t = (i - b * block_rows) // part
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if data[p] > out[b, j, t]:
+                out[b, j, t] = data[p]
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _quantise_parts(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    n_blocks, dim, n_sub = maxima.shape
+    out = np.zeros((n_blocks, dim, n_sub), np.uint8)
+    for b in range(n_blocks):
+        for j in range(dim):
+            s = np.float64(scale[j])
+            if s <= 0:
+                continue
+            for t in range(n_sub):
+                m = np.float64(maxima[b, j, t])
+                q = np.ceil(m / s)
+                if q * s < m:
+                    q += 1
+                out[b, j, t] = min(q, 255.0)
+    return out
+
+
+@njit(nogil=True, cache=True)
 def _quantise(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
     dim, n_blocks = maxima.shape
     out = np.zeros((dim, n_blocks), np.uint8)
@@ -186,10 +227,18 @@ def build_blockmax(x: sp.csr_matrix, block_rows: int | None = None) -> BlockMaxR
     dim1, dim2, top = _top_two(indptr, indices, data)
     perm = _group_order(dim1, dim2, top, dim)
     f_ptr, f_idx, f_val = _gather_rows(indptr, indices, data, perm)
-    n_blocks = -(-n // block_rows)
-    maxq, scale = quantise_up(np.ascontiguousarray(_block_maxima(f_ptr, f_idx, f_val, dim, block_rows, n_blocks).T))
+    n_sub = SUB_BLOCKS if block_rows % SUB_BLOCKS == 0 else 1
+    parts = _sub_maxima(f_ptr, f_idx, f_val, dim, block_rows, n_sub)
+    maxq, scale = quantise_up(np.ascontiguousarray(parts.max(axis=2).T))
     bmr = BlockMaxRows(
-        perm=perm, indptr=f_ptr, indices=f_idx, data=f_val, maxq=maxq, scale=scale, block_rows=block_rows
+        perm=perm,
+        indptr=f_ptr,
+        indices=f_idx,
+        data=f_val,
+        maxq=maxq,
+        subq=_quantise_parts(parts, scale),
+        scale=scale,
+        block_rows=block_rows,
     )
     return dataclasses.replace(bmr, rows_per_query=probe(bmr, x))
 
@@ -205,13 +254,14 @@ def probe(bmr: BlockMaxRows, x: sp.csr_matrix, n_queries: int = PROBE_QUERIES, k
     q = x[picks]
     scores = np.full((picks.size, k), -np.inf, np.float32)
     rows = np.full((picks.size, k), -1, np.int64)
-    limit = max(1, int(PROBE_GIVE_UP * bmr.n_blocks))
+    budget = max(1, int(PROBE_GIVE_UP * bmr.n_blocks * picks.size))  # blocks, over all probe queries
     total = 0.0
     for i in range(picks.size):
-        visited = search_blockmax(bmr, q, i, i + 1, scores, rows, i, 0, max_visits=limit)
-        if visited < 0:  # bounds too loose here: the structure will not pay, stop probing
+        scored = search_blockmax(bmr, q, i, i + 1, scores, rows, i, 0, max_visits=budget)
+        if scored < 0:  # bounds too loose here: the structure will not pay, stop probing
             return float(n)
-        total += visited * bmr.block_rows
+        total += scored
+        budget -= -(-scored // bmr.block_rows)  # at least the blocks it scored rows of
     return total / picks.size
 
 
@@ -228,6 +278,7 @@ def _search_blockmax(
     f_indices: np.ndarray,
     f_data: np.ndarray,
     maxq: np.ndarray,
+    subq: np.ndarray,
     scale: np.ndarray,
     block_rows: int,
     q_indptr: np.ndarray,
@@ -248,17 +299,21 @@ def _search_blockmax(
     min_level: float,
     max_visits: int,
 ) -> int:
-    """Returns -1, having changed nothing, if a query column lies outside [0, dim), else the number of blocks
-    whose rows were scored (the build's probe reads it). Past ``max_visits`` blocks it stops at once, results
+    """Returns -1, having changed nothing, if a query column lies outside [0, dim), else the number of rows
+    scored (the build's probe reads it). Past ``max_visits`` blocks it stops at once, results
     incomplete, and returns -2: the probe's way to give up on data where bounds do not prune."""
     dim, n_blocks = maxq.shape
+    n_sub = subq.shape[2]
+    part = block_rows // n_sub
     n = perm.size
+    sub_bounds = np.empty(n_sub, np.float32)
     for e in range(q_indptr[lo], q_indptr[hi]):
         if q_indices[e] < 0 or q_indices[e] >= dim:
             return -1
     masked = alive.size > 0
     widen = np.float32(1.0 + margin)
     visited = 0
+    scored = 0
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
@@ -308,22 +363,33 @@ def _search_blockmax(
                     for e in range(a, b):  # the buffer is this thread's for later searches: leave it zeroed
                         qdense[q_indices[e]] = 0
                     return -2
-                p1 = min(n, (blk + 1) * block_rows)
-                for pos in range(blk * block_rows, p1):
-                    row = perm[pos]
-                    if masked and not alive[row]:
+                for t2 in range(n_sub):
+                    sub_bounds[t2] = 0
+                for e in range(a, b):  # the block's parts: same sums, finer maxima
+                    j = q_indices[e]
+                    w = np.float32(q_data[e] * scale[j])
+                    for t2 in range(n_sub):
+                        sub_bounds[t2] += w * np.float32(subq[blk, j, t2])
+                for t2 in range(n_sub):
+                    if sub_bounds[t2] * widen < s[0]:
                         continue
-                    v = _rescore(f_indptr, f_indices, f_data, pos, qdense)
-                    g = row_offset + row
-                    if v > s[0] or (v == s[0] and g < r[0]):
-                        _replace_worst(s, r, v, g)
+                    p0 = blk * block_rows + t2 * part
+                    scored += max(0, min(n, p0 + part) - p0)
+                    for pos in range(p0, min(n, p0 + part)):
+                        row = perm[pos]
+                        if masked and not alive[row]:
+                            continue
+                        v = _rescore(f_indptr, f_indices, f_data, pos, qdense)
+                        g = row_offset + row
+                        if v > s[0] or (v == s[0] and g < r[0]):
+                            _replace_worst(s, r, v, g)
             if floor == theta or level == -np.inf:
                 break
             upper = floor
             level *= np.float32(level_fraction)
         for e in range(a, b):
             qdense[q_indices[e]] = 0
-    return visited
+    return scored
 
 
 def _buffers(n_blocks: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -350,17 +416,19 @@ def search_blockmax(
 ) -> int:
     """Push the exact top-k of queries ``lo:hi`` against ``bmr``'s rows into heaps ``heap_lo..``; arguments as
     :func:`index.inverted.search_inverted` (``alive`` is indexed by original row). Releases the GIL.
-    Returns the number of blocks scored; with ``max_visits``, -2 once more were needed (results incomplete)."""
+    Returns the number of rows scored; with ``max_visits`` (blocks), -2 once more were needed (results
+    incomplete)."""
     mask = guard_search(bmr, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
     if mask is None:
         return 0
     bounds, order, qdense = _buffers(bmr.n_blocks, bmr.dim)
-    visited = _search_blockmax(
+    scored = _search_blockmax(
         bmr.perm,
         bmr.indptr,
         bmr.indices,
         bmr.data,
         bmr.maxq,
+        bmr.subq,
         bmr.scale,
         bmr.block_rows,
         queries.indptr.astype(np.int64, copy=False),
@@ -381,6 +449,6 @@ def search_blockmax(
         MIN_LEVEL,
         bmr.n_blocks * max(1, hi - lo) if max_visits is None else int(max_visits),
     )
-    if visited == -1:
+    if scored == -1:
         raise ValueError(f"query column indices outside [0, {bmr.dim})")
-    return visited
+    return scored

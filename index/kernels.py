@@ -67,11 +67,12 @@ class CostModel:
     dense_per_fma: float = 0.01829  # one sgemm multiply-add (database element x query)
     dense_per_element: float = 1.388  # densifying one database element (once per search)
     query_block: int = 64  # queries per spdense block
-    # Block-max kernel, fitted on 1M x 512 at 1% (Zipf) on the loaded box, against sparse_per_product measured
-    # in the same run (bench/bench_index.py --calibrate-blockmax): one block bound per query non-zero, one row
-    # scored from the forward CSR (a random block read, ~5 non-zeros).
-    blockmax_per_bound: float = 0.5
-    blockmax_per_row: float = 15.0
+    # Block-max kernel: least squares over 800 single queries at 1M x 512, 1%, Zipf (time against block bounds
+    # and rows scored; the slowest 10% left out as scheduler stalls), scaled by the sparse kernel's
+    # per-product time measured on the same queries (1.27 ns there) to sparse_per_product. A row's price holds
+    # what grows with the rows scored: sorting and visiting blocks, their parts' bounds, the row's own products.
+    blockmax_per_bound: float = 0.47  # one block bound, per query non-zero (bytes, vectorised)
+    blockmax_per_row: float = 118.0  # one row scored, with its share of visiting its block
     # The inverted index costs as much memory as the data. Above this density it is never built: at 75% it
     # halved single-query latency (100k x 2048: 94 ms instead of 189 ms) yet FAISS Flat on the dense copy took
     # 48 ms, so dense data belongs in the faiss backend and doubling csr's memory buys nothing.
