@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from data.augment import ViewMaker, resolve_recipe
+from data.config import AugmentConfig
 from data.sources import load_fashion_mnist
-from pretrain.config import AugmentConfig, load_config
+from pretrain.config import load_config
 
 
 class PerImageViews(Dataset):

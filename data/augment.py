@@ -20,14 +20,14 @@ Grey data gets no saturation/hue jitter and no random grayscale (they are identi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
-from pretrain.config import AugmentConfig
+from data.config import AugmentConfig
 
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma), so grayscale and contrast match v2 exactly.
 GREY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -41,8 +41,8 @@ def resolve_recipe(aug: AugmentConfig, in_channels: int) -> AugmentConfig:
     if recipe == "auto":
         recipe = "grey" if in_channels == 1 else "color"
     if recipe == "grey" or in_channels == 1:
-        return replace(aug, recipe="grey", saturation=0.0, hue=0.0, grayscale_p=0.0)
-    return replace(aug, recipe="color")
+        return aug.model_copy(update={"recipe": "grey", "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0})
+    return aug.model_copy(update={"recipe": "color"})
 
 
 def small_view_size(aug: AugmentConfig, image_size: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
 from models.preprocess import pil_mode
-from pretrain.config import TrainConfig
 from data.augment import ViewMaker, ViewPlan, resolve_recipe, view_geometry
+from data.config import AugmentConfig, DataConfig
 from data.sources import DataSpecError, ImageSource
 
 # Pillow's fixed-point ITU-R 601-2 luma, as PIL's convert("L") (so training pixels equal eval/serving pixels).
@@ -213,8 +214,17 @@ class FileBatches(StepBatches):
             yield Batch(out, labels.to(self.device) if self.has_labels else None)
 
 
+class BatchRecipe(Protocol):
+    """What batching reads of a training config (pretrain.config.TrainConfig is one)."""
+
+    data: DataConfig
+    augment: AugmentConfig
+    model: Any  # image_size
+    train: Any  # batch_size, seed
+
+
 def build_batches(
-    cfg: TrainConfig,
+    cfg: BatchRecipe,
     source: ImageSource,
     in_channels: int,
     mean: list[float],

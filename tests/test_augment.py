@@ -22,9 +22,10 @@ from data.augment import (
     sample_crop_boxes,
     shift_hue,
 )
+from data.config import AugmentConfig
 from data.loader import ArrayBatches, FileBatches, build_batches, convert_channels, default_stats
 from data.sources import open_source
-from pretrain.config import AugmentConfig, TrainConfig
+from pretrain.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
