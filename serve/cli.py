@@ -164,10 +164,7 @@ def run(args: argparse.Namespace) -> int:
         config = uvicorn.Config(
             app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=args.log_level == "debug"
         )
-        host, port = sock.getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        # One machine-readable line, flushed at once: scripts (and the tests) read the port from it with --port 0.
-        print(f"lpjepa serve: listening on http://{shown}:{port}", flush=True)
+        _say_listening(sock)
         # On SIGINT/SIGTERM uvicorn drains requests, runs the lifespan shutdown (index snapshot), then re-raises
         # the signal so the exit status says how the server ended.
         uvicorn.Server(config).run(sockets=[sock])
@@ -197,11 +194,15 @@ def _run_workers(settings, sock: socket.socket, args: argparse.Namespace) -> int
         timeout_graceful_shutdown=10,
         access_log=args.log_level == "debug",
     )
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"lpjepa serve: listening on http://{shown}:{port} ({args.workers} workers)", flush=True)
+    _say_listening(sock, f" ({args.workers} workers)")
     Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+def _say_listening(sock: socket.socket, suffix: str = "") -> None:
+    """One machine-readable line, flushed at once: scripts (and the tests) read the port from it with --port 0."""
+    host, port = sock.getsockname()[:2]
+    print(f"lpjepa serve: listening on http://{f'[{host}]' if ':' in host else host}:{port}{suffix}", flush=True)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

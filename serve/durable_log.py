@@ -277,29 +277,22 @@ class ItemLog:
     ) -> int:
         """Store the rows in one transaction, durable on return; returns the last sequence number used."""
         rows = []
-        seq = self.last_seq
         for r, item_id in enumerate(ids.tolist()):
-            seq += 1
             lo, hi = matrix.indptr[r], matrix.indptr[r + 1]
-            idx = matrix.indices[lo:hi].astype("<i4").tobytes()
-            val = matrix.data[lo:hi].astype("<f4").tobytes()
-            text, thumb = payload_texts[r], thumbs[r]
-            rows.append((item_id, seq, 0, idx, val, text, thumb, row_crc(item_id, seq, 0, idx, val, text, thumb)))
-        self._commit(rows, seq)
-        return seq
+            idx, val = matrix.indices[lo:hi].astype("<i4").tobytes(), matrix.data[lo:hi].astype("<f4").tobytes()
+            rows.append((item_id, 0, idx, val, payload_texts[r], thumbs[r]))
+        return self._commit(rows)
 
     def delete(self, ids: Sequence[int]) -> int:
-        rows = []
-        seq = self.last_seq
-        for item_id in ids:
-            seq += 1
-            rows.append(
-                (int(item_id), seq, 1, None, None, None, None, row_crc(int(item_id), seq, 1, None, None, None, None))
-            )
-        self._commit(rows, seq)
-        return seq
+        return self._commit([(int(item_id), 1, None, None, None, None) for item_id in ids])
 
-    def _commit(self, rows: list[tuple], seq: int) -> None:
+    def _commit(self, fields: list[tuple]) -> int:
+        """Number the rows (id, deleted, indices, vals, payload, thumbnail) after the last write, add their
+        checksums, and commit them in one transaction; returns the last sequence number."""
+        rows, seq = [], self.last_seq
+        for item_id, deleted, *data in fields:
+            seq += 1
+            rows.append((item_id, seq, deleted, *data, row_crc(item_id, seq, deleted, *data)))
         try:
             with self._conn:  # BEGIN ... COMMIT (fsync of the WAL with synchronous=FULL), ROLLBACK on error
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -310,6 +303,7 @@ class ItemLog:
         except sqlite3.Error as err:
             raise StoreUnavailableError(f"the write could not be stored ({err}); nothing was changed") from err
         self.last_seq = seq
+        return seq
 
     def close(self) -> None:
         """Fold the journal into the database file (a clean start then has nothing to recover) and close."""

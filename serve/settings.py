@@ -132,9 +132,9 @@ class ServeSettings(BaseSettings):
             return cls(**given)
         except ValidationError as err:
             first = err.errors()[0]
-            field = ".".join(str(p) for p in first.get("loc", ()))
-            where = field if not field or field.split(".")[0] in given else f"{ENV_PREFIX}{field.upper()}"
-            raise SettingsInvalid(f"invalid value for {where}: {first.get('msg')}") from err
+            loc = [str(p) for p in first.get("loc", ())]
+            where = ".".join(loc) if not loc or loc[0] in given else f"{ENV_PREFIX}{loc[0].upper()}"
+            raise SettingsInvalid(f"invalid value for {where or 'the settings'}: {first.get('msg')}") from err
         except EnvParseError as err:  # a list-valued variable that is not JSON
             field = re.search(r'field "(\w+)"', str(err))
             where = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "an LPJEPA_* environment variable"
