@@ -21,11 +21,6 @@ from pretrain.evaluate import REQUIRED_KEYS, evaluate_checkpoint, target_expecte
 from pretrain.evaluate.splits import stratified_holdout, subsample, train_spec_for
 
 
-def run_cli(argv: list[str]) -> int:
-    """The real `lpjepa` entry point (pretrain.cli registers `eval` through register_eval)."""
-    return main(argv)
-
-
 def _tiny_config(in_channels: int = 1, **kw) -> ModelConfig:
     colour = {} if in_channels == 1 else {"mean": [0.5] * 3, "std": [0.25] * 3}
     return tiny_config(projector_dims=[64, 64, 32], in_channels=in_channels, **colour, **kw)
@@ -49,7 +44,7 @@ def fashion_report(tiny_checkpoint, tmp_path_factory):
 
 def test_eval_json_on_fashion_mnist(fashion_report, capsys):
     argv, out = fashion_report
-    assert run_cli(argv) == 0
+    assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report)[: len(REQUIRED_KEYS)] == list(REQUIRED_KEYS)
     assert json.loads(out.read_text()) == report  # --out holds the same report
@@ -73,7 +68,7 @@ def test_eval_json_on_fashion_mnist(fashion_report, capsys):
 
 def test_eval_table_and_holdout_on_the_train_split(tiny_checkpoint, capsys):
     argv = ["eval", str(tiny_checkpoint), "--data", "fashion-mnist", "--max-train", "120", "--limit", "60"]
-    assert run_cli([*argv, "--no-progress"]) == 0
+    assert main([*argv, "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "backbone (64)" in text and "projector (32)" in text and "nHSIC" in text
     assert "is itself the train split" in text and "80/20" in text
@@ -126,36 +121,36 @@ def _error_line(capsys) -> str:
 
 def test_eval_errors_exit_2_with_one_line(tiny_checkpoint, tmp_path, capsys):
     base = ["--max-train", "50", "--limit", "20", "--no-progress"]
-    assert run_cli(["eval", str(tmp_path / "nope"), "--data", "fashion-mnist:test", *base]) == 2
+    assert main(["eval", str(tmp_path / "nope"), "--data", "fashion-mnist:test", *base]) == 2
     assert "no checkpoint" in _error_line(capsys)
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage-not-json" + bytes(64))
-    assert run_cli(["eval", str(corrupt), "--data", "fashion-mnist:test", *base]) == 2
+    assert main(["eval", str(corrupt), "--data", "fashion-mnist:test", *base]) == 2
     assert "corrupt.safetensors" in _error_line(capsys)
 
-    assert run_cli(["eval", str(tiny_checkpoint), "--data", "no-such-data", *base]) == 2
+    assert main(["eval", str(tiny_checkpoint), "--data", "no-such-data", *base]) == 2
     assert "unknown data spec" in _error_line(capsys)
 
-    assert run_cli(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:valid", *base]) == 2
+    assert main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:valid", *base]) == 2
     assert "splits train and test" in _error_line(capsys)
 
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(3):
         Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(flat / f"{i}.png")
-    assert run_cli(["eval", str(tiny_checkpoint), "--data", str(flat), *base]) == 2
+    assert main(["eval", str(tiny_checkpoint), "--data", str(flat), *base]) == 2
     assert "has no labels" in _error_line(capsys)
 
     device = "cuda:7" if torch.cuda.device_count() < 8 else "cuda:99"
-    assert run_cli(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--device", device, *base]) == 2
+    assert main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--device", device, *base]) == 2
     assert "cuda" in _error_line(capsys).lower()
 
-    assert run_cli(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--device", "gpu0", *base]) == 2
+    assert main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--device", "gpu0", *base]) == 2
     assert "unknown device" in _error_line(capsys)
 
     with pytest.raises(SystemExit) as exc:
-        run_cli(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "-3"])
+        main(["eval", str(tiny_checkpoint), "--data", "fashion-mnist:test", "--limit", "-3"])
     assert exc.value.code == 2
     assert "positive integer" in _error_line(capsys)
 
@@ -166,7 +161,7 @@ def test_eval_rejects_a_model_that_outputs_nan(tmp_path, capsys):
         model.projector[0].weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "model.safetensors", model)
     argv = ["eval", str(tmp_path), "--data", "fashion-mnist:test", "--max-train", "30", "--limit", "10"]
-    assert run_cli([*argv, "--no-progress"]) == 2
+    assert main([*argv, "--no-progress"]) == 2
     assert "non-finite" in _error_line(capsys)
 
 

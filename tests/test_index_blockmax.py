@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_index_csr_approx import zipf_csr
+from test_index_support import zipf_csr
 
 from index import InvalidInputError, blockmax, create_index, load_index
 from index.kernels import CostModel

@@ -8,25 +8,13 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_index_support import random_csr
+from test_index_support import random_csr, zipf_csr
 
 from index import InvalidInputError, create_index, load_index
 from index.approx import build_impact, sort_by_impact, top_rows_per_dim
 from index.base import _finish
 from index.inverted import build_inverted
 from index.validation import check_vectors
-
-
-def zipf_csr(n: int, d: int, density: float, seed: int, exponent: float = 0.7) -> sp.csr_matrix:
-    """Rows whose dimension j is non-zero with probability ~ rank(j)^-exponent (same ranks for every call), values
-    exponential(1): the uneven popularity of learned codes, where the long posting lists are the common ones."""
-    shape = np.arange(1, d + 1, dtype=np.float64) ** -exponent
-    p = np.minimum(0.9, shape * density * d / shape.sum())[np.random.default_rng(0).permutation(d)]
-    rng = np.random.default_rng(seed)
-    mask = rng.random((n, d)) < p
-    mask[np.flatnonzero(~mask.any(axis=1)), 0] = True
-    x = np.where(mask, rng.exponential(1.0, (n, d)) + 1e-3, 0).astype(np.float32)
-    return sp.csr_matrix(x)
 
 
 def recall_with_ties(found_scores: np.ndarray, exact_scores: np.ndarray) -> float:

@@ -1,4 +1,5 @@
-"""Shared helpers for the index tests (no tests here): random sparse data and a brute-force reference check."""
+"""Shared helpers for the index tests (no tests here): random sparse data (uniform and Zipf-like popularity) and a
+brute-force reference check."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ def random_csr(n: int, d: int, density: float, seed: int, *, zero_rows: int = 0)
     x = np.where(u < density, u / density, 0).astype(np.float32)
     if zero_rows:
         x[rng.choice(n, zero_rows, replace=False)] = 0
+    return sp.csr_matrix(x)
+
+
+def zipf_csr(n: int, d: int, density: float, seed: int, exponent: float = 0.7) -> sp.csr_matrix:
+    """Rows whose dimension j is non-zero with probability ~ rank(j)^-exponent (same ranks for every call), values
+    exponential(1): the uneven popularity of learned codes, where the long posting lists are the common ones."""
+    shape = np.arange(1, d + 1, dtype=np.float64) ** -exponent
+    p = np.minimum(0.9, shape * density * d / shape.sum())[np.random.default_rng(0).permutation(d)]
+    rng = np.random.default_rng(seed)
+    mask = rng.random((n, d)) < p
+    mask[np.flatnonzero(~mask.any(axis=1)), 0] = True
+    x = np.where(mask, rng.exponential(1.0, (n, d)) + 1e-3, 0).astype(np.float32)
     return sp.csr_matrix(x)
 
 
