@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
@@ -19,14 +20,35 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("resnet18", "resnet34", "resnet50", "vit", "convnext")
 
 
-def one_line(err: ValidationError, prefix: str = "") -> str:
-    """A pydantic error as one CLI-sized line per problem: `field.path: message (got value)`."""
-    parts = []
+_TYPE_WORDS = {
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_type": "expected true or false",
+    "float_type": "expected a number",
+    "finite_number": "expected a finite number",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected an object",
+    "model_type": "expected an object",
+}
+
+
+def one_line(err: ValidationError, known: Callable[[tuple[Any, ...]], list[str]] | None = None) -> str:
+    """A pydantic error as one CLI-sized line, each problem naming its key (`train.steps: expected an integer,
+    got 'abc'`); `known(section_path)` lists the keys an unknown key could have been."""
+    lines = []
     for e in err.errors(include_url=False):
-        where = prefix + ".".join(str(x) for x in e["loc"])
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        parts.append(f"{where.rstrip('.') or 'config'}: {e['msg'].removeprefix('Value error, ')}{got}")
-    return "; ".join(parts)
+        loc, value = tuple(e["loc"]), e.get("input")
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(
+                f"unknown config key {key!r}" + (f"; known keys here: {', '.join(known(loc[:-1]))}" if known else "")
+            )
+            continue
+        msg = _TYPE_WORDS.get(e["type"], e["msg"].removeprefix("Value error, "))
+        said = isinstance(value, dict) or (e["type"] == "value_error" and repr(value) in msg)
+        lines.append(f"{key}: {msg}" + ("" if said else f", got {value!r}"))
+    return "; ".join(lines)
 
 
 class ModelConfig(BaseModel):

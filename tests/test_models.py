@@ -179,5 +179,5 @@ def test_invalid_model_config_in_a_header_names_the_field(tmp_path) -> None:
     bad = {**tiny_config().to_dict(), "image_size": 4}
     path = tmp_path / "bad.safetensors"
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "config": json.dumps(bad)})
-    with pytest.raises(CheckpointError, match=r"invalid model config: image_size: .*8 \(got 4\)$"):
+    with pytest.raises(CheckpointError, match=r"invalid model config: image_size: .*8, got 4$"):
         read_header(path)
