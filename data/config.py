@@ -60,7 +60,7 @@ class DataConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Multi-view augmentation (METHOD.md §3 CIFAR recipe by default); 'grey' drops hue/saturation/grayscale."""
+    """Multi-view augmentation (docs/METHOD.md §3 CIFAR recipe by default); 'grey' drops hue/saturation/grayscale."""
 
     recipe: Literal["auto", "grey", "color"] = "auto"
     global_views: Annotated[Int, Field(ge=2)] = 2  # the loss compares two views

@@ -58,7 +58,7 @@ def _evenly_spaced(n_total: int, limit: int) -> list[int]:
 
 
 def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str) -> ImageSet:
-    """`spec` is any data.sources spec; None picks the real data named in DATA.md for the channels:
+    """`spec` is any data.sources spec; None picks the real data named in docs/DATA.md for the channels:
     Fashion-MNIST (test split for parity, train split for calibration) for grey models, the colour sample
     images (CIFAR-10/100, ImageNet) for colour models."""
     from data.sources import DataSpecError, open_source, sample_image_files

@@ -35,7 +35,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 
 
 def l0_rate(z: np.ndarray) -> float:
-    """Fraction of non-zero entries: METHOD.md's l0, averaged over images and dimensions."""
+    """Fraction of non-zero entries: docs/METHOD.md's l0, averaged over images and dimensions."""
     return float(np.count_nonzero(z) / z.size) if z.size else 0.0
 
 

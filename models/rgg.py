@@ -1,6 +1,6 @@
 """The Rectified LpJEPA target distribution: seeded torch sampling of GN_p / RGN_p plus its closed-form law.
 
-The trainer draws a fresh B x D target sample every step (METHOD.md §2), so sampling is done with torch on the
+The trainer draws a fresh B x D target sample every step (docs/METHOD.md §2), so sampling is done with torch on the
 training device, in float32 or float64 regardless of the requested dtype (half precision would distort the
 gamma draw and the tails), and cast at the end. The analytic side (pdf, cdf, moments, sigma choices, the l0
 inverse) lives in `models.rgg_law`, which imports no torch; it is re-exported here so callers need one module.
@@ -202,7 +202,7 @@ class Target:
 
     @classmethod
     def from_spec(cls, p: float, mu: float, sigma: str | float = "gn", kind: TargetKind = "rgn") -> Target:
-        """Build from a config-style spec: sigma 'gn' (METHOD.md default), 'rgn' or a number."""
+        """Build from a config-style spec: sigma 'gn' (docs/METHOD.md default), 'rgn' or a number."""
         return cls(p, mu, resolve_sigma(p, mu, sigma), kind)
 
     @classmethod
@@ -264,5 +264,5 @@ class Target:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """Unrectified draw X (the GN target of the ablation in METHOD.md §2)."""
+        """Unrectified draw X (the GN target of the ablation in docs/METHOD.md §2)."""
         return sample_gn(shape, self.p, self.mu, self.sigma, generator=generator, device=device, dtype=dtype)

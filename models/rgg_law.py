@@ -1,4 +1,4 @@
-"""Closed-form law of the target: GN_p(mu, sigma) and its rectification RGN_p = law of ReLU(X) (METHOD.md §1).
+"""Closed-form law of the target: GN_p(mu, sigma) and its rectification RGN_p = law of ReLU(X) (docs/METHOD.md §1).
 
 Kept free of torch so that `lpjepa target` and any planning code can query the law without paying for a torch
 import; sampling lives in `models.rgg`, which re-exports everything here.
@@ -21,7 +21,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import integrate, optimize, special
 
 SIGMA_WORDS = ("gn", "rgn")
-# brentq tolerance for sigma_RGN, relative (METHOD.md asks for 1e-10 absolute with sigma ~ 1): round trips
+# brentq tolerance for sigma_RGN, relative (docs/METHOD.md asks for 1e-10 absolute with sigma ~ 1): round trips
 # stay tight and p far from 1, where sigma is tiny or huge, keeps its digits.
 _SIGMA_RTOL = 1e-12
 # A binomial expansion of E[x^q] that cancels more than this (sum |terms| / |sum|) falls back to quadrature.
@@ -165,7 +165,7 @@ def gn_var(p: float, sigma: float) -> float:
 
 
 def sigma_gn(p: float) -> float:
-    """sigma_GN: unit variance BEFORE rectification (1 for p = 2, 1/sqrt(2) for p = 1), METHOD.md default."""
+    """sigma_GN: unit variance BEFORE rectification (1 for p = 2, 1/sqrt(2) for p = 1), docs/METHOD.md default."""
     p = check_p(p)
     out = math.exp(0.5 * (special.gammaln(1.0 / p) - special.gammaln(3.0 / p)) - math.log(p) / p)
     if not (math.isfinite(out) and out > 0):

@@ -23,18 +23,18 @@ Z = 5.0  # Monte Carlo tolerance in standard errors
 
 
 def scipy_law(p: float, mu: float, sigma: float):
-    """The method's GN_p(mu, sigma) in scipy's parametrization (METHOD.md §1)."""
+    """The method's GN_p(mu, sigma) in scipy's parametrization (docs/METHOD.md §1)."""
     return gennorm(beta=p, loc=mu, scale=sigma * p ** (1.0 / p))
 
 
 def method_pdf(x: np.ndarray, p: float, mu: float, sigma: float) -> np.ndarray:
-    """The density exactly as METHOD.md writes it, as a second reference next to gennorm."""
+    """The density exactly as docs/METHOD.md writes it, as a second reference next to gennorm."""
     norm = p ** (1.0 - 1.0 / p) / (2.0 * sigma * special.gamma(1.0 / p))
     return norm * np.exp(-(np.abs(x - mu) ** p) / (p * sigma**p))
 
 
 def quad_moment(q: float, p: float, mu: float, sigma: float) -> float:
-    """E[ReLU(X)^q] = int_0^inf x^q f(x) dx with METHOD.md's density (checked against gennorm above), split at
+    """E[ReLU(X)^q] = int_0^inf x^q f(x) dx with docs/METHOD.md's density (checked against gennorm above), split at
     the mode. Scalar math instead of gennorm.pdf keeps each integral ~10x cheaper."""
     norm = p ** (1.0 - 1.0 / p) / (2.0 * sigma * math.gamma(1.0 / p))
     denom = p * sigma**p
@@ -101,7 +101,7 @@ def test_activation_rate_analytic_scipy_mc(p: float, mu: float) -> None:
     sigma = rgg.sigma_gn(p)
     rate = rgg.expected_l0(p, mu, sigma)
     assert rate == pytest.approx(scipy_law(p, mu, sigma).sf(0.0), rel=1e-11)
-    # It is Phi_{GN_p(0,1)}(mu / sigma) as METHOD.md states.
+    # It is Phi_{GN_p(0,1)}(mu / sigma) as docs/METHOD.md states.
     assert rate == pytest.approx(scipy_law(p, 0.0, 1.0).cdf(mu / sigma), rel=1e-11)
     active = rectified(p, mu, sigma) > 0
     se = math.sqrt(rate * (1 - rate) / N_MC)
@@ -146,7 +146,7 @@ def test_laplace_closed_form_and_published_point() -> None:
     sigma = 1 / math.sqrt(2)
     rate = rgg.expected_l0(1.0, -3.0, sigma)
     assert rate == pytest.approx(0.5 * math.exp(-3.0 / sigma), rel=1e-14)
-    assert 0.006 < rate < 0.008  # "about 0.7% active" (METHOD.md §1)
+    assert 0.006 < rate < 0.008  # "about 0.7% active" (docs/METHOD.md §1)
     assert rgg.rgn_mean(1.0, -3.0, sigma) == pytest.approx(rate * sigma, rel=1e-12)
     assert rgg.rgn_second_moment(1.0, -3.0, sigma) == pytest.approx(2 * rate * sigma**2, rel=1e-12)
     assert rgg.expected_l1(1.0, -3.0, sigma) == pytest.approx(rate / 2, rel=1e-12)

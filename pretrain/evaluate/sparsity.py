@@ -1,4 +1,4 @@
-"""Sparsity of embeddings, as the paper reports it (METHOD.md section 3), plus dead dimensions.
+"""Sparsity of embeddings, as the paper reports it (docs/METHOD.md section 3), plus dead dimensions.
 
 - l0: fraction of non-zero entries over all N x D entries (the activation rate). Only a rectified output
   produces exact zeros; a dense method reports l0 = 1, which is the honest answer, not a bug.
