@@ -62,10 +62,14 @@ NOTES = [
     "the exact kernel's lists, which run on them unchanged). Tuned per cell by `CsrIndex.tune_approx` "
     "(fastest (cut, slack) of a grid reaching the target on 200 held-out queries).",
     "csr exact (this checkout): clean CSR queries skip validation's copy (one compiled pass), results ordered by "
-    "a compiled insertion sort, and blocks of >= 262k rows use the pruned exact kernel (same impact lists and "
-    "probe; only the query's 4 longest lists are cut, all left-out parts together below 0.4 theta, and a row "
-    "is skipped only if its partial score plus all of them cannot enter: identical results, tested against the "
-    "plain kernel). `csr-exact-plain` is the same checkout with that kernel off.",
+    "a compiled insertion sort; blocks of >= 65k rows get a block-max structure (index/blockmax.py: rows "
+    "regrouped by their two largest dimensions into 128-row groups, 16-row parts, byte-quantised upper bounds "
+    "per dimension; groups scored in decreasing bound order until none can enter), kept where a build-time "
+    "probe says it pays, and the cost model sends queries to it ([blockmax] in the setting column); otherwise "
+    "blocks of >= 262k rows use the pruned exact kernel (impact lists and probe; only the query's 4 longest "
+    "lists are cut, all left-out parts together below 0.4 theta). Both return results identical to the plain "
+    "kernel (tested). `csr-exact-pruned` is this checkout with block-max off (the previous session's exact "
+    "mode), `csr-exact-plain` with both off.",
     "Seismic: pyseismic-lsr 0.5.4 `SeismicIndex.build_from_dataset` + `search` (batch 1) / `batch_search` "
     "(batch 100, 2 threads), tuned over n_postings (1000-8000, build), query_cut (10, 20, all) and heap_factor "
     "(0.7-1.0) within --seismic-tune-s seconds; '(target not reached)' = no grid point reached the target, the "
@@ -570,7 +574,9 @@ def profile_exact(baseline_cls: type, n: int, density: float, n_queries: int, lo
         "python_after_us": med["after_small"],
         "scan_us": med["scan"],
         "traversal_before_us": med["before_big"] - med["before_small"] - med["scan"],
-        "after_kernel": "pruned exact" if after._pruned(after._blocks[0]) else "plain",
+        "after_kernel": "blockmax"
+        if after._blocks[0].bmax is not None
+        else ("pruned exact" if after._pruned(after._blocks[0]) else "plain"),
         "load_avg": os.getloadavg()[0],
     }
     log(f"  profile {row}")
@@ -791,7 +797,8 @@ def _run_cells(args, cells: list[dict], notes: list[str], workdir: Path, t_start
         engines: list[Engine] = [
             CsrEngine(f"csr-exact@{args.baseline}", baseline_cls),
             CsrEngine("csr-exact"),
-            CsrEngine("csr-exact-plain", pruned_exact=False),
+            CsrEngine("csr-exact-pruned", blockmax_exact=False),
+            CsrEngine("csr-exact-plain", pruned_exact=False, blockmax_exact=False),
             CsrEngine("csr-approx", mode="approx"),
             SeismicEngine(args.seismic_tune_s),
             MilvusEngine("exact", workdir),

@@ -60,6 +60,7 @@ class BlockMaxRows:
     scale: np.ndarray  # float32 (dim,): maxq * scale bounds each value
     block_rows: int
     rows_per_query: float = 0.0  # rows a query scores, measured at build (:func:`probe`): the cost model's input
+    visits_per_query: float = 0.0  # blocks it visits (bounds its parts), likewise
 
     @property
     def n_rows(self) -> int:
@@ -240,29 +241,31 @@ def build_blockmax(x: sp.csr_matrix, block_rows: int | None = None) -> BlockMaxR
         scale=scale,
         block_rows=block_rows,
     )
-    return dataclasses.replace(bmr, rows_per_query=probe(bmr, x))
+    rows, visits = probe(bmr, x)
+    return dataclasses.replace(bmr, rows_per_query=rows, visits_per_query=visits)
 
 
-def probe(bmr: BlockMaxRows, x: sp.csr_matrix, n_queries: int = PROBE_QUERIES, k: int = PROBE_K) -> float:
-    """Mean rows scored per query, with ``n_queries`` of the stored rows (evenly spaced, so deterministic) as the
-    queries: they come from the distribution real queries do, which decides how tight the bounds are (at
-    1M x 512 Zipf a query scores ~0.2% of the rows at 1% density, most of them at 5%)."""
+def probe(bmr: BlockMaxRows, x: sp.csr_matrix, n_queries: int = PROBE_QUERIES, k: int = PROBE_K) -> tuple[float, float]:
+    """Mean rows scored and blocks visited per query, with ``n_queries`` of the stored rows (evenly spaced, so
+    deterministic) as the queries: they come from the distribution real queries do, which decides how tight the
+    bounds are (at 1M x 512 Zipf a query scores ~0.04% of the rows at 1% density, 3-8% at 5%). Stored rows
+    are easier queries than new ones (their own group holds rows like them), hence the cost model's margin."""
     n = x.shape[0]
     if n == 0:
-        return 0.0
+        return 0.0, 0.0
     picks = np.unique(np.linspace(0, n - 1, min(n, n_queries)).astype(np.int64))
     q = x[picks]
     scores = np.full((picks.size, k), -np.inf, np.float32)
     rows = np.full((picks.size, k), -1, np.int64)
     budget = max(1, int(PROBE_GIVE_UP * bmr.n_blocks * picks.size))  # blocks, over all probe queries
-    total = 0.0
+    scored = visited = 0
     for i in range(picks.size):
-        scored = search_blockmax(bmr, q, i, i + 1, scores, rows, i, 0, max_visits=budget)
-        if scored < 0:  # bounds too loose here: the structure will not pay, stop probing
-            return float(n)
-        total += scored
-        budget -= -(-scored // bmr.block_rows)  # at least the blocks it scored rows of
-    return total / picks.size
+        stats = search_blockmax(bmr, q, i, i + 1, scores, rows, i, 0, max_visits=budget - visited)
+        if stats is None:  # bounds too loose here: the structure will not pay, stop probing
+            return float(n), float(bmr.n_blocks)
+        scored += int(stats[0])
+        visited += int(stats[1])
+    return scored / picks.size, visited / picks.size
 
 
 def rounding_margin(dim: int) -> float:
@@ -298,10 +301,12 @@ def _search_blockmax(
     level_fraction: float,
     min_level: float,
     max_visits: int,
+    stats: np.ndarray,
 ) -> int:
-    """Returns -1, having changed nothing, if a query column lies outside [0, dim), else the number of rows
-    scored (the build's probe reads it). Past ``max_visits`` blocks it stops at once, results
-    incomplete, and returns -2: the probe's way to give up on data where bounds do not prune."""
+    """Returns -1, having changed nothing, if a query column lies outside [0, dim), else 0, having added the
+    rows scored and the blocks visited to ``stats[0]``, ``stats[1]`` (the build's probe reads them). Past
+    ``max_visits`` blocks it stops at once, results incomplete, and returns -2: the probe's way to give up on
+    data where bounds do not prune."""
     dim, n_blocks = maxq.shape
     n_sub = subq.shape[2]
     part = block_rows // n_sub
@@ -313,7 +318,6 @@ def _search_blockmax(
     masked = alive.size > 0
     widen = np.float32(1.0 + margin)
     visited = 0
-    scored = 0
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
@@ -359,6 +363,7 @@ def _search_blockmax(
                 if bounds[blk] < s[0]:  # sorted: no later block of this round can enter either
                     break
                 visited += 1
+                stats[1] += 1
                 if visited > max_visits:
                     for e in range(a, b):  # the buffer is this thread's for later searches: leave it zeroed
                         qdense[q_indices[e]] = 0
@@ -374,7 +379,7 @@ def _search_blockmax(
                     if sub_bounds[t2] * widen < s[0]:
                         continue
                     p0 = blk * block_rows + t2 * part
-                    scored += max(0, min(n, p0 + part) - p0)
+                    stats[0] += max(0, min(n, p0 + part) - p0)
                     for pos in range(p0, min(n, p0 + part)):
                         row = perm[pos]
                         if masked and not alive[row]:
@@ -389,7 +394,7 @@ def _search_blockmax(
             level *= np.float32(level_fraction)
         for e in range(a, b):
             qdense[q_indices[e]] = 0
-    return scored
+    return 0
 
 
 def _buffers(n_blocks: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -413,16 +418,17 @@ def search_blockmax(
     row_offset: int,
     alive: np.ndarray | None = None,
     max_visits: int | None = None,
-) -> int:
+) -> np.ndarray | None:
     """Push the exact top-k of queries ``lo:hi`` against ``bmr``'s rows into heaps ``heap_lo..``; arguments as
     :func:`index.inverted.search_inverted` (``alive`` is indexed by original row). Releases the GIL.
-    Returns the number of rows scored; with ``max_visits`` (blocks), -2 once more were needed (results
+    Returns (rows scored, blocks visited); with ``max_visits`` (blocks), None once more were needed (results
     incomplete)."""
     mask = guard_search(bmr, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
+    stats = np.zeros(2, np.int64)
     if mask is None:
-        return 0
+        return stats
     bounds, order, qdense = _buffers(bmr.n_blocks, bmr.dim)
-    scored = _search_blockmax(
+    status = _search_blockmax(
         bmr.perm,
         bmr.indptr,
         bmr.indices,
@@ -448,7 +454,8 @@ def search_blockmax(
         LEVEL_FRACTION,
         MIN_LEVEL,
         bmr.n_blocks * max(1, hi - lo) if max_visits is None else int(max_visits),
+        stats,
     )
-    if scored == -1:
+    if status == -1:
         raise ValueError(f"query column indices outside [0, {bmr.dim})")
-    return scored
+    return None if status == -2 else stats

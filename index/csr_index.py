@@ -270,7 +270,7 @@ class CsrIndex(RowMapped, VectorIndex):
 
     def _blockmax(self, block: _Block) -> blockmax.BlockMaxRows | None:
         """The block's block-max structure, built on first use for blocks of at least ``blockmax.MIN_ROWS`` rows,
-        and kept only if its probe says a typical query (a stored row) costs less than through the inverted
+        and kept only if its probe says a typical query (a stored row) costs clearly less than through the inverted
         index: at 1M x 512, Zipf, it does at 1% density (~0.2% of the rows scored) and not at 5% (most of them;
         the structure would only cost memory, as much as the rows themselves)."""
         if not (self.blockmax_exact or self.kernel == "blockmax") or block.rows < blockmax.MIN_ROWS:
@@ -281,10 +281,14 @@ class CsrIndex(RowMapped, VectorIndex):
                 colcount = self._colcount_locked(block).astype(np.float64)
                 typical_nnz = block.x.nnz / block.rows
                 cost = self.costs.blockmax(
-                    bounds=bmr.n_blocks * typical_nnz, rows_scored=bmr.rows_per_query, other_products=0.0
+                    bounds=bmr.n_blocks * typical_nnz,
+                    visits=bmr.visits_per_query * typical_nnz,
+                    rows_scored=bmr.rows_per_query,
+                    other_products=0.0,
                 )
                 sparse = self.costs.sparse_per_product * float((colcount**2).sum() / block.rows)
-                block.bmax = bmr if (cost < sparse or self.kernel == "blockmax") else None
+                pays = cost * self.costs.blockmax_keep_margin < sparse
+                block.bmax = bmr if (pays or self.kernel == "blockmax") else None
                 block.bmax_checked = True
             return block.bmax
 
@@ -360,14 +364,15 @@ class CsrIndex(RowMapped, VectorIndex):
         structures = [(b, self._blockmax(b)) for b in self._blocks]
         if all(bmr is None for _, bmr in structures):
             return None
-        bounds = rows = other = 0.0
+        bounds = visits = rows = other = 0.0
         for block, bmr in structures:
             if bmr is None:
                 other += float(self._colcount(block)[queries.indices].sum())
             else:
                 bounds += bmr.n_blocks * queries.nnz
+                visits += bmr.visits_per_query * queries.nnz
                 rows += bmr.rows_per_query * queries.shape[0]
-        return self.costs.blockmax(bounds=bounds, rows_scored=rows, other_products=other)
+        return self.costs.blockmax(bounds=bounds, visits=visits, rows_scored=rows, other_products=other)
 
     def search(self, queries: Any, k: int = 10, *, mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` scores and ids per query row, best first; ``mode`` overrides the index's mode for this call

@@ -67,12 +67,17 @@ class CostModel:
     dense_per_fma: float = 0.01829  # one sgemm multiply-add (database element x query)
     dense_per_element: float = 1.388  # densifying one database element (once per search)
     query_block: int = 64  # queries per spdense block
-    # Block-max kernel: least squares over 800 single queries at 1M x 512, 1%, Zipf (time against block bounds
-    # and rows scored; the slowest 10% left out as scheduler stalls), scaled by the sparse kernel's
-    # per-product time measured on the same queries (1.27 ns there) to sparse_per_product. A row's price holds
-    # what grows with the rows scored: sorting and visiting blocks, their parts' bounds, the row's own products.
-    blockmax_per_bound: float = 0.47  # one block bound, per query non-zero (bytes, vectorised)
-    blockmax_per_row: float = 118.0  # one row scored, with its share of visiting its block
+    # Block-max kernel: least squares (relative error) over single queries at 1M x 512, Zipf, 300 at 1% and 40
+    # at 5%, caches evicted between queries as in the interleaved benchmark (time against block bounds, visited
+    # blocks x query non-zeros and rows scored; the slowest 10% left out as scheduler stalls), scaled by the
+    # sparse kernel's per-product time on the same queries (2.37 ns on the loaded box) to sparse_per_product.
+    blockmax_per_bound: float = 0.43  # one block bound, per query non-zero (bytes, vectorised)
+    blockmax_per_visit: float = 25.8  # bounding one visited block's parts, per query non-zero
+    blockmax_per_row: float = 175.0  # one row scored from the forward CSR (a cache miss or two)
+    # The probe's queries (stored rows) may be easier than new ones: the structure is kept only if it is
+    # estimated this much cheaper than the sparse kernel for them (1M x 512, Zipf, 1%: ~2.3x; at 5% the probe
+    # gives up).
+    blockmax_keep_margin: float = 1.5
     # The inverted index costs as much memory as the data. Above this density it is never built: at 75% it
     # halved single-query latency (100k x 2048: 94 ms instead of 189 ms) yet FAISS Flat on the dense copy took
     # 48 ms, so dense data belongs in the faiss backend and doubling csr's memory buys nothing.
@@ -89,12 +94,13 @@ class CostModel:
             "dense": self.dense_per_fma * n_rows * dim * n_queries + self.dense_per_element * n_rows * dim,
         }
 
-    def blockmax(self, *, bounds: float, rows_scored: float, other_products: float) -> float:
+    def blockmax(self, *, bounds: float, visits: float, rows_scored: float, other_products: float) -> float:
         """Nanoseconds of the ``blockmax`` kernel: ``bounds`` block bounds (blocks x query non-zeros),
-        ``rows_scored`` rows scored exactly, ``other_products`` posting entries of the blocks it leaves to the
-        sparse kernel (too small for block-max)."""
+        ``visits`` visited blocks x query non-zeros (their parts' bounds), ``rows_scored`` rows scored exactly,
+        ``other_products`` posting entries of the blocks it leaves to the sparse kernel (too small for it)."""
         return (
             self.blockmax_per_bound * bounds
+            + self.blockmax_per_visit * visits
             + self.blockmax_per_row * rows_scored
             + self.sparse_per_product * other_products
         )
