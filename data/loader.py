@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
-from models.preprocess import pil_mode
 from data.augment import ViewMaker, ViewPlan, resolve_recipe, view_geometry
 from data.config import AugmentConfig, DataConfig
 from data.sources import DataSpecError, ImageSource
+from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
+from models.preprocess import pil_mode
 
 # Pillow's fixed-point ITU-R 601-2 luma, as PIL's convert("L") (so training pixels equal eval/serving pixels).
 _LUMA = np.array([19595, 38470, 7471], dtype=np.uint32)

@@ -8,8 +8,6 @@ subfolders as in ImageFolder, or a flat folder of images). Nothing here ever dow
 
 from __future__ import annotations
 
-from core.errors import InvalidError
-
 import gzip
 import importlib.util
 import os
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from core.errors import InvalidError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
