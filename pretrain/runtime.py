@@ -36,9 +36,9 @@ def init_distributed(want_device: str = "auto") -> tuple[bool, int]:
     process with WORLD_SIZE > 1 is also a rank.
     """
     launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if not launched or (dist.is_available() and dist.is_initialized()):
-        return is_distributed(), int(os.environ.get("LOCAL_RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not launched or (dist.is_available() and dist.is_initialized()):
+        return is_distributed(), local_rank
     on_cuda = want_device.startswith("cuda") or (want_device == "auto" and torch.cuda.is_available())
     backend = "nccl" if on_cuda and torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -48,10 +48,9 @@ def init_distributed(want_device: str = "auto") -> tuple[bool, int]:
 
 
 def select_device(want: str, local_rank: int) -> torch.device:
+    """train.device as a torch device; 'auto' and a bare 'cuda' mean this rank's GPU (LOCAL_RANK)."""
     if want == "auto":
-        if torch.cuda.is_available():
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device("cpu")
+        want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise TrainError(f"train.device={want} but CUDA is not available")
@@ -76,11 +75,8 @@ def autocast_dtype(want: str, device: torch.device) -> torch.dtype | None:
     """autocast dtype or None. 'auto' = bf16 on GPUs that support it and on CPUs with native bf16, else fp32.
     The losses always compute in fp32 (pretrain/losses/precision.py)."""
     if want == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return None
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else None
     if want == "fp32":
         return None
     if want == "fp16" and device.type != "cuda":
@@ -120,16 +116,6 @@ class Runtime:
     rank: int
     world: int
     amp_dtype: torch.dtype | None
-
-    @classmethod
-    def create(cls, cfg: TrainConfig, distributed: bool, local_rank: int) -> Runtime:
-        device = select_device(cfg.train.device, local_rank)
-        threads = cfg.train.threads
-        if threads == 0 and distributed and device.type == "cpu":
-            threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size())))
-        if threads > 0:
-            torch.set_num_threads(threads)
-        return cls(device, distributed, get_rank(), get_world_size(), autocast_dtype(cfg.train.precision, device))
 
     def seed(self, seed: int) -> int:
         """Seed torch's global RNG with rank 0's seed (identical initial weights everywhere); returns it."""
@@ -194,7 +180,14 @@ def launch(cfg: TrainConfig) -> Iterator[Runtime]:
     distributed, local_rank = init_distributed(cfg.train.device)
     clean = False
     try:
-        yield Runtime.create(cfg, distributed, local_rank)
+        device = select_device(cfg.train.device, local_rank)
+        threads = cfg.train.threads
+        if threads == 0 and distributed and device.type == "cpu":  # share the cores among this node's ranks
+            threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", get_world_size())))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        amp = autocast_dtype(cfg.train.precision, device)
+        yield Runtime(device, distributed, get_rank(), get_world_size(), amp)
         clean = True
     finally:
         if distributed:

@@ -153,10 +153,9 @@ class Trainer:
         self.objective.init_projector(self.net.encoder.projector)
         self.optimizer = build_optimizer(cfg.optim, self.net.encoder)
         probe_params = [p for n, p in self.net.named_parameters() if n.startswith("probe_")]
+        probe = cfg.probe
         self.probe_opt = (
-            torch.optim.AdamW(probe_params, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay)
-            if probe_params
-            else None
+            torch.optim.AdamW(probe_params, lr=probe.lr, weight_decay=probe.weight_decay) if probe_params else None
         )
         self.optimizers = [self.optimizer] + ([self.probe_opt] if self.probe_opt is not None else [])
         self.scaler = rt.grad_scaler()
