@@ -190,15 +190,8 @@ def _load(checkpoint: str | Path, dev: torch.device) -> tuple[Encoder, str]:
 
 def _train_mode_l0(model: Encoder, splits: EvalSplits, batch_size: int) -> float:
     """l0 of the evaluation codes with BatchNorm on batch statistics: the rate the training loss was steering."""
-    _, z, _ = extract(
-        model,
-        splits.eval_source,
-        model.config,
-        batch_size,
-        indices=splits.eval_indices,
-        progress=False,
-        train_mode=True,
-    )
+    source, indices = splits.eval_source, splits.eval_indices
+    _, z, _ = extract(model, source, model.config, batch_size, indices=indices, progress=False, train_mode=True)
     return l0_fraction(z)
 
 
