@@ -23,10 +23,11 @@
 #
 # Packages: only what the device machine's image holds (library KINDS.md: Python 3.12, torch + CUDA,
 # torchvision, numpy, scipy, Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime). The check blocks
-# fastapi, pydantic, faiss, numba, uvicorn and the [dev] packages before importing the project, proving it
-# needs none of them (faiss and numba are lifted for the optional faiss step). So NO wheels need carrying today.
-# If a future image lacks one of the modules above, name its wheel(s) in GPU_CHECK_WHEELS for --prepare-carry
-# (e.g. GPU_CHECK_WHEELS="tqdm==4.67.1 safetensors==0.5.3"): they are fetched with `pip download` for
+# fastapi, pydantic-settings, faiss, numba, uvicorn and the [dev] packages before importing the project, proving
+# it needs none of them (faiss and numba are lifted for the optional faiss step). The image lacks pydantic, which
+# models/, pretrain/ and export/ need (their config and metadata schemas), so its wheels are carried: the
+# default GPU_CHECK_WHEELS below (~2.8 MB). A future image lacking more names its wheel(s) there too
+# (e.g. GPU_CHECK_WHEELS="$DEFAULT tqdm==4.67.1"): they are fetched with `pip download` for
 # CPython 3.12 / manylinux x86-64 into .gpucheck/wheels, and this script installs them on the device into a
 # private --target folder.
 #
@@ -58,6 +59,8 @@ if [[ "${1:-}" == "--prepare-carry" ]]; then
         echo "gpu_check: no Fashion-MNIST in $src (apt-get install dataset-fashion-mnist);" \
             "the GPU run will use synthetic data" >&2
     fi
+    # The venv's own versions (pyproject: pydantic>=2.6), CPython 3.12 builds.
+    GPU_CHECK_WHEELS="${GPU_CHECK_WHEELS-pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0}"
     if [[ -n "${GPU_CHECK_WHEELS:-}" ]]; then
         # shellcheck disable=SC2086  # the list is meant to split into package==version words
         python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -48,7 +48,7 @@ def test_cpu_quick_run_passes_every_step(check):
 def test_imports_need_nothing_the_gpu_machine_lacks(check):
     imports = check["steps"]["imports"]
     assert imports["status"] == "ok" and imports["required_failed"] == {}
-    assert {"fastapi", "pydantic", "faiss", "numba", "pytest", "hypothesis"} <= set(imports["blocked"])
+    assert {"fastapi", "pydantic_settings", "faiss", "numba", "pytest", "hypothesis"} <= set(imports["blocked"])
     # the block is real: serve's app cannot import without fastapi, and the survey says so
     assert "fastapi" in imports["unavailable_without_blocked"]["serve.app"]
 
