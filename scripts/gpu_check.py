@@ -20,9 +20,10 @@ Images/s counts source images (each yields two augmented views), as the trainer'
 is the median over log windows after the first (which holds the warm-up).
 
 Packages: the check needs only what the device machine's image holds (torch, torchvision, numpy, scipy,
-Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime) plus pydantic, whose wheels gpu_check.sh carries. It blocks the modules that image lacks or that only
-[dev] provides (see ABSENT_ON_DEVICE) before importing the project, so a CPU run here proves the check does
-not need them; faiss and numba are unblocked only for the optional faiss step (index/'s top-k uses numba).
+Pillow, safetensors, tqdm, onnx, onnxscript, onnxruntime) plus pydantic, whose wheels gpu_check.sh carries.
+It blocks the modules that image lacks or that only [dev] provides (see ABSENT_ON_DEVICE) before importing
+the project, so a CPU run here proves the check does not need them; faiss and numba are unblocked only for
+the optional faiss step (index/'s top-k uses numba).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ SCHEMA = "lpjepa-gpu-check/1"
 JSON_NAME = "gpu_check.json"
 # Absent from the device machine's image (KINDS.md, package list of 2026-11-17) or needed only by [dev]: the
 # check must run without them. pydantic (the configs' and metadata's schemas) is absent there too, but models/,
-# pretrain/ and export/ need it: gpu_check.sh carries its wheels (GPU_CHECK_WHEELS), so it is not blocked here. faiss and numba (which the image does have; index/ uses it) are lifted again for
-# the optional faiss step.
+# pretrain/ and export/ need it: gpu_check.sh carries its wheels (GPU_CHECK_WHEELS), so it is not blocked here.
+# faiss and numba (which the image does have; index/ uses it) are lifted again for the optional faiss step.
 ABSENT_ON_DEVICE = (
     "fastapi",
     "starlette",
