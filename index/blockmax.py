@@ -8,12 +8,14 @@ Block-Max Pruning"), on the forward index instead of posting lists:
   sit together (sorted by their top dimension, then their second, then by the top value, descending), cut into
   blocks of ``BLOCK_ROWS``, and per block the largest value of every dimension is stored, quantised *upward* to
   a byte per (dimension, block) with a per-dimension scale: ``scale_j * maxq[j, b] >= x[r, j]`` for every row r
-  of block b, so bounds stay safe. A copy of the rows in the new order (forward CSR) and the map back to the
-  original rows are kept.
+  of block b, so bounds stay safe; likewise for each block's ``SUB_BLOCKS`` parts (``subq``). A copy of the
+  rows in the new order (forward CSR) and the map back to the original rows are kept. A probe (stored rows as
+  queries) measures what a query costs, for the cost model (:mod:`index.kernels`).
 * **Search** (one query): every block's bound ``sum_j q_j * scale_j * maxq[j, b]`` (the query has a few
   non-zeros, so a few byte rows are read), then blocks in decreasing bound order - one level of bounds at a
-  time, a level's blocks sorted - their rows scored exactly from the forward CSR into the top-k heap, until the
-  next bound cannot beat the heap's k-th score.
+  time, a level's blocks sorted - each visited block's parts bounded again and the rows of the parts that can
+  still enter scored exactly from the forward CSR into the top-k heap, until the next bound cannot beat the
+  heap's k-th score. At 1M x 512, 1%, Zipf: 7,813 blocks bounded, ~21 visited, ~390 rows scored a query.
 
 Results are identical to the plain exact kernel's: scores are the same float32 sums in the same dimension order
 (:func:`index.compiled._rescore`), ties go to the smaller row whatever order rows arrive in (the heap decides by

@@ -273,7 +273,8 @@ class CsrIndex(RowMapped, VectorIndex):
         and kept only if its probe says a typical query (a stored row) costs clearly less than through the inverted
         index: at 1M x 512, Zipf, it does at 1% density (~0.2% of the rows scored) and not at 5% (most of them;
         the structure would only cost memory, as much as the rows themselves)."""
-        if not (self.blockmax_exact or self.kernel == "blockmax") or block.rows < blockmax.MIN_ROWS:
+        wanted = (self.blockmax_exact and self.mode == "exact") or self.kernel == "blockmax"
+        if not wanted or block.rows < blockmax.MIN_ROWS:  # an approximate index's exact searches (tuning) skip it
             return None
         with self._cache_lock:
             if not block.bmax_checked:
@@ -312,7 +313,7 @@ class CsrIndex(RowMapped, VectorIndex):
             colcount = self._colcounts()
             if not self._blocks:
                 return
-            bmax = [self.mode == "exact" and self._blockmax(block) is not None for block in self._blocks]
+            bmax = [self._blockmax(block) is not None for block in self._blocks]
             for block, has_bmax in zip(self._blocks, bmax, strict=True):
                 if self.mode == "approx" or (self._pruned(block) and not has_bmax):
                     self._impact(block)

@@ -191,6 +191,16 @@ def test_options_survive_save_and_load(small_blocks, tmp_path):
     _assert_identical(loaded_on.search(q, 10), off.search(q, 10))
 
 
+def test_approximate_indexes_do_not_build_it(small_blocks):
+    """Their exact searches (tuning, mode="exact" calls) take the inverted index: no second structure to hold."""
+    x = zipf_csr(3000, 64, 0.05, seed=14)
+    index = create_index("csr", 64, mode="approx")
+    index.add(np.arange(x.shape[0]), x)
+    index.prepare()
+    index.search(x[:5], 10, mode="exact")
+    assert index._blocks[0].bmax is None and index.last_kernel != "blockmax"
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None])
 def test_bad_option_is_refused(bad):
     with pytest.raises(InvalidInputError, match="blockmax_exact"):
