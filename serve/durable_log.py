@@ -264,9 +264,6 @@ class ItemLog:
             last = rows[-1].seq
             yield rows
 
-    def count_after(self, seq: int) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM items WHERE seq > ?", (seq,)).fetchone()[0])
-
     # ------------------------------------------------------------------ writes
     def upsert(
         self,

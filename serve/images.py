@@ -111,11 +111,6 @@ def _load(img: Image.Image, where: str) -> Image.Image:
     return img
 
 
-def open_image(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
-    """Decode one image fully, refusing unknown formats (415), oversized images (413) and corrupt data (422)."""
-    return _load(_probe(data, where, max_pixels=max_pixels, formats=formats), where)
-
-
 class PixelGate:
     """Bounds the pixels being decoded at once across all requests, so memory stays bounded under any load.
 

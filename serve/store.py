@@ -189,9 +189,6 @@ class ItemStore:
     def __len__(self) -> int:
         return len(self.index)
 
-    def __contains__(self, item_id: int) -> bool:
-        return bool(self.index.contains([int(item_id)])[0])
-
     def search(self, queries: sparse.csr_matrix, k: int, thumbnails: bool = False) -> list[Hit]:
         """Top-k of one query row, best first; fewer when the index holds fewer items."""
         if self.db is None and hasattr(self.index, "search_items"):  # one round trip to a remote backend
