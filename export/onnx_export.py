@@ -124,35 +124,20 @@ def torch_to_onnx(
     outputs = [OUTPUT_NAME, FEATURES_NAME] if features else [OUTPUT_NAME]
     # batch 2, not 1: torch.export specialises a dimension of size 1, which would pin the batch axis.
     example = torch.zeros((2, *image_shape), dtype=torch.float32)
+    names = dict(input_names=[INPUT_NAME], output_names=outputs, opset_version=opset)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
+                batch = {"images": {0: torch.export.Dim("batch")}}
                 program = torch.onnx.export(
-                    wrapped,
-                    (example,),
-                    None,
-                    input_names=[INPUT_NAME],
-                    output_names=outputs,
-                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
-                    opset_version=opset,
-                    dynamo=True,
-                    verbose=False,
-                    optimize=True,
+                    wrapped, (example,), None, **names, dynamic_shapes=batch, dynamo=True, verbose=False, optimize=True
                 )
                 proto = program.model_proto
             else:
                 buffer = io.BytesIO()
-                torch.onnx.export(
-                    wrapped,
-                    (example,),
-                    buffer,
-                    input_names=[INPUT_NAME],
-                    output_names=outputs,
-                    dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
-                    opset_version=opset,
-                    dynamo=False,
-                )
+                axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
+                torch.onnx.export(wrapped, (example,), buffer, **names, dynamic_axes=axes, dynamo=False)
                 proto = onnx.load_from_string(buffer.getvalue())
     except Exception as err:  # torch.export/TorchScript fail with many exception types; all mean "cannot trace"
         other = "torchscript" if exporter == "dynamo" else "dynamo"

@@ -149,12 +149,6 @@ class EmbeddingRuntime:
             feats[start : start + len(chunk)] = feat
         return out, feats
 
-    def run_joint(self, batch: np.ndarray) -> np.ndarray:
-        """(N, dim + feature_dim): embedding and features side by side, for callers that move one array (the
-        server's batcher splits rows, so both halves stay aligned)."""
-        emb, feats = self.run_with_features(batch)
-        return np.concatenate([emb, feats], axis=1)
-
     def embed_with_features(
         self, images: Sequence[ImageInput], *, batch_size: int | None = None
     ) -> tuple[sparse.csr_matrix, np.ndarray]:
