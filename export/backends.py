@@ -31,17 +31,8 @@ class OrtBackend:
         import onnxruntime as ort
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-        load_errors = (
-            ort_state.Fail,
-            ort_state.InvalidProtobuf,
-            ort_state.InvalidGraph,
-            ort_state.NoSuchFile,
-            ort_state.InvalidArgument,
-            ort_state.NotImplemented,
-            ort_state.RuntimeException,
-            OSError,
-            RuntimeError,
-        )
+        kinds = ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "NotImplemented")
+        load_errors = (*(getattr(ort_state, kind) for kind in (*kinds, "RuntimeException")), OSError, RuntimeError)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # CUDA-missing and fusion notices are noise for callers
         if num_threads is not None:

@@ -8,7 +8,7 @@ indexing it would corrupt every later search, so both are rejected with the row 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,10 +71,6 @@ def check_ids(ids: Any, *, what: str = "ids") -> np.ndarray:
     return out
 
 
-def _first_bad_row(bad_flat_positions: np.ndarray, indptr: np.ndarray) -> int:
-    return int(np.searchsorted(indptr, bad_flat_positions[0], side="right") - 1)
-
-
 def check_vectors(vectors: Any, dim: int, *, what: str = "vectors", copy: bool = True) -> Vectors:
     """Return float32 vectors (CSR with int32 indices if sparse came in, else C-contiguous dense), checked.
 
@@ -85,60 +81,50 @@ def check_vectors(vectors: Any, dim: int, *, what: str = "vectors", copy: bool =
     """
     if not copy and _clean_csr(vectors, dim):
         return vectors
-    if sp.issparse(vectors):
-        if vectors.ndim != 2:
-            raise InvalidInputError(f"{what} must be 2-D, got shape {vectors.shape}")
-        if vectors.dtype.kind not in "fiub":
-            raise InvalidInputError(f"{what} must be numeric, got dtype {vectors.dtype}")
-        if vectors.shape[1] != dim:
-            raise DimensionMismatchError(f"{what} have {vectors.shape[1]} dimensions but the index dimension is {dim}")
-        csr = sp.csr_matrix(vectors, dtype=np.float32, copy=True)
-        if csr.nnz and (csr.indices.min() < 0 or csr.indices.max() >= dim):  # scipy does not check on construction
-            raise InvalidInputError(f"{what} have column indices outside [0, {dim})")
-        csr.sum_duplicates()  # canonical form: sorted, unique column indices per row
-        if csr.nnz:
-            nonfinite = np.flatnonzero(~np.isfinite(csr.data))
-            if nonfinite.size:
-                row = _first_bad_row(nonfinite, csr.indptr)
-                raise InvalidInputError(f"{what} contain NaN or infinite values (first in row {row})")
-            negative = np.flatnonzero(csr.data < 0)
-            if negative.size:
-                row = _first_bad_row(negative, csr.indptr)
-                raise InvalidInputError(
-                    f"{what} contain negative values (first in row {row}, minimum {float(csr.data.min()):.4g});"
-                    " embeddings must be non-negative"
-                )
-        csr.eliminate_zeros()
-        csr.indices = csr.indices.astype(np.int32, copy=False)
-        if csr.nnz < np.iinfo(np.int32).max:
-            csr.indptr = csr.indptr.astype(np.int32, copy=False)
-        return csr
-    try:
-        arr = np.asarray(vectors)
-    except (ValueError, TypeError) as err:
-        raise InvalidInputError(f"{what} must be a 2-D numeric array or a scipy sparse matrix: {err}") from None
+    arr = vectors if sp.issparse(vectors) else _as_array(vectors, what)
     if arr.dtype.kind not in "fiub":
         raise InvalidInputError(f"{what} must be numeric, got dtype {arr.dtype}")
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
     if arr.ndim != 2:
         raise InvalidInputError(f"{what} must be 2-D (rows of {dim} values), got shape {arr.shape}")
     if arr.shape[1] != dim:
         raise DimensionMismatchError(f"{what} have {arr.shape[1]} dimensions but the index dimension is {dim}")
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(arr, dtype=np.float32)
-    if out.size:
-        finite = np.isfinite(out)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite.all(axis=1))[0])
-            raise InvalidInputError(f"{what} contain NaN or infinite values (first in row {row})")
-        if out.min() < 0:
-            row = int(np.flatnonzero((out < 0).any(axis=1))[0])
-            raise InvalidInputError(
-                f"{what} contain negative values (first in row {row}, minimum {float(out.min()):.4g});"
-                " embeddings must be non-negative"
-            )
-    return out
+    if not sp.issparse(arr):
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+        _check_values(out, lambda bad: int(np.flatnonzero(bad.any(axis=1))[0]), what)
+        return out
+    csr = sp.csr_matrix(arr, dtype=np.float32, copy=True)
+    if csr.nnz and (csr.indices.min() < 0 or csr.indices.max() >= dim):  # scipy does not check on construction
+        raise InvalidInputError(f"{what} have column indices outside [0, {dim})")
+    csr.sum_duplicates()  # canonical form: sorted, unique column indices per row
+    _check_values(csr.data, lambda bad: int(np.searchsorted(csr.indptr, np.flatnonzero(bad)[0], "right") - 1), what)
+    csr.eliminate_zeros()
+    csr.indices = csr.indices.astype(np.int32, copy=False)
+    if csr.nnz < np.iinfo(np.int32).max:
+        csr.indptr = csr.indptr.astype(np.int32, copy=False)
+    return csr
+
+
+def _as_array(vectors: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(vectors)
+    except (ValueError, TypeError) as err:
+        raise InvalidInputError(f"{what} must be a 2-D numeric array or a scipy sparse matrix: {err}") from None
+    return arr.reshape(1, -1) if arr.ndim == 1 and arr.dtype.kind in "fiub" else arr
+
+
+def _check_values(values: np.ndarray, first_row: Callable[[np.ndarray], int], what: str) -> None:
+    """Refuse NaN, infinite and negative values, naming the first row (``first_row`` of a mask) holding one."""
+    if not values.size:
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InvalidInputError(f"{what} contain NaN or infinite values (first in row {first_row(bad)})")
+    if values.min() < 0:
+        raise InvalidInputError(
+            f"{what} contain negative values (first in row {first_row(values < 0)}, minimum {float(values.min()):.4g});"
+            " embeddings must be non-negative"
+        )
 
 
 def _clean_csr(vectors: Any, dim: int) -> bool:
