@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.augment import ViewMaker, ViewPlan, resolve_recipe, view_geometry
+from data.augment import ViewMaker, ViewPlan, view_geometry
 from data.config import AugmentConfig, DataConfig
 from data.sources import DataSpecError, ImageSource
 from models.config import FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -234,30 +234,7 @@ def build_batches(
     device: torch.device,
 ) -> ArrayBatches | FileBatches:
     maker = ViewMaker(cfg.augment, cfg.model.image_size, in_channels, mean, std)
+    common = (source, maker, cfg.train.batch_size, cfg.train.seed, rank, world_size, device)
     if source.array is not None:
-        return ArrayBatches(
-            source, maker, cfg.train.batch_size, cfg.train.seed, rank, world_size, device, cfg.data.subset
-        )
-    return FileBatches(
-        source,
-        maker,
-        cfg.train.batch_size,
-        cfg.train.seed,
-        rank,
-        world_size,
-        device,
-        cfg.data.num_workers,
-        cfg.data.subset,
-    )
-
-
-__all__ = [
-    "ArrayBatches",
-    "Batch",
-    "FileBatches",
-    "build_batches",
-    "convert_channels",
-    "default_stats",
-    "detect_channels",
-    "resolve_recipe",
-]
+        return ArrayBatches(*common, cfg.data.subset)
+    return FileBatches(*common, cfg.data.num_workers, cfg.data.subset)

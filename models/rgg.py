@@ -14,58 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from models import rgg_law as law
 from models.methods import TARGET_KINDS, TargetKind
-from models.rgg_law import (
-    SIGMA_WORDS,
-    check_mu,
-    check_p,
-    check_rate,
-    check_sigma,
-    expected_l0,
-    expected_l1,
-    gn_cdf,
-    gn_pdf,
-    gn_ppf,
-    gn_sf,
-    gn_var,
-    mu_for_l0,
-    resolve_sigma,
-    rgn_mean,
-    rgn_moment,
-    rgn_second_moment,
-    rgn_var,
-    sigma_gn,
-    sigma_rgn,
-    target_summary,
-)
-
-__all__ = [
-    "SIGMA_WORDS",
-    "Target",
-    "check_mu",
-    "check_p",
-    "check_rate",
-    "check_sigma",
-    "expected_l0",
-    "expected_l1",
-    "gn_cdf",
-    "gn_pdf",
-    "gn_ppf",
-    "gn_sf",
-    "gn_var",
-    "mu_for_l0",
-    "resolve_sigma",
-    "rgn_mean",
-    "rgn_moment",
-    "rgn_second_moment",
-    "rgn_var",
-    "sample_gn",
-    "sample_rgn",
-    "sample_standard_gn",
-    "sigma_gn",
-    "sigma_rgn",
-    "target_summary",
-]
+from models.rgg_law import *  # noqa: F403
 
 ShapeLike = int | Sequence[int]
 
@@ -152,8 +103,8 @@ def sample_gn(
 
     Reproducible given `generator`; device defaults to the generator's device, else CPU.
     """
-    p, mu = check_p(p), check_mu(mu)
-    sigma = resolve_sigma(p, mu, sigma)
+    p, mu = law.check_p(p), law.check_mu(mu)
+    sigma = law.resolve_sigma(p, mu, sigma)
     dims = _as_shape(shape)
     dev, work = _placement(generator, device, dtype)
     x = _draw_standard(dims, p, generator, dev, work).mul_(sigma).add_(mu)
@@ -171,12 +122,7 @@ def sample_rgn(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Draws x = ReLU(X), X ~ GN_p(mu, sigma): the RGN_p target of Rectified LpJEPA."""
-    p, mu = check_p(p), check_mu(mu)
-    sigma = resolve_sigma(p, mu, sigma)
-    dims = _as_shape(shape)
-    dev, work = _placement(generator, device, dtype)
-    x = _draw_standard(dims, p, generator, dev, work).mul_(sigma).add_(mu).clamp_(min=0.0)
-    return _finish(x, dtype)
+    return sample_gn(shape, p, mu, sigma, generator=generator, device=device, dtype=dtype).clamp_(min=0.0)
 
 
 @dataclass(frozen=True)
@@ -194,21 +140,21 @@ class Target:
     kind: TargetKind = "rgn"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "p", check_p(self.p))
-        object.__setattr__(self, "mu", check_mu(self.mu))
-        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "p", law.check_p(self.p))
+        object.__setattr__(self, "mu", law.check_mu(self.mu))
+        object.__setattr__(self, "sigma", law.check_sigma(self.sigma))
         if self.kind not in TARGET_KINDS:
             raise ValueError(f"target kind must be one of {', '.join(TARGET_KINDS)}, got {self.kind!r}")
 
     @classmethod
     def from_spec(cls, p: float, mu: float, sigma: str | float = "gn", kind: TargetKind = "rgn") -> Target:
         """Build from a config-style spec: sigma 'gn' (docs/METHOD.md default), 'rgn' or a number."""
-        return cls(p, mu, resolve_sigma(p, mu, sigma), kind)
+        return cls(p, mu, law.resolve_sigma(p, mu, sigma), kind)
 
     @classmethod
     def from_l0(cls, p: float, rate: float, sigma: str | float = "gn") -> Target:
         """Build the RGN target whose expected activation rate is `rate` (mu solved, see `mu_for_l0`)."""
-        mu, sig = mu_for_l0(p, rate, sigma)
+        mu, sig = law.mu_for_l0(p, rate, sigma)
         return cls(p, mu, sig)
 
     def embedding_l0(self, rectified: bool) -> float | None:
@@ -220,30 +166,26 @@ class Target:
 
     @property
     def expected_l0(self) -> float:
-        return expected_l0(self.p, self.mu, self.sigma)
+        return law.expected_l0(self.p, self.mu, self.sigma)
 
     @property
     def expected_l1(self) -> float:
-        return expected_l1(self.p, self.mu, self.sigma)
+        return law.expected_l1(self.p, self.mu, self.sigma)
 
     @property
     def mean(self) -> float:
-        return rgn_mean(self.p, self.mu, self.sigma)
-
-    @property
-    def second_moment(self) -> float:
-        return rgn_second_moment(self.p, self.mu, self.sigma)
+        return law.rgn_mean(self.p, self.mu, self.sigma)
 
     @property
     def var(self) -> float:
-        return rgn_var(self.p, self.mu, self.sigma)
+        return law.rgn_var(self.p, self.mu, self.sigma)
 
     def moment(self, q: float) -> float:
-        return rgn_moment(q, self.p, self.mu, self.sigma)
+        return law.rgn_moment(q, self.p, self.mu, self.sigma)
 
     def summary(self) -> dict[str, float]:
         """The `lpjepa target --json` fields: p, mu, sigma, expected_l0, expected_l1, mean, var."""
-        return target_summary(self.p, self.mu, self.sigma)
+        return law.target_summary(self.p, self.mu, self.sigma)
 
     def sample(
         self,
