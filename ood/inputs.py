@@ -77,23 +77,23 @@ def embed_images(
     batch: list[Any] = []
     batch_idx: list[int] = []
 
+    def keep(images: list[Any], positions: list[int]) -> None:
+        emb, feats = _embed_batch(runtime, images)
+        blocks.append(emb)
+        feat_blocks.append(feats)
+        kept.extend(positions)
+
     def flush() -> None:
         if not batch:
             return
         try:
-            emb, feats = _embed_batch(runtime, batch)
-            blocks.append(emb)
-            feat_blocks.append(feats)
-            kept.extend(batch_idx)
+            keep(batch, batch_idx)
         except ValueError:
             # The runtime refuses the whole batch for one image it cannot convert: redo it image by image so
             # only the culprit is dropped (and named).
             for img, pos in zip(batch, batch_idx, strict=True):
                 try:
-                    emb, feats = _embed_batch(runtime, [img])
-                    blocks.append(emb)
-                    feat_blocks.append(feats)
-                    kept.append(pos)
+                    keep([img], [pos])
                 except ValueError as err:
                     failed.append((pos, loaders[pos][0], f"{type(err).__name__}: {err}"))
         batch.clear()
@@ -163,11 +163,3 @@ def image_paths(paths: list[str]) -> list[Path]:
         else:
             raise InputError(f"no such file or folder: {raw}")
     return files
-
-
-def open_image(path: Path) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        return img

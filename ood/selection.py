@@ -35,14 +35,8 @@ def select_served(
             table.append({"score": name, "set": set_name, "n": int(np.size(scores[name])), **m})
     if not table:
         served = next(n for n in (*DEFAULT_ORDER, names[0]) if n in names)
-        return {
-            "served": served,
-            "rule": RULE,
-            "reason": f"no OOD validation set was given, so {served} is served by default (no evidence)",
-            "validation_sets": [],
-            "table": [],
-            "summary": {},
-        }
+        reason = f"no OOD validation set was given, so {served} is served by default (no evidence)"
+        return {"served": served, "rule": RULE, "reason": reason, "validation_sets": [], "table": [], "summary": {}}
     sets = list(dict.fromkeys(row["set"] for row in table))
     summary: dict[str, dict[str, float]] = {}
     for name in names:

@@ -51,12 +51,9 @@ def rotate(img: Any, rng: np.random.Generator) -> Any:
     return _mode_of(img).transpose(Image.Transpose.ROTATE_90 if rng.random() < 0.5 else Image.Transpose.ROTATE_270)
 
 
-SHIFTS: dict[str, Callable[[Any, np.random.Generator], Any]] = {
-    "noise": gaussian_noise,
-    "blur": blur,
-    "invert": invert,
-    "rotate": rotate,
-}
+SHIFTS: dict[str, Callable[[Any, np.random.Generator], Any]] = dict(
+    zip(SHIFT_NAMES, (gaussian_noise, blur, invert, rotate), strict=True)
+)
 
 
 def shifted_loaders(source: Any, indices: Any, shift: str, *, seed: int = 0) -> list[tuple[str, Callable[[], Any]]]:
