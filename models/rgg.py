@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,18 +76,6 @@ def _finish(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x
     big = torch.finfo(dtype).max  # half precision: saturate rare far-tail draws instead of producing inf
     return x.clamp_(-big, big).to(dtype)
-
-
-def sample_standard_gn(
-    shape: ShapeLike,
-    p: float,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Draws from GN_p(0, 1) (sigma = 1 in the method's parametrization, not unit variance)."""
-    return sample_gn(shape, p, 0.0, 1.0, generator=generator, device=device, dtype=dtype)
 
 
 def sample_gn(
@@ -187,24 +176,10 @@ class Target:
         """The `lpjepa target --json` fields: p, mu, sigma, expected_l0, expected_l1, mean, var."""
         return law.target_summary(self.p, self.mu, self.sigma)
 
-    def sample(
-        self,
-        shape: ShapeLike,
-        *,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """Rectified draw ReLU(X) (the RGN target)."""
-        return sample_rgn(shape, self.p, self.mu, self.sigma, generator=generator, device=device, dtype=dtype)
+    def sample(self, shape: ShapeLike, **placement: Any) -> torch.Tensor:
+        """Rectified draw ReLU(X) (the RGN target); `placement` is sample_rgn's generator, device and dtype."""
+        return sample_rgn(shape, self.p, self.mu, self.sigma, **placement)
 
-    def sample_gn(
-        self,
-        shape: ShapeLike,
-        *,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
+    def sample_gn(self, shape: ShapeLike, **placement: Any) -> torch.Tensor:
         """Unrectified draw X (the GN target of the ablation in docs/METHOD.md §2)."""
-        return sample_gn(shape, self.p, self.mu, self.sigma, generator=generator, device=device, dtype=dtype)
+        return sample_gn(shape, self.p, self.mu, self.sigma, **placement)

@@ -33,6 +33,11 @@ def _window(text: str) -> int:
     return value
 
 
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The flags passed on under their own names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
@@ -42,20 +47,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     from ood.calibration import calibrate_model
     from ood.shifts import SHIFT_NAMES
 
-    cal = calibrate_model(
-        args.model,
-        args.data,
-        limit=args.limit,
-        tpr=args.tpr,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        validate_ood=args.validate_ood,
-        validate_limit=args.validate_limit,
-        shifts=[] if args.no_shifts else list(SHIFT_NAMES),
-        shift_limit=args.shift_limit,
-        drift_window=args.drift_window,
-    )
+    same = ("limit", "tpr", "seed", "batch_size", "validate_ood", "validate_limit", "shift_limit", "drift_window")
+    shifts = [] if args.no_shifts else list(SHIFT_NAMES)
+    cal = calibrate_model(args.model, args.data, **_flags(args, same), progress=not args.no_progress, shifts=shifts)
     summary = _calibration_summary(args, cal)
     if args.json:
         _print_json(summary)
@@ -142,18 +136,8 @@ def _eval(args: argparse.Namespace) -> int:
     from core.atomic_io import atomic_write_text
     from ood.evaluate import evaluate_model
 
-    result = evaluate_model(
-        args.model,
-        args.id,
-        args.ood,
-        limit=args.limit,
-        train_limit=args.train_limit,
-        k=args.k,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-        recalibrate=args.recalibrate,
-    )
+    same = ("limit", "train_limit", "k", "seed", "batch_size", "recalibrate")
+    result = evaluate_model(args.model, args.id, args.ood, **_flags(args, same), progress=not args.no_progress)
     if args.out:
         atomic_write_text(args.out, json.dumps(result.report, indent=2) + "\n")
     if args.json:
