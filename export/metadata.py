@@ -179,12 +179,7 @@ def read_metadata(model_path: str | os.PathLike[str]) -> dict[str, Any]:
         sidecar = engine_sidecar(path)
         if not sidecar.is_file():
             raise ModelLoadError(f"{path}: TensorRT engine without its metadata file {sidecar.name}")
-        try:
-            props = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{sidecar} is not valid JSON: {err}") from err
-        if not isinstance(props, dict):
-            raise ModelLoadError(f"{sidecar} must hold a JSON object")
+        props = _json_object(sidecar)
         return validate(decode({str(k): str(v) for k, v in props.items()}, str(path)), str(path))
     return validate(decode(read_onnx_props(path), str(path)), str(path))
 
@@ -214,11 +209,7 @@ def write_ood_calibration(model_path: str | os.PathLike[str], calibration: dict[
 
     read_metadata(path)
     model = onnx.load(str(path))
-    entries = [(p.key, p.value) for p in model.metadata_props if p.key != OOD_KEY]
-    del model.metadata_props[:]
-    for key, value in [*entries, (OOD_KEY, text)]:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_onnx_metadata(model, {OOD_KEY: calibration})
     return save_onnx_atomic(model, path)
 
 
@@ -231,12 +222,14 @@ def read_ood_calibration(
     if isinstance(value, dict):
         return value
     sidecar = ood_sidecar(model_path)
-    if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{sidecar} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{sidecar} must hold a JSON object")
-        return data
-    return None
+    return _json_object(sidecar) if sidecar.is_file() else None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data

@@ -28,10 +28,7 @@ TOP_K = 10
 # embeddings are nearly collinear so neighbour ranks hinge on tiny differences. The int8 gate therefore sits
 # below the untrained case; callers shipping trained models can tighten it (export_checkpoint(tolerances=...),
 # `lpjepa export --min-overlap`).
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "fp16": (0.005, 0.95),
-    "int8": (0.02, 0.70),
-}
+TOLERANCES: dict[str, tuple[float, float]] = {"fp16": (0.005, 0.95), "int8": (0.02, 0.70)}
 
 
 def l0_rate(z: np.ndarray) -> float:

@@ -56,15 +56,7 @@ import scipy.sparse as sp
 
 from index.base import VectorIndex, _finish, _unknown
 from index.errors import BackendUnavailableError, IndexMismatchError, InvalidInputError
-from index.validation import (
-    Vectors,
-    check_ids,
-    check_k,
-    check_vectors,
-    n_rows,
-    normalize_rows,
-    row_norms,
-)
+from index.validation import Vectors, check_ids, check_k, check_vectors, n_rows, normalize_rows, row_norms
 
 FORMAT = "lpjepa-milvus-index/1"
 DEFAULT_COLLECTION = "lpjepa"
@@ -212,24 +204,8 @@ class MilvusIndex(VectorIndex):
             self._exists = False
             return
         desc = self._call("describe_collection", "describe_collection", self.collection)
-        try:
-            head = json.loads(desc.get("description") or "")
-            if not isinstance(head, dict) or head.get("format") != FORMAT:
-                raise ValueError
-        except ValueError:
-            raise IndexMismatchError(
-                f"collection {self.collection!r} in {_describe_uri(self.uri)} was not created by lpjepa; "
-                "choose another --collection"
-            ) from None
-        if head.get("dim") != self._dim:
-            raise IndexMismatchError(
-                f"collection {self.collection!r} has dimension {head.get('dim')} but the model produces {self._dim};"
-                " was it built with another model?"
-            )
-        if head.get("metric") != self._metric:
-            raise IndexMismatchError(
-                f"collection {self.collection!r} uses metric {head.get('metric')!r}, not {self._metric!r}"
-            )
+        head = _parse_head(desc, self.uri, self.collection)
+        _check_head(head, self.collection, self._dim, self._metric)
         self.index_kind = str(head.get("index") or self.index_kind)
         self.metadata = dict(head.get("metadata") or {})
         self._exists = True
@@ -258,14 +234,8 @@ class MilvusIndex(VectorIndex):
         schema.add_field("thumb", DataType.JSON)
         schema.add_field("thumb_bytes", DataType.INT64)
         params = self._client.prepare_index_params()
-        if self.index_kind == "wand":
-            params.add_index(
-                field_name="vec", index_type="SPARSE_WAND", metric_type="IP", params={"drop_ratio_build": 0}
-            )
-        else:
-            params.add_index(
-                field_name="vec", index_type="SPARSE_INVERTED_INDEX", metric_type="IP", params={"drop_ratio_build": 0}
-            )
+        kind = "SPARSE_WAND" if self.index_kind == "wand" else "SPARSE_INVERTED_INDEX"
+        params.add_index(field_name="vec", index_type=kind, metric_type="IP", params={"drop_ratio_build": 0})
         try:
             self._client.create_collection(
                 self.collection,
@@ -347,11 +317,8 @@ class MilvusIndex(VectorIndex):
         nq = n_rows(q)
         scores = np.full((nq, k), -np.inf, np.float32)
         found = np.full((nq, k), -1, np.int64)
-        if nq == 0 or not self._exists:
-            if not self._exists:
-                self._refresh()  # another process may have created it since
-            if nq == 0 or not self._exists:
-                return scores, found
+        if not self._live() or nq == 0:
+            return scores, found
         csr = sp.csr_matrix(q, dtype=np.float32)
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
         count: int | None = None
@@ -379,12 +346,8 @@ class MilvusIndex(VectorIndex):
         """(id, score, payload, thumbnail or None) of the first query row's top ``k``, best first, in one search
         call that returns the payloads with the hits (the server's path; ``search`` + ``payloads`` is two)."""
         k, q = self._checked_queries(queries, k)
-        if n_rows(q) == 0:
+        if n_rows(q) == 0 or not self._live():
             return []
-        if not self._exists:
-            self._refresh()
-            if not self._exists:
-                return []
         csr = sp.csr_matrix(q, dtype=np.float32)
         fields = ["payload", "thumb"] if thumbnails else ["payload"]
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
@@ -423,21 +386,23 @@ class MilvusIndex(VectorIndex):
         rows = self._call("query", "query", self.collection, filter=expr, output_fields=["id"], limit=n)
         return np.sort(np.array([int(r["id"]) for r in rows], np.int64))[:n]
 
-    def _count(self) -> int:
+    def _live(self) -> bool:
+        """Whether the collection exists, looking again if not: another process may have created it since."""
         if not self._exists:
             self._refresh()
-            if not self._exists:
-                return 0
+        return self._exists
+
+    def _count(self) -> int:
+        if not self._live():
+            return 0
         rows = self._call("count", "query", self.collection, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def _query_ids(self, ids: np.ndarray, fields: list[str]) -> dict[int, dict[str, Any]]:
         """Rows of the ids that exist, keyed by id (one query per chunk of ids)."""
         out: dict[int, dict[str, Any]] = {}
-        if not self._exists:
-            self._refresh()
-            if not self._exists:
-                return out
+        if not self._live():
+            return out
         for chunk in _chunks(ids, _ID_CHUNK):
             expr = f"id in [{', '.join(str(int(i)) for i in chunk)}]"
             rows = self._call(
@@ -469,10 +434,8 @@ class MilvusIndex(VectorIndex):
     def _iter_ids(self) -> Iterator[int]:
         """Every id, ascending, in pages of _ID_PAGE (Milvus returns query results in primary-key order)."""
         # A short page is the last one: no query for the empty page after it.
-        if not self._exists:
-            self._refresh()
-            if not self._exists:
-                return
+        if not self._live():
+            return
         last = -1
         while True:
             rows = self._call(
@@ -493,11 +456,9 @@ class MilvusIndex(VectorIndex):
         indices: list[int] = []
         data: list[float] = []
         for i in ids.tolist():
-            vec = rows[i]["vec"] or {}
-            cols = sorted(int(c) for c in vec)
-            scale = float(rows[i]["norm"]) if self._metric == "cosine" else 1.0
+            cols, values = self._stored_vector(rows[i])
             indices.extend(cols)
-            data.extend(float(vec[c]) * scale for c in cols)
+            data.extend(values)
             indptr.append(len(indices))
         return sp.csr_matrix(
             (np.asarray(data, np.float32), np.asarray(indices, np.int32), np.asarray(indptr, np.int64)),
@@ -513,17 +474,17 @@ class MilvusIndex(VectorIndex):
 
     def payloads(self, ids: Any) -> list[Any]:
         """Payloads of ``ids`` in order; -1 (an empty result slot) gives None, unknown ids raise."""
-        keys = np.asarray(ids, dtype=np.int64).ravel()
-        asked = np.unique(keys[keys != -1])
-        rows = self._present(asked, ["payload"]) if asked.size else {}
-        return [None if k == -1 else (rows[k]["payload"] or {}).get("v") for k in keys.tolist()]
+        return self._field_of(ids, "payload", lambda p: (p or {}).get("v"))
 
     def thumbnails(self, ids: Any) -> list[bytes | None]:
         """Thumbnail PNGs of ``ids`` in order (None where an item has none); same id rules as :meth:`payloads`."""
+        return self._field_of(ids, "thumb", _thumb_bytes)
+
+    def _field_of(self, ids: Any, name: str, convert: Any) -> list[Any]:
         keys = np.asarray(ids, dtype=np.int64).ravel()
         asked = np.unique(keys[keys != -1])
-        rows = self._present(asked, ["thumb"]) if asked.size else {}
-        return [None if k == -1 else _thumb_bytes(rows[k]["thumb"]) for k in keys.tolist()]
+        rows = self._present(asked, [name]) if asked.size else {}
+        return [None if k == -1 else convert(rows[k][name]) for k in keys.tolist()]
 
     def items(self, ids: Any) -> dict[int, dict[str, Any]]:
         """{id: {"payload", "thumbnail", "vector" (CSR row)}} of the ids that exist, in one query per chunk."""
@@ -531,16 +492,21 @@ class MilvusIndex(VectorIndex):
         rows = self._query_ids(keys, ["vec", "norm", "payload", "thumb"])
         out: dict[int, dict[str, Any]] = {}
         for i, row in rows.items():
-            vec = row["vec"] or {}
-            cols = sorted(int(c) for c in vec)
-            scale = float(row["norm"]) if self._metric == "cosine" else 1.0
+            cols, values = self._stored_vector(row)
             out[i] = {
                 "payload": (row["payload"] or {}).get("v"),
                 "thumbnail": _thumb_bytes(row["thumb"]),
                 "indices": np.asarray(cols, np.int64),
-                "values": np.asarray([float(vec[c]) * scale for c in cols], np.float32),
+                "values": np.asarray(values, np.float32),
             }
         return out
+
+    def _stored_vector(self, row: dict[str, Any]) -> tuple[list[int], list[float]]:
+        """(columns ascending, values) of a stored row, scaled back by its norm for cosine."""
+        vec = row["vec"] or {}
+        cols = sorted(int(c) for c in vec)
+        scale = float(row["norm"]) if self._metric == "cosine" else 1.0
+        return cols, [float(vec[c]) * scale for c in cols]
 
     @property
     def thumbnail_count(self) -> int:
@@ -623,6 +589,11 @@ def _describe_collection(
         desc = client.describe_collection(collection, timeout=rpc_timeout)
     except Exception as err:  # noqa: BLE001
         raise BackendUnavailableError(f"{_describe_uri(str(uri))}: describe failed: {_short(err)}") from None
+    return client, _parse_head(desc, str(uri), collection)
+
+
+def _parse_head(desc: dict[str, Any], uri: str, collection: str) -> dict[str, Any]:
+    """The lpjepa header in a collection's description; anyone else's collection raises."""
     try:
         head = json.loads(desc.get("description") or "")
         if not isinstance(head, dict) or head.get("format") != FORMAT:
@@ -630,10 +601,20 @@ def _describe_collection(
         int(head["dim"])
     except (ValueError, KeyError, TypeError):
         raise IndexMismatchError(
-            f"collection {collection!r} in {_describe_uri(str(uri))} was not created by lpjepa; choose another"
-            " --collection"
+            f"collection {collection!r} in {_describe_uri(uri)} was not created by lpjepa; choose another --collection"
         ) from None
-    return client, head
+    return head
+
+
+def _check_head(head: dict[str, Any], collection: str, dim: int | None, metric: str | None) -> None:
+    """Refuse a collection of another dimension or metric than the caller's (None: any)."""
+    if dim is not None and head.get("dim") != dim:
+        raise IndexMismatchError(
+            f"collection {collection!r} has dimension {head.get('dim')} but the model produces {dim};"
+            " was it built with another model?"
+        )
+    if metric is not None and head.get("metric") != metric:
+        raise IndexMismatchError(f"collection {collection!r} uses metric {head.get('metric')!r}, not {metric!r}")
 
 
 def open_milvus_index(
@@ -654,14 +635,8 @@ def open_milvus_index(
             f"{_describe_uri(str(uri))} has no collection {collection!r}; build one with "
             "`lpjepa index build --backend milvus`"
         )
+    _check_head(head, collection, expected_dim, expected_metric)
     dim, metric = int(head["dim"]), str(head["metric"])
-    if expected_dim is not None and dim != expected_dim:
-        raise IndexMismatchError(
-            f"collection {collection!r} has dimension {dim} but the model produces {expected_dim};"
-            " was it built with another model?"
-        )
-    if expected_metric is not None and metric != expected_metric:
-        raise IndexMismatchError(f"collection {collection!r} uses metric {metric!r}, not {expected_metric!r}")
     kind = str(head.get("index", "exact"))
     return MilvusIndex(dim, metric, uri=str(uri), collection=collection, token=token, index=kind, timeout_s=timeout_s)
 
