@@ -210,11 +210,15 @@ class FaissIndex(RowMapped, VectorIndex):
             self._index.remove_ids(_faiss().IDSelectorBatch(ids))
             keep = np.ones(self.total_rows, bool)
             keep[rows] = False
-            self._map.renumber(keep)
-            self._row_ids = self._row_ids[keep]
-            self._norms = self._norms[keep]
+            self._keep_rows(keep)
         else:
             self._kill(rows)
+
+    def _keep_rows(self, keep: np.ndarray) -> None:
+        """Drop the storage rows where ``keep`` is False from our mirrors, renumbering the rest."""
+        self._map.renumber(keep)
+        self._row_ids = self._row_ids[keep]
+        self._norms = self._norms[keep]
 
     def _kill(self, rows: np.ndarray) -> None:
         """Tombstone storage rows (IVF / HNSW); rebuild once too many are dead."""
@@ -224,11 +228,6 @@ class FaissIndex(RowMapped, VectorIndex):
             self._compact()
         else:
             self._sync_id_map()
-
-    def compact(self) -> None:
-        """Rebuild IVF / HNSW without tombstoned rows (also done automatically)."""
-        with self._lock.write():
-            self._compact()
 
     def _compact(self) -> None:
         if not self._n_dead or self.kind == "flat":
@@ -247,11 +246,7 @@ class FaissIndex(RowMapped, VectorIndex):
             rows = live[lo : lo + _ADD_ROWS]
             fresh.add_with_ids(inner.reconstruct_batch(rows), self._row_ids[rows])
         self._index = fresh
-        self._row_ids = self._row_ids[live]
-        self._norms = self._norms[live]
-        keep = np.zeros(live.size + self._n_dead, bool)
-        keep[live] = True
-        self._map.renumber(keep)
+        self._keep_rows(self._row_ids >= 0)
         self._n_dead = 0
         self._gpu_index = None
 
