@@ -173,20 +173,13 @@ class EmbeddingRuntime:
             raise ValueError(f"batch_size must be >= 1, got {step}")
         n = len(images)
         out = np.empty((n, self.dim), dtype=np.float32)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            bar = tqdm(total=n, desc="embed", unit="img")
-        try:
+        with tqdm(total=n, desc="embed", unit="img", disable=not progress) as bar:
             for start in range(0, n, step):
                 chunk = images[start : start + step]
                 out[start : start + len(chunk)] = self.run(self.preprocess(chunk, offset=start))
-                if bar is not None:
-                    bar.update(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(len(chunk))
         return out
 
     def embed(

@@ -50,21 +50,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace):  # -> TrainConfig
-    from pretrain.config import ConfigError, apply_override, load_config
-    from pretrain.trainer import TrainError, read_run_config
+    # ConfigError, TrainError, ... reach cli.main, which prints their one-line message (exit 2).
+    from pretrain.config import apply_override, load_config
+    from pretrain.trainer import read_run_config
 
-    try:
-        if args.config:
-            return load_config(args.config, args.overrides)
-        if not args.resume:
-            raise CliError("--config is required (or --resume to continue the run in --out)")
-        cfg = read_run_config(args.out)
-        for assignment in args.overrides:
-            apply_override(cfg, assignment)
-        cfg.validate()
-        return cfg
-    except (ConfigError, TrainError) as err:
-        raise CliError(str(err)) from None
+    if args.config:
+        return load_config(args.config, args.overrides)
+    if not args.resume:
+        raise CliError("--config is required (or --resume to continue the run in --out)")
+    cfg = read_run_config(args.out)
+    for assignment in args.overrides:
+        apply_override(cfg, assignment)
+    cfg.validate()
+    return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -74,19 +72,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(cfg.to_json() + "\n")
         return 0
-    from data.sources import DataSpecError
-    from models.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-    from pretrain.rundir import StateError
-    from pretrain.trainer import INTERRUPTED, TrainError, train
+    from pretrain.trainer import INTERRUPTED, train
 
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        result = train(
-            cfg, args.out, resume=args.resume, force=args.force, progress=False if args.no_progress else None
-        )
-    except (ConfigError, TrainError, DataSpecError, StateError, CheckpointError) as err:
-        raise CliError(str(err)) from None
+    result = train(cfg, args.out, resume=args.resume, force=args.force, progress=False if args.no_progress else None)
     last = result.summary.get("last", {})
     line = {
         k: last.get(k)
