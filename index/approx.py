@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from index import compiled
 from index.errors import InvalidInputError
-from index.inverted import TILE_ROWS, TiledInverted, build_inverted, guard_search
+from index.inverted import TILE_ROWS, TiledInverted, build_inverted, guard_search, query_arrays
 
 DEFAULT_CUT = 0.2  # recall@10 >= 0.999 on the Zipf-popularity benchmark data at 1% and 5% (bench_engines.py)
 DEFAULT_SLACK = 3.0  # rescore rows that could still enter with up to 3 terms missing, each below the cut
@@ -181,36 +181,10 @@ def search_approx(
     if mask is None:
         return
     acc, touched, qdense = _buffers(min(inv.tile, TILE_ROWS), inv.dim)
-    status = compiled.search_approx(
-        inv.indptr,
-        inv.rows,
-        inv.data,
-        inv.n_rows,
-        inv.dim,
-        inv.tile,
-        impact.top_rows,
-        x.indptr,
-        x.indices,
-        x.data,
-        queries.indptr.astype(np.int64, copy=False),
-        queries.indices.astype(np.int32, copy=False),
-        queries.data.astype(np.float32, copy=False),
-        lo,
-        hi,
-        heap_scores,
-        heap_rows,
-        heap_lo,
-        row_offset,
-        mask,
-        acc,
-        touched,
-        qdense,
-        float(cut),
-        float(slack),
-        int(probe_rows),
-        bool(safe),
-        impact.lengths,
-        int(SAFE_LISTS),
-    )
+    # the kernel's arguments in its order: lists, forward rows, queries, heaps, buffers, settings
+    args = (*inv.kernel_args, impact.top_rows, x.indptr, x.indices, x.data, *query_arrays(queries), lo, hi)
+    args += (heap_scores, heap_rows, heap_lo, row_offset, mask, acc, touched, qdense)
+    args += (float(cut), float(slack), int(probe_rows), bool(safe), impact.lengths, int(SAFE_LISTS))
+    status = compiled.search_approx(*args)
     if status:
         raise ValueError(f"query column indices outside [0, {inv.dim})")

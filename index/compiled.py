@@ -433,27 +433,12 @@ def warmup() -> None:
 
     A cold compile takes ~1 s; a server calls this at start-up so that its first search does not pay it.
     """
+    import scipy.sparse as sp
+
+    from index import inverted  # imports this module: here, not at the top
+
     heap_s = np.full((1, 1), -np.inf, np.float32)
     heap_r = np.full((1, 1), -1, np.int64)
     push_block(np.zeros((1, 1), np.float32), heap_s, heap_r, 0, 0)
-    search_inverted(
-        np.zeros(2, np.int64),  # one tile, one dimension, no entries
-        np.empty(0, np.uint16),
-        np.empty(0, np.float32),
-        1,
-        1,
-        1,
-        0,
-        1,
-        np.zeros(2, np.int64),
-        np.empty(0, np.int32),
-        np.empty(0, np.float32),
-        0,
-        1,
-        heap_s,
-        heap_r,
-        0,
-        0,
-        np.empty(0, np.bool_),
-        np.zeros(1, np.float32),
-    )
+    one = sp.csr_matrix((1, 1), dtype=np.float32)  # one row, one dimension, no entries: the search's own path
+    inverted.search_inverted(inverted.build_inverted(one), one, 0, 1, heap_s, heap_r, 0, 0)

@@ -47,6 +47,20 @@ class TiledInverted:
     def nbytes(self) -> int:
         return int(self.indptr.nbytes + self.rows.nbytes + self.data.nbytes)
 
+    @property
+    def kernel_args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+        """The lists and their shape, as the first six arguments of the compiled searches."""
+        return self.indptr, self.rows, self.data, self.n_rows, self.dim, self.tile
+
+
+def query_arrays(queries: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A query batch's CSR arrays in one compiled signature, whatever index types scipy chose for them."""
+    return (
+        queries.indptr.astype(np.int64, copy=False),
+        queries.indices.astype(np.int32, copy=False),
+        queries.data.astype(np.float32, copy=False),
+    )
+
 
 def build_inverted(x: sp.csr_matrix, tile: int | None = None) -> TiledInverted:
     """Transpose ``x`` tile by tile (scipy's CSR -> CSC conversion, linear time); ``tile`` defaults to TILE_ROWS."""
@@ -133,31 +147,9 @@ def search_inverted(
     mask = guard_search(inv, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
     if mask is None:
         return
-    # one compiled signature whatever index types scipy chose for the queries
-    q_indptr = queries.indptr.astype(np.int64, copy=False)
-    q_indices = queries.indices.astype(np.int32, copy=False)
-    q_data = queries.data.astype(np.float32, copy=False)
-    acc = _accumulator(min(inv.tile, inv.n_rows))
+    q, acc = query_arrays(queries), _accumulator(min(inv.tile, inv.n_rows))
     status = compiled.search_inverted(
-        inv.indptr,
-        inv.rows,
-        inv.data,
-        inv.n_rows,
-        inv.dim,
-        inv.tile,
-        t_lo,
-        t_hi,
-        q_indptr,
-        q_indices,
-        q_data,
-        lo,
-        hi,
-        heap_scores,
-        heap_rows,
-        heap_lo,
-        row_offset,
-        mask,
-        acc,
+        *inv.kernel_args, t_lo, t_hi, *q, lo, hi, heap_scores, heap_rows, heap_lo, row_offset, mask, acc
     )
     if status:  # the kernel checks the query columns (scipy does not on construction) before it reads anything
         raise ValueError(f"query column indices outside [0, {inv.dim})")
