@@ -95,14 +95,11 @@ class VectorIndex(ABC):
         with self._lock.write():
             self._add(ids, vecs, norms)
             for i, key in enumerate(ids.tolist()):
-                if checked is not None and checked[i] is not None:
-                    self._payloads[key] = checked[i]
-                else:
-                    self._payloads.pop(key, None)
-                if thumbs is not None and thumbs[i] is not None:
-                    self._thumbnails[key] = thumbs[i]
-                else:
-                    self._thumbnails.pop(key, None)
+                for kept, given in ((self._payloads, checked), (self._thumbnails, thumbs)):
+                    if given is not None and given[i] is not None:
+                        kept[key] = given[i]
+                    else:
+                        kept.pop(key, None)
 
     def _check_write(
         self, ids: Any, vectors: Any, payloads: Sequence[Any] | None, thumbnails: Sequence[bytes | None] | None

@@ -418,13 +418,6 @@ class MilvusIndex(VectorIndex):
     def contains(self, ids: Any) -> np.ndarray:
         return self._contains(check_ids(ids))
 
-    def __contains__(self, item: object) -> bool:
-        try:
-            ids = check_ids(item)
-        except ValueError:
-            return False
-        return bool(self._contains(ids)[0])
-
     def _ids(self) -> np.ndarray:
         return np.fromiter(self._iter_ids(), np.int64)
 
