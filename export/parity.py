@@ -134,6 +134,11 @@ def compare(
     return check
 
 
+# The fields of each check that the model's metadata keeps (ParityReport.summary), in this order.
+_SUMMARY_KEYS = ("precision", "backend", "max_abs_err", "support_mismatches", "l0_reference", "l0_exported")
+_SUMMARY_KEYS += ("l0_drift", "topk_overlap")
+
+
 @dataclass
 class ParityReport:
     """What an export proved: preprocessing parity and one check per artifact (fp32 first, then fp16/int8)."""
@@ -181,20 +186,7 @@ class ParityReport:
             "data": self.data,
             "n_images": self.n_images,
             "calibration": self.calibration,
-            "checks": [
-                {
-                    "precision": c.precision,
-                    "backend": c.backend,
-                    "max_abs_err": c.max_abs_err,
-                    "support_mismatches": c.support_mismatches,
-                    "l0_reference": c.l0_reference,
-                    "l0_exported": c.l0_exported,
-                    "l0_drift": c.l0_drift,
-                    "topk_overlap": c.topk_overlap,
-                    "passed": c.passed,
-                }
-                for c in self.checks
-            ],
+            "checks": [{**{key: getattr(c, key) for key in _SUMMARY_KEYS}, "passed": c.passed} for c in self.checks],
             "passed": self.passed,
         }
 
