@@ -60,9 +60,8 @@ class ViewPlan:
     def from_config(cls, aug: AugmentConfig, image_size: int) -> ViewPlan:
         small = small_view_size(aug, image_size)
         sizes = (image_size,) * aug.global_views + (small,) * aug.small_views
-        scales = ((aug.crop_scale[0], aug.crop_scale[1]),) * aug.global_views + (
-            (aug.small_crop_scale[0], aug.small_crop_scale[1]),
-        ) * aug.small_views
+        big, little = (aug.crop_scale[0], aug.crop_scale[1]), (aug.small_crop_scale[0], aug.small_crop_scale[1])
+        scales = (big,) * aug.global_views + (little,) * aug.small_views
         return cls(sizes, scales)
 
 
@@ -158,14 +157,8 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     p = (v * (1.0 - s)).clamp(0.0, 1.0)
     q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
     t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0)
-    table = torch.stack(
-        [
-            torch.stack([v, q, p, p, t, v], dim=1),
-            torch.stack([t, v, v, q, p, p], dim=1),
-            torch.stack([p, p, t, v, v, q], dim=1),
-        ],
-        dim=1,
-    )  # (B, 3, 6, H, W)
+    rgb_by_sector = ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))
+    table = torch.stack([torch.stack(row, dim=1) for row in rgb_by_sector], dim=1)  # (B, 3, 6, H, W)
     return table.gather(2, i.unsqueeze(1).unsqueeze(2).expand(-1, 3, 1, -1, -1)).squeeze(2)
 
 

@@ -192,25 +192,18 @@ def evaluate_model(
         calibration = calibrate(train.inputs(), tpr=tpr, seed=seed, source={"spec": train_spec, "n": train.n})
         cal_from = f"fitted at eval time on the ID train split ({train.n} embeddings)"
     meta = runtime.metadata if isinstance(runtime.metadata, dict) else {}
-    expected = meta.get("expected_l0")
+    expected_l0 = None if meta.get("expected_l0") is None else float(meta["expected_l0"])
     result = evaluate_embeddings(
-        id_eval.inputs(),
-        ood_eval.inputs(),
-        train.inputs(),
-        calibration=calibration,
-        expected_l0=None if expected is None else float(expected),
-        k=k,
+        id_eval.inputs(), ood_eval.inputs(), train.inputs(), calibration=calibration, expected_l0=expected_l0, k=k
     )
     result.report.update(
-        {
-            "model": str(model_path),
-            "target": {key: meta.get(key) for key in ("target_p", "target_mu", "target_sigma", "expected_l0")},
-            "id": {"spec": id_spec, "n": id_eval.n, "failed": len(id_eval.failed)},
-            "ood": {"spec": ood_spec, "n": ood_eval.n, "failed": len(ood_eval.failed)},
-            "train": {"spec": train_spec, "n": train.n, "how": train_how, "failed": len(train.failed)},
-            "calibration": {"from": cal_from, "n": calibration.get("n"), "source": calibration.get("source")},
-            "seed": seed,
-        }
+        model=str(model_path),
+        target={key: meta.get(key) for key in ("target_p", "target_mu", "target_sigma", "expected_l0")},
+        id={"spec": id_spec, "n": id_eval.n, "failed": len(id_eval.failed)},
+        ood={"spec": ood_spec, "n": ood_eval.n, "failed": len(ood_eval.failed)},
+        train={"spec": train_spec, "n": train.n, "how": train_how, "failed": len(train.failed)},
+        calibration={"from": cal_from, "n": calibration.get("n"), "source": calibration.get("source")},
+        seed=seed,
     )
     return result
 
