@@ -48,8 +48,12 @@ class ToyData:
         self.latent = latent
 
     def batch(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.tanh(torch.randn(n, self.latent, generator=g) @ self.a + self.b)
+        x = self.clean(n, g)
         return x + 0.25 * torch.randn(x.shape, generator=g), x + 0.25 * torch.randn(x.shape, generator=g)
+
+    def clean(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """Inputs without the view noise: the toy's stand-in for un-augmented test images."""
+        return torch.tanh(torch.randn(n, self.latent, generator=g) @ self.a + self.b)
 
 
 def projector(dim: int, width: int = 256, in_dim: int = 64) -> nn.Sequential:
@@ -127,6 +131,10 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
         same_eval = float((net(torch.cat([x1, x2])) > 0).double().mean())
         net.train()
     rates, h = rates_of(net, data, 8192, 123)
+    net.eval()
+    with torch.no_grad():
+        clean_rates = (net(data.clean(8192, torch.Generator().manual_seed(124))) > 0).double().mean(0)
+    net.train()
     target = expected_l0(1.0, args.mu, sigma)
     z = torch.relu(h)
     active = z[z > 0]
@@ -141,6 +149,10 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
     return {
         "sets": [s for s in sets if not s.startswith("steps=")],
         "l0_train_batch": float(np.mean(batch_rates)),
+        # Eval mode on noise-free inputs (the shift between augmented training views and clean test images).
+        "l0_clean": float(clean_rates.mean()),
+        "dead_clean": int((clean_rates == 0).sum()),
+        "near_dead_clean": int((clean_rates < 0.1 * target).sum()),
         # Per-dimension pre-activation quantiles (median over dimensions) against the GN's, in sigma units.
         "h_quantiles": {
             str(lv): [
@@ -284,6 +296,7 @@ def main() -> None:
             flush=True,
         )
         print("    h quantiles / sigma (median over dims) vs GN:", r["h_quantiles"], flush=True)
+        print(f"    clean inputs, eval mode: l0 {r['l0_clean']:.4f} dead {r['dead_clean']} near {r['near_dead_clean']}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
