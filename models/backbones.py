@@ -126,13 +126,8 @@ class ConvNeXtTrunk(nn.Module):
 def build_backbone(name: str, in_channels: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a trunk that maps (B, C, H, W) images to (B, out_dim) features; `out_dim` is an attribute."""
     if name in _RESNET_LAYERS:
-        return ResNetTrunk(
-            name,
-            in_channels,
-            width=float(kwargs.pop("width", 1.0)),
-            small_stem=bool(kwargs.pop("small_stem", image_size <= 64)),
-            **kwargs,
-        )
+        width, small_stem = float(kwargs.pop("width", 1.0)), bool(kwargs.pop("small_stem", image_size <= 64))
+        return ResNetTrunk(name, in_channels, width=width, small_stem=small_stem, **kwargs)
     if name == "vit":
         return ViTTrunk(in_channels, image_size, **kwargs)
     if name == "convnext":
