@@ -100,18 +100,9 @@ def sample_gn(
     return _finish(x, dtype)
 
 
-def sample_rgn(
-    shape: ShapeLike,
-    p: float,
-    mu: float = 0.0,
-    sigma: float | str = 1.0,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Draws x = ReLU(X), X ~ GN_p(mu, sigma): the RGN_p target of Rectified LpJEPA."""
-    return sample_gn(shape, p, mu, sigma, generator=generator, device=device, dtype=dtype).clamp_(min=0.0)
+def sample_rgn(shape: ShapeLike, p: float, mu: float = 0.0, sigma: float | str = 1.0, **placement: Any) -> torch.Tensor:
+    """Draws x = ReLU(X), X ~ GN_p(mu, sigma): the RGN_p target of Rectified LpJEPA (`placement`: as sample_gn)."""
+    return sample_gn(shape, p, mu, sigma, **placement).clamp_(min=0.0)
 
 
 @dataclass(frozen=True)
