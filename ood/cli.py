@@ -166,11 +166,8 @@ def _score(args: argparse.Namespace) -> int:
         raise CliError(f"the calibration serves {suite.served}, but {args.model} has no encoder-feature output")
     loaders = [(str(f), (lambda f=f: open_image(f))) for f in files]
     embedded = embed_images(runtime, loaders, batch_size=args.batch_size, progress=not args.no_progress, desc="score")
-    records: list[dict[str, Any]] = []
-    if embedded.n:
-        scored = suite.score(embedded.inputs()).to_records()
-        for pos, rec in zip(embedded.indices, scored, strict=True):
-            records.append({"path": str(files[pos]), **rec})
+    scored = suite.score(embedded.inputs()).to_records() if embedded.n else []
+    records = [{"path": str(files[pos]), **rec} for pos, rec in zip(embedded.indices, scored, strict=True)]
     failed = [{"path": name, "error": reason} for name, reason in embedded.failed]
     if args.json:
         head = {"model": args.model, "score_name": suite.served, "threshold": suite.threshold, "tpr": suite.tpr}
