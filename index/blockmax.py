@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from index.compiled import _replace_worst, _rescore
+from index.compiled import _columns_outside, _replace_worst, _rescore
 from index.inverted import guard_search
 
 SUB_BLOCKS = 8  # a visited block's parts are bounded again (finer maxima, read only for visited blocks)
@@ -276,6 +276,74 @@ def rounding_margin(dim: int) -> float:
     return (2 * dim + 8) * 2.0**-23
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _place(qdense, q_indices, q_data, a, b, load):  # noqa: ANN001, ANN202 - numba kernel
+    """Scatter query entries [a, b) into the dense buffer (load) or zero them again (not load)."""
+    for e in range(a, b):
+        qdense[q_indices[e]] = q_data[e] if load else 0
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _block_bounds(maxq, scale, q_indices, q_data, a, b, bounds, widen):  # noqa: ANN001, ANN202 - numba kernel
+    """Every block's upper bound for query entries [a, b), widened for rounding; returns the largest."""
+    n_blocks = maxq.shape[1]  # the buffer may be longer (reused across indexes)
+    for i in range(n_blocks):
+        bounds[i] = 0
+    for e in range(a, b):
+        j = q_indices[e]
+        w = np.float32(q_data[e] * scale[j])
+        bytes_j = maxq[j]
+        for i in range(n_blocks):
+            bounds[i] += w * np.float32(bytes_j[i])
+    top = np.float32(0.0)
+    for i in range(n_blocks):
+        bounds[i] *= widen
+        top = max(top, bounds[i])
+    return top
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _part_bounds(subq_blk, scale, q_indices, q_data, a, b, sub_bounds):  # noqa: ANN001, ANN202 - numba kernel
+    """One visited block's parts: the same sums as the block bound, over the finer per-part maxima."""
+    for t2 in range(sub_bounds.size):
+        sub_bounds[t2] = 0
+    for e in range(a, b):
+        j = q_indices[e]
+        w = np.float32(q_data[e] * scale[j])
+        for t2 in range(sub_bounds.size):
+            sub_bounds[t2] += w * np.float32(subq_blk[j, t2])
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _score_rows(perm, f_indptr, f_indices, f_data, p0, p1, alive, qdense, row_offset, s, r):  # noqa: ANN001, ANN202
+    """Score the reordered rows [p0, p1) exactly and offer each live one to the heap (ties: smaller row)."""
+    masked = alive.size > 0
+    for pos in range(p0, p1):
+        row = perm[pos]
+        if masked and not alive[row]:
+            continue
+        v = _rescore(f_indptr, f_indices, f_data, pos, qdense)
+        g = row_offset + row
+        if v > s[0] or (v == s[0] and g < r[0]):
+            _replace_worst(s, r, v, g)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _round_blocks(bounds, n_blocks, order, floor, upper):  # noqa: ANN001, ANN202 - numba kernel
+    """The blocks bounded in [floor, upper), highest bound first (one round of the search)."""
+    m = 0
+    for i in range(n_blocks):  # branch-free append
+        v = bounds[i]
+        order[m] = i
+        m += (v >= floor) & (v < upper)
+    if m <= 1:
+        return order[:m]
+    keys = np.empty(m, np.float32)
+    for t in range(m):
+        keys[t] = -bounds[order[t]]
+    return order[:m][np.argsort(keys)]
+
+
 @njit(nogil=True, cache=True)
 def _search_blockmax(
     perm: np.ndarray,
@@ -314,31 +382,16 @@ def _search_blockmax(
     part = block_rows // n_sub
     n = perm.size
     sub_bounds = np.empty(n_sub, np.float32)
-    for e in range(q_indptr[lo], q_indptr[hi]):
-        if q_indices[e] < 0 or q_indices[e] >= dim:
-            return -1
-    masked = alive.size > 0
+    if _columns_outside(q_indptr, q_indices, lo, hi, dim):
+        return -1
     widen = np.float32(1.0 + margin)
     visited = 0
     for q in range(lo, hi):
         a, b = q_indptr[q], q_indptr[q + 1]
         s = heap_scores[heap_lo + q - lo]
         r = heap_rows[heap_lo + q - lo]
-        for e in range(a, b):
-            qdense[q_indices[e]] = q_data[e]
-        for i in range(n_blocks):
-            bounds[i] = 0
-        for e in range(a, b):
-            j = q_indices[e]
-            w = np.float32(q_data[e] * scale[j])
-            bytes_j = maxq[j]
-            for i in range(n_blocks):
-                bounds[i] += w * np.float32(bytes_j[i])
-        for i in range(n_blocks):
-            bounds[i] *= widen
-        top = np.float32(0.0)
-        for i in range(n_blocks):
-            top = max(top, bounds[i])
+        _place(qdense, q_indices, q_data, a, b, True)
+        top = _block_bounds(maxq, scale, q_indices, q_data, a, b, bounds, widen)
         # Levels of bounds, highest first: [floor, upper) per round, floor = max(level, theta); a round whose
         # floor is theta leaves only blocks bounded below the k-th score. The last level (-inf) takes the rest.
         upper = np.float32(np.inf)
@@ -348,54 +401,29 @@ def _search_blockmax(
                 level = np.float32(-np.inf)
             theta = s[0]
             floor = max(level, theta)
-            m = 0
-            for i in range(n_blocks):  # branch-free append
-                v = bounds[i]
-                order[m] = i
-                m += (v >= floor) & (v < upper)
-            if m > 1:
-                keys = np.empty(m, np.float32)
-                for t in range(m):
-                    keys[t] = -bounds[order[t]]
-                sel = order[:m][np.argsort(keys)]
-            else:
-                sel = order[:m]
-            for t in range(m):
+            sel = _round_blocks(bounds, n_blocks, order, floor, upper)
+            for t in range(sel.size):
                 blk = sel[t]
                 if bounds[blk] < s[0]:  # sorted: no later block of this round can enter either
                     break
                 visited += 1
                 stats[1] += 1
                 if visited > max_visits:
-                    for e in range(a, b):  # the buffer is this thread's for later searches: leave it zeroed
-                        qdense[q_indices[e]] = 0
+                    _place(qdense, q_indices, q_data, a, b, False)  # the buffer is this thread's: leave it zeroed
                     return -2
-                for t2 in range(n_sub):
-                    sub_bounds[t2] = 0
-                for e in range(a, b):  # the block's parts: same sums, finer maxima
-                    j = q_indices[e]
-                    w = np.float32(q_data[e] * scale[j])
-                    for t2 in range(n_sub):
-                        sub_bounds[t2] += w * np.float32(subq[blk, j, t2])
+                _part_bounds(subq[blk], scale, q_indices, q_data, a, b, sub_bounds)
                 for t2 in range(n_sub):
                     if sub_bounds[t2] * widen < s[0]:
                         continue
                     p0 = blk * block_rows + t2 * part
-                    stats[0] += max(0, min(n, p0 + part) - p0)
-                    for pos in range(p0, min(n, p0 + part)):
-                        row = perm[pos]
-                        if masked and not alive[row]:
-                            continue
-                        v = _rescore(f_indptr, f_indices, f_data, pos, qdense)
-                        g = row_offset + row
-                        if v > s[0] or (v == s[0] and g < r[0]):
-                            _replace_worst(s, r, v, g)
+                    p1 = min(n, p0 + part)
+                    stats[0] += max(0, p1 - p0)
+                    _score_rows(perm, f_indptr, f_indices, f_data, p0, p1, alive, qdense, row_offset, s, r)
             if floor == theta or level == -np.inf:
                 break
             upper = floor
             level *= np.float32(level_fraction)
-        for e in range(a, b):
-            qdense[q_indices[e]] = 0
+        _place(qdense, q_indices, q_data, a, b, False)
     return 0
 
 
