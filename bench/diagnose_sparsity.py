@@ -88,24 +88,12 @@ def train_mode_l0(net: nn.Module, data: ToyData, seed: int, batches: int = 16) -
         return float(torch.stack([(twin(data.batch(256, g)[0]) > 0).double().mean() for _ in range(batches)]).mean())
 
 
-def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
-    bias_init = next((float(s.split("=")[1]) for s in sets if s.startswith("bias=")), None)
-    sets = [s for s in sets if not s.startswith("bias=")]
-    overrides = [s for s in sets if not s.startswith("steps=")]
-    cfg = load_config("fmnist-cpu", [f"method.mu={args.mu}", f"method.num_projections={args.k}", *overrides])
-    torch.manual_seed(args.seed)
-    sigma = sigma_gn(1.0)
-    data = ToyData(args.seed)
-    net = projector(args.dim)
-    objective = Objective(cfg, sigma, args.dim, torch.Generator().manual_seed(args.seed + 1))
-    objective.init_projector(net)  # the last bias at mu for "preact"; a no-op for the other fixes
-    if bias_init is not None:  # "bias=B": the last bias starts at B whatever the fix
-        with torch.no_grad():
-            net[-1].bias.fill_(bias_init)
+def train_toy(net: nn.Module, objective: Objective, data: ToyData, steps: int, seed: int, snapshots: int) -> tuple:
+    """AdamW on the toy for `steps`; returns the training batches' l0 over the last 10% of steps (train mode, as
+    the loss saw them), the eval-mode rate snapshots, the wall time and the last training batch."""
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
-    steps = int(next((s.split("=")[1] for s in sets if s.startswith("steps=")), args.steps))
     schedule = WarmupCosine(2e-3, steps, int(0.05 * steps))
-    g = torch.Generator().manual_seed(args.seed + 2)
+    g = torch.Generator().manual_seed(seed + 2)
     history = []
     every = max(steps // snapshots, 1) if snapshots else 0
     t0 = time.perf_counter()
@@ -124,11 +112,30 @@ def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
         if every and (step + 1) % every == 0:
             history.append((step + 1, rates_of(net, data, 4096, 99)[0].numpy()))
     wall = time.perf_counter() - t0
+    return batch_rates, history, wall, torch.cat([x1, x2])
+
+
+def run(sets: list[str], args: argparse.Namespace, snapshots: int = 0) -> dict:
+    bias_init = next((float(s.split("=")[1]) for s in sets if s.startswith("bias=")), None)
+    sets = [s for s in sets if not s.startswith("bias=")]
+    overrides = [s for s in sets if not s.startswith("steps=")]
+    cfg = load_config("fmnist-cpu", [f"method.mu={args.mu}", f"method.num_projections={args.k}", *overrides])
+    torch.manual_seed(args.seed)
+    sigma = sigma_gn(1.0)
+    data = ToyData(args.seed)
+    net = projector(args.dim)
+    objective = Objective(cfg, sigma, args.dim, torch.Generator().manual_seed(args.seed + 1))
+    objective.init_projector(net)  # the last bias at mu for "preact"; a no-op for the other fixes
+    if bias_init is not None:  # "bias=B": the last bias starts at B whatever the fix
+        with torch.no_grad():
+            net[-1].bias.fill_(bias_init)
+    steps = int(next((s.split("=")[1] for s in sets if s.startswith("steps=")), args.steps))
+    batch_rates, history, wall, last = train_toy(net, objective, data, steps, args.seed, snapshots)
     # The last training batch again, after the last step: train mode (batch statistics) vs eval mode (running ones).
     with torch.no_grad():
-        same_train = float((net(torch.cat([x1, x2])) > 0).double().mean())
+        same_train = float((net(last) > 0).double().mean())
         net.eval()
-        same_eval = float((net(torch.cat([x1, x2])) > 0).double().mean())
+        same_eval = float((net(last) > 0).double().mean())
         net.train()
     rates, h = rates_of(net, data, 8192, 123)
     net.eval()
