@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from index import compiled
 from index.errors import InvalidInputError
-from index.inverted import TILE_ROWS, TiledInverted, build_inverted, guard_search, query_arrays
+from index.inverted import TILE_ROWS, TiledInverted, build_inverted, guard_search, query_arrays, scratch
 
 DEFAULT_CUT = 0.2  # recall@10 >= 0.999 on the Zipf-popularity benchmark data at 1% and 5% (bench_engines.py)
 DEFAULT_SLACK = 3.0  # rescore rows that could still enter with up to 3 terms missing, each below the cut
@@ -145,14 +145,8 @@ def check_params(cut: float, slack: float) -> None:
 
 
 def _buffers(tile: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's zeroed accumulator, touched-row list and dense query (the kernel leaves them zeroed)."""
-    acc, touched, qdense = getattr(_LOCAL, "buffers", (None, None, None))
-    if acc is None or acc.size < tile or qdense.size < dim:
-        size = max(tile, 0 if acc is None else acc.size)
-        acc, touched = np.zeros(size, np.float32), np.zeros(size + 1, np.int32)  # +1: the branch-free append
-        qdense = np.zeros(max(dim, 0 if qdense is None else qdense.size), np.float32)
-        _LOCAL.buffers = (acc, touched, qdense)
-    return acc, touched, qdense
+    """This thread's accumulator, touched-row list (+1: the branch-free append) and dense query."""
+    return scratch(_LOCAL, "buffers", (tile, tile + 1, dim), (np.float32, np.int32, np.float32))
 
 
 def search_approx(

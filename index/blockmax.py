@@ -35,7 +35,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from index.compiled import _columns_outside, _replace_worst, _rescore
-from index.inverted import guard_search
+from index.inverted import guard_search, scratch
 
 SUB_BLOCKS = 8  # a visited block's parts are bounded again (finer maxima, read only for visited blocks)
 BLOCK_ROWS = 128  # rows per block: bounds tighten as blocks shrink, the bound pass grows with their number
@@ -428,13 +428,8 @@ def _search_blockmax(
 
 
 def _buffers(n_blocks: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    bounds, order, qdense = getattr(_LOCAL, "buffers", (None, None, None))
-    if bounds is None or bounds.size < n_blocks or qdense.size < dim:
-        size = max(n_blocks, 0 if bounds is None else bounds.size)
-        bounds, order = np.zeros(size, np.float32), np.zeros(size, np.int64)
-        qdense = np.zeros(max(dim, 0 if qdense is None else qdense.size), np.float32)
-        _LOCAL.buffers = (bounds, order, qdense)
-    return bounds, order, qdense
+    """This thread's block bounds, block order and dense query (index.inverted.scratch)."""
+    return scratch(_LOCAL, "buffers", (n_blocks, n_blocks, dim), (np.float32, np.int64, np.float32))
 
 
 def search_blockmax(

@@ -90,12 +90,23 @@ def build_inverted(x: sp.csr_matrix, tile: int | None = None) -> TiledInverted:
     )
 
 
+def scratch(local: threading.local, key: str, sizes: tuple[int, ...], dtypes: tuple[type, ...]) -> tuple:
+    """This thread's zeroed scratch arrays under ``key``, each at least ``sizes[i]`` long: reused across searches
+    (the kernels leave them zeroed, so there are no page faults per search), all regrown together, never shrunk,
+    when an index or query needs more."""
+    bufs = getattr(local, key, None)
+    if bufs is None or any(b.size < n for b, n in zip(bufs, sizes, strict=True)):
+        old = bufs or (None,) * len(sizes)
+        bufs = tuple(
+            np.zeros(max(n, 0 if b is None else b.size), t) for b, n, t in zip(old, sizes, dtypes, strict=True)
+        )
+        setattr(local, key, bufs)
+    return bufs
+
+
 def _accumulator(size: int) -> np.ndarray:
-    """This thread's all-zero score accumulator (the kernel leaves it zeroed): no page faults per search."""
-    acc = getattr(_LOCAL, "acc", None)
-    if acc is None or acc.size < size:
-        acc = _LOCAL.acc = np.zeros(size, np.float32)
-    return acc
+    """This thread's all-zero score accumulator."""
+    return scratch(_LOCAL, "acc", (size,), (np.float32,))[0]
 
 
 def guard_search(
