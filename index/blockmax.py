@@ -125,23 +125,6 @@ def _gather_rows(
 
 
 @njit(nogil=True, cache=True)
-def _block_maxima(
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dim: int, block_rows: int, n_blocks: int
-) -> np.ndarray:
-    """(n_blocks, dim) maxima: a block's rows update one contiguous row (the transposed layout the search
-    reads would take a cache miss per non-zero)."""
-    n = indptr.size - 1
-    out = np.zeros((n_blocks, dim), np.float32)
-    for i in range(n):
-        b = i // block_rows
-        for p in range(indptr[i], indptr[i + 1]):
-            j = indices[p]
-            if data[p] > out[b, j]:
-                out[b, j] = data[p]
-    return out
-
-
-@njit(nogil=True, cache=True)
 def _sub_maxima(
     indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dim: int, block_rows: int, n_sub: int
 ) -> np.ndarray:
@@ -162,7 +145,8 @@ def _sub_maxima(
 
 
 @njit(nogil=True, cache=True)
-def _quantise_parts(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def _quantise(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(n_blocks, dim, n_sub) maxima as bytes, rounded up: ``scale[j] * out[b, j, t] >= maxima[b, j, t]``."""
     n_blocks, dim, n_sub = maxima.shape
     out = np.zeros((n_blocks, dim, n_sub), np.uint8)
     for b in range(n_blocks):
@@ -173,26 +157,9 @@ def _quantise_parts(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
             for t in range(n_sub):
                 m = np.float64(maxima[b, j, t])
                 q = np.ceil(m / s)
-                if q * s < m:
+                if q * s < m:  # the division rounded down
                     q += 1
                 out[b, j, t] = min(q, 255.0)
-    return out
-
-
-@njit(nogil=True, cache=True)
-def _quantise(maxima: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    dim, n_blocks = maxima.shape
-    out = np.zeros((dim, n_blocks), np.uint8)
-    for j in range(dim):
-        s = np.float64(scale[j])
-        if s <= 0:
-            continue
-        for b in range(n_blocks):
-            m = np.float64(maxima[j, b])
-            q = np.ceil(m / s)
-            if q * s < m:  # the division rounded down
-                q += 1
-            out[j, b] = min(q, 255.0)
     return out
 
 
@@ -203,7 +170,7 @@ def quantise_up(maxima: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = (top / 255.0).astype(np.float32)
     short = scale.astype(np.float64) * 255.0 < top  # float32 rounding went down: step up one ulp
     scale[short] = np.nextafter(scale[short], np.float32(np.inf))
-    return _quantise(np.ascontiguousarray(maxima, np.float32), scale), scale
+    return _quantise(np.ascontiguousarray(maxima, np.float32)[None], scale)[0], scale
 
 
 def _group_order(dim1: np.ndarray, dim2: np.ndarray, top: np.ndarray, dim: int) -> np.ndarray:
@@ -239,7 +206,7 @@ def build_blockmax(x: sp.csr_matrix, block_rows: int | None = None) -> BlockMaxR
         indices=f_idx,
         data=f_val,
         maxq=maxq,
-        subq=_quantise_parts(parts, scale),
+        subq=_quantise(parts, scale),
         scale=scale,
         block_rows=block_rows,
     )
