@@ -307,27 +307,11 @@ def _concat(parts: list[Chunk]) -> Chunk:
     return (ids, vectors, *columns)
 
 
-def build_index(
-    model: str,
-    data: str,
-    out: str | None,
-    *,
-    backend: str = "csr",
-    faiss_index: str = "Flat",
-    csr_mode: str = "exact",
-    metric: str = "cosine",
-    batch_size: int = 64,
-    limit: int | None = None,
-    target_recall: float = 0.95,
-    thumbnail_px: int = DEFAULT_THUMBNAIL_PX,
-    progress: bool = True,
-    milvus: dict[str, Any] | None = None,
-    shard: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Embed ``data`` with ``model`` and save an index in ``out`` (or the Milvus collection of ``milvus``, the
-    options of :class:`index.milvus_index.MilvusIndex`); returns the summary the CLI prints.
+def _cmd_build(args: argparse.Namespace) -> int:
+    """Embed ``--data`` with ``--model`` and save an index in ``--out`` (or the Milvus collection the milvus flags
+    name, the options of :class:`index.milvus_index.MilvusIndex`); prints the summary as one JSON line.
 
-    With Milvus, ``shard=(i, n)`` embeds only slice i of n (``shard_rows``) into the shared collection, which is
+    With Milvus, ``--shard I/N`` embeds only slice I of N (``shard_rows``) into the shared collection, which is
     created by whichever shard comes first and must hold the same model's vectors; without a shard an existing
     collection is dropped and rebuilt (not atomic: Milvus has no collection swap).
     """
@@ -335,20 +319,23 @@ def build_index(
     from export.runtime import EmbeddingRuntime
     from index.factory import create_index
 
+    reject_milvus_flags_without_backend(args)
+    backend, model, data, shard, batch = args.backend, args.model, args.data, args.shard, args.batch_size
+    milvus = milvus_options(args) if backend == "milvus" else None
     t0 = time.perf_counter()
-    _check_destination(backend, out, milvus, shard)
-    options: dict[str, Any] = {"spec": faiss_index} if backend == "faiss" else dict(milvus or {})
-    if backend == "csr" and csr_mode != "exact":
-        options["mode"] = csr_mode
-    runtime = EmbeddingRuntime(model, batch_size=batch_size)
+    _check_destination(args)
+    options: dict[str, Any] = {"spec": args.faiss_index} if backend == "faiss" else dict(milvus or {})
+    if backend == "csr" and args.csr_mode != "exact":
+        options["mode"] = args.csr_mode
+    runtime = EmbeddingRuntime(model, batch_size=batch)
     model_sha = file_sha256(model)
     if backend == "milvus" and shard is None:
         from index.milvus_index import drop_collection
 
         drop_collection(**options)
-    index = create_index(backend, runtime.dim, metric, **options)  # bad options fail before any embedding
-    source = open_source(data)
-    n = len(source) if limit is None else min(limit, len(source))
+    index = create_index(backend, runtime.dim, args.metric, **options)  # bad options fail before any embedding
+    src = open_source(data)
+    n = len(src) if args.limit is None else min(args.limit, len(src))
     if n == 0:
         raise CliError(f"data spec {data!r} holds no images")
     metadata = {
@@ -361,15 +348,15 @@ def build_index(
     index.metadata = metadata
     lo, hi = shard_rows(n, shard)
     chunks = embed_source(
-        runtime, source, data, hi, batch_size=batch_size, progress=progress, thumbnail_px=thumbnail_px, start=lo
+        runtime, src, data, hi, batch_size=batch, progress=not args.no_progress, thumbnail_px=args.thumbnails, start=lo
     )
-    summary = fill_index(index, chunks, total=hi - lo, target_recall=target_recall)
-    manifest = index.save(out)
+    summary = fill_index(index, chunks, total=hi - lo, target_recall=args.target_recall)
+    manifest = index.save(args.out)
     result = {
-        "out": None if out is None else str(out),
+        "out": None if args.out is None else str(args.out),
         "backend": backend,
-        "faiss_index": faiss_index if backend == "faiss" else None,
-        "metric": metric,
+        "faiss_index": args.faiss_index if backend == "faiss" else None,
+        "metric": args.metric,
         "dim": runtime.dim,
         "count": manifest["count"],
         "thumbnails": index.thumbnail_count,
@@ -380,21 +367,18 @@ def build_index(
     if backend == "milvus":
         shard_name = None if shard is None else f"{shard[0]}/{shard[1]}"
         result.update(collection=options["collection"], milvus_index=index.index_kind, shard=shard_name, rows=[lo, hi])
-    return result
+    print(json.dumps(result))
+    return 0
 
 
-def _check_destination(
-    backend: str, out: str | None, milvus: dict[str, Any] | None, shard: tuple[int, int] | None
-) -> None:
-    if backend == "milvus":
-        if out is not None:
+def _check_destination(args: argparse.Namespace) -> None:
+    if args.backend == "milvus":
+        if args.out is not None:
             raise CliError("--out is for csr and faiss; a milvus index is written to --collection at --milvus-uri")
-        if not milvus:
-            raise CliError("--backend milvus needs --milvus-uri")
     else:
-        if out is None:
-            raise CliError(f"--backend {backend} needs --out DIR")
-        if shard is not None:
+        if args.out is None:
+            raise CliError(f"--backend {args.backend} needs --out DIR")
+        if args.shard is not None:
             raise CliError("--shard needs --backend milvus (the shards write into one shared collection)")
 
 
@@ -407,28 +391,6 @@ def _check_same_build(found: dict[str, Any], ours: dict[str, Any], collection: s
             f"data {found.get('data')!r}, {found.get('images')} images); the shards of one "
             "index need the same --model, --data and --limit"
         )
-
-
-def _cmd_build(args: argparse.Namespace) -> int:
-    reject_milvus_flags_without_backend(args)
-    summary = build_index(
-        args.model,
-        args.data,
-        args.out,
-        backend=args.backend,
-        faiss_index=args.faiss_index,
-        csr_mode=args.csr_mode,
-        metric=args.metric,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        target_recall=args.target_recall,
-        thumbnail_px=args.thumbnails,
-        progress=not args.no_progress,
-        milvus=milvus_options(args) if args.backend == "milvus" else None,
-        shard=args.shard,
-    )
-    print(json.dumps(summary))
-    return 0
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
@@ -451,53 +413,43 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- searching
-def search_image(
-    model: str, index_dir: str | None, image: str, k: int = 10, *, milvus: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Embed ``image`` and return {"results": [{"id", "score", "payload"}, ...]} best first.
-
-    The index is the directory ``index_dir`` or, with ``milvus`` (uri, collection, token, timeout_s), a collection.
-    """
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Embed ``--image`` and print its top ``k`` in the index directory ``--index`` or, with the milvus flags, a
+    collection: a table best first, or with ``--json`` {"results": [{"id", "score", "payload"}, ...]}."""
     from export.runtime import EmbeddingRuntime
     from index.factory import load_index
 
-    runtime = EmbeddingRuntime(model, batch_size=1)
-    if milvus is not None:
-        from index.milvus_index import open_milvus_index
-
-        index = open_milvus_index(**milvus, expected_dim=runtime.dim)
-    else:
-        index = load_index(index_dir, expected_dim=runtime.dim)
-    path = Path(image)
-    if not path.is_file():
-        raise CliError(f"no image file at {path}")
-    query = runtime.embed([path.read_bytes()])
-    scores, ids = index.search(query, k)
-    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    payloads = index.payloads([i for i, _ in found])
-    results = [{"id": i, "score": s, "payload": p} for (i, s), p in zip(found, payloads, strict=True)]
-    out: dict[str, Any] = {"results": results}
-    built_with = (index.metadata.get("model") or {}).get("sha256")
-    if built_with and built_with != file_sha256(model):
-        out["warning"] = "the index was built with a different model file; scores may be meaningless"
-    return out
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
     reject_milvus_flags_without_backend(args)
     milvus = milvus_options(args) if args.backend == "milvus" else None
     if milvus is None and not args.index:
         raise CliError("give --index DIR, or --backend milvus --milvus-uri URI")
     if milvus is not None and args.index:
         raise CliError("--index is for csr and faiss; with --backend milvus give --milvus-uri and --collection")
-    found = search_image(args.model, args.index, args.image, args.k, milvus=milvus)
-    if "warning" in found:
-        sys.stderr.write(f"lpjepa search: warning: {found['warning']}\n")
+    runtime = EmbeddingRuntime(args.model, batch_size=1)
+    if milvus is not None:
+        from index.milvus_index import open_milvus_index
+
+        index = open_milvus_index(**milvus, expected_dim=runtime.dim)
+    else:
+        index = load_index(args.index, expected_dim=runtime.dim)
+    path = Path(args.image)
+    if not path.is_file():
+        raise CliError(f"no image file at {path}")
+    query = runtime.embed([path.read_bytes()])
+    scores, ids = index.search(query, args.k)
+    found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+    payloads = index.payloads([i for i, _ in found])
+    results = [{"id": i, "score": s, "payload": p} for (i, s), p in zip(found, payloads, strict=True)]
+    built_with = (index.metadata.get("model") or {}).get("sha256")
+    if built_with and built_with != file_sha256(args.model):
+        sys.stderr.write(
+            "lpjepa search: warning: the index was built with a different model file; scores may be meaningless\n"
+        )
     if args.json:
-        print(json.dumps({"results": found["results"]}))
+        print(json.dumps({"results": results}))
         return 0
     print(f"{'rank':>4}  {'id':>10}  {'score':>9}  payload")
-    for rank, hit in enumerate(found["results"], 1):
+    for rank, hit in enumerate(results, 1):
         print(f"{rank:>4}  {hit['id']:>10}  {hit['score']:>9.5f}  {json.dumps(hit['payload'])}")
     return 0
 
