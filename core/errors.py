@@ -12,6 +12,8 @@ succeed). Keeping them apart matters: an `except ValueError` must never turn an 
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class LpjepaError(Exception):
     """Base of every error the product raises on purpose; anything else reaching a front end is a bug."""
@@ -23,3 +25,10 @@ class InvalidError(LpjepaError, ValueError):
 
 class UnavailableError(LpjepaError, ConnectionError):
     """A service the request needs (a Milvus server) cannot be reached or failed; the request may be retried."""
+
+
+def first_error(err: Any) -> tuple[str, str]:
+    """(dotted location, message) of a pydantic ValidationError's first problem, for a one-line error naming the
+    field; duck-typed so that core imports no pydantic."""
+    first = err.errors(include_url=False)[0]
+    return ".".join(str(part) for part in first["loc"]), first["msg"]

@@ -91,21 +91,11 @@ def _check_out(out: Path, fmt: str) -> None:
         raise CliError(f"--out {out} is a directory")
 
 
-def _read_ood(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CliError(f"--ood-calibration {path}: {err}") from err
-    if not isinstance(data, dict):
-        raise CliError(f"--ood-calibration {path} must hold a JSON object")
-    return data
-
-
 def run_export(args: argparse.Namespace) -> int:
+    from export.metadata import json_object
+
     _check_out(args.out, args.fmt)
-    ood = _read_ood(args.ood_calibration)
+    ood = None if args.ood_calibration is None else json_object(args.ood_calibration, CliError, "--ood-calibration ")
     if args.fmt == "tensorrt":
         _check_tensorrt(args)
     from models.checkpoint import read_header
@@ -170,10 +160,8 @@ def _tolerance(args: argparse.Namespace) -> tuple[float, float] | None:
     from export.parity import TOLERANCES
 
     default_drift, default_overlap = TOLERANCES[args.precision]
-    return (
-        default_drift if args.max_l0_drift is None else args.max_l0_drift,
-        default_overlap if args.min_overlap is None else args.min_overlap,
-    )
+    drift = default_drift if args.max_l0_drift is None else args.max_l0_drift
+    return drift, default_overlap if args.min_overlap is None else args.min_overlap
 
 
 def _write_report(path: Path | None, report: object) -> None:

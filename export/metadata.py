@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.atomic_io import DEFAULT_FILE_MODE, atomic_path, atomic_write_text
+from core.errors import first_error
 from export.errors import ModelLoadError
 
 FORMAT = "lpjepa-onnx/1"
@@ -73,9 +74,8 @@ def _typed(values: dict[str, Any], where: str) -> dict[str, Any]:
     try:
         dumped = ModelMetadata.model_validate(values).model_dump(by_alias=True, exclude_unset=True)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise ModelLoadError(f"{where}: metadata key {key!r}: {first['msg']}") from None
+        key, msg = first_error(err)
+        raise ModelLoadError(f"{where}: metadata key {key!r}: {msg}") from None
     return {key: dumped[key] for key in values}
 
 
@@ -179,7 +179,7 @@ def read_metadata(model_path: str | os.PathLike[str]) -> dict[str, Any]:
         sidecar = engine_sidecar(path)
         if not sidecar.is_file():
             raise ModelLoadError(f"{path}: TensorRT engine without its metadata file {sidecar.name}")
-        props = _json_object(sidecar)
+        props = json_object(sidecar)
         return validate(decode({str(k): str(v) for k, v in props.items()}, str(path)), str(path))
     return validate(decode(read_onnx_props(path), str(path)), str(path))
 
@@ -222,14 +222,15 @@ def read_ood_calibration(
     if isinstance(value, dict):
         return value
     sidecar = ood_sidecar(model_path)
-    return _json_object(sidecar) if sidecar.is_file() else None
+    return json_object(sidecar) if sidecar.is_file() else None
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def json_object(path: Path, error: type[Exception] = ModelLoadError, name: str = "") -> dict[str, Any]:
+    """The JSON object in the file `path` (named `name` + path in errors: a CLI flag), or `error` saying why not."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
+        raise error(f"{name}{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} must hold a JSON object")
+        raise error(f"{name}{path} must hold a JSON object")
     return data

@@ -159,21 +159,6 @@ def convert_fp16(model: Any) -> Any:
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
 
 
-class _BatchReader:
-    """onnxruntime's CalibrationDataReader protocol over preprocessed real images."""
-
-    def __init__(self, batch: np.ndarray, batch_size: int = 32) -> None:
-        self._chunks = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
-        self._iter: Iterator[np.ndarray] = iter(self._chunks)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        chunk = next(self._iter, None)
-        return None if chunk is None else {INPUT_NAME: chunk}
-
-    def rewind(self) -> None:
-        self._iter = iter(self._chunks)
-
-
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
     """Static QDQ int8: per-channel int8 weights, uint8 activations, MinMax ranges from real images.
 
@@ -183,8 +168,19 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(_BatchReader, CalibrationDataReader):
-        pass
+    class Reader(CalibrationDataReader):
+        """The preprocessed calibration images in batches of 32."""
+
+        def __init__(self, batch: np.ndarray, batch_size: int = 32) -> None:
+            self._chunks = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
+            self._iter: Iterator[np.ndarray] = iter(self._chunks)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            chunk = next(self._iter, None)
+            return None if chunk is None else {INPUT_NAME: chunk}
+
+        def rewind(self) -> None:
+            self._iter = iter(self._chunks)
 
     prepped = out_path.with_name(out_path.stem + ".prep.onnx")
     quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
@@ -328,7 +324,15 @@ def export_checkpoint(
     )
     shape = (config.in_channels, config.image_size, config.image_size)
     proto = torch_to_onnx(model, shape, chosen_opset, exporter, features=features)
-    report = _empty_report(ckpt, out, eval_set, calib_set)
+    report = ParityReport(
+        checkpoint=str(ckpt),
+        output=str(Path(out)),
+        data=eval_set.name if eval_set else "",
+        n_images=len(eval_set.images) if eval_set else 0,
+        preprocess_max_abs_err=0.0,
+        calibration=calib_set.name if calib_set else None,
+        calibration_overlaps_eval=calib_set is not None and eval_set is not None and calib_set.name == eval_set.name,
+    )
     report.seconds["export_s"] = time.perf_counter() - t0
     feature_dim = int(model.feature_dim) if features else None
     metadata = build_metadata(config, ckpt, file_sha256(ckpt), precision, chosen_opset, exporter, feature_dim)
@@ -354,21 +358,6 @@ def export_checkpoint(
             meta_io.set_onnx_metadata(final, {"parity": report.summary()})
         meta_io.save_onnx_atomic(final, out)
     report.seconds["total_s"] = time.perf_counter() - t0
-    return report
-
-
-def _empty_report(ckpt: Path, out: str | Path, eval_set: ImageSet | None, calib_set: ImageSet | None) -> ParityReport:
-    """The report before any check: what is exported where, on which images."""
-    report = ParityReport(
-        checkpoint=str(ckpt),
-        output=str(Path(out)),
-        data=eval_set.name if eval_set else "",
-        n_images=len(eval_set.images) if eval_set else 0,
-        preprocess_max_abs_err=0.0,
-        calibration=calib_set.name if calib_set else None,
-    )
-    if calib_set is not None and eval_set is not None:
-        report.calibration_overlaps_eval = calib_set.name == eval_set.name
     return report
 
 

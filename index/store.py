@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core.atomic_io import file_sha256, fsync_path
+from core.errors import first_error
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
 
 FORMAT = "lpjepa-vector-index"
@@ -75,9 +76,8 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
         absent = [e["loc"][0] for e in err.errors() if e["type"] == "missing" and len(e["loc"]) == 1]
         if absent:
             raise CorruptIndexError(f"{path} lacks the fields {absent}") from None
-        first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise CorruptIndexError(f"{path}: field {where!r}: {first['msg']}") from None
+        where, msg = first_error(err)
+        raise CorruptIndexError(f"{path}: field {where!r}: {msg}") from None
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:

@@ -160,9 +160,6 @@ class Target:
     def var(self) -> float:
         return law.rgn_var(self.p, self.mu, self.sigma)
 
-    def moment(self, q: float) -> float:
-        return law.rgn_moment(q, self.p, self.mu, self.sigma)
-
     def summary(self) -> dict[str, float]:
         """The `lpjepa target --json` fields: p, mu, sigma, expected_l0, expected_l1, mean, var."""
         return law.target_summary(self.p, self.mu, self.sigma)

@@ -20,7 +20,6 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import integrate, optimize, special
 
-SIGMA_WORDS = ("gn", "rgn")
 # brentq tolerance for sigma_RGN, relative (docs/METHOD.md asks for 1e-10 absolute with sigma ~ 1): round trips
 # stay tight and p far from 1, where sigma is tiny or huge, keeps its digits.
 _SIGMA_RTOL = 1e-12
@@ -29,29 +28,25 @@ _MAX_CANCELLATION = 1e5
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _finite(name: str, value: object) -> float:
+def _finite(name: str, value: object, *, positive: bool = False) -> float:
     # bool is an int subclass; `p=True` is always a caller bug, never "1".
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     out = float(value)
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {out!r}")
+    if positive and out <= 0:
+        raise ValueError(f"{name} must be > 0, got {out!r}")
     return out
 
 
 def check_p(p: object) -> float:
     """Validate the shape parameter: any finite p > 0 (p < 1 is allowed: sharper, heavier-tailed priors)."""
-    out = _finite("p", p)
-    if out <= 0:
-        raise ValueError(f"p must be > 0, got {out!r}")
-    return out
+    return _finite("p", p, positive=True)
 
 
 def check_sigma(sigma: object) -> float:
-    out = _finite("sigma", sigma)
-    if out <= 0:
-        raise ValueError(f"sigma must be > 0, got {out!r}")
-    return out
+    return _finite("sigma", sigma, positive=True)
 
 
 def check_mu(mu: object) -> float:
