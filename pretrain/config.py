@@ -74,13 +74,12 @@ class MethodConfig(Section):
     w_rdm: float = 125.0
     num_projections: Annotated[Int, Field(ge=1)] = 512
     projections: Literal["random", "eigen"] = "random"
-    # Dead-dimension fix (pretrain/methods.py): "marginal" adds the D coordinate axes as slicing directions,
-    # matched with a straight-through gradient for samples that should fire and do not; "threshold" and
-    # "threshold_sym" pull by the distance to the GN quantile instead; "leaky" gives the final ReLU a leaky
-    # backward everywhere; "preact" matches the pre-activation to the un-rectified GN along the axes (last bias
-    # starts at mu); "none" is the paper's objective. null = the method's default (models.methods: "marginal"
-    # for rectified_lpjepa, else "none"). The forward pass (and so every exported code) is the exact ReLU in
-    # every case.
+    # Dead-dimension fix (pretrain/methods.py): "preact" matches the pre-activation to the un-rectified GN along
+    # the D coordinate axes (last bias starts at mu); "marginal" matches the rectified codes along them with a
+    # straight-through gradient; "threshold" and "threshold_sym" pull by the distance to the GN quantile
+    # instead; "leaky" gives the final ReLU a leaky backward everywhere; "none" is the paper's objective. null =
+    # the method's default (models.methods: "preact" for rectified_lpjepa, else "none"). The forward pass (and
+    # so every exported code) is the exact ReLU in every case.
     dead_dim_fix: Literal[DEAD_DIM_FIXES] | None = None  # type: ignore[valid-type]
     leaky_slope: Unit = 0.1
     # Share of the RDMReg weight given to the coordinate axes (measured: 0.2 keeps accuracy, 0.5 costs 1.5 pt).
@@ -129,6 +128,9 @@ class TrainSection(Section):
     threads: Count = 0  # torch intra-op threads on CPU; 0 = torch's default
     seed: Int = 0
     checkpoint_every: Count = 500  # 0 = only at the end
+    # Clean train images that re-estimate every BatchNorm's running statistics before the last checkpoint, so the
+    # deployed model normalises clean inputs as it was trained to (pretrain/bn_recalibration.py); 0 = off.
+    bn_recalibration: Count = 10240
     log_every: Annotated[Int, Field(ge=1)] = 20
     progress: bool = True
 

@@ -10,24 +10,27 @@ activity down fast) switches many coordinates off entirely before they find thei
 asks EVERY coordinate to fire at the same rate, so a dead coordinate is a failure to match the target law;
 the dead ones also drag the measured l0 below the analytic rate.
 
-The fix ("marginal", default for rectified_lpjepa; `method.dead_dim_fix`). Matching the product law includes
-matching its 1-D marginals, i.e. the slices along the D coordinate axes, so we add those D directions to the K
-random ones (weight `method.marginal_weight` of the RDMReg term). Along them only, samples are ordered by the
-pre-activation h_j (ReLU preserves the order, and h breaks the ties among the zeros by how close each sample
-is to firing) and the matching gradient passes straight through the ReLU. The forward value is exactly the
-sliced W2 of the rectified codes along the axes. In the backward pass a sample at zero whose quantile in the
-target is positive is pulled up, while samples at zero matched to target zeros get no gradient (z = y = 0):
-a coordinate that fires too rarely is pushed back toward the target rate and nothing pushes inactive samples
-further down. The network's forward pass is untouched, so exported codes stay exactly sparse.
+The fix ("preact", default for rectified_lpjepa; `method.dead_dim_fix`). Matching the product law includes
+matching its 1-D marginals, the slices along the D coordinate axes. Along each axis the PRE-activation h_j is
+matched, both sides of 0, to the quantiles of the un-rectified GN_p(mu, sigma) (weight `method.marginal_weight`
+of the RDMReg term), and the projector's last bias starts at mu. A wrongly active sample is pushed toward its
+negative target quantile with a force that does not vanish at 0+, an inactive one that should fire is pulled
+up, and the fixed point is the GN law itself, so P(h_j > 0) is the designed rate even when a batch holds fewer
+than one expected positive. Without the bias start, AdamW moves the last bias too little in a short run, the
+network reaches a negative mu through negative weights on non-negative features, and the pre-activations come
+out left-skewed with a squashed upper tail (bench/pretrain_notes.md). Training ends with the BatchNorm
+statistics re-estimated on clean images (pretrain/bn_recalibration.py): the rate is the mass of a thin upper
+tail, which statistics gathered over augmented views move. The forward pass is the exact ReLU, so exported
+codes stay exactly sparse.
 
-Alternatives kept runnable for the ablation (measured in docs/results/pretrain.md): "threshold" pulls an
-off-but-should-fire sample by its distance to the GN quantile instead of straight through; "threshold_sym"
-also pushes on-but-should-be-off samples to their (negative) GN quantile, which pins l0 hardest: it narrows
-the l0 overshoot at mu = 1, where the default leaves should-be-zero samples just above zero; "leaky" gives
-the final ReLU a leaky backward for every loss term; "none" is the paper's objective. "preact" matches the
-pre-activation itself to the un-rectified GN along the axes (both sides of 0) and starts the last bias at mu;
-it holds the designed rate down to mu = -3 on the training distribution (toy and fmnist-cpu), but on clean
-test images the rate at mu <= -2 falls and dimensions die (bench/pretrain_notes.md), so it is not the default.
+Alternatives kept runnable for the ablation (measured in docs/results/pretrain.md): "marginal" (the previous
+default) orders the samples along the axes by h_j but matches the rectified codes, passing the gradient
+straight through the ReLU: a sample at zero whose target quantile is positive is pulled up, nothing pushes
+inactive samples down, and a wrongly active one is pushed with a force that vanishes as h -> 0+, which stalls
+l0 near 5% whatever mu asks; "threshold" pulls an off-but-should-fire sample by its distance to the GN
+quantile instead of straight through; "threshold_sym" also pushes on-but-should-be-off samples to their
+(negative) GN quantile; "leaky" gives the final ReLU a leaky backward for every loss term; "quantile" adds a
+per-sample pinball rate term; "none" is the paper's objective.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from data.loader import Batch, build_batches, default_stats, detect_channels
 from data.sources import open_source
 from models.config import ModelConfig
 from models.encoder import Encoder, build_model
+from pretrain.bn_recalibration import recalibrate_batchnorm
 from pretrain.config import TrainConfig
 from pretrain.methods import Objective, rectifies
 from pretrain.metrics_log import MetricsLog
@@ -133,7 +134,7 @@ class Trainer:
     """One run's training objects, built once in the order that fixes the random streams, and its loop."""
 
     def __init__(self, cfg: TrainConfig, source: Any, rt: Runtime, run: RunDir, seed: int) -> None:
-        self.cfg, self.rt, self.run = cfg, rt, run
+        self.cfg, self.rt, self.run, self.source = cfg, rt, run, source
         try:
             self.mcfg = model_config(cfg)
             encoder = build_model(self.mcfg).to(rt.device)
@@ -166,6 +167,7 @@ class Trainer:
         self.target_l0 = m.expected_l0
         self.start, self.elapsed_before, self.t0 = 0, 0.0, time.perf_counter()
         self.log: MetricsLog | None = None
+        self.recalibrated = 0
 
     def restore(self, state: TrainState) -> None:
         """Continue from a checkpoint: weights, optimiser moments, the loss's generator and the global RNG."""
@@ -259,6 +261,8 @@ class Trainer:
                 if step % train.log_every == 0 or step == total or stop_now:
                     self.log.flush(step, step / self.batches.steps_per_epoch, lr, self.elapsed())
                 self.log.tick()
+                if step == total:
+                    self.recalibrate()
                 if stop_now or step == total or (train.checkpoint_every and step % train.checkpoint_every == 0):
                     self.checkpoint(step)
                 if stop_now and step < total:
@@ -266,6 +270,19 @@ class Trainer:
                     break
         self.log.close()
         return self.finish(status, step)
+
+    def recalibrate(self) -> None:
+        """BatchNorm statistics re-estimated on clean train images before the last checkpoint (every rank alike)."""
+        train = self.cfg.train
+        self.recalibrated = recalibrate_batchnorm(
+            self.net.encoder,
+            self.source,
+            self.mcfg,
+            images=train.bn_recalibration,
+            seed=train.seed,
+            batch_size=train.batch_size,
+            device=self.rt.device,
+        )
 
     def finish(self, status: str, step: int) -> RunResult:
         """summary.json: how the run ended, where it ran, and every rank's weight digest (equal under DDP)."""
@@ -276,6 +293,7 @@ class Trainer:
             "elapsed_s": round(self.elapsed(), 2),
             **self.rt.describe(),
             "target_l0": self.target_l0,
+            "bn_recalibration_images": self.recalibrated,
             "last": self.log.last if self.log else {},
             "weight_digests": self.rt.digests(self.net.encoder),
             "model": self.mcfg.to_dict(),

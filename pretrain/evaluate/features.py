@@ -99,6 +99,14 @@ def _pil_batches(
         yield torch.stack(tensors)
 
 
+def clean_batches(
+    source: ImageSource, indices: np.ndarray, config: ModelConfig, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """`source[indices]` through the deployed (eval) transform, in batches: what export and the server feed."""
+    batches = _array_batches if source.array is not None else _pil_batches
+    return batches(source, indices, config, batch_size)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
@@ -132,7 +140,6 @@ def extract(
     if idx.ndim != 1:
         raise ValueError("indices must be one-dimensional")
     labels = None if source.labels is None else torch.from_numpy(np.asarray(source.labels)[idx].astype(np.int64))
-    batches = _array_batches if source.array is not None else _pil_batches
     device = _model_device(model)
     encoder = getattr(model, "module", model)
     if train_mode:
@@ -145,7 +152,7 @@ def extract(
     z_out: list[torch.Tensor] = []
     try:
         with tqdm(total=len(idx), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-            for batch in batches(source, idx, config, batch_size):
+            for batch in clean_batches(source, idx, config, batch_size):
                 feats, z = encoder.forward_features(batch.to(device, non_blocking=True))
                 feats_out.append(feats.float().cpu())
                 z_out.append(z.float().cpu())
