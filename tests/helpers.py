@@ -1,5 +1,6 @@
 """Plain helpers shared by the test modules (no tests here; the fixtures built on them are in conftest.py): a tiny
-model config and its ONNX export, real images, the `lpjepa` CLI as a subprocess, a server process.
+model config and its ONNX export, real images, the `lpjepa` CLI as a subprocess, a server process, the serve API
+tests' settings and error check, and the durable store's test data.
 
 conftest.py exports the tiny model once per session (``model_path``): export is the slowest part of the set-up and
 every serve, index and OOD test module needs the same model.
@@ -7,21 +8,26 @@ every serve, index and OOD test module needs the same model.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+from scipy import sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -241,3 +247,136 @@ def run_in_session(
         proc.communicate()
         pytest.fail(f"{what} did not finish within {timeout:.0f} s")
     return proc.returncode, out, err or ""
+
+
+# ------------------------------------------------------------------------------------------ the serve API in process
+API_KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+DIM = 64  # the tiny model's embedding dimension
+
+
+def serve_settings(model_path, tmp_path, **overrides):
+    """Settings of a test app: a local index, an API key and small limits the tests can reach."""
+    from serve.settings import ServeSettings
+
+    base = dict(
+        model_path=model_path,
+        index_dir=tmp_path / "index",
+        api_key=API_KEY,
+        max_images_per_request=8,
+        max_body_bytes=2 * 1024 * 1024,
+        max_image_pixels=1_000_000,
+        max_k=50,
+        max_wait_ms=2.0,
+        max_payload_bytes=512,
+    )
+    base.update(overrides)
+    return ServeSettings(**base)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def multipart(images: list[bytes], name: str = "files") -> list:
+    return [(name, (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]
+
+
+# ------------------------------------------------------------------------------------------ the durable store
+def thumb_png(tag: bytes) -> bytes:
+    """What the index accepts as a thumbnail (it checks the PNG signature and the size)."""
+    return b"\x89PNG\r\n\x1a\n" + tag
+
+
+def sparse_rows(n: int, dim: int = 16, seed: int = 0) -> sparse.csr_matrix:
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n, dim)).astype(np.float32)
+    dense[dense < 0.6] = 0
+    return sparse.csr_matrix(dense)
+
+
+def store_state(store) -> dict:
+    ids = store.index.ids().tolist()
+    return {
+        i: (store.index.payload(i), store.index.reconstruct([i]).toarray().round(6).tolist(), store.get(i).thumbnail)
+        for i in ids
+    }
+
+
+def abandon_store(store) -> None:
+    """What SIGKILL leaves: no snapshot; the database (and its journal) hold the writes."""
+    store.db._conn.close()  # noqa: SLF001 - a kill closes the file descriptors and nothing else
+    os.close(store.db._lock_fd)  # noqa: SLF001 - (the kernel drops the flock with them)
+
+
+def filled_store(tmp_path, n: int = 120) -> tuple[dict, bytes]:
+    """A store of `n` items closed cleanly; returns its state and the bytes of its database."""
+    from serve.durable_log import DB_NAME
+    from serve.store import ItemStore
+
+    store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=10**6)
+    for start in range(0, n, 10):
+        ids = np.arange(start, start + 10)
+        store.upsert(
+            ids, sparse_rows(10, seed=start), [{"i": int(i), "text": "x" * 40} for i in ids], [thumb_png(b"png")] * 10
+        )
+    expected = store_state(store)
+    store.db.close()  # checkpointed: every row lives in serve.sqlite3 itself, no snapshot holds them
+    return expected, (tmp_path / "idx" / DB_NAME).read_bytes()
+
+
+def legacy_record(seq: int, body: bytes) -> bytes:
+    crc = zlib.crc32(body, zlib.crc32(struct.pack("<Q", seq))) & 0xFFFFFFFF
+    return struct.pack("<4sIQI", b"LPW1", len(body), seq, crc) + body
+
+
+def legacy_upsert(ids, matrix, payloads, thumbs) -> bytes:
+    head = {
+        "op": "upsert",
+        "n": len(ids),
+        "dim": matrix.shape[1],
+        "nnz": int(matrix.nnz),
+        "payloads": payloads,
+        "thumbs": [None if t is None else base64.b64encode(t).decode() for t in thumbs],
+    }
+    h = json.dumps(head).encode()
+    return b"".join(
+        [
+            struct.pack("<I", len(h)),
+            h,
+            np.asarray(ids).astype("<i8").tobytes(),
+            matrix.indptr.astype("<i8").tobytes(),
+            matrix.indices.astype("<i4").tobytes(),
+            matrix.data.astype("<f4").tobytes(),
+        ]
+    )
+
+
+def legacy_dir(tmp_path):
+    """An index directory as the previous server left it: snapshot + serve-wal.log + side files."""
+    from index.factory import create_index
+
+    directory = tmp_path / "old"
+    index = create_index("csr", 16, "cosine")
+    index.add([100, 101], sparse_rows(2, seed=3), payloads=[{"snap": 0}, {"snap": 1}])
+    index.save(directory)
+    (directory / "serve-state.json").write_text(json.dumps({"format": "lpjepa-serve-state/1", "applied_seq": 0}))
+    (directory / "serve-thumbnails.json").write_text(json.dumps({"100": base64.b64encode(thumb_png(b"old")).decode()}))
+    delete = json.dumps({"op": "delete", "ids": [101]}).encode()
+    records = [
+        legacy_record(1, legacy_upsert([1, 2], sparse_rows(2), [{"n": 1}, None], [thumb_png(b"t1"), None])),
+        legacy_record(2, legacy_upsert([2], sparse_rows(1, seed=7), [{"n": 2}], [thumb_png(b"t2")])),
+        legacy_record(3, struct.pack("<I", len(delete)) + delete),
+    ]
+    (directory / "serve-wal.log").write_bytes(b"".join(records))
+    return directory, records

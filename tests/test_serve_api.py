@@ -20,22 +20,24 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from helpers import (
+    API_KEY,
+    AUTH,
+    DIM,
+    assert_error,
+    b64,
     cifar_files,
     fashion_images,
     fashion_pngs,
+    multipart,
     png_bytes,
     reference_embeddings,
+    serve_settings,
 )
 from PIL import Image
 
 from models.rgg_law import expected_l0
 from serve.app import create_app
 from serve.settings import ServeSettings
-
-KEY = "s3cret-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-DIM = 64
-
 
 # The index-related tests run three times: the in-process index (csr, durable in SQLite), the same API on an
 # embedded Milvus Lite file (--milvus-uri ./x.db) and on a Milvus server (--milvus-uri http://127.0.0.1:PORT, the
@@ -80,7 +82,7 @@ def backend_name() -> str:
 
 def make_settings(model_path, tmp_path, **overrides) -> ServeSettings:
     """Settings of a test app; in the Milvus store modes an index directory becomes a collection of that name."""
-    settings = _settings(model_path, tmp_path, **overrides)
+    settings = serve_settings(model_path, tmp_path, **overrides)
     if _store["mode"] == "local" or settings.index_dir is None:
         return settings
     name = "api_" + hashlib.sha1(str(settings.index_dir).encode()).hexdigest()[:16]  # same dir, same collection
@@ -90,45 +92,11 @@ def make_settings(model_path, tmp_path, **overrides) -> ServeSettings:
     )
 
 
-def _settings(model_path, tmp_path, **overrides) -> ServeSettings:
-    base = dict(
-        model_path=model_path,
-        index_dir=tmp_path / "index",
-        api_key=KEY,
-        max_images_per_request=8,
-        max_body_bytes=2 * 1024 * 1024,
-        max_image_pixels=1_000_000,
-        max_k=50,
-        max_wait_ms=2.0,
-        max_payload_bytes=512,
-    )
-    base.update(overrides)
-    return ServeSettings(**base)
-
-
 @pytest.fixture(scope="module")
 def client(model_path, tmp_path_factory, store_mode):
     app = create_app(make_settings(model_path, tmp_path_factory.mktemp("api")))
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def multipart(images: list[bytes], name: str = "files") -> list:
-    return [(name, (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error"} and set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    return body["error"]
 
 
 def png_declaring_size(width: int, height: int) -> bytes:
@@ -153,7 +121,7 @@ def test_health_ready_info_and_openapi(client):
     info = client.get("/v1/info").json()
     assert info["dim"] == DIM and info["ood_calibrated"] is False
     assert info["index"]["dim"] == DIM and info["limits"]["max_images_per_request"] == 8
-    assert "api_key" not in json.dumps(info) and KEY not in json.dumps(info)
+    assert "api_key" not in json.dumps(info) and API_KEY not in json.dumps(info)
     assert info["index_size"] == info["index"]["size"] and info["backend"] == info["index"]["backend"] == backend_name()
     meta = info["model"]  # the page's target l0: the analytic rate of the model's own RGN target
     assert info["target_l0"] == pytest.approx(expected_l0(meta["target_p"], meta["target_mu"], meta["target_sigma"]))
@@ -515,7 +483,7 @@ def test_auth_reads_flag_and_open_ops_endpoints(model_path, tmp_path):
         assert_error(missing, 401, "unauthorized")
         assert missing.headers["www-authenticate"].startswith("Bearer")
         assert_error(c.get("/v1/info", headers={"Authorization": "Bearer wrong"}), 401)
-        assert_error(c.get("/v1/info", headers={"Authorization": f"Basic {KEY}"}), 401)
+        assert_error(c.get("/v1/info", headers={"Authorization": f"Basic {API_KEY}"}), 401)
         assert_error(c.post("/v1/embed", files=multipart(fashion_pngs(1))), 401)
         assert c.get("/v1/info", headers=AUTH).status_code == 200
         assert c.post("/v1/embed", files=multipart(fashion_pngs(1)), headers=AUTH).status_code == 200

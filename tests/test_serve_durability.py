@@ -4,46 +4,25 @@ start-up (never a silent loss of rows) and the one-time migration of the old ser
 
 from __future__ import annotations
 
-import base64
-import json
 import sqlite3
-import struct
 
 import numpy as np
 import pytest
+from helpers import (
+    abandon_store,
+    filled_store,
+    legacy_dir,
+    legacy_record,
+    legacy_upsert,
+    sparse_rows,
+    store_state,
+    thumb_png,
+)
 from scipy import sparse
 
 from serve.durable_log import DB_NAME, CorruptStoreError, ItemLog, encode_payload
 from serve.repair import repair
 from serve.store import SEQ_KEY, ItemStore, StoreError
-
-
-def _png(tag: bytes) -> bytes:
-    """What the index accepts as a thumbnail (it checks the PNG signature and the size)."""
-    return b"\x89PNG\r\n\x1a\n" + tag
-
-
-def _rows(n: int, dim: int = 16, seed: int = 0) -> sparse.csr_matrix:
-    rng = np.random.default_rng(seed)
-    dense = rng.random((n, dim)).astype(np.float32)
-    dense[dense < 0.6] = 0
-    return sparse.csr_matrix(dense)
-
-
-def _state(store) -> dict:
-    ids = store.index.ids().tolist()
-    return {
-        i: (store.index.payload(i), store.index.reconstruct([i]).toarray().round(6).tolist(), store.get(i).thumbnail)
-        for i in ids
-    }
-
-
-def _abandon(store: ItemStore) -> None:
-    """What SIGKILL leaves: no snapshot; the database (and its journal) hold the writes."""
-    import os
-
-    store.db._conn.close()  # noqa: SLF001 - a kill closes the file descriptors and nothing else
-    os.close(store.db._lock_fd)  # noqa: SLF001 - (the kernel drops the flock with them)
 
 
 # ------------------------------------------------------------------------------------------ the database
@@ -55,7 +34,7 @@ def test_rows_round_trip_exactly(tmp_path):
     matrix = sparse.csr_matrix(dense)
     ids = np.array([5, 2**62, 0, 9, 10, 11, 12], dtype=np.int64)
     payloads = [{"label": i, "name": f"item {i} é", "nested": {"x": [1, 2.5]}} if i % 2 else None for i in range(7)]
-    thumbs = [_png(bytes([i]) * (i + 1)) if i % 3 else None for i in range(7)]
+    thumbs = [thumb_png(bytes([i]) * (i + 1)) if i % 3 else None for i in range(7)]
     db = ItemLog.open(tmp_path / DB_NAME, dim=33)
     assert db.upsert(ids, matrix, [encode_payload(p) for p in payloads], thumbs) == 7
     assert db.delete([9]) == 8
@@ -95,57 +74,63 @@ def test_a_lone_surrogate_never_reaches_the_database():
 # ------------------------------------------------------------------------------------------ store recovery
 def test_store_replays_the_database_after_a_kill(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=1000)
-    store.upsert(np.array([1, 2, 3]), _rows(3), [{"n": 1}, {"n": 2}, None], [_png(b"t1"), None, _png(b"t3")])
-    store.upsert(np.array([2]), _rows(1, seed=5), [{"n": "two"}], [None])  # replace
+    store.upsert(
+        np.array([1, 2, 3]), sparse_rows(3), [{"n": 1}, {"n": 2}, None], [thumb_png(b"t1"), None, thumb_png(b"t3")]
+    )
+    store.upsert(np.array([2]), sparse_rows(1, seed=5), [{"n": "two"}], [None])  # replace
     assert store.delete(1) is True and store.delete(1) is False
-    expected = _state(store)
-    _abandon(store)
+    expected = store_state(store)
+    abandon_store(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
     assert reopened.replayed == 3  # one row per id: 1 (tombstone), 2 (replaced), 3
-    assert _state(reopened) == expected and reopened.get(3).thumbnail == _png(b"t3")
+    assert store_state(reopened) == expected and reopened.get(3).thumbnail == thumb_png(b"t3")
     reopened.close()
     third = ItemStore.open(tmp_path / "idx", dim=16)
     assert third.replayed == 0 and third.snapshot_seq == 5  # the clean close saved a snapshot including write 5
-    assert _state(third) == expected
+    assert store_state(third) == expected
 
 
 def test_store_replay_is_idempotent_over_a_newer_snapshot(tmp_path):
     """Rows a snapshot already holds are applied a second time over it, and the result is the same."""
     store = ItemStore.open(tmp_path / "idx", dim=16)
-    store.upsert(np.arange(10, 20), _rows(10), [{"i": i} for i in range(10)], [None] * 10)
+    store.upsert(np.arange(10, 20), sparse_rows(10), [{"i": i} for i in range(10)], [None] * 10)
     store.delete(12)
-    store.upsert(np.array([13]), _rows(1, seed=9), [{"i": "new"}], [_png(b"png")])
-    expected = _state(store)
+    store.upsert(np.array([13]), sparse_rows(1, seed=9), [{"i": "new"}], [thumb_png(b"png")])
+    expected = store_state(store)
     store.index.save(tmp_path / "idx")  # a snapshot that does not record which writes it includes
-    _abandon(store)
+    abandon_store(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
-    assert reopened.replayed == 10 and _state(reopened) == expected and reopened.get(13).thumbnail == _png(b"png")
+    assert (
+        reopened.replayed == 10
+        and store_state(reopened) == expected
+        and reopened.get(13).thumbnail == thumb_png(b"png")
+    )
 
 
 def test_compaction_snapshots_record_their_sequence_number(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=4)
     for i in range(10):
-        store.upsert(np.array([i]), _rows(1, seed=i), [{"i": i}], [_png(bytes([i]))])
+        store.upsert(np.array([i]), sparse_rows(1, seed=i), [{"i": i}], [thumb_png(bytes([i]))])
     assert store.snapshots == 2 and store.snapshot_seq == 8 and store.pending == 2
-    expected = _state(store)
-    _abandon(store)
+    expected = store_state(store)
+    abandon_store(store)
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
     assert reopened.index.metadata[SEQ_KEY] == 8 and reopened.replayed == 2
-    assert _state(reopened) == expected  # thumbnails of items in the snapshot come from the database
+    assert store_state(reopened) == expected  # thumbnails of items in the snapshot come from the database
 
 
 def test_store_refuses_what_the_index_would_refuse_before_storing(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
-    bad = _rows(1).toarray()
+    bad = sparse_rows(1).toarray()
     bad[0, 3] = -1.0
     with pytest.raises(StoreError, match="negative"):
         store.upsert(np.array([1]), sparse.csr_matrix(bad), [None], [None])
     with pytest.raises(StoreError, match="dimension"):
-        store.upsert(np.array([1]), _rows(1, dim=17), [None], [None])
+        store.upsert(np.array([1]), sparse_rows(1, dim=17), [None], [None])
     with pytest.raises(StoreError, match="duplicates"):
-        store.upsert(np.array([1, 1]), _rows(2), [None, None], [None, None])
+        store.upsert(np.array([1, 1]), sparse_rows(2), [None, None], [None, None])
     with pytest.raises(StoreError, match="surrogate"):
-        store.upsert(np.array([1]), _rows(1), [{"s": "\udfff"}], [None])
+        store.upsert(np.array([1]), sparse_rows(1), [{"s": "\udfff"}], [None])
     assert store.db.last_seq == 0 and len(store) == 0
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -156,20 +141,10 @@ def test_store_refuses_what_the_index_would_refuse_before_storing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ corruption
-def _filled(tmp_path, n: int = 120) -> tuple[dict, bytes]:
-    store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=10**6)
-    for start in range(0, n, 10):
-        ids = np.arange(start, start + 10)
-        store.upsert(ids, _rows(10, seed=start), [{"i": int(i), "text": "x" * 40} for i in ids], [_png(b"png")] * 10)
-    expected = _state(store)
-    store.db.close()  # checkpointed: every row lives in serve.sqlite3 itself, no snapshot holds them
-    return expected, (tmp_path / "idx" / DB_NAME).read_bytes()
-
-
 def test_flipped_bytes_anywhere_are_refused_or_harmless(tmp_path):
     """Defect 5: after a flip the server must refuse to start (naming the file and the recovery) or hold exactly
     what was acknowledged; starting with rows missing is the one outcome that must never happen."""
-    expected, pristine = _filled(tmp_path)
+    expected, pristine = filled_store(tmp_path)
     path = tmp_path / "idx" / DB_NAME
     refused = 0
     positions = np.linspace(100, len(pristine) - 1, 60).astype(int)
@@ -183,14 +158,14 @@ def test_flipped_bytes_anywhere_are_refused_or_harmless(tmp_path):
             assert str(path) in str(err) and "lpjepa index repair" in str(err)
             refused += 1
             continue
-        assert _state(store) == expected, f"silent change after flipping byte {pos}"
+        assert store_state(store) == expected, f"silent change after flipping byte {pos}"
         store.db.close()
     assert refused >= len(positions) // 3  # many bytes are unused page space; the rest must be caught
 
 
 def test_a_database_older_than_the_snapshot_is_refused(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
-    store.upsert(np.array([1]), _rows(1), [None], [None])
+    store.upsert(np.array([1]), sparse_rows(1), [None], [None])
     store.close()  # snapshot includes write 1
     (tmp_path / "idx" / DB_NAME).unlink()
     with pytest.raises(CorruptStoreError, match="missing"):
@@ -206,7 +181,7 @@ def test_not_a_database_is_refused(tmp_path):
 
 def test_a_row_edited_behind_the_servers_back_fails_its_checksum(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
-    store.upsert(np.array([1, 2]), _rows(2), [{"a": 1}, {"a": 2}], [None, None])
+    store.upsert(np.array([1, 2]), sparse_rows(2), [{"a": 1}, {"a": 2}], [None, None])
     store.db.close()
     with sqlite3.connect(tmp_path / "idx" / DB_NAME) as conn:
         conn.execute("""UPDATE items SET payload = '{"a":3}' WHERE id = 2""")
@@ -215,76 +190,27 @@ def test_a_row_edited_behind_the_servers_back_fails_its_checksum(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ migration
-def _legacy_record(seq: int, body: bytes) -> bytes:
-    import zlib
-
-    crc = zlib.crc32(body, zlib.crc32(struct.pack("<Q", seq))) & 0xFFFFFFFF
-    return struct.pack("<4sIQI", b"LPW1", len(body), seq, crc) + body
-
-
-def _legacy_upsert(ids, matrix, payloads, thumbs) -> bytes:
-    head = {
-        "op": "upsert",
-        "n": len(ids),
-        "dim": matrix.shape[1],
-        "nnz": int(matrix.nnz),
-        "payloads": payloads,
-        "thumbs": [None if t is None else base64.b64encode(t).decode() for t in thumbs],
-    }
-    h = json.dumps(head).encode()
-    return b"".join(
-        [
-            struct.pack("<I", len(h)),
-            h,
-            np.asarray(ids).astype("<i8").tobytes(),
-            matrix.indptr.astype("<i8").tobytes(),
-            matrix.indices.astype("<i4").tobytes(),
-            matrix.data.astype("<f4").tobytes(),
-        ]
-    )
-
-
-def _legacy_dir(tmp_path):
-    """An index directory as the previous server left it: snapshot + serve-wal.log + side files."""
-    from index.factory import create_index
-
-    directory = tmp_path / "old"
-    index = create_index("csr", 16, "cosine")
-    index.add([100, 101], _rows(2, seed=3), payloads=[{"snap": 0}, {"snap": 1}])
-    index.save(directory)
-    (directory / "serve-state.json").write_text(json.dumps({"format": "lpjepa-serve-state/1", "applied_seq": 0}))
-    (directory / "serve-thumbnails.json").write_text(json.dumps({"100": base64.b64encode(_png(b"old")).decode()}))
-    delete = json.dumps({"op": "delete", "ids": [101]}).encode()
-    records = [
-        _legacy_record(1, _legacy_upsert([1, 2], _rows(2), [{"n": 1}, None], [_png(b"t1"), None])),
-        _legacy_record(2, _legacy_upsert([2], _rows(1, seed=7), [{"n": 2}], [_png(b"t2")])),
-        _legacy_record(3, struct.pack("<I", len(delete)) + delete),
-    ]
-    (directory / "serve-wal.log").write_bytes(b"".join(records))
-    return directory, records
-
-
 def test_an_old_log_is_migrated_once(tmp_path, caplog):
-    directory, _ = _legacy_dir(tmp_path)
+    directory, _ = legacy_dir(tmp_path)
     with caplog.at_level("WARNING", logger="lpjepa.serve"):
         store = ItemStore.open(directory, dim=16)
     assert "migrated 3 old log records" in caplog.text
     assert sorted(store.index.ids().tolist()) == [1, 2, 100]
     assert store.index.payload(1) == {"n": 1} and store.index.payload(2) == {"n": 2}
-    assert [store.get(i).thumbnail for i in (1, 2, 100)] == [_png(b"t1"), _png(b"t2"), _png(b"old")]
-    np.testing.assert_allclose(store.index.reconstruct([2]).toarray(), _rows(1, seed=7).toarray(), rtol=1e-6)
-    expected = _state(store)
+    assert [store.get(i).thumbnail for i in (1, 2, 100)] == [thumb_png(b"t1"), thumb_png(b"t2"), thumb_png(b"old")]
+    np.testing.assert_allclose(store.index.reconstruct([2]).toarray(), sparse_rows(1, seed=7).toarray(), rtol=1e-6)
+    expected = store_state(store)
     assert (directory / "serve-wal.log.migrated").exists() and not (directory / "serve-wal.log").exists()
-    _abandon(store)
+    abandon_store(store)
     caplog.clear()
     with caplog.at_level("WARNING", logger="lpjepa.serve"):
         again = ItemStore.open(directory, dim=16)
-    assert "migrat" not in caplog.text and _state(again) == expected
+    assert "migrat" not in caplog.text and store_state(again) == expected
 
 
 def test_an_old_log_damaged_in_the_middle_is_not_migrated(tmp_path):
     """The old reader truncated at the first bad record and lost every later acknowledged write."""
-    directory, records = _legacy_dir(tmp_path)
+    directory, records = legacy_dir(tmp_path)
     data = bytearray((directory / "serve-wal.log").read_bytes())
     data[len(records[0]) + 30] ^= 0xFF  # inside record 2; record 3 follows intact
     (directory / "serve-wal.log").write_bytes(bytes(data))
@@ -294,8 +220,8 @@ def test_an_old_log_damaged_in_the_middle_is_not_migrated(tmp_path):
 
 
 def test_an_old_log_with_a_torn_tail_migrates_the_acknowledged_records(tmp_path):
-    directory, records = _legacy_dir(tmp_path)
-    torn = _legacy_record(4, _legacy_upsert([77], _rows(1), [None], [None]))
+    directory, records = legacy_dir(tmp_path)
+    torn = legacy_record(4, legacy_upsert([77], sparse_rows(1), [None], [None]))
     with open(directory / "serve-wal.log", "ab") as fh:
         fh.write(torn[:-5])
     store = ItemStore.open(directory, dim=16)
@@ -308,15 +234,15 @@ def test_damage_in_the_middle_of_the_journal_is_refused(tmp_path):
 
     store = ItemStore.open(tmp_path / "idx", dim=16, compact_every=10**6)
     for i in range(40):
-        store.upsert(np.array([i]), _rows(1, seed=i), [{"i": i}], [None])
-    expected = _state(store)
+        store.upsert(np.array([i]), sparse_rows(1, seed=i), [{"i": i}], [None])
+    expected = store_state(store)
     shutil.copytree(tmp_path / "idx", tmp_path / "killed")  # the files as SIGKILL leaves them: journal not folded
     journal = tmp_path / "killed" / f"{DB_NAME}-wal"
     assert journal.stat().st_size > 20 * 4096
     pristine = journal.read_bytes()
     reopened = ItemStore.open(tmp_path / "killed", dim=16)  # intact: every write is recovered from the journal
-    assert _state(reopened) == expected
-    _abandon(reopened)
+    assert store_state(reopened) == expected
+    abandon_store(reopened)
     shutil.rmtree(tmp_path / "killed")
     shutil.copytree(tmp_path / "idx", tmp_path / "killed")
     data = bytearray(pristine)
@@ -325,7 +251,7 @@ def test_damage_in_the_middle_of_the_journal_is_refused(tmp_path):
     with pytest.raises(CorruptStoreError, match=r"serve.sqlite3-wal.*journal frame.*lpjepa index repair"):
         ItemStore.open(tmp_path / "killed", dim=16)
     report = repair(tmp_path / "killed")
-    survivors = _state(ItemStore.open(tmp_path / "killed", dim=16))
+    survivors = store_state(ItemStore.open(tmp_path / "killed", dim=16))
     assert report.rows_kept == len(survivors) and all(survivors[i] == expected[i] for i in survivors)
     store.db.close()
 

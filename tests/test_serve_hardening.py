@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import fashion_pngs
-from test_serve_api import AUTH, DIM, assert_error, b64, make_settings, multipart
+from helpers import AUTH, DIM, assert_error, b64, fashion_pngs, multipart, serve_settings
 
 from serve.app import create_app
 
@@ -34,13 +33,13 @@ BASELINE = {
 def runtime(model_path, tmp_path_factory):
     from serve.embedding import load_runtime
 
-    return load_runtime(make_settings(model_path, tmp_path_factory.mktemp("rt")))
+    return load_runtime(serve_settings(model_path, tmp_path_factory.mktemp("rt")))
 
 
 @pytest.fixture
 def client(model_path, runtime, tmp_path):
     """A fresh index per test (so each defect is shown on its own), holding the baseline items."""
-    settings = make_settings(model_path, tmp_path, max_payload_bytes=64 * 1024)
+    settings = serve_settings(model_path, tmp_path, max_payload_bytes=64 * 1024)
     with TestClient(create_app(settings, runtime=runtime), raise_server_exceptions=False) as c:
         items = [{"id": i, "embedding": emb, "payload": p} for i, (emb, p) in BASELINE.items()]
         assert c.put("/v1/items", headers=AUTH, json={"items": items}).status_code == 200
@@ -307,7 +306,7 @@ def _secured(spec: dict) -> set[tuple[str, str]]:
     ids=["open", "writes", "reads-and-writes"],
 )
 def test_auth_is_declared_exactly_where_it_is_required(model_path, tmp_path, overrides, expected):
-    app = create_app(make_settings(model_path, tmp_path, **overrides))
+    app = create_app(serve_settings(model_path, tmp_path, **overrides))
     spec = app.openapi()
     secured = _secured(spec)
     assert {op for op in secured if op[1].startswith("/v1/")} == expected

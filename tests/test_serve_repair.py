@@ -7,8 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import run_cli
-from test_serve_durability import _abandon, _filled, _legacy_dir, _rows, _state
+from helpers import abandon_store, filled_store, legacy_dir, run_cli, sparse_rows, store_state
 
 from serve.durable_log import DB_NAME, CorruptStoreError
 from serve.repair import repair
@@ -33,7 +32,7 @@ def _refused_flips(tmp_path, pristine: bytes, count: int) -> list[int]:
 
 
 def test_repair_keeps_every_intact_row_and_reports_the_rest(tmp_path):
-    expected, pristine = _filled(tmp_path)
+    expected, pristine = filled_store(tmp_path)
     path = tmp_path / "idx" / DB_NAME
     positions = _refused_flips(tmp_path, pristine, 6)
     assert len(positions) >= 4
@@ -50,7 +49,7 @@ def test_repair_keeps_every_intact_row_and_reports_the_rest(tmp_path):
             and (tmp_path / "idx").joinpath(report.damaged_copy).exists()
         )
         store = ItemStore.open(tmp_path / "idx", dim=16)  # starts again
-        state = _state(store)
+        state = store_state(store)
         missing = set(expected) - set(state)
         for item_id, value in state.items():
             assert value == expected[item_id], f"flip at {pos}: item {item_id} changed"
@@ -64,10 +63,10 @@ def test_repair_keeps_every_intact_row_and_reports_the_rest(tmp_path):
 
 def test_repair_after_a_snapshot_loses_nothing_the_snapshot_holds(tmp_path):
     store = ItemStore.open(tmp_path / "idx", dim=16)
-    store.upsert(np.arange(20), _rows(20), [{"i": i} for i in range(20)], [None] * 20)
+    store.upsert(np.arange(20), sparse_rows(20), [{"i": i} for i in range(20)], [None] * 20)
     store.close()  # the snapshot includes all 20 writes
     check = ItemStore.open(tmp_path / "idx", dim=16)
-    expected = _state(check)
+    expected = store_state(check)
     check.db.close()
     (tmp_path / "idx" / DB_NAME).write_bytes(b"\x00" * 8192)  # the database is gone entirely
     with pytest.raises(CorruptStoreError):
@@ -75,13 +74,13 @@ def test_repair_after_a_snapshot_loses_nothing_the_snapshot_holds(tmp_path):
     report = repair(tmp_path / "idx")
     assert report.rows_kept == 0 and report.last_seq == 20 and report.lost_after_snapshot == 0
     reopened = ItemStore.open(tmp_path / "idx", dim=16)
-    assert _state(reopened) == expected
-    reopened.upsert(np.array([99]), _rows(1), [None], [None])  # and it takes writes again, numbered after 20
+    assert store_state(reopened) == expected
+    reopened.upsert(np.array([99]), sparse_rows(1), [None], [None])  # and it takes writes again, numbered after 20
     assert reopened.db.last_seq == 21
 
 
 def test_repair_salvages_an_old_log_the_migration_refused(tmp_path):
-    directory, records = _legacy_dir(tmp_path)
+    directory, records = legacy_dir(tmp_path)
     data = bytearray((directory / "serve-wal.log").read_bytes())
     data[len(records[0]) + 30] ^= 0xFF  # damage in record 2 of 3
     (directory / "serve-wal.log").write_bytes(bytes(data))
@@ -92,14 +91,14 @@ def test_repair_salvages_an_old_log_the_migration_refused(tmp_path):
     store = ItemStore.open(directory, dim=16)
     assert sorted(store.index.ids().tolist()) == [1, 2, 100, 101]  # record 1 kept; records 2-3 given up
     assert store.index.payload(1) == {"n": 1}
-    _abandon(store)
+    abandon_store(store)
 
 
 @pytest.mark.slow
 def test_serve_refuses_damaged_state_and_repair_lets_it_start(model_path, tmp_path):
     idx64 = tmp_path / "idx64"
     store = ItemStore.open(idx64, dim=64, compact_every=10**6)
-    store.upsert(np.arange(30), _rows(30, dim=64), [{"i": i} for i in range(30)], [None] * 30)
+    store.upsert(np.arange(30), sparse_rows(30, dim=64), [{"i": i} for i in range(30)], [None] * 30)
     store.db.close()
     raw = bytearray((idx64 / DB_NAME).read_bytes())
     raw[len(raw) // 2 :] = bytes(len(raw) - len(raw) // 2)  # the second half zeroed
