@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import InvalidError
+from data.splits import FASHION_NAMES
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -226,7 +227,7 @@ def open_source(spec: str) -> ImageSource:
     name = name.lower()
     if root:
         return _torchvision_source(name, split or "train", Path(root).expanduser())
-    if name in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    if name in FASHION_NAMES:
         return load_fashion_mnist(split or "train")
     if name == "mnist":
         if split not in ("", "test", "all"):

@@ -61,7 +61,7 @@ def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str)
     """`spec` is any data.sources spec; None picks the real data named in docs/DATA.md for the channels:
     Fashion-MNIST (test split for parity, train split for calibration) for grey models, the colour sample
     images (CIFAR-10/100, ImageNet) for colour models."""
-    from data.sources import DataSpecError, open_source, sample_image_files
+    from data.sources import DataSpecError, open_image, open_source, sample_image_files
 
     if limit < 1:
         raise ExportError(f"{purpose} needs at least one image, got a limit of {limit}")
@@ -69,7 +69,7 @@ def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str)
         if spec is None and in_channels == 3:
             files = [f for kind in COLOUR_SAMPLE_KINDS for f in sample_image_files(kind)]
             picks = _evenly_spaced(len(files), limit)
-            return ImageSet("samples:" + "+".join(COLOUR_SAMPLE_KINDS), [_open(files[i]) for i in picks])
+            return ImageSet("samples:" + "+".join(COLOUR_SAMPLE_KINDS), [open_image(files[i]) for i in picks])
         if spec is None:
             spec = "fashion-mnist:test" if purpose == "parity" else "fashion-mnist:train"
         source = open_source(spec)
@@ -79,14 +79,6 @@ def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str)
         raise ExportError(f"{purpose} data {spec!r} holds no images")
     picks = _evenly_spaced(len(source), limit)
     return ImageSet(spec, [source.image(i) for i in picks])
-
-
-def _open(path: Path) -> Any:
-    from PIL import Image
-
-    with Image.open(path) as img:
-        img.load()
-        return img
 
 
 # ------------------------------------------------------------------------------------------ torch -> onnx

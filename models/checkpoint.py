@@ -60,7 +60,7 @@ def read_header(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not an lpjepa checkpoint (format {meta.get('format')!r})")
     try:
-        config = ModelConfig.from_json(meta["config"])
+        config = ModelConfig.from_dict(json.loads(meta["config"]))
     except ValidationError as err:
         raise CheckpointError(f"{ckpt} has an invalid model config: {one_line(err)}") from err
     except (KeyError, ValueError, TypeError) as err:

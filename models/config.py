@@ -109,7 +109,3 @@ class ModelConfig(BaseModel):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))

@@ -21,8 +21,8 @@ images, runs a windowed one-sample test of the window against the calibration:
                 and the left-over correlation are both in the null.
 
 The three p-values are Bonferroni-combined, p = min(1, 3 min(p_l0, p_principal, p_residual)); the alarm is p < alpha,
-alpha being the
-configured false-alarm rate: the probability that one evaluation on in-distribution traffic raises the alarm.
+alpha being the configured false-alarm rate: the probability that one evaluation on in-distribution traffic raises
+the alarm.
 With one evaluation per request there are at most alpha x (requests) false alarms in expectation.
 
 Per request the cost is O(nnz) to update the ring and counts plus one O(D x m) pass (numba), under a lock; the

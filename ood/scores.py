@@ -196,27 +196,16 @@ class OODScorer:
             calibration=raw,
         )
 
-    def _check(self, embeddings: Any) -> sparse.csr_matrix:
+    def score(self, embeddings: Any) -> OODScores:
+        """Score a batch (CSR or dense, N x dim; a single 1-D vector is one input)."""
         active = activation_matrix(embeddings)
         if active.shape[1] != self.dim:
             raise ValueError(f"embeddings have {active.shape[1]} dimensions; the calibration has {self.dim}")
-        return active
-
-    def pattern_score(self, active: sparse.csr_matrix) -> NDArray[np.float64]:
-        return (self._base + active @ self._weights) / self.dim
-
-    def combine(self, rate: NDArray[Any], pattern: NDArray[Any]) -> NDArray[np.float64]:
-        (mr, sr), (mp, sp) = self.norm["rate"], self.norm["pattern"]
-        return 0.5 * ((np.asarray(rate) - mr) / sr + (np.asarray(pattern) - mp) / sp)
-
-    def score(self, embeddings: Any) -> OODScores:
-        """Score a batch (CSR or dense, N x dim; a single 1-D vector is one input)."""
-        active = self._check(embeddings)
         counts = np.diff(active.indptr)
-        l0 = counts / self.dim
-        rate = self._rate_table[counts]
-        pattern = self.pattern_score(active)
-        combined = self.combine(rate, pattern)
+        l0, rate = counts / self.dim, self._rate_table[counts]
+        pattern = (self._base + active @ self._weights) / self.dim
+        (mr, sr), (mp, sp) = self.norm["rate"], self.norm["pattern"]
+        combined = 0.5 * ((rate - mr) / sr + (pattern - mp) / sp)
         return OODScores(
             score=combined, l0=l0, is_ood=combined > self.threshold, rate_score=rate, pattern_score=pattern
         )

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from ood.detectors import Inputs, detector_from_state
 from ood.schema import CalibrationError, CalibrationV2, parse_calibration
-from ood.scores import OODScorer
+from ood.scores import OODScorer, OODScores
 
 ACTIVATION = ("rate", "pattern", "combined")
 # What each score needs at scoring time (the point of the activation scores: no index, no D x D matrix).
@@ -38,28 +38,16 @@ ACTIVATION_STATISTICS = ("rate", "pattern", "combined", "l0_deviation", "pattern
 
 
 @dataclass
-class ServedScores:
-    """Per-input result of the served score plus the activation scores every response reports."""
+class ServedScores(OODScores):
+    """Per-input result of the served score (`score`, `is_ood`) plus the activation scores every response reports."""
 
-    score: NDArray[np.float64]
-    is_ood: NDArray[np.bool_]
-    l0: NDArray[np.float64]
-    rate_score: NDArray[np.float64]
-    pattern_score: NDArray[np.float64]
     score_name: str
     threshold: float
 
-    def __len__(self) -> int:
-        return int(self.score.size)
-
     def to_records(self) -> list[dict[str, Any]]:
+        """As OODScores', with score and is_ood first and the served score's name and threshold last."""
         named = {"score_name": self.score_name, "threshold": self.threshold}
-        rows = zip(self.score, self.is_ood, self.l0, self.rate_score, self.pattern_score, strict=True)
-        return [
-            {"score": float(s), "is_ood": bool(o), "l0": float(l0), "rate_score": float(r), "pattern_score": float(p)}
-            | named
-            for s, o, l0, r, p in rows
-        ]
+        return [{"score": r["score"], "is_ood": r["is_ood"], **r} | named for r in super().to_records()]
 
 
 class ScoreSuite:
