@@ -28,14 +28,15 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from core.atomic_io import file_sha256, fsync_path
+from core.atomic_io import atomic_path, file_sha256, fsync_path
 from core.errors import first_error
 from index.errors import CorruptIndexError, IndexMismatchError, InvalidInputError
 
 FORMAT = "lpjepa-vector-index"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_OWN_FILE = re.compile(r"^(g\d{6}-[0-9a-f]{8}-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?(\.tmp)?|manifest\.json\.tmp)$")
+# data files (and their temporary names), core.atomic_io's temporary manifest, and an older writer's one
+_OWN_FILE = re.compile(r"^(g\d{6}-[0-9a-f]{8}-[A-Za-z0-9_]+(\.[A-Za-z0-9]+)?(\.tmp)?|\.?manifest\.json(\.\w+)?\.tmp)$")
 
 Writer = Callable[[Path], None]
 
@@ -149,15 +150,9 @@ def save_dir(directory: str | os.PathLike[str], header: dict[str, Any], writers:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 - py3.10
     manifest = {**fields, "generation": generation, "created_utc": now, "files": files}
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    tmp_manifest = root / f"{MANIFEST}.tmp"
-    with open(tmp_manifest, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
     fsync_path(root)  # the data files' renames must be durable before the manifest points at them
-    os.replace(tmp_manifest, root / MANIFEST)
-    fsync_path(root)
+    with atomic_path(root / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     keep = {entry["name"] for entry in files.values()}
     for path in root.iterdir():
         if _OWN_FILE.match(path.name) and path.name not in keep:
