@@ -41,9 +41,6 @@ def create_app(
     """Build the app. `runtime`/`store`/`scorer` may be passed already loaded; otherwise the lifespan loads them."""
     metrics = ServeMetrics()
     state = ServeState(settings=settings, metrics=metrics, runtime=runtime, store=store, scorer=scorer)
-    if store is not None:
-        store.metrics = metrics
-        metrics.index_size.set(len(store))
     app = FastAPI(
         title="Rectified LpJEPA embedding server",
         version=ops.server_version(),

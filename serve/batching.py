@@ -47,14 +47,9 @@ def _rows(out: Any, start: int, stop: int) -> Any:
 
 
 def _concat(parts: list[Any]) -> Any:
-    if len(parts) == 1:
-        return parts[0]
+    """The model outputs of consecutive chunks joined into one (the inverse of `_rows`)."""
     if isinstance(parts[0], tuple):
-        return tuple(_concat_one([p[i] for p in parts]) for i in range(len(parts[0])))
-    return _concat_one(parts)
-
-
-def _concat_one(parts: list[Any]) -> Any:
+        return tuple(_concat([p[i] for p in parts]) for i in range(len(parts[0])))
     if parts[0] is None:
         return None
     if isinstance(parts[0], np.ndarray):
@@ -197,7 +192,7 @@ class DynamicBatcher:
         """Embed a (N, C, H, W) batch; returns the model's rows for it ((N, dim), or a tuple of row-aligned parts).
 
         `batch` may be a callable that returns the batch; it then runs in the model thread just before the model
-        call (its exception, e.g. a CorruptImageError, fails this request only) and `size` must say
+        call (its exception, e.g. a corrupt image's ImageRejected, fails this request only) and `size` must say
         how many images it will produce. Raises OverloadedError or ShuttingDownError.
         """
         if ticket is not None:

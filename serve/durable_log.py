@@ -119,18 +119,12 @@ class Row:
     thumbnail: bytes | None
 
 
-def row_crc(
-    item_id: int,
-    seq: int,
-    deleted: int,
-    indices: bytes | None,
-    vals: bytes | None,
-    payload: str | None,
-    thumb: bytes | None,
-) -> int:
-    """CRC32 over every field, each length-prefixed (-1 for NULL) so that no two different rows encode alike."""
+def row_crc(item_id: int, seq: int, deleted: int, *data: bytes | str | None) -> int:
+    """CRC32 over every field (the data: indices, vals, payload, thumbnail), each length-prefixed (-1 for NULL) so
+    that no two different rows encode alike."""
     crc = zlib.crc32(_HEAD.pack(item_id, seq, deleted))
-    for part in (indices, vals, None if payload is None else payload.encode("utf-8"), thumb):
+    for field in data:
+        part = field.encode("utf-8") if isinstance(field, str) else field
         crc = zlib.crc32(_LEN.pack(-1 if part is None else len(part)), crc)
         if part:
             crc = zlib.crc32(part, crc)

@@ -10,8 +10,7 @@ import anyio
 import numpy as np
 
 from index.thumbnails import thumbnail_png
-from serve.errors import ApiError
-from serve.images import load_images, open_images
+from serve.images import ImageRejected, load_images, open_images
 from serve.metrics import ServeMetrics
 from serve.schemas import EmbeddingOut
 from serve.settings import ServeSettings
@@ -137,14 +136,10 @@ def _preprocess(state: ServeState, probed: list[Any], blobs: list[tuple[str, byt
 
 
 def _decode_and_preprocess(
-    state: ServeState, blobs: list[tuple[str, bytes]], thumbs: bool, probed: list[Any] | None = None
+    state: ServeState, blobs: list[tuple[str, bytes]], thumbs: bool, probed: list[Any], pixels: int
 ) -> tuple[np.ndarray, list[bytes | None]]:
     """Runs in a worker thread: PIL decode and resizing are CPU work that must not stall the event loop."""
     settings = state.settings
-    if probed is None:
-        probed, pixels = _probe(state, blobs)
-    else:
-        pixels = sum(img.size[0] * img.size[1] for img in probed)
     with state.pixel_gate.hold(pixels, timeout=settings.request_timeout_s):
         if thumbs:
             images = load_images(probed, blobs)
@@ -169,10 +164,10 @@ async def embed_blobs(
     ones, and requests that need thumbnails, decode in the thread pool under the decode gate, as before.
     """
     if not blobs:
-        raise ApiError(422, "missing_images", "no images in the request")
+        raise ImageRejected("no images in the request", "missing_images")
     settings = state.settings
     if len(blobs) > settings.max_images_per_request:
-        raise ApiError(413, "too_many_images", f"at most {settings.max_images_per_request} images per request")
+        raise ImageRejected(f"at most {settings.max_images_per_request} images per request", "too_many_images")
     assert state.batcher is not None
     with state.batcher.expecting() as ticket:
         probed, pixels = _probe(state, blobs)  # headers only: format and size checks, no pixel decoded
@@ -181,7 +176,8 @@ async def embed_blobs(
             work = functools.partial(_preprocess, state, probed, blobs)
             out = await state.batcher.submit(work, ticket, size=len(blobs))
         else:
-            batch, thumbnails = await anyio.to_thread.run_sync(_decode_and_preprocess, state, blobs, thumbs, probed)
+            decode = functools.partial(_decode_and_preprocess, state, blobs, thumbs, probed, pixels)
+            batch, thumbnails = await anyio.to_thread.run_sync(decode)
             out = await state.batcher.submit(batch, ticket)
     dense, features, records = out
     if observe:

@@ -52,20 +52,9 @@ HTTP_ERRORS: dict[type[BaseException], tuple[int, str]] = {
     db.StoreUnavailableError: (503, "storage_error"),
     **{cls: (status, cls.code) for cls, status in ((db.StoreLockedError, 409), (db.CorruptStoreError, 500))},
     **{cls: (422, cls.code) for cls in (db.WrongDimensionError, db.StoreError)},
-    # uploaded images
-    images.InvalidImageError: (422, "invalid_image"),
-    images.InvalidBase64Error: (422, "invalid_base64"),
-    images.UnsupportedImageError: (415, "unsupported_image_format"),
-    images.ImageTooLargeError: (413, "image_too_large"),
-    images.TooManyPixelsError: (413, "too_many_pixels"),
-    images.CorruptImageError: (422, "corrupt_image"),
-    # strict JSON
-    strict_json.MalformedJsonError: (400, "malformed_json"),
-    strict_json.JsonTooDeepError: (422, "too_deep"),
-    strict_json.InvalidNumberError: (422, "invalid_number"),
-    strict_json.InvalidUnicodeError: (422, "invalid_unicode"),
-    strict_json.InvalidPayloadError: (422, "invalid_payload"),
-    strict_json.PayloadTooLargeError: (413, "payload_too_large"),
+    # uploaded images and strict JSON: the error names its reason (`code`), REASON_STATUS its status
+    images.ImageRejected: (422, "invalid_image"),
+    strict_json.JsonRejected: (422, "invalid_payload"),
     # the other stages
     ImageDecodeError: (422, "invalid_image"),
     ModelLoadError: (503, "loading"),
@@ -80,6 +69,15 @@ HTTP_ERRORS: dict[type[BaseException], tuple[int, str]] = {
     LpjepaError: (500, "internal_error"),
 }
 RETRY_AFTER_S = {BackendUnavailableError: 2}  # Milvus needs longer than our own queues to come back
+# The reasons of ImageRejected and JsonRejected whose status is not their row's 422.
+REASON_STATUS = {
+    "unsupported_image_format": 415,
+    "image_too_large": 413,
+    "too_many_pixels": 413,
+    "too_many_images": 413,
+    "malformed_json": 400,
+    "payload_too_large": 413,
+}
 
 
 def http_error(exc: LpjepaError) -> tuple[int, str, dict[str, str]]:
@@ -88,6 +86,8 @@ def http_error(exc: LpjepaError) -> tuple[int, str, dict[str, str]]:
         return exc.status, exc.code, exc.headers
     kind = next(cls for cls in type(exc).__mro__ if cls in HTTP_ERRORS)
     status, code = HTTP_ERRORS[kind]
+    if isinstance(exc, images.ImageRejected | strict_json.JsonRejected):
+        status, code = REASON_STATUS.get(exc.code, status), exc.code
     headers = {"Retry-After": str(RETRY_AFTER_S.get(kind, 1))} if status == 503 else {}
     return status, code, headers
 

@@ -20,31 +20,20 @@ from core.errors import InvalidError, UnavailableError
 
 
 class ImageRejected(InvalidError):
-    """An uploaded image the server will not decode; each subclass is one reason (serve/errors.py maps them)."""
+    """Images the server will not decode; `code` names the reason (invalid_image, invalid_base64, corrupt_image,
+    unsupported_image_format, image_too_large, missing_images, too_many_images) and serve/errors.py its status."""
 
+    code = "invalid_image"
 
-class InvalidImageError(ImageRejected):
-    """Empty, not a string, or without pixels."""
-
-
-class InvalidBase64Error(ImageRejected):
-    """A JSON image that is not base64."""
-
-
-class UnsupportedImageError(ImageRejected):
-    """Not an image PIL recognises, or a format outside the allow-list."""
-
-
-class ImageTooLargeError(ImageRejected):
-    """More pixels than one image may have (checked from the header)."""
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.code
 
 
 class TooManyPixelsError(ImageRejected):
     """The request's images together exceed the per-request pixel budget."""
 
-
-class CorruptImageError(ImageRejected):
-    """A known format whose header or data is truncated or damaged."""
+    code = "too_many_pixels"
 
 
 class DecodeBusyError(UnavailableError):
@@ -54,7 +43,7 @@ class DecodeBusyError(UnavailableError):
 def decode_base64(text: str, where: str) -> bytes:
     """Standard or URL-safe base64, with or without a data: URL prefix (what browsers' FileReader produces)."""
     if not isinstance(text, str) or not text:
-        raise InvalidImageError(f"{where}: expected a non-empty base64 string")
+        raise ImageRejected(f"{where}: expected a non-empty base64 string")
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     cleaned = "".join(text.split())
@@ -63,7 +52,7 @@ def decode_base64(text: str, where: str) -> bytes:
             return base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
         return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
     except (binascii.Error, ValueError) as err:
-        raise InvalidBase64Error(f"{where}: not valid base64 ({err})") from err
+        raise ImageRejected(f"{where}: not valid base64 ({err})", "invalid_base64") from err
 
 
 def encode_base64(data: bytes | None) -> str | None:
@@ -73,29 +62,28 @@ def encode_base64(data: bytes | None) -> str | None:
 def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
     """Open lazily: the format and the size come from the header, before a single pixel is decoded."""
     if not data:
-        raise InvalidImageError(f"{where}: empty file")
+        raise ImageRejected(f"{where}: empty file")
     try:
         with warnings.catch_warnings():
             # Our own limits replace PIL's global one (a warning at 89 MP, an error at twice that).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError as err:
-        raise UnsupportedImageError(f"{where}: not a recognised image file") from err
+        raise ImageRejected(f"{where}: not a recognised image file", "unsupported_image_format") from err
     except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(f"{where}: {err}") from err
+        raise ImageRejected(f"{where}: {err}", "image_too_large") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise CorruptImageError(f"{where}: the image header is corrupt or truncated ({err})") from err
+        raise ImageRejected(f"{where}: the image header is corrupt or truncated ({err})", "corrupt_image") from err
     fmt = (img.format or "").upper()
     if fmt not in formats:
-        accepted = ", ".join(formats)
-        raise UnsupportedImageError(f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {accepted})")
+        message = f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {', '.join(formats)})"
+        raise ImageRejected(message, "unsupported_image_format")
     width, height = img.size
     if width < 1 or height < 1:
-        raise InvalidImageError(f"{where}: image has no pixels")
+        raise ImageRejected(f"{where}: image has no pixels")
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-        )
+        message = f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        raise ImageRejected(message, "image_too_large")
     return img
 
 
@@ -105,9 +93,9 @@ def _load(img: Image.Image, where: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
     except Image.DecompressionBombError as err:
-        raise ImageTooLargeError(f"{where}: {err}") from err
+        raise ImageRejected(f"{where}: {err}", "image_too_large") from err
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated/corrupt data inside a known format
-        raise CorruptImageError(f"{where}: the image data is corrupt or truncated ({err})") from err
+        raise ImageRejected(f"{where}: the image data is corrupt or truncated ({err})", "corrupt_image") from err
     return img
 
 

@@ -140,14 +140,16 @@ def check_k(k: int, limits: ServeSettings) -> int:
 
 def embedding_row(emb: EmbeddingIn, dim: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate a client embedding against the model: (sorted int32 indices, float32 values) without zeros."""
+
+    def refuse(code: str, problem: str) -> ApiError:
+        return ApiError(422, code, f"{where}: {problem}")
+
     if emb.dim is not None and emb.dim != dim:
-        raise ApiError(422, "wrong_dimension", f"{where}: dim is {emb.dim} but the model has {dim} dimensions")
+        raise refuse("wrong_dimension", f"dim is {emb.dim} but the model has {dim} dimensions")
     if emb.dense is not None:
         if len(emb.dense) != dim:
-            raise ApiError(
-                422,
-                "wrong_dimension",
-                f"{where}: dense embedding has {len(emb.dense)} values but the model has {dim} dimensions",
+            raise refuse(
+                "wrong_dimension", f"dense embedding has {len(emb.dense)} values but the model has {dim} dimensions"
             )
         values = np.asarray(emb.dense, dtype=np.float64)
         indices = np.arange(dim, dtype=np.int64)
@@ -156,28 +158,20 @@ def embedding_row(emb: EmbeddingIn, dim: int, where: str) -> tuple[np.ndarray, n
         values = np.asarray(emb.values, dtype=np.float64) if emb.values else np.zeros(0, dtype=np.float64)
         if indices.size and (indices.min() < 0 or indices.max() >= dim):
             bad = int(indices[(indices < 0) | (indices >= dim)][0])
-            raise ApiError(422, "wrong_dimension", f"{where}: index {bad} is outside 0..{dim - 1}")
+            raise refuse("wrong_dimension", f"index {bad} is outside 0..{dim - 1}")
         if np.unique(indices).size != indices.size:
-            raise ApiError(422, "invalid_embedding", f"{where}: indices contain repeats")
+            raise refuse("invalid_embedding", "indices contain repeats")
     if not np.all(np.isfinite(values)) or np.any(np.abs(values) > F32_MAX):
-        raise ApiError(
-            422, "invalid_embedding", f"{where}: values must be finite float32 numbers (|v| <= {F32_MAX:.4g})"
-        )
+        raise refuse("invalid_embedding", f"values must be finite float32 numbers (|v| <= {F32_MAX:.4g})")
     if np.any(values < 0):
-        raise ApiError(
-            422, "invalid_embedding", f"{where}: values must be non-negative (the model's codes are rectified)"
-        )
+        raise refuse("invalid_embedding", "values must be non-negative (the model's codes are rectified)")
     as32 = values.astype(np.float32)
     lost = (values != 0) & (as32 == 0)
     if np.any(lost):
-        raise ApiError(
-            422, "invalid_embedding", f"{where}: value {values[lost][0]:.3g} is below the float32 range (stored as 0)"
-        )
+        raise refuse("invalid_embedding", f"value {values[lost][0]:.3g} is below the float32 range (stored as 0)")
     norm = float(np.sqrt(np.sum(np.square(as32.astype(np.float64)))))
     if norm > MAX_VECTOR_NORM:
-        raise ApiError(
-            422, "invalid_embedding", f"{where}: the vector's L2 norm {norm:.3g} exceeds {MAX_VECTOR_NORM:.0e}"
-        )
+        raise refuse("invalid_embedding", f"the vector's L2 norm {norm:.3g} exceeds {MAX_VECTOR_NORM:.0e}")
     keep = values != 0
     order = np.argsort(indices[keep], kind="stable")
     return indices[keep][order].astype(np.int32), as32[keep][order]

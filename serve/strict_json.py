@@ -31,31 +31,20 @@ _OPEN[[ord("]"), ord("}")]] = -1
 
 
 class JsonRejected(InvalidError):
-    """Input that is not strict JSON, or JSON the server will not store; a subclass per reason."""
+    """Input that is not strict JSON, or JSON the server will not store; `code` names the reason (malformed_json,
+    too_deep, invalid_number, invalid_unicode, invalid_payload, payload_too_large) and serve/errors.py its status."""
+
+    code = "invalid_payload"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.code
 
 
 class MalformedJsonError(JsonRejected):
     """Not JSON at all (or not UTF-8)."""
 
-
-class JsonTooDeepError(JsonRejected):
-    """Nested deeper than the limit."""
-
-
-class InvalidNumberError(JsonRejected):
-    """A non-finite number or an integer too long to parse."""
-
-
-class InvalidUnicodeError(JsonRejected):
-    """A string holding a lone surrogate, which no UTF-8 encoder can write back."""
-
-
-class InvalidPayloadError(JsonRejected):
-    """A payload that is not a JSON object, too deep, or not strict JSON."""
-
-
-class PayloadTooLargeError(JsonRejected):
-    """A payload over the byte limit."""
+    code = "malformed_json"
 
 
 def nesting_depth(data: bytes) -> int:
@@ -84,7 +73,7 @@ def loads(data: bytes | str, *, where: str = "body", max_depth: int = MAX_BODY_D
         try:
             raw = data.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidUnicodeError(f"{where}: contains a lone surrogate") from None
+            raise JsonRejected(f"{where}: contains a lone surrogate", "invalid_unicode") from None
     else:
         raw = data
         try:
@@ -93,7 +82,7 @@ def loads(data: bytes | str, *, where: str = "body", max_depth: int = MAX_BODY_D
             raise MalformedJsonError(f"{where}: not UTF-8 ({err.reason} at byte {err.start})") from None
     depth = nesting_depth(raw)
     if depth > max_depth:
-        raise JsonTooDeepError(f"{where}: JSON nested {depth} levels deep; at most {max_depth} allowed")
+        raise JsonRejected(f"{where}: JSON nested {depth} levels deep; at most {max_depth} allowed", "too_deep")
     try:
         obj = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as err:
@@ -101,10 +90,10 @@ def loads(data: bytes | str, *, where: str = "body", max_depth: int = MAX_BODY_D
             f"{where}: malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
         ) from None
     except ValueError as err:  # non-finite numbers, integers with more than 4300 digits
-        raise InvalidNumberError(f"{where}: {err}") from None
+        raise JsonRejected(f"{where}: {err}", "invalid_number") from None
     bad = first_bad_string(obj)
     if bad is not None:
-        raise InvalidUnicodeError(f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
+        raise JsonRejected(f"{where}{bad}: contains a lone surrogate (not valid Unicode)", "invalid_unicode")
     return obj
 
 
@@ -152,16 +141,16 @@ def check_payload_value(payload: Any, where: str, max_bytes: int) -> None:
     if payload is None:
         return
     if not isinstance(payload, dict):
-        raise InvalidPayloadError(f"{where}: must be a JSON object or null")
+        raise JsonRejected(f"{where}: must be a JSON object or null")
     depth = depth_of(payload, MAX_PAYLOAD_DEPTH)
     if depth > MAX_PAYLOAD_DEPTH:
-        raise InvalidPayloadError(f"{where}: nested more than {MAX_PAYLOAD_DEPTH} levels deep (at most allowed)")
+        raise JsonRejected(f"{where}: nested more than {MAX_PAYLOAD_DEPTH} levels deep (at most allowed)")
     bad = first_bad_string(payload)
     if bad is not None:
-        raise InvalidPayloadError(f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
+        raise JsonRejected(f"{where}{bad}: contains a lone surrogate (not valid Unicode)")
     try:
         size = len(json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8"))
     except (TypeError, ValueError) as err:
-        raise InvalidPayloadError(f"{where}: not strict JSON ({err})") from None
+        raise JsonRejected(f"{where}: not strict JSON ({err})") from None
     if size > max_bytes:
-        raise PayloadTooLargeError(f"{where}: {size} bytes of JSON exceeds the limit of {max_bytes}")
+        raise JsonRejected(f"{where}: {size} bytes of JSON exceeds the limit of {max_bytes}", "payload_too_large")
