@@ -10,6 +10,7 @@ Thread safety: each index holds a readers-writer lock (:class:`index.rwlock.RWLo
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from abc import ABC, abstractmethod
@@ -232,7 +233,13 @@ class VectorIndex(ABC):
             raise CorruptIndexError(f"{directory}/{store.MANIFEST}: {err}") from None
         roles = (*cls._file_roles(), "payloads")
         paths = store.verified_paths(directory, manifest, roles, verify=verify)
-        index = cls._from_files(dim, metric, manifest.get("options") or {}, paths)
+        options = manifest.get("options") or {}
+        given = inspect.signature(cls).parameters  # the saved options that are constructor arguments
+        try:
+            index = cls(dim, metric, **{key: value for key, value in options.items() if key in given})
+        except (ValueError, TypeError) as err:
+            raise CorruptIndexError(f"{Path(directory)}: invalid options in the manifest: {err}") from None
+        index._read_files(options, paths)
         count = index._count()
         if count != manifest["count"]:
             raise CorruptIndexError(
@@ -296,9 +303,9 @@ class VectorIndex(ABC):
     @abstractmethod
     def _writers(self) -> dict[str, tuple[str, store.Writer]]: ...
 
-    @classmethod
     @abstractmethod
-    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> VectorIndex: ...
+    def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:
+        """Fill this index, just built with the manifest's options, from its checked files."""
 
 
 def _unknown(missing: np.ndarray, asked: int) -> UnknownIdError:

@@ -660,8 +660,8 @@ class CsrIndex(RowMapped, VectorIndex):
         }
         return {role: (".npy", lambda path, a=a: store.write_npy(path, a)) for role, a in arrays.items()}
 
-    @classmethod
-    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> CsrIndex:
+    def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:
+        dim = self._dim
         data = store.read_npy(paths["data"], dtype=np.float32, ndim=1)
         indices = store.read_npy(paths["indices"], dtype=np.int32, ndim=1)
         indptr = store.read_npy(paths["indptr"], dtype=np.int64, ndim=1)
@@ -681,27 +681,11 @@ class CsrIndex(RowMapped, VectorIndex):
             problems.append("invalid or duplicate ids")
         if problems:
             raise CorruptIndexError(f"{paths['data'].parent}: inconsistent CSR files: {problems[0]}")
-        names = (
-            "kernel",
-            "chunk_mb",
-            "compact_ratio",
-            "mode",
-            "pruned_exact",
-            "blockmax_exact",
-            "approx_cut",
-            "approx_slack",
-        )
-        kwargs = {key: options[key] for key in names if key in options}
-        try:
-            index = cls(dim, metric, **kwargs)
-        except ValueError as err:
-            raise CorruptIndexError(f"{paths['data'].parent}: invalid options in the manifest: {err}") from None
         if n:
             index_dtype = np.int32 if data.size < np.iinfo(np.int32).max else np.int64
             x = sp.csr_matrix((data, indices, indptr.astype(index_dtype)), shape=(n, dim), copy=False)
-            index._blocks = [_Block(x, 0)]
-            index._map = RowMap(ids)
-            index._row_ids = ids
-            index._alive = np.ones(n, bool)
-            index._norms = norms
-        return index
+            self._blocks = [_Block(x, 0)]
+            self._map = RowMap(ids)
+            self._row_ids = ids
+            self._alive = np.ones(n, bool)
+            self._norms = norms

@@ -395,26 +395,20 @@ class FaissIndex(RowMapped, VectorIndex):
 
         return {"faiss": (".index", write_index), "norms": (".npy", lambda p: store.write_npy(p, self._norms))}
 
-    @classmethod
-    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> FaissIndex:
+    def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:
         faiss = _faiss()
-        keys = ("spec", "nprobe", "ef_search", "ef_construction", "compact_ratio")
-        try:
-            index = cls(dim, metric, **{key: options[key] for key in keys if key in options})
-        except (ValueError, TypeError) as err:
-            raise CorruptIndexError(f"{paths['faiss'].parent}: invalid options in the manifest: {err}") from None
-        index.tuned = dict(options.get("tuned") or {})
+        self.tuned = dict(options.get("tuned") or {})
         norms = store.read_npy(paths["norms"], dtype=np.float32, ndim=1)
         if paths["faiss"].stat().st_size == 0:
             if norms.size or options.get("trained", False):
                 raise CorruptIndexError(f"{paths['faiss']} is empty but the index holds vectors")
-            return index
+            return
         try:
             loaded = faiss.read_index(str(paths["faiss"]))
         except RuntimeError as err:
             raise CorruptIndexError(f"cannot read {paths['faiss'].name}: {str(err).splitlines()[0]}") from None
-        if not isinstance(loaded, faiss.IndexIDMap2) or loaded.d != dim:
-            raise CorruptIndexError(f"{paths['faiss'].name} is not an IndexIDMap2 of dimension {dim}")
+        if not isinstance(loaded, faiss.IndexIDMap2) or loaded.d != self._dim:
+            raise CorruptIndexError(f"{paths['faiss'].name} is not an IndexIDMap2 of dimension {self._dim}")
         row_ids = faiss.vector_to_array(loaded.id_map).astype(np.int64)
         if row_ids.size != loaded.ntotal or norms.size != row_ids.size:
             raise CorruptIndexError(f"{paths['faiss'].parent}: {loaded.ntotal} vectors but {norms.size} norms")
@@ -423,17 +417,16 @@ class FaissIndex(RowMapped, VectorIndex):
             check_ids(row_ids[live])
         except ValueError as err:
             raise CorruptIndexError(f"{paths['faiss'].name}: invalid id map: {err}") from None
-        inner_kind = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}[index.kind]
+        inner_kind = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}[self.kind]
         if not isinstance(faiss.downcast_index(loaded.index), inner_kind):
-            raise CorruptIndexError(f"{paths['faiss'].name} does not hold a {index.spec} index")
-        if index.kind == "flat" and not live.all():
+            raise CorruptIndexError(f"{paths['faiss'].name} does not hold a {self.spec} index")
+        if self.kind == "flat" and not live.all():
             raise CorruptIndexError(f"{paths['faiss'].name}: a Flat index cannot hold tombstones")
-        index._index = loaded
-        index._row_ids = row_ids
-        index._norms = norms
-        index._map = RowMap(row_ids[live], np.flatnonzero(live))
-        index._n_dead = int((~live).sum())
-        return index
+        self._index = loaded
+        self._row_ids = row_ids
+        self._norms = norms
+        self._map = RowMap(row_ids[live], np.flatnonzero(live))
+        self._n_dead = int((~live).sum())
 
 
 def _drop_own(labels: np.ndarray, own: np.ndarray | None, k: int) -> np.ndarray:

@@ -561,9 +561,8 @@ class MilvusIndex(VectorIndex):
     def _writers(self) -> dict[str, Any]:  # pragma: no cover
         return {}
 
-    @classmethod
-    def _from_files(cls, dim: int, metric: str, options: dict[str, Any], paths: dict[str, Path]) -> VectorIndex:
-        raise NotImplementedError  # pragma: no cover
+    def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:  # pragma: no cover
+        raise NotImplementedError
 
 
 def _describe_collection(
