@@ -199,15 +199,12 @@ def write_ood_calibration(model_path: str | os.PathLike[str], calibration: dict[
         raise TypeError(f"calibration must be a dict, got {type(calibration).__name__}")
     text = _finite_json(calibration)  # fail before touching the file
     path = Path(model_path)
-    if not path.is_file():
-        raise ModelLoadError(f"no model file at {path}")
+    read_metadata(path)  # refuse to decorate a missing or foreign file
     if path.suffix.lower() not in ONNX_SUFFIXES:
-        read_metadata(path)  # refuse to decorate a foreign file
         atomic_write_text(ood_sidecar(path), text + "\n")
         return ood_sidecar(path)
     import onnx
 
-    read_metadata(path)
     model = onnx.load(str(path))
     set_onnx_metadata(model, {OOD_KEY: calibration})
     return save_onnx_atomic(model, path)

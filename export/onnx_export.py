@@ -203,10 +203,12 @@ def build_metadata(
     opset: int,
     exporter: str,
     feature_dim: int | None = None,
+    ood_calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The exported file's metadata, checked to encode so a bad value fails now, not after minutes of parity."""
     extra = {} if feature_dim is None else {"features_name": FEATURES_NAME, "feature_dim": int(feature_dim)}
     target = config.target
-    return {
+    metadata = {
         **extra,
         "format": meta_io.FORMAT,
         "dim": int(config.embed_dim),
@@ -231,6 +233,13 @@ def build_metadata(
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model_config": config.to_dict(),
     }
+    if ood_calibration is not None:
+        metadata[meta_io.OOD_KEY] = ood_calibration
+    try:
+        meta_io.encode(metadata)
+    except ValueError as err:
+        raise ExportError(f"cannot store the metadata: {err}") from err
+    return metadata
 
 
 def check_options(
@@ -327,13 +336,8 @@ def export_checkpoint(
     )
     report.seconds["export_s"] = time.perf_counter() - t0
     feature_dim = int(model.feature_dim) if features else None
-    metadata = build_metadata(config, ckpt, file_sha256(ckpt), precision, chosen_opset, exporter, feature_dim)
-    if ood_calibration is not None:
-        metadata[meta_io.OOD_KEY] = ood_calibration
-    try:
-        meta_io.encode(metadata)  # fail now, not after minutes of parity checks
-    except ValueError as err:
-        raise ExportError(f"cannot store the metadata: {err}") from err
+    sha256 = file_sha256(ckpt)
+    metadata = build_metadata(config, ckpt, sha256, precision, chosen_opset, exporter, feature_dim, ood_calibration)
     with tempfile.TemporaryDirectory(prefix="lpjepa-export-") as tmp_dir:
         fp32_path = Path(tmp_dir) / "fp32.onnx"
         meta_io.set_onnx_metadata(proto, {**metadata, "precision": "fp32"})

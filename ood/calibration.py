@@ -202,15 +202,10 @@ def calibrate_model(
     val_sources = {spec: open_source(spec) for spec in dict.fromkeys(validate_ood)}  # bad spec: fail before work
     embed = partial(embed_source, runtime, batch_size=batch_size, progress=progress)
     embedded = embed(source, subsample(len(source), limit, seed), desc=f"calibrate {data_spec}", what=data_spec)
-    validation = {
-        spec: embed(
-            val,
-            subsample(len(val), validate_limit, seed + 3),
-            desc=f"validate {spec}",
-            what=f"the validation set {spec}",
-        ).inputs()
-        for spec, val in val_sources.items()
-    }
+    validation = {}
+    for spec, val in val_sources.items():
+        idx = subsample(len(val), validate_limit, seed + 3)
+        validation[spec] = embed(val, idx, desc=f"validate {spec}", what=f"the validation set {spec}").inputs()
     shift_idx = subsample(len(source), shift_limit, seed + 4)
     validation.update(_embed_shifts(runtime, source, shift_idx, shifts, seed, batch_size=batch_size, progress=progress))
     expected = runtime.metadata.get("expected_l0") if isinstance(runtime.metadata, dict) else None

@@ -84,6 +84,11 @@ def _dense(x: Any) -> NDArray[np.float64]:
     return x.toarray().astype(np.float64) if sparse.issparse(x) else np.asarray(x, dtype=np.float64)
 
 
+def _state(detector: Any, **fitted: Any) -> dict[str, Any]:
+    """A detector's JSON state (ood.schema's DetectorState): its type and input, then the fitted values."""
+    return {"type": detector.kind, "input": detector.input_name, **fitted}
+
+
 # ------------------------------------------------------------------------------------------ Bernoulli mixture
 class BernoulliMixture:
     """Mixture of K independent-Bernoulli components over the firing pattern, fitted by EM.
@@ -141,12 +146,7 @@ class BernoulliMixture:
         return -self.log_likelihood(inputs.get(self.input_name)) / self.dim
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "input": self.input_name,
-            "log_weights": self.log_weights.tolist(),
-            "rates": encode_array(self.rates),
-        }
+        return _state(self, log_weights=self.log_weights.tolist(), rates=encode_array(self.rates))
 
     @classmethod
     def from_state(cls, st: MixtureState) -> BernoulliMixture:
@@ -205,14 +205,8 @@ class LowRankGaussian:
         return self.mahalanobis(inputs.get(self.input_name))
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "input": self.input_name,
-            "mean": encode_array(self.mean),
-            "components": encode_array(self.components),
-            "eigvals": self.eigvals.tolist(),
-            "noise": self.noise,
-        }
+        mean, components = encode_array(self.mean), encode_array(self.components)
+        return _state(self, mean=mean, components=components, eigvals=self.eigvals.tolist(), noise=self.noise)
 
     @classmethod
     def from_state(cls, st: LowRankState) -> LowRankGaussian:
@@ -249,13 +243,9 @@ class GaussianMahalanobis:
         return np.sum(z * z, axis=1)
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": self.kind,
-            "input": self.input_name,
-            "mean": encode_array(self.mean),
-            "whitening": encode_array(self.whitening),
-            "shrinkage": self.shrinkage,
-        }
+        return _state(
+            self, mean=encode_array(self.mean), whitening=encode_array(self.whitening), shrinkage=self.shrinkage
+        )
 
     @classmethod
     def from_state(cls, st: GaussianState) -> GaussianMahalanobis:
