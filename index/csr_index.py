@@ -188,16 +188,10 @@ class CsrIndex(RowMapped, VectorIndex):
     @property
     def nbytes(self) -> int:
         """Bytes held by the vectors, id maps and caches (what the benchmark reports as memory)."""
-        total = self._row_ids.nbytes + self._alive.nbytes + self._norms.nbytes
-        total += self._map.nbytes
+        total = self._row_ids.nbytes + self._alive.nbytes + self._norms.nbytes + self._map.nbytes
         for b in self._blocks:
             total += b.x.data.nbytes + b.x.indices.nbytes + b.x.indptr.nbytes
-            if b.inv is not None:
-                total += b.inv.nbytes
-            if b.impact is not None:
-                total += b.impact.nbytes
-            if b.bmax is not None:
-                total += b.bmax.nbytes
+            total += sum(cache.nbytes for cache in (b.inv, b.impact, b.bmax) if cache is not None)
         return int(total)
 
     # ------------------------------------------------------------------ writes
@@ -499,11 +493,18 @@ class CsrIndex(RowMapped, VectorIndex):
         return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
     @staticmethod
-    def _mask_dead(scores: np.ndarray, alive: np.ndarray | None, r0: int, r1: int) -> None:
-        if alive is not None:
-            dead = ~alive[r0:r1]
-            if dead.any():
-                scores[:, dead] = -np.inf
+    def _push_chunks(
+        parts: list, top: RunningTopK, lo: int, rows: int, scores_of: Callable[[sp.csr_matrix], np.ndarray]
+    ) -> None:
+        """Push the (queries lo.., rows) score blocks that ``scores_of`` gives for ``rows`` stored rows at a time
+        into ``top``, dead rows at -inf."""
+        for block, alive in parts:
+            for r0 in range(0, block.rows, rows):
+                r1 = min(block.rows, r0 + rows)
+                scores = scores_of(row_slice(block.x, r0, r1))
+                if alive is not None and not alive[r0:r1].all():
+                    scores[:, ~alive[r0:r1]] = -np.inf
+                top.push(lo, scores, block.start + r0)
 
     def _search_sparse(
         self, parts: list, q: sp.csr_matrix, top: RunningTopK, *, split_tiles: bool, use_blockmax: bool = False
@@ -519,26 +520,15 @@ class CsrIndex(RowMapped, VectorIndex):
 
             def task(lo: int, hi: int) -> None:
                 for (block, alive), prune, bmr in zip(parts, pruned, bmax, strict=True):
+                    out = (top.scores, top.rows, lo, block.start, alive)  # heaps, first heap row, row offset, mask
                     if bmr is not None:
-                        blockmax.search_blockmax(bmr, q, lo, hi, top.scores, top.rows, lo, block.start, alive)
+                        blockmax.search_blockmax(bmr, q, lo, hi, *out)
                     elif prune:
                         approx.search_approx(
-                            self._impact(block),
-                            block.x,
-                            q,
-                            lo,
-                            hi,
-                            top.scores,
-                            top.rows,
-                            lo,
-                            block.start,
-                            alive,
-                            approx.SAFE_CUT,
-                            0.0,
-                            safe=True,
+                            self._impact(block), block.x, q, lo, hi, *out, approx.SAFE_CUT, 0.0, safe=True
                         )
                     else:
-                        search_inverted(self._inverted(block), q, lo, hi, top.scores, top.rows, lo, block.start, alive)
+                        search_inverted(self._inverted(block), q, lo, hi, *out)
 
             ranges = self._query_ranges(n, SPARSE_CHUNK_QUERIES)
             _run([lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads)
@@ -584,12 +574,7 @@ class CsrIndex(RowMapped, VectorIndex):
 
         def task(lo: int, hi: int) -> None:
             qt = np.ascontiguousarray(row_slice(q, lo, hi).toarray().T)
-            for block, alive in parts:
-                for r0 in range(0, block.rows, rows_per_chunk):
-                    r1 = min(block.rows, r0 + rows_per_chunk)
-                    scores = np.ascontiguousarray(scores_spdense(row_slice(block.x, r0, r1), qt).T)
-                    self._mask_dead(scores, alive, r0, r1)
-                    top.push(lo, scores, block.start + r0)
+            self._push_chunks(parts, top, lo, rows_per_chunk, lambda x: np.ascontiguousarray(scores_spdense(x, qt).T))
 
         ranges = self._query_ranges(q.shape[0], qb)
         _run([lambda lo=lo, hi=hi: task(lo, hi) for lo, hi in ranges], self.threads)
@@ -598,19 +583,11 @@ class CsrIndex(RowMapped, VectorIndex):
         # Query ranges and row chunks sized so that densified rows plus the score block fit ``chunk_mb``.
         q_per_range = max(1, min(q.shape[0], self.chunk_bytes // (8 * self._dim)))
 
-        def task() -> None:
-            for lo in range(0, q.shape[0], q_per_range):
-                hi = min(q.shape[0], lo + q_per_range)
-                qd = row_slice(q, lo, hi).toarray()
-                rows_per_chunk = max(256, self.chunk_bytes // (4 * (self._dim + hi - lo)))
-                for block, alive in parts:
-                    for r0 in range(0, block.rows, rows_per_chunk):
-                        r1 = min(block.rows, r0 + rows_per_chunk)
-                        scores = scores_dense(row_slice(block.x, r0, r1), qd)
-                        self._mask_dead(scores, alive, r0, r1)
-                        top.push(lo, scores, block.start + r0)
-
-        task()  # one thread: BLAS already uses every core
+        for lo in range(0, q.shape[0], q_per_range):  # in this thread: BLAS already uses every core
+            hi = min(q.shape[0], lo + q_per_range)
+            qd = row_slice(q, lo, hi).toarray()
+            rows_per_chunk = max(256, self.chunk_bytes // (4 * (self._dim + hi - lo)))
+            self._push_chunks(parts, top, lo, rows_per_chunk, lambda x, qd=qd: scores_dense(x, qd))
 
     # ------------------------------------------------------------------ reads
     def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:
