@@ -31,12 +31,8 @@ from core.errors import LpjepaError, UnavailableError
 
 log = logging.getLogger("lpjepa.serve")
 
-# The model call: a (N, C, H, W) batch -> an (N, ...) array, or a tuple of row-aligned arrays/lists (None allowed),
-# e.g. (embeddings, features, OOD records), so work that is cheaper per batch than per request happens once.
-RunFn = Callable[[np.ndarray], Any]
-# What a request submits: its preprocessed batch, or a callable that produces it in the model thread (decoding
-# small images there costs one thread hand-off per model batch instead of one per request).
-Work = np.ndarray | Callable[[], np.ndarray]
+RunFn = Callable[[np.ndarray], Any]  # (N, C, H, W) -> (N, ...) array, or a tuple of row-aligned parts (None allowed)
+Work = np.ndarray | Callable[[], np.ndarray]  # a request's batch, or what prepares it in the model thread
 
 
 def _rows(out: Any, start: int, stop: int) -> Any:

@@ -160,10 +160,7 @@ def run(args: argparse.Namespace) -> int:
                 store.close()
                 store = None
             return _run_workers(settings, sock, args)
-        app = create_app(settings, runtime=runtime, store=store, scorer=scorer)
-        config = uvicorn.Config(
-            app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=args.log_level == "debug"
-        )
+        config = _uvicorn_config(create_app(settings, runtime=runtime, store=store, scorer=scorer), args)
         _say_listening(sock)
         # On SIGINT/SIGTERM uvicorn drains requests, runs the lifespan shutdown (index snapshot), then re-raises
         # the signal so the exit status says how the server ended.
@@ -178,7 +175,6 @@ def run(args: argparse.Namespace) -> int:
 def _run_workers(settings, sock: socket.socket, args: argparse.Namespace) -> int:
     """uvicorn's own supervisor: N spawned processes on the one bound socket, each loading the model and opening
     the Milvus collection itself (serve.app.app_from_env), restarted by uvicorn if one dies."""
-    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     from serve.app import SETTINGS_ENV
@@ -186,17 +182,18 @@ def _run_workers(settings, sock: socket.socket, args: argparse.Namespace) -> int
     if settings.model_threads is None:  # N processes x all cores each would oversubscribe the CPU
         settings = settings.model_copy(update={"model_threads": max(1, (os.cpu_count() or 1) // args.workers)})
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    config = uvicorn.Config(
-        "serve.app:app_from_env",
-        factory=True,
-        workers=args.workers,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=10,
-        access_log=args.log_level == "debug",
-    )
+    config = _uvicorn_config("serve.app:app_from_env", args, factory=True, workers=args.workers)
     _say_listening(sock, f" ({args.workers} workers)")
     Multiprocess(config, sockets=[sock]).run()
     return 0
+
+
+def _uvicorn_config(app: Any, args: argparse.Namespace, **extra: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=10, access_log=args.log_level == "debug", **extra
+    )
 
 
 def _say_listening(sock: socket.socket, suffix: str = "") -> None:

@@ -44,7 +44,7 @@ class ServeState:
 
     def __post_init__(self) -> None:
         if self.pixel_gate is None:
-            self.pixel_gate = PixelGate(self.settings.decode_pixels_in_flight)
+            self.pixel_gate = PixelGate(self.settings.concurrent_decodes * self.settings.max_request_pixels)
 
     @property
     def dim(self) -> int:

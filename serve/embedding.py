@@ -155,13 +155,12 @@ def _decode_and_preprocess(
 async def embed_blobs(
     state: ServeState, blobs: list[tuple[str, bytes]], *, thumbs: bool = False, observe: bool = True
 ) -> EmbedOutput:
-    """Decode, preprocess and embed (batcher) images; returns (dense (N, dim) float32, thumbnails, features or
-    None, OOD records or None). `observe` feeds the images to the drift monitor (embed, search and ood requests
-    do).
+    """Decode, preprocess and embed (batcher) images. `observe` feeds them to the drift monitor (embed, search and
+    ood requests do; item writes do not).
 
     Small images (their headers, read here, say at most `batch_decode_pixels` together) are decoded by the
     model thread as part of the batch: for a 28 px PNG a thread hand-off costs more than the decode. Larger
-    ones, and requests that need thumbnails, decode in the thread pool under the decode gate, as before.
+    ones, and requests that need thumbnails, decode in the thread pool under the decode gate.
     """
     if not blobs:
         raise ImageRejected("no images in the request", "missing_images")

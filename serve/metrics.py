@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,19 +61,13 @@ class ServeMetrics(BatchObserver):
 
     def attach_drift(self, monitor) -> None:
         """Gauges read the monitor at scrape time, so requests never pay for the p-value."""
-        nan = float("nan")
 
-        def pvalue() -> float:
-            p = monitor.pvalues()[0]
-            return nan if p is None else p
+        def nan_if_none(read: Callable[[], float | None]) -> Callable[[], float]:
+            return lambda: float("nan") if (value := read()) is None else value
 
-        def window_l0() -> float:
-            v = monitor.window_l0()
-            return nan if v is None else v
-
-        self.drift_pvalue.set_function(pvalue)
+        self.drift_pvalue.set_function(nan_if_none(lambda: monitor.pvalues()[0]))
         self.drift_alarm.set_function(lambda: 1.0 if monitor.alarm else 0.0)
-        self.drift_window_l0.set_function(window_l0)
+        self.drift_window_l0.set_function(nan_if_none(monitor.window_l0))
 
     # BatchObserver hooks
     def batch_run(self, size: int, seconds: float) -> None:

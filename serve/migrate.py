@@ -87,14 +87,11 @@ def decode_legacy_record(body: bytes) -> dict[str, Any]:
         head["ids"] = np.asarray(head["ids"], dtype=np.int64)
         return head
     n, nnz, dim = head["n"], head["nnz"], head["dim"]
-    off = 4 + hlen
-    ids = np.frombuffer(body, "<i8", n, off)
-    off += 8 * n
-    indptr = np.frombuffer(body, "<i8", n + 1, off)
-    off += 8 * (n + 1)
-    indices = np.frombuffer(body, "<i4", nnz, off)
-    off += 4 * nnz
-    data = np.frombuffer(body, "<f4", nnz, off)
+    parts, off = [], 4 + hlen
+    for dtype, count in (("<i8", n), ("<i8", n + 1), ("<i4", nnz), ("<f4", nnz)):  # ids, indptr, indices, data
+        parts.append(np.frombuffer(body, dtype, count, off))
+        off += np.dtype(dtype).itemsize * count
+    ids, indptr, indices, data = parts
     head["ids"] = ids.astype(np.int64)
     head["matrix"] = sparse.csr_matrix(
         (data.astype(np.float32), indices.astype(np.int32), indptr.astype(np.int64)), shape=(n, dim)

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from scipy import sparse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -183,14 +182,6 @@ def check_query(row: tuple[np.ndarray, np.ndarray], where: str) -> None:
         raise ApiError(
             422, "empty_query", f"{where} has no non-zero values; an all-zero query matches nothing in particular"
         )
-
-
-def rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], dim: int) -> sparse.csr_matrix:
-    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    indptr[1:] = np.cumsum([r[0].size for r in rows])
-    indices = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int32)
-    data = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.float32)
-    return sparse.csr_matrix((data, indices, indptr), shape=(len(rows), dim), dtype=np.float32)
 
 
 def check_id(item_id: int) -> None:

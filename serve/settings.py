@@ -140,10 +140,6 @@ class ServeSettings(BaseSettings):
             where = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "an LPJEPA_* environment variable"
             raise SettingsInvalid(f"invalid value for {where}: {err} (expected JSON)") from err
 
-    @property
-    def decode_pixels_in_flight(self) -> int:
-        return self.concurrent_decodes * self.max_request_pixels
-
     def public_limits(self) -> dict[str, object]:
         keyed = self.api_key is not None
         return {

@@ -1,26 +1,16 @@
 """The served index: searches, durable writes and snapshots, behind one lock.
 
-Durability, single node (csr/faiss backends): every write is committed to the SQLite database
-``INDEX_DIR/serve.sqlite3`` (serve/durable_log.py; WAL journal, synchronous=FULL) before the reply, then applied
-to the in-memory index. On start-up the last snapshot (the index directory as ``index.save`` wrote it) is loaded
-and the database rows written after it are applied over it. The snapshot's manifest records the sequence number
-it covers (``metadata["serve_seq"]``, committed in the same atomic manifest replace as the index files), so there is
-no window in which the snapshot and a side file disagree. Every ``compact_every`` writes, and at a clean shutdown,
-the index is saved again; the database keeps every row (it is the durable record, the snapshot only saves replay
-time). Thumbnails are a per-item attribute of the index (index/thumbnails.py) like the payload: the database row
-holds one beside the vector, the snapshot saves them with the index files.
+Single node (csr/faiss backends): every write is committed to the database (serve/durable_log.py) before the reply,
+then applied to the in-memory index. On start-up the last snapshot (the index directory as ``index.save`` wrote it)
+is loaded and the rows written after it are applied over it. Its manifest records the sequence number it covers
+(``metadata["serve_seq"]``, in the same atomic manifest replace as the index files), so no side file can disagree
+with it. Every ``compact_every`` writes, and at a clean shutdown, the index is saved again. Thumbnails are a per-item
+attribute of the index (index/thumbnails.py) like the payload, stored in the row and saved with the snapshot.
 
-Durability, a backend that owns it (Milvus): when the index class says ``owns_durability = True`` the local
-database is not opened at all. Writes go straight to the backend and return only after it acknowledged them;
-thumbnails travel with the write and are read back from the backend. The seam such a backend implements, beside
-the ordinary VectorIndex interface:
-
-    owns_durability: ClassVar[bool] = True     the store opens no database and never calls save()
-    add(ids, vectors, payloads=, thumbnails=)   durable when it returns
-    remove(ids)                                 durable when it returns
-
-Validation (index/validation.py) runs in ``upsert`` before either path, so no backend ever sees what a single node
-would refuse.
+A backend that owns its durability (Milvus; the index class says ``owns_durability = True``): no local database is
+opened and ``save()`` is never called; ``add(ids, vectors, payloads=, thumbnails=)`` and ``remove(ids)`` are durable
+when they return, and thumbnails are read back from the backend. Validation (index/validation.py) runs in ``upsert``
+before either path, so no backend ever sees what a single node would refuse.
 
 Consistency: writers are serialised by one mutex, so the database order is the order of application; searches
 and reads share a readers-writer lock that a write takes exclusively only while it changes the in-memory state
@@ -57,6 +47,15 @@ log = logging.getLogger("lpjepa.serve")
 SEQ_KEY = "serve_seq"  # index.metadata key: the database sequence number the snapshot includes
 
 __all__ = ["DB_NAME", "CorruptStoreError", "Hit", "ItemStore", "StoreError", "StoredItem"]
+
+
+def rows_to_csr(rows: list[tuple[np.ndarray, np.ndarray]], dim: int) -> sparse.csr_matrix:
+    """One float32 CSR matrix of sparse rows given as (int32 indices, float32 values)."""
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([r[0].size for r in rows])
+    indices = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int32)
+    data = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.float32)
+    return sparse.csr_matrix((data, indices, indptr), shape=(len(rows), dim), dtype=np.float32)
 
 
 @dataclass
@@ -309,16 +308,9 @@ class ItemStore:
             if present.size:
                 self.index.remove(present)
         if live:
-            indptr = np.zeros(len(live) + 1, dtype=np.int64)
-            indptr[1:] = np.cumsum([r.indices.size for r in live])
-            matrix = sparse.csr_matrix(
-                (np.concatenate([r.values for r in live]), np.concatenate([r.indices for r in live]), indptr),
-                shape=(len(live), self.dim),
-                dtype=np.float32,
-            )
             self.index.add(
                 np.asarray([r.id for r in live], np.int64),
-                matrix,
+                rows_to_csr([(r.indices, r.values) for r in live], self.dim),
                 payloads=[r.payload for r in live],
                 thumbnails=[r.thumbnail for r in live],
             )

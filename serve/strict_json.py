@@ -25,6 +25,7 @@ MAX_BODY_DEPTH = MAX_PAYLOAD_DEPTH + ENVELOPE_DEPTH
 # A JSON string: quote, then runs of ordinary characters separated by escapes (unrolled, so a 20 MB base64
 # string is one fast character-class run, not one backtracking point per character).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the only code points UTF-8 cannot encode
 _OPEN = np.zeros(256, np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _OPEN[[ord("]"), ord("}")]] = -1
@@ -117,13 +118,7 @@ def first_bad_string(obj: Any, path: str = "") -> str | None:
 
 
 def _encodable(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return text.isascii() or not _SURROGATE.search(text)
 
 
 def depth_of(obj: Any, limit: int) -> int:

@@ -17,6 +17,7 @@ from serve.embedding import embed_blobs, embedding_out
 from serve.errors import ApiError
 from serve.images import decode_base64, encode_base64
 from serve.schemas import PUT_ITEMS_FORM, DeleteResponse, ItemOut, PutItemsJSON, PutItemsResponse, body_doc, error_docs
+from serve.store import rows_to_csr
 from serve.strict_json import check_payload_value
 
 router = APIRouter(tags=["index"])
@@ -69,7 +70,7 @@ async def put_items(request: Request, state: State) -> PutItemsResponse:
             nz = np.flatnonzero(vectors[j])
             rows[pos] = (nz.astype(np.int32), vectors[j][nz])
             thumbs[pos] = blob_thumbs[j]
-    matrix = parsing.rows_to_csr(rows, state.dim)
+    matrix = rows_to_csr(rows, state.dim)
     created, replaced = await anyio.to_thread.run_sync(
         store.upsert, np.asarray(ids, dtype=np.int64), matrix, payloads, thumbs
     )

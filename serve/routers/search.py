@@ -12,6 +12,7 @@ from serve.embedding import dense_to_outputs, embed_blobs
 from serve.errors import ApiError
 from serve.images import decode_base64, encode_base64
 from serve.schemas import SEARCH_FORM, SearchHit, SearchJSON, SearchResponse, body_doc, error_docs
+from serve.store import rows_to_csr
 
 router = APIRouter(tags=["index"])
 
@@ -58,6 +59,6 @@ async def search(
         row = (idx.astype(np.int32), vector[idx])
         parsing.check_query(row, "the query image's embedding")
     assert row is not None
-    hits = await anyio.to_thread.run_sync(store.search, parsing.rows_to_csr([row], state.dim), k_value, thumbnails)
+    hits = await anyio.to_thread.run_sync(store.search, rows_to_csr([row], state.dim), k_value, thumbnails)
     results = [SearchHit(id=h.id, score=h.score, payload=h.payload, thumbnail=encode_base64(h.thumbnail)) for h in hits]
     return SearchResponse(results=results, query=query_out)
