@@ -45,10 +45,6 @@ def resolve_recipe(aug: AugmentConfig, in_channels: int) -> AugmentConfig:
     return aug.model_copy(update={"recipe": "color"})
 
 
-def small_view_size(aug: AugmentConfig, image_size: int) -> int:
-    return int(aug.small_size) if aug.small_size > 0 else max(8, int(round(image_size * 96 / 168)))
-
-
 @dataclass(frozen=True)
 class ViewPlan:
     """How many views of which size and crop scale; global views come first (the loss pairs views 0 and 1)."""
@@ -58,7 +54,7 @@ class ViewPlan:
 
     @classmethod
     def from_config(cls, aug: AugmentConfig, image_size: int) -> ViewPlan:
-        small = small_view_size(aug, image_size)
+        small = int(aug.small_size) if aug.small_size > 0 else max(8, int(round(image_size * 96 / 168)))
         sizes = (image_size,) * aug.global_views + (small,) * aug.small_views
         big, little = (aug.crop_scale[0], aug.crop_scale[1]), (aug.small_crop_scale[0], aug.small_crop_scale[1])
         scales = (big,) * aug.global_views + (little,) * aug.small_views
@@ -237,17 +233,6 @@ class ViewMaker:
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
-    def geometry(
-        self, images: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator | None
-    ) -> torch.Tensor:
-        n, _, hgt, wid = images.shape
-        boxes = sample_crop_boxes(n, hgt, wid, scale, (self.aug.ratio[0], self.aug.ratio[1]), generator, images.device)
-        x = crop_resize(images, boxes, size)
-        if self.aug.flip_p > 0:
-            flip = _per_sample(_bernoulli(n, self.aug.flip_p, generator, images.device))
-            x = torch.where(flip, x.flip(-1), x)
-        return x
-
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """All views from whole images: crop + flip batched, then colour, then normalisation."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.in_channels:
@@ -255,9 +240,14 @@ class ViewMaker:
                 f"expected uint8 images (B, {self.in_channels}, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         x = images.float().div_(255.0)
+        n, _, hgt, wid = x.shape
+        ratio = (self.aug.ratio[0], self.aug.ratio[1])
         views = []
         for size, scale in zip(self.plan.sizes, self.plan.scales, strict=True):
-            v = self.geometry(x, size, scale, generator)
+            v = crop_resize(x, sample_crop_boxes(n, hgt, wid, scale, ratio, generator, x.device), size)
+            if self.aug.flip_p > 0:
+                flip = _per_sample(_bernoulli(n, self.aug.flip_p, generator, x.device))
+                v = torch.where(flip, v.flip(-1), v)
             views.append(self._normalize(color_augment(v, self.aug, generator)))
         return views
 
