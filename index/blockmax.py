@@ -35,7 +35,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from index.compiled import _columns_outside, _replace_worst, _rescore
-from index.inverted import guard_search, scratch
+from index.inverted import guard_search, query_arrays, scratch
 
 SUB_BLOCKS = 8  # a visited block's parts are bounded again (finer maxima, read only for visited blocks)
 BLOCK_ROWS = 128  # rows per block: bounds tighten as blocks shrink, the bound pass grows with their number
@@ -420,34 +420,11 @@ def search_blockmax(
     if mask is None:
         return stats
     bounds, order, qdense = _buffers(bmr.n_blocks, bmr.dim)
-    status = _search_blockmax(
-        bmr.perm,
-        bmr.indptr,
-        bmr.indices,
-        bmr.data,
-        bmr.maxq,
-        bmr.subq,
-        bmr.scale,
-        bmr.block_rows,
-        queries.indptr.astype(np.int64, copy=False),
-        queries.indices.astype(np.int32, copy=False),
-        queries.data.astype(np.float32, copy=False),
-        lo,
-        hi,
-        heap_scores,
-        heap_rows,
-        heap_lo,
-        row_offset,
-        mask,
-        bounds,
-        order,
-        qdense,
-        rounding_margin(bmr.dim),
-        LEVEL_FRACTION,
-        MIN_LEVEL,
-        bmr.n_blocks * max(1, hi - lo) if max_visits is None else int(max_visits),
-        stats,
-    )
+    visits = bmr.n_blocks * max(1, hi - lo) if max_visits is None else int(max_visits)
+    # the kernel's arguments in its order: regrouped rows and bounds, queries, heaps, buffers, settings
+    args = (bmr.perm, bmr.indptr, bmr.indices, bmr.data, bmr.maxq, bmr.subq, bmr.scale, bmr.block_rows)
+    args += (*query_arrays(queries), lo, hi, heap_scores, heap_rows, heap_lo, row_offset, mask, bounds, order, qdense)
+    status = _search_blockmax(*args, rounding_margin(bmr.dim), LEVEL_FRACTION, MIN_LEVEL, visits, stats)
     if status == -1:
         raise ValueError(f"query column indices outside [0, {bmr.dim})")
     return None if status == -2 else stats
