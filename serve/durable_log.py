@@ -174,18 +174,18 @@ class ItemLog:
 
     # ------------------------------------------------------------------ opening and checking
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, dim: int, verify: bool = True) -> ItemLog:
+    def open(cls, path: str | os.PathLike[str], *, dim: int) -> ItemLog:
         """Open (or create) the database and check it whole: structure, meta, every row's checksum."""
         path = Path(path)
         lock_fd = acquire_lock(path)
         try:
-            return cls._open_locked(path, dim=dim, verify=verify, lock_fd=lock_fd)
+            return cls._open_locked(path, dim=dim, lock_fd=lock_fd)
         except BaseException:
             os.close(lock_fd)
             raise
 
     @classmethod
-    def _open_locked(cls, path: Path, *, dim: int, verify: bool, lock_fd: int) -> ItemLog:
+    def _open_locked(cls, path: Path, *, dim: int, lock_fd: int) -> ItemLog:
         created = not path.exists()
         check_journal(path)  # before SQLite opens it: it would drop the frames after a damaged one
         conn = None
@@ -207,8 +207,7 @@ class ItemLog:
         out = cls(path, conn, dim, 0, lock_fd)
         try:
             out._check_meta(meta, dim)
-            if verify:
-                out.verify()
+            out.verify()
         except BaseException:
             conn.close()
             raise
@@ -226,23 +225,19 @@ class ItemLog:
             raise WrongDimensionError(f"{path} holds {stored_dim}-dimensional items but the model produces {dim}")
         self.last_seq = last_seq
 
-    def verify(self) -> int:
-        """PRAGMA integrity_check, then every row's checksum and sequence number; returns the number of rows."""
+    def verify(self) -> None:
+        """PRAGMA integrity_check, then every row's checksum and sequence number."""
         try:
             problems = [r[0] for r in self._conn.execute("PRAGMA integrity_check(20)").fetchall()]
             if problems != ["ok"]:
                 raise CorruptStoreError(self.path, "integrity_check failed: " + "; ".join(problems[:5]))
-            n = 0
             max_seq = 0
             for raw in self._conn.execute(f"SELECT {_COLUMNS} FROM items"):
-                row = _decode_row(raw, self.path)
-                max_seq = max(max_seq, row.seq)
-                n += 1
+                max_seq = max(max_seq, _decode_row(raw, self.path).seq)
         except sqlite3.DatabaseError as err:
             raise CorruptStoreError(self.path, f"reading the database failed ({err})") from None
         if max_seq > self.last_seq:
             raise CorruptStoreError(self.path, f"a row has write number {max_seq} beyond the last one {self.last_seq}")
-        return n
 
     # ------------------------------------------------------------------ reads
     def rows_after(self, seq: int, chunk: int = 4096) -> Iterator[list[Row]]:

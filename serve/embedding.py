@@ -121,16 +121,6 @@ def milvus_index(settings: ServeSettings, dim: int) -> Any:
     )
 
 
-def _probe(state: ServeState, blobs: list[tuple[str, bytes]]) -> tuple[list[Any], int]:
-    settings = state.settings
-    return open_images(
-        blobs,
-        max_pixels=settings.max_image_pixels,
-        max_request_pixels=settings.max_request_pixels,
-        formats=settings.image_formats,
-    )
-
-
 def _preprocess(state: ServeState, probed: list[Any], blobs: list[tuple[str, bytes]]) -> np.ndarray:
     return state.runtime.preprocess(load_images(probed, blobs))  # ImageDecodeError: 422 (serve/errors.py)
 
@@ -169,7 +159,7 @@ async def embed_blobs(
         raise ImageRejected(f"at most {settings.max_images_per_request} images per request", "too_many_images")
     assert state.batcher is not None
     with state.batcher.expecting() as ticket:
-        probed, pixels = _probe(state, blobs)  # headers only: format and size checks, no pixel decoded
+        probed, pixels = open_images(blobs, settings)  # headers only: format and size checks, no pixel decoded
         if not thumbs and pixels <= settings.batch_decode_pixels:
             thumbnails: list[bytes | None] = [None] * len(blobs)
             work = functools.partial(_preprocess, state, probed, blobs)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import InvalidError, UnavailableError
+from serve.settings import ServeSettings
 
 
 class ImageRejected(InvalidError):
@@ -59,7 +60,7 @@ def encode_base64(data: bytes | None) -> str | None:
     return None if data is None else base64.b64encode(data).decode()
 
 
-def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+def _probe(data: bytes, where: str, limits: ServeSettings) -> Image.Image:
     """Open lazily: the format and the size come from the header, before a single pixel is decoded."""
     if not data:
         raise ImageRejected(f"{where}: empty file")
@@ -75,14 +76,15 @@ def _probe(data: bytes, where: str, *, max_pixels: int, formats: tuple[str, ...]
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise ImageRejected(f"{where}: the image header is corrupt or truncated ({err})", "corrupt_image") from err
     fmt = (img.format or "").upper()
-    if fmt not in formats:
-        message = f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {', '.join(formats)})"
+    if fmt not in limits.image_formats:
+        accepted = ", ".join(limits.image_formats)
+        message = f"{where}: image format {fmt or 'unknown'} is not accepted (accepted: {accepted})"
         raise ImageRejected(message, "unsupported_image_format")
     width, height = img.size
     if width < 1 or height < 1:
         raise ImageRejected(f"{where}: image has no pixels")
-    if width * height > max_pixels:
-        message = f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+    if width * height > limits.max_image_pixels:
+        message = f"{where}: {width}x{height} = {width * height} pixels exceeds the limit of {limits.max_image_pixels}"
         raise ImageRejected(message, "image_too_large")
     return img
 
@@ -127,21 +129,15 @@ class PixelGate:
                 self._cond.notify_all()
 
 
-def open_images(
-    blobs: list[tuple[str, bytes]],
-    *,
-    max_pixels: int,
-    max_request_pixels: int,
-    formats: tuple[str, ...],
-) -> tuple[list[Image.Image], int]:
+def open_images(blobs: list[tuple[str, bytes]], limits: ServeSettings) -> tuple[list[Image.Image], int]:
     """Probe every image's header, refuse the request (413) when their pixels together exceed the per-request
     budget, and only then decode. Returns the lazily opened images (load them with `load_images`) and the total."""
-    probed = [_probe(data, where, max_pixels=max_pixels, formats=formats) for where, data in blobs]
+    probed = [_probe(data, where, limits) for where, data in blobs]
     total = sum(img.size[0] * img.size[1] for img in probed)
-    if total > max_request_pixels:
+    if total > limits.max_request_pixels:
         raise TooManyPixelsError(
             f"the request's {len(probed)} images hold {total} pixels together; the limit per request is "
-            f"{max_request_pixels} (send fewer or smaller images)",
+            f"{limits.max_request_pixels} (send fewer or smaller images)",
         )
     return probed, total
 

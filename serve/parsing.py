@@ -83,12 +83,12 @@ async def read_form(request: Request, limits: ServeSettings) -> Any:
         raise ApiError(400, "malformed_multipart", f"malformed multipart body: {detail}") from err
 
 
-async def form_files(form: Any, name: str, limits: ServeSettings, *, required: bool = True) -> list[tuple[str, bytes]]:
+async def form_files(form: Any, name: str, limits: ServeSettings) -> list[tuple[str, bytes]]:
     uploads = [u for u in form.getlist(name) if isinstance(u, UploadFile)]
     stray = [u for u in form.getlist(name) if not isinstance(u, UploadFile)]
     if stray:
         raise ApiError(422, "invalid_request", f"multipart field {name!r} must carry files, not text")
-    if required and not uploads:
+    if not uploads:
         raise ApiError(422, "missing_images", f"no images: send them as multipart file field {name!r}")
     if len(uploads) > limits.max_images_per_request:
         raise ApiError(413, "too_many_images", f"at most {limits.max_images_per_request} images per request")

@@ -130,14 +130,9 @@ class ItemStore:
                 # A new index is saved before the database exists: the index refuses to write into a directory
                 # that holds files it does not know and no manifest.
                 index = create_index(backend=backend, dim=dim, metric=metric)
-                if not getattr(index, "owns_durability", False):
-                    index.save(directory)
+                index.save(directory)
         except ValueError as err:  # the index package's errors (corrupt files, wrong format, bad options)
-            raise StoreError(str(err)) from err
-        if getattr(index, "owns_durability", False):
-            store = cls(directory, index, dim=dim, compact_every=compact_every, metrics=metrics)
-            index.prepare()
-            return store
+            raise StoreError(str(err)) from err  # (a self-durable backend has no directory: open_backend)
         db_path = directory / DB_NAME
         if (directory / LEGACY_WAL).exists():
             if db_path.exists():
