@@ -144,13 +144,6 @@ def torch_to_onnx(
     return proto
 
 
-def convert_fp16(model: Any) -> Any:
-    """Weights and activations in float16, float32 at the graph boundary so callers never change dtype."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
-
-
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> None:
     """Static QDQ int8: per-channel int8 weights, uint8 activations, MinMax ranges from real images.
 
@@ -392,8 +385,12 @@ def _convert(
 ) -> Path:
     """The graph of `precision` beside the fp32 one (the fp32 file itself for fp32)."""
     if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # Weights and activations in float16, float32 at the graph boundary so callers never change dtype.
+        fp16 = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True, disable_shape_infer=False)
         path = fp32_path.with_name("fp16.onnx")
-        onnx.save(convert_fp16(onnx.load(str(fp32_path))), str(path))
+        onnx.save(fp16, str(path))
         return path
     if precision == "int8":
         t1 = time.perf_counter()

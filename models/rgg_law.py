@@ -322,10 +322,9 @@ def resolve_sigma(p: float, mu: float, sigma: str | float) -> float:
         if word == "rgn":
             return sigma_rgn(p, mu)
         try:
-            value = float(word)
+            sigma = float(word)
         except ValueError:
             raise ValueError(f"sigma must be 'gn', 'rgn' or a positive number, got {sigma!r}") from None
-        return check_sigma(value)
     return check_sigma(sigma)
 
 

@@ -42,7 +42,6 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-# ------------------------------------------------------------------------------------------ calibrate
 def _calibrate(args: argparse.Namespace) -> int:
     from ood.calibration import calibrate_model
     from ood.shifts import SHIFT_NAMES
@@ -103,7 +102,6 @@ def _print_calibration(args: argparse.Namespace, cal: dict[str, Any], summary: d
     )
 
 
-# ------------------------------------------------------------------------------------------ eval
 def _format_table(report: dict[str, Any]) -> str:
     lines = [
         f"ID {report['id']['spec']} ({report['id']['n']})  vs  OOD {report['ood']['spec']} "
@@ -147,7 +145,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ score
 def _score(args: argparse.Namespace) -> int:
     from data.sources import open_image
     from ood.inputs import embed_images, image_paths, open_runtime
@@ -187,7 +184,6 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ register
 def register(subparsers: Any) -> None:
     ood = subparsers.add_parser(
         "ood",

@@ -41,7 +41,6 @@ from ood.scores import activation_matrix, code_matrix
 _EPS = 1e-6
 
 
-# ------------------------------------------------------------------------------------------ inputs
 @dataclass
 class Inputs:
     """One batch as every detector may want it: the code (CSR), its firing pattern (CSR of ones), and the encoder
@@ -89,7 +88,6 @@ def _state(detector: Any, **fitted: Any) -> dict[str, Any]:
     return {"type": detector.kind, "input": detector.input_name, **fitted}
 
 
-# ------------------------------------------------------------------------------------------ Bernoulli mixture
 class BernoulliMixture:
     """Mixture of K independent-Bernoulli components over the firing pattern, fitted by EM.
 
@@ -153,7 +151,6 @@ class BernoulliMixture:
         return cls(np.asarray(st.log_weights, dtype=np.float64), st.rates.array, st.input)
 
 
-# ------------------------------------------------------------------------------------------ low-rank Gaussian
 class LowRankGaussian:
     """Probabilistic PCA (Tipping & Bishop 1999): C = U diag(lam) U^T + s2 (I - U U^T) with the top-r eigenpairs of
     the sample covariance and s2 the mean of the remaining eigenvalues (the maximum-likelihood noise variance).
@@ -213,7 +210,6 @@ class LowRankGaussian:
         return cls(st.mean.array, st.components.array, np.asarray(st.eigvals, dtype=np.float64), st.noise, st.input)
 
 
-# ------------------------------------------------------------------------------------------ full Gaussian
 class GaussianMahalanobis:
     """Single Gaussian with Ledoit-Wolf shrinkage (as baselines.Mahalanobis), stored as mean + whitening matrix
     L^-1 (C = L L^T) so the score is ||L^-1 (x - m)||^2: one triangular mat-vec per input."""

@@ -58,7 +58,6 @@ def l0_fraction(active: sparse.csr_matrix) -> NDArray[np.float64]:
     return np.diff(active.indptr).astype(np.float64) / max(active.shape[1], 1)
 
 
-# ------------------------------------------------------------------------------------------ smoothed ECDF
 @dataclass(frozen=True)
 class SmoothedECDF:
     """A Gaussian-kernel-smoothed empirical CDF, evaluated in log space.
