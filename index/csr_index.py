@@ -223,11 +223,6 @@ class CsrIndex(RowMapped, VectorIndex):
         if self._n_dead and self._n_dead >= self.compact_ratio * self.total_rows:
             self._compact()
 
-    def compact(self) -> None:
-        """Rewrite the database as one block without dead rows (also done automatically)."""
-        with self._lock.write():
-            self._compact()
-
     def _compact(self) -> None:
         if not self._n_dead and len(self._blocks) <= 1:
             return

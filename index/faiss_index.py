@@ -179,11 +179,6 @@ class FaissIndex(RowMapped, VectorIndex):
             total += hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
         return int(total)
 
-    def _sync_id_map(self) -> None:
-        faiss = _faiss()
-        faiss.copy_array_to_vector(self._row_ids, self._index.id_map)
-        self._index.construct_rev_map()
-
     # ------------------------------------------------------------------ writes
     def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
         if self._index is None:
@@ -226,8 +221,9 @@ class FaissIndex(RowMapped, VectorIndex):
         self._n_dead += int(rows.size)
         if self._n_dead >= self.compact_ratio * self.total_rows:
             self._compact()
-        else:
-            self._sync_id_map()
+        else:  # FAISS's id map mirrors ours, tombstones (-1) included
+            _faiss().copy_array_to_vector(self._row_ids, self._index.id_map)
+            self._index.construct_rev_map()
 
     def _compact(self) -> None:
         if not self._n_dead or self.kind == "flat":
@@ -342,22 +338,18 @@ class FaissIndex(RowMapped, VectorIndex):
             return None
         if faiss.get_num_gpus() < 1:
             return None
-        with self._gpu_lock:
-            return self._gpu_copy()
-
-    def _gpu_copy(self):  # pragma: no cover - needs a GPU
-        faiss = _faiss()
-        if self._gpu_index is None:
-            try:
-                self._gpu_res = faiss.StandardGpuResources()
-                gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
-                if self.kind == "ivf":
-                    faiss.extract_index_ivf(gpu).nprobe = self._params()[0].nprobe
-            except (RuntimeError, AttributeError):
-                self.use_gpu = False  # e.g. a structure the GPU cloner lacks: stay on the CPU
-                return None
-            self._gpu_index = gpu
-        return self._gpu_index
+        with self._gpu_lock:  # pragma: no cover - needs a GPU
+            if self._gpu_index is None:
+                try:
+                    self._gpu_res = faiss.StandardGpuResources()
+                    gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
+                    if self.kind == "ivf":
+                        faiss.extract_index_ivf(gpu).nprobe = self._params()[0].nprobe
+                except (RuntimeError, AttributeError):
+                    self.use_gpu = False  # e.g. a structure the GPU cloner lacks: stay on the CPU
+                    return None
+                self._gpu_index = gpu
+            return self._gpu_index
 
     # ------------------------------------------------------------------ reads
     def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:

@@ -104,11 +104,6 @@ def scratch(local: threading.local, key: str, sizes: tuple[int, ...], dtypes: tu
     return bufs
 
 
-def _accumulator(size: int) -> np.ndarray:
-    """This thread's all-zero score accumulator."""
-    return scratch(_LOCAL, "acc", (size,), (np.float32,))[0]
-
-
 def guard_search(
     inv: TiledInverted,
     queries: sp.csr_matrix,
@@ -158,7 +153,8 @@ def search_inverted(
     mask = guard_search(inv, queries, lo, hi, heap_scores, heap_rows, heap_lo, alive)
     if mask is None:
         return
-    q, acc = query_arrays(queries), _accumulator(min(inv.tile, inv.n_rows))
+    acc = scratch(_LOCAL, "acc", (min(inv.tile, inv.n_rows),), (np.float32,))[0]  # this thread's accumulator
+    q = query_arrays(queries)
     status = compiled.search_inverted(
         *inv.kernel_args, t_lo, t_hi, *q, lo, hi, heap_scores, heap_rows, heap_lo, row_offset, mask, acc
     )

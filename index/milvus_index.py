@@ -296,9 +296,7 @@ class MilvusIndex(VectorIndex):
         ids = check_ids(ids)
         if ids.size == 0:
             return 0
-        present = self._contains(ids)
-        if not present.all():
-            raise _unknown(ids[~present], ids.size)
+        self._present(ids, [])
         for chunk in _chunks(ids, _ID_CHUNK):
             self._call("delete", "delete", self.collection, ids=[int(i) for i in chunk])
         return int(ids.size)
@@ -320,14 +318,10 @@ class MilvusIndex(VectorIndex):
         if not self._live() or nq == 0:
             return scores, found
         csr = sp.csr_matrix(q, dtype=np.float32)
-        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
         count: int | None = None
         for lo in range(0, nq, _QUERY_CHUNK):
             hi = min(nq, lo + _QUERY_CHUNK)
-            data = [_row_dict(csr, r) for r in range(lo, hi)]
-            result = self._call(
-                "search", "search", self.collection, data=data, anns_field="vec", limit=k, search_params=params
-            )
+            result = self._search_call([_row_dict(csr, r) for r in range(lo, hi)], k)
             for r, hits in zip(range(lo, hi), result, strict=True):
                 n = min(k, len(hits))
                 found[r, :n] = [int(h["id"]) for h in hits[:n]]
@@ -348,19 +342,8 @@ class MilvusIndex(VectorIndex):
         k, q = self._checked_queries(queries, k)
         if n_rows(q) == 0 or not self._live():
             return []
-        csr = sp.csr_matrix(q, dtype=np.float32)
         fields = ["payload", "thumb"] if thumbnails else ["payload"]
-        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
-        result = self._call(
-            "search",
-            "search",
-            self.collection,
-            data=[_row_dict(csr, 0)],
-            anns_field="vec",
-            limit=k,
-            search_params=params,
-            output_fields=fields,
-        )
+        result = self._search_call([_row_dict(sp.csr_matrix(q, dtype=np.float32), 0)], k, output_fields=fields)
         hits = [
             (int(h["id"]), float(h["distance"]), h["entity"].get("payload"), h["entity"].get("thumb"))
             for h in result[0][:k]
@@ -379,6 +362,13 @@ class MilvusIndex(VectorIndex):
             (i, float(np.float32(sc)), (p or {}).get("v"), _thumb_bytes(t) if thumbnails else None)
             for i, sc, p, t in hits
         ]
+
+    def _search_call(self, data: list[dict[int, float]], k: int, **output: Any) -> list[list[dict[str, Any]]]:
+        """One search RPC, exhaustive (no pruning at search time): per query row its hits, best first."""
+        params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
+        return self._call(
+            "search", "search", self.collection, data=data, anns_field="vec", limit=k, search_params=params, **output
+        )
 
     def _smallest_ids_except(self, exclude: np.ndarray, n: int) -> np.ndarray:
         skip = ", ".join(str(int(i)) for i in exclude)
@@ -466,11 +456,9 @@ class MilvusIndex(VectorIndex):
         return rows
 
     def payloads(self, ids: Any) -> list[Any]:
-        """Payloads of ``ids`` in order; -1 (an empty result slot) gives None, unknown ids raise."""
         return self._field_of(ids, "payload", lambda p: (p or {}).get("v"))
 
     def thumbnails(self, ids: Any) -> list[bytes | None]:
-        """Thumbnail PNGs of ``ids`` in order (None where an item has none); same id rules as :meth:`payloads`."""
         return self._field_of(ids, "thumb", _thumb_bytes)
 
     def _field_of(self, ids: Any, name: str, convert: Any) -> list[Any]:
