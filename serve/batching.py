@@ -166,9 +166,7 @@ class DynamicBatcher:
 
     @property
     def alive(self) -> bool:
-        if self._closed:
-            return False
-        return not self.enabled or (self._worker is not None and not self._worker.done())
+        return not self._closed and (not self.enabled or (self._worker is not None and not self._worker.done()))
 
     @property
     def queued_images(self) -> int:

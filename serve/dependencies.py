@@ -65,11 +65,8 @@ class ServeState:
 
     def need_scorer(self) -> Any:
         if self.scorer is None:
-            raise ApiError(
-                409,
-                "ood_uncalibrated",
-                "the model carries no OOD calibration; run `lpjepa ood calibrate` on the model first",
-            )
+            message = "the model carries no OOD calibration; run `lpjepa ood calibrate` on the model first"
+            raise ApiError(409, "ood_uncalibrated", message)
         return self.scorer
 
 

@@ -171,9 +171,7 @@ async def embed_blobs(
     dense, features, records = out
     if observe:
         if records is not None:
-            flagged = sum(1 for r in records if r["is_ood"])
-            if flagged:
-                state.metrics.ood.inc(flagged)
+            state.metrics.ood.inc(sum(1 for r in records if r["is_ood"]))
         if state.drift is not None:
             state.drift.observe_dense(dense)
     return EmbedOutput(dense, thumbnails, features, records)

@@ -61,12 +61,8 @@ def content_kind(request: Request) -> str:
         return "json"
     if ctype == MULTIPART:
         return "multipart"
-    shown = ctype or "none"
-    raise ApiError(
-        415,
-        "unsupported_media_type",
-        f"content type {shown} is not accepted; send application/json or multipart/form-data",
-    )
+    message = f"content type {ctype or 'none'} is not accepted; send application/json or multipart/form-data"
+    raise ApiError(415, "unsupported_media_type", message)
 
 
 async def read_form(request: Request, limits: ServeSettings) -> Any:
