@@ -105,14 +105,6 @@ class EmbeddingRuntime:
             self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
         return self._ood  # type: ignore[return-value]
 
-    def reload_ood_calibration(self) -> dict[str, Any] | None:
-        """Re-read after `write_ood_calibration` changed the file on disk."""
-        from export import metadata as meta_io
-
-        self.metadata = meta_io.read_metadata(self.path)
-        self._ood = meta_io.read_ood_calibration(self.path, self.metadata)
-        return self._ood
-
     def preprocess(self, images: Sequence[ImageInput], *, offset: int = 0) -> np.ndarray:
         """Raw images -> (N, C, H, W) float32, identical to models.preprocess.eval_transform."""
         return self._preprocess(images, offset=offset)
@@ -188,14 +180,3 @@ class EmbeddingRuntime:
         """Raw images -> CSR (N x dim, float32) holding only the non-zero activations."""
         dense = self.embed_dense(images, batch_size=batch_size, progress=progress)
         return sparse.csr_matrix(dense, dtype=np.float32)
-
-    @staticmethod
-    def rows(matrix: sparse.csr_matrix) -> list[tuple[np.ndarray, np.ndarray]]:
-        """CSR -> per-row (indices int32, values float32), the JSON-friendly form serve/ returns."""
-        return [
-            (
-                matrix.indices[matrix.indptr[i] : matrix.indptr[i + 1]].astype(np.int32),
-                matrix.data[matrix.indptr[i] : matrix.indptr[i + 1]].astype(np.float32),
-            )
-            for i in range(matrix.shape[0])
-        ]

@@ -121,9 +121,6 @@ def test_runtime_metadata_and_embeddings_match_pytorch(grey_model):
     assert csr.nnz == np.count_nonzero(dense) and 0 < csr.nnz < dense.size  # only non-zeros are stored
     np.testing.assert_array_equal(rt.embed_dense(images, batch_size=5), dense)  # chunking changes nothing
     np.testing.assert_allclose(rt.run(pre), dense, atol=1e-6)
-    for i, (idx, val) in enumerate(rt.rows(csr)):
-        np.testing.assert_array_equal(idx, np.flatnonzero(dense[i]))
-        np.testing.assert_array_equal(val, dense[i][idx])
     assert rt.embed([]).shape == (0, 48) and rt.run(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 48)
 
 
@@ -207,7 +204,6 @@ def test_ood_calibration_sidecar_then_embedded(grey_model, tmp_path):
     rt = EmbeddingRuntime(copy)
     assert rt.ood_calibration == {"from": "sidecar"}
     meta_io.write_ood_calibration(copy, {"from": "metadata", "q": [0.1, 0.9]})
-    assert rt.reload_ood_calibration() == {"from": "metadata", "q": [0.1, 0.9]}
     assert EmbeddingRuntime(copy).ood_calibration == {"from": "metadata", "q": [0.1, 0.9]}
 
 
