@@ -106,25 +106,6 @@ def _top_two(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> tuple
 
 
 @njit(nogil=True, cache=True)
-def _gather_rows(
-    indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, perm: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    n = perm.size
-    out_ptr = np.zeros(n + 1, np.int64)
-    for i in range(n):
-        out_ptr[i + 1] = out_ptr[i] + indptr[perm[i] + 1] - indptr[perm[i]]
-    out_idx = np.empty(out_ptr[n], np.int32)
-    out_val = np.empty(out_ptr[n], np.float32)
-    for i in range(n):
-        a = indptr[perm[i]]
-        o = out_ptr[i]
-        for p in range(indptr[perm[i] + 1] - a):
-            out_idx[o + p] = indices[a + p]
-            out_val[o + p] = data[a + p]
-    return out_ptr, out_idx, out_val
-
-
-@njit(nogil=True, cache=True)
 def _sub_maxima(
     indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, dim: int, block_rows: int, n_sub: int
 ) -> np.ndarray:
@@ -196,7 +177,9 @@ def build_blockmax(x: sp.csr_matrix, block_rows: int | None = None) -> BlockMaxR
     data = x.data.astype(np.float32, copy=False)
     dim1, dim2, top = _top_two(indptr, indices, data)
     perm = _group_order(dim1, dim2, top, dim)
-    f_ptr, f_idx, f_val = _gather_rows(indptr, indices, data, perm)
+    grouped = x[perm]  # scipy copies each row's entries as they are
+    f_ptr = grouped.indptr.astype(np.int64, copy=False)
+    f_idx, f_val = grouped.indices.astype(np.int32, copy=False), grouped.data.astype(np.float32, copy=False)
     n_sub = SUB_BLOCKS if block_rows % SUB_BLOCKS == 0 else 1
     parts = _sub_maxima(f_ptr, f_idx, f_val, dim, block_rows, n_sub)
     maxq, scale = quantise_up(np.ascontiguousarray(parts.max(axis=2).T))
