@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -19,44 +20,34 @@ L0_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0
 class ServeMetrics(BatchObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "lpjepa_http_requests",
-            "HTTP requests by route template, method and status",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
+        counter = functools.partial(Counter, registry=self.registry)
+        gauge = functools.partial(Gauge, registry=self.registry)
+        histogram = functools.partial(Histogram, registry=self.registry)
+        labels = ["route", "method", "status"]
+        self.requests = counter("lpjepa_http_requests", "HTTP requests by route template, method and status", labels)
+        self.latency = histogram(
             "lpjepa_http_request_duration_seconds",
             "HTTP request latency by route and status",
-            ["route", "method", "status"],
+            labels,
             buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
-            "lpjepa_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r
+        self.batch_size = histogram("lpjepa_model_batch_size", "Images per model call", buckets=BATCH_BUCKETS)
+        self.batch_seconds = histogram(
+            "lpjepa_model_batch_duration_seconds", "Seconds per model call", buckets=LATENCY_BUCKETS
         )
-        self.batch_seconds = Histogram(
-            "lpjepa_model_batch_duration_seconds", "Seconds per model call", buckets=LATENCY_BUCKETS, registry=r
+        self.queue = gauge("lpjepa_model_queue_images", "Images queued or running in the model")
+        self.index_size = gauge("lpjepa_index_items", "Items in the index")
+        self.l0 = histogram(
+            "lpjepa_embedding_l0_fraction", "Fraction of active dimensions per embedded image", buckets=L0_BUCKETS
         )
-        self.queue = Gauge("lpjepa_model_queue_images", "Images queued or running in the model", registry=r)
-        self.index_size = Gauge("lpjepa_index_items", "Items in the index", registry=r)
-        self.l0 = Histogram(
-            "lpjepa_embedding_l0_fraction",
-            "Fraction of active dimensions per embedded image",
-            buckets=L0_BUCKETS,
-            registry=r,
-        )
-        self.images = Counter("lpjepa_images_embedded", "Images embedded", registry=r)
-        self.ood = Counter("lpjepa_ood_flagged", "Images flagged out-of-distribution", registry=r)
-        self.wal_records = Counter("lpjepa_wal_records", "Write-ahead-log records written", registry=r)
-        self.compactions = Counter("lpjepa_index_snapshots", "Index snapshots (WAL compactions)", registry=r)
-        self.drift_pvalue = Gauge(
-            "lpjepa_drift_pvalue", "Drift monitor p-value of the current window (NaN until full)", registry=r
-        )
-        self.drift_alarm = Gauge("lpjepa_drift_alarm", "1 while the drift monitor is alarmed", registry=r)
-        self.drift_window_l0 = Gauge(
-            "lpjepa_drift_window_l0", "Mean fraction of active dimensions over the drift window", registry=r
+        self.images = counter("lpjepa_images_embedded", "Images embedded")
+        self.ood = counter("lpjepa_ood_flagged", "Images flagged out-of-distribution")
+        self.wal_records = counter("lpjepa_wal_records", "Write-ahead-log records written")
+        self.compactions = counter("lpjepa_index_snapshots", "Index snapshots (WAL compactions)")
+        self.drift_pvalue = gauge("lpjepa_drift_pvalue", "Drift monitor p-value of the current window (NaN until full)")
+        self.drift_alarm = gauge("lpjepa_drift_alarm", "1 while the drift monitor is alarmed")
+        self.drift_window_l0 = gauge(
+            "lpjepa_drift_window_l0", "Mean fraction of active dimensions over the drift window"
         )
 
     def attach_drift(self, monitor) -> None:
