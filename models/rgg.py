@@ -131,12 +131,6 @@ class Target:
         """Build from a config-style spec: sigma 'gn' (docs/METHOD.md default), 'rgn' or a number."""
         return cls(p, mu, law.resolve_sigma(p, mu, sigma), kind)
 
-    @classmethod
-    def from_l0(cls, p: float, rate: float, sigma: str | float = "gn") -> Target:
-        """Build the RGN target whose expected activation rate is `rate` (mu solved, see `mu_for_l0`)."""
-        mu, sig = law.mu_for_l0(p, rate, sigma)
-        return cls(p, mu, sig)
-
     def embedding_l0(self, rectified: bool) -> float | None:
         """The activation rate that the trained embedding should show, or None where the target says nothing
         about it: only an RGN target matched by rectified codes makes P(code > 0) = P(X > 0). A GN target has

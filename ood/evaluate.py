@@ -26,7 +26,6 @@ from ood.scores import l0_fraction
 from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
 
 REPORT_VERSION = 2
-OUR_METHODS = ("rate", "pattern", "combined")
 
 
 @dataclass

@@ -16,9 +16,8 @@ from numpy.typing import NDArray
 
 from ood.detectors import Inputs, detector_from_state
 from ood.schema import CalibrationError, CalibrationV2, parse_calibration
-from ood.scores import OODScorer, OODScores
+from ood.scores import SCORE_NAMES, OODScorer, OODScores
 
-ACTIVATION = ("rate", "pattern", "combined")
 # What each score needs at scoring time (the point of the activation scores: no index, no D x D matrix).
 NEEDS = {
     "rate": "calibration (l0 distribution)",
@@ -77,7 +76,7 @@ class ScoreSuite:
     # ---------------------------------------------------------------- facts
     @property
     def names(self) -> list[str]:
-        out = list(ACTIVATION)
+        out = list(SCORE_NAMES)
         if self.expected_l0 is not None:
             out.append("l0_deviation")
         return out + list(self.detectors)
@@ -110,7 +109,7 @@ class ScoreSuite:
         return inputs
 
     def score_named(self, name: str, inputs: Inputs) -> NDArray[np.float64]:
-        if name in ACTIVATION:
+        if name in SCORE_NAMES:
             return self.activation.score(inputs.active).by_name(name)
         if name == "l0_deviation":
             if self.expected_l0 is None:
@@ -124,8 +123,8 @@ class ScoreSuite:
         """Every score this calibration defines (those needing features only when features are given)."""
         inputs = self._inputs(codes, features)
         act = self.activation.score(inputs.active)
-        out = {name: act.by_name(name) for name in ACTIVATION}
-        for name in self.names[len(ACTIVATION) :]:
+        out = {name: act.by_name(name) for name in SCORE_NAMES}
+        for name in self.names[len(SCORE_NAMES) :]:
             if self.needs_features(name) and inputs.features is None:
                 continue
             out[name] = self.score_named(name, inputs)
@@ -136,7 +135,7 @@ class ScoreSuite:
         needs them (the server then runs the model's feature output)."""
         inputs = self._inputs(codes, features)
         act = self.activation.score(inputs.active)
-        served = act.by_name(self.served) if self.served in ACTIVATION else self.score_named(self.served, inputs)
+        served = act.by_name(self.served) if self.served in SCORE_NAMES else self.score_named(self.served, inputs)
         return ServedScores(
             score=served,
             is_ood=served > self.threshold,

@@ -11,8 +11,9 @@ from scipy.spatial.distance import mahalanobis
 
 from ood import calibrate
 from ood.baselines import KNNDistance, Mahalanobis, l0_deviation, ledoit_wolf
-from ood.evaluate import OUR_METHODS, batch_l0_shift, evaluate_embeddings, train_spec_for
+from ood.evaluate import batch_l0_shift, evaluate_embeddings, train_spec_for
 from ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
+from ood.scores import SCORE_NAMES as OUR_METHODS
 
 
 def brute_auroc(a: np.ndarray, b: np.ndarray) -> float:

@@ -355,7 +355,6 @@ def test_rgn_target_api() -> None:
         t.mu = 0.0  # type: ignore[misc]
     assert Target.from_spec(2.0, 0.5, 0.3).sigma == 0.3
     assert Target.from_spec(2.0, 0.5, "rgn").var == pytest.approx(1.0, rel=1e-10)
-    assert Target.from_l0(1.5, 0.1, "rgn").expected_l0 == pytest.approx(0.1, rel=1e-10)
     gen = torch.Generator().manual_seed(0)
     y = t.sample_gn((8, 16), generator=gen)
     assert y.shape == (8, 16) and (y < 0).any()
