@@ -64,11 +64,4 @@ def select_served(
     if runner is not None:
         r = summary[runner]
         reason += f"; next best {runner} {r['min_auroc']:.3f} (worst: {r['worst_set']})"
-    return {
-        "served": served,
-        "rule": RULE,
-        "reason": reason,
-        "validation_sets": sets,
-        "table": table,
-        "summary": summary,
-    }
+    return dict(served=served, rule=RULE, reason=reason, validation_sets=sets, table=table, summary=summary)
