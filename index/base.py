@@ -126,9 +126,7 @@ class VectorIndex(ABC):
         if ids.size == 0:
             return 0
         with self._lock.write():
-            present = self._contains(ids)
-            if not present.all():
-                raise _unknown(ids[~present], ids.size)
+            check_known(ids, self._contains(ids))
             self._remove(ids)
             for key in ids.tolist():
                 self._payloads.pop(key, None)
@@ -167,9 +165,7 @@ class VectorIndex(ABC):
         """The stored vectors of ``ids`` as given to ``add`` (up to float32 rounding), in CSR form."""
         ids = check_ids(ids)
         with self._lock.read():
-            present = self._contains(ids)
-            if not present.all():
-                raise _unknown(ids[~present], ids.size)
+            check_known(ids, self._contains(ids))
             return self._reconstruct(ids)
 
     def payload(self, id_: int) -> Any:
@@ -188,9 +184,7 @@ class VectorIndex(ABC):
         keys = np.asarray(ids, dtype=np.int64).ravel()
         with self._lock.read():
             asked = keys[keys != -1]
-            present = self._contains(asked) if asked.size else np.ones(0, bool)
-            if not present.all():
-                raise _unknown(asked[~present], asked.size)
+            check_known(asked, self._contains(asked) if asked.size else np.ones(0, bool))
             return [table.get(int(k)) for k in keys.tolist()]
 
     @property
@@ -308,10 +302,14 @@ class VectorIndex(ABC):
         """Fill this index, just built with the manifest's options, from its checked files."""
 
 
-def _unknown(missing: np.ndarray, asked: int) -> UnknownIdError:
+def check_known(ids: np.ndarray, present: np.ndarray) -> None:
+    """Refuse a request naming ids that are not stored (``present``: one flag per id), showing the first ten."""
+    if present.all():
+        return
+    missing = ids[~present]
     shown = ", ".join(str(i) for i in missing[:10].tolist())
     more = f" and {missing.size - 10} more" if missing.size > 10 else ""
-    return UnknownIdError(f"unknown ids: {shown}{more} ({missing.size} of {asked} not in the index)")
+    raise UnknownIdError(f"unknown ids: {shown}{more} ({missing.size} of {ids.size} not in the index)")
 
 
 # Up to this k, results are ordered by a compiled insertion sort (~1 us instead of ~40 us for a lexsort).

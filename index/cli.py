@@ -252,7 +252,8 @@ def fill_index(
         if held and sum(h[0].size for h in held):
             held_chunk = _concat(held)
             if csr_approx:
-                summary["tuned"] = _short(index.tune_approx(held_chunk[1], k=10, target_recall=target_recall))
+                report = index.tune_approx(held_chunk[1], k=10, target_recall=target_recall)
+                summary["tuned"] = {key: v for key, v in report.items() if key != "tried"}  # the summary is one line
             else:
                 summary["tuned"] = index.tune(held_chunk[1], k=10, target_recall=target_recall)
             index.add(*held_chunk)
@@ -266,11 +267,6 @@ def fill_index(
             )
         summary["count"] = len(index)
     return summary
-
-
-def _short(report: dict[str, Any]) -> dict[str, Any]:
-    """The tuning report without its per-setting trace (the build summary is printed as one JSON line)."""
-    return {key: value for key, value in report.items() if key != "tried"}
 
 
 def _full_chunk(chunk: Chunk) -> Chunk:

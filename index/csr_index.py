@@ -456,11 +456,8 @@ class CsrIndex(RowMapped, VectorIndex):
             approx.check_params(cut, slack)
             found, _ = self._search_with(q, k, mode="approx", cut=cut, slack=slack)
             ok = (found >= kth - 1e-6 * np.maximum(1.0, np.abs(kth))).sum(axis=1)
-            recall = (
-                float(np.mean(np.minimum(ok, positive)[positive > 0] / positive[positive > 0]))
-                if positive.any()
-                else 1.0
-            )
+            hit = np.minimum(ok, positive)[positive > 0] / positive[positive > 0]
+            recall = float(np.mean(hit)) if hit.size else 1.0
             latency = []
             for single in singles:
                 t0 = time.perf_counter()
@@ -468,11 +465,7 @@ class CsrIndex(RowMapped, VectorIndex):
                 latency.append(time.perf_counter() - t0)
             tried.append({"cut": cut, "slack": slack, "recall": recall, "latency_us": 1e6 * float(np.median(latency))})
         good = [t for t in tried if t["recall"] >= target_recall]
-        best = (
-            min(good, key=lambda t: t["latency_us"])
-            if good
-            else {"cut": 0.0, "slack": self.approx_slack, "recall": 1.0}
-        )
+        best = min(good, key=lambda t: t["latency_us"], default={"cut": 0.0, "slack": self.approx_slack, "recall": 1.0})
         with self._lock.write():
             self.approx_cut, self.approx_slack = float(best["cut"]), float(best["slack"])
         return {

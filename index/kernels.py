@@ -54,10 +54,9 @@ class CostModel:
     pay is left out). The defaults come from ``bench/bench_index.py --calibrate`` (50k rows; uniform positions
     at D 512 and 2048, density 0.5% to 50%, and Zipf-like dimension popularity at D 512, 0.5% to 25%, the
     skew of learned codes; 1 to 200 queries; median relative error of the fit 21%, the log in
-    docs/results/index-calibrate.log). The uniform-only fit had a posting-list entry at 0.86 ns and an spdense
-    multiply-add at 0.18 ns; the joint fit has 1.20 and 0.21 ns. Checked on the case the issue
-    reported (100k x 512 at 5%, Zipf, batch 100): the fit picks ``sparse``, measured 36 ms against 115 ms for
-    ``spdense`` on one core. Override with ``CsrIndex(..., costs=CostModel(...))`` on a machine where they differ.
+    docs/results/index-calibrate.log). Checked on 100k x 512 at 5%, Zipf, batch 100: the fit picks ``sparse``,
+    measured 36 ms against 115 ms for ``spdense`` on one core. Override with ``CsrIndex(..., costs=CostModel(...))``
+    on a machine where they differ.
     """
 
     sparse_per_product: float = 1.201  # one scattered multiply-add (posting list entry x query weight)

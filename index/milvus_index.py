@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from index.base import VectorIndex, _finish, _unknown
+from index.base import VectorIndex, _finish, check_known
 from index.errors import BackendUnavailableError, IndexMismatchError, InvalidInputError
 from index.validation import Vectors, check_ids, check_k, check_vectors, n_rows, normalize_rows, row_norms
 
@@ -450,9 +450,7 @@ class MilvusIndex(VectorIndex):
 
     def _present(self, ids: np.ndarray, fields: list[str]) -> dict[int, dict[str, Any]]:
         rows = self._query_ids(ids, fields)
-        missing = np.array([int(i) not in rows for i in ids], dtype=bool)
-        if missing.any():
-            raise _unknown(ids[missing], ids.size)
+        check_known(ids, np.array([int(i) in rows for i in ids], dtype=bool))
         return rows
 
     def payloads(self, ids: Any) -> list[Any]:
