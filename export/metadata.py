@@ -63,19 +63,18 @@ class ModelMetadata(BaseModel):
 
 REQUIRED = ("format", "dim", "image_size", "in_channels", "mean", "std", "input_name", "output_name", "precision")
 KEYS = frozenset(field.alias or name for name, field in ModelMetadata.model_fields.items())
-# Strings are stored raw, so Netron and `onnx` tooling show them readably; everything else as JSON.
 RAW_KEYS = frozenset(
     field.alias or name for name, field in ModelMetadata.model_fields.items() if field.annotation is str
 )
 
 
-def _typed(values: dict[str, Any], where: str) -> dict[str, Any]:
+def _typed(values: dict[str, Any], where: str, error: type[Exception] = ModelLoadError) -> dict[str, Any]:
     """`values` with each known key's value validated and coerced to its field's type (same keys, same order)."""
     try:
         dumped = ModelMetadata.model_validate(values).model_dump(by_alias=True, exclude_unset=True)
     except ValidationError as err:
         key, msg = first_error(err)
-        raise ModelLoadError(f"{where}: metadata key {key!r}: {msg}") from None
+        raise error(f"{where}: metadata key {key!r}: {msg}") from None
     return {key: dumped[key] for key in values}
 
 
@@ -107,12 +106,8 @@ def _finite_json(value: Any) -> str:
 def encode(metadata: dict[str, Any]) -> dict[str, str]:
     """Typed metadata (all keys or some) -> metadata_props strings; rejects values that would not survive the
     round trip (a ValueError naming the key)."""
-    try:
-        typed = _typed(metadata, "metadata")
-    except ModelLoadError as err:
-        raise ValueError(str(err)) from None
     out: dict[str, str] = {}
-    for key, value in typed.items():
+    for key, value in _typed(metadata, "metadata", ValueError).items():
         try:
             out[key] = value if key in RAW_KEYS else _finite_json(value)
         except (TypeError, ValueError) as err:

@@ -1,5 +1,4 @@
-"""Model checkpoints: safetensors weights with the whole ModelConfig (and so the Target) in the header, written
-atomically.
+"""Model checkpoints: safetensors weights with the whole ModelConfig (and so the Target) in the header, atomic.
 
 One self-describing file is what lets `lpjepa export` and `lpjepa serve` work from a checkpoint alone. Training
 state for `--resume` (optimizer, schedule, RNG) lives in a separate file owned by pretrain/.

@@ -1,8 +1,5 @@
-"""The evaluation transform: the one input contract shared by training's evaluation and the ONNX runtime.
-
-It is defined on PIL images (mode conversion, shorter-side bilinear resize, centre crop, scale to [0, 1],
-normalise) because PIL performs the resize in both torchvision and the runtime, so the two agree exactly.
-"""
+"""The evaluation transform: the one input contract shared by training's evaluation and the ONNX runtime, which
+re-implements it bit for bit on PIL images (export.preprocess says how)."""
 
 from __future__ import annotations
 
