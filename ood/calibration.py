@@ -192,7 +192,7 @@ def calibrate_model(
     """
     from data.sources import open_source
     from export.metadata import write_ood_calibration
-    from ood.inputs import InputError, embed_source, open_runtime
+    from ood.inputs import InputError, embed_images, embed_source, open_runtime
 
     unknown = [name for name in shifts if name not in SHIFT_NAMES]
     if unknown:
@@ -207,7 +207,11 @@ def calibrate_model(
         idx = subsample(len(val), validate_limit, seed + 3)
         validation[spec] = embed(val, idx, desc=f"validate {spec}", what=f"the validation set {spec}").inputs()
     shift_idx = subsample(len(source), shift_limit, seed + 4)
-    validation.update(_embed_shifts(runtime, source, shift_idx, shifts, seed, batch_size=batch_size, progress=progress))
+    for shift in shifts:  # `shift:<name>`: the images shift_idx of the ID source under each synthetic shift
+        loaders = shifted_loaders(source, shift_idx, shift, seed=seed)
+        val = embed_images(runtime, loaders, batch_size=batch_size, progress=progress, desc=f"shift {shift}")
+        if val.n:
+            validation[f"shift:{shift}"] = val.inputs()
     expected = runtime.metadata.get("expected_l0") if isinstance(runtime.metadata, dict) else None
     cal = calibrate(
         embedded.inputs(),
@@ -230,17 +234,3 @@ def calibrate_model(
     if write:
         write_ood_calibration(str(model_path), cal)
     return cal
-
-
-def _embed_shifts(
-    runtime: Any, source: Any, indices: NDArray[Any], shifts: Any, seed: int, **embed: Any
-) -> dict[str, Inputs]:
-    """`shift:<name>` validation sets: the images `indices` of `source` under each synthetic shift."""
-    from ood.inputs import embed_images
-
-    out = {}
-    for shift in shifts:
-        val = embed_images(runtime, shifted_loaders(source, indices, shift, seed=seed), desc=f"shift {shift}", **embed)
-        if val.n:
-            out[f"shift:{shift}"] = val.inputs()
-    return out

@@ -28,9 +28,7 @@ def select_served(
     names = list(held_scores)
     table: list[dict[str, Any]] = []
     for set_name, scores in validation_scores.items():
-        for name in names:
-            if name not in scores:
-                continue
+        for name in (n for n in names if n in scores):
             m = ood_metrics(held_scores[name], scores[name], tpr)
             table.append({"score": name, "set": set_name, "n": int(np.size(scores[name])), **m})
     if not table:
