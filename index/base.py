@@ -225,7 +225,7 @@ class VectorIndex(ABC):
             metric = check_metric(manifest["metric"])
         except ValueError as err:
             raise CorruptIndexError(f"{directory}/{store.MANIFEST}: {err}") from None
-        roles = (*cls._file_roles(), "payloads")
+        roles = (*cls._file_roles, "payloads")
         paths = store.verified_paths(directory, manifest, roles, verify=verify)
         options = manifest.get("options") or {}
         given = inspect.signature(cls).parameters  # the saved options that are constructor arguments
@@ -268,38 +268,38 @@ class VectorIndex(ABC):
     @abstractmethod
     def _ids(self) -> np.ndarray: ...
 
-    @abstractmethod
+    # The hooks behind add, remove, search, reconstruct, save and load, for the backends that hold their data in
+    # this process (csr, faiss); one that overrides those methods (milvus: the collection is the store) has none.
+    _file_roles: ClassVar[tuple[str, ...]]  # the data files of a saved index, besides the payloads
+
     def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
         """Insert checked (and for cosine already unit-length) vectors; replace ids that exist."""
+        raise NotImplementedError
 
-    @abstractmethod
     def _remove(self, ids: np.ndarray) -> None:
         """Delete ids, all known to be present."""
+        raise NotImplementedError
 
-    @abstractmethod
     def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Return (scores, ids), each (n_queries, k); unfilled slots may hold any id with score -inf."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix: ...
+    def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:
+        raise NotImplementedError
 
-    @abstractmethod
     def _before_save(self) -> None:
         """Compact tombstones before writing, so files never carry dead rows."""
+        raise NotImplementedError
 
-    @abstractmethod
-    def _options(self) -> dict[str, Any]: ...
+    def _options(self) -> dict[str, Any]:
+        raise NotImplementedError
 
-    @classmethod
-    @abstractmethod
-    def _file_roles(cls) -> tuple[str, ...]: ...
+    def _writers(self) -> dict[str, tuple[str, store.Writer]]:
+        raise NotImplementedError
 
-    @abstractmethod
-    def _writers(self) -> dict[str, tuple[str, store.Writer]]: ...
-
-    @abstractmethod
     def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:
         """Fill this index, just built with the manifest's options, from its checked files."""
+        raise NotImplementedError
 
 
 def check_known(ids: np.ndarray, present: np.ndarray) -> None:

@@ -131,6 +131,7 @@ class CsrIndex(RowMapped, VectorIndex):
     """Exact inner-product / cosine search over sparse non-negative vectors (see module docstring)."""
 
     backend = "csr"
+    _file_roles = ("data", "indices", "indptr", "ids", "norms")
 
     def __init__(
         self,
@@ -609,10 +610,6 @@ class CsrIndex(RowMapped, VectorIndex):
             "approx_cut": self.approx_cut,
             "approx_slack": self.approx_slack,
         }
-
-    @classmethod
-    def _file_roles(cls) -> tuple[str, ...]:
-        return ("data", "indices", "indptr", "ids", "norms")
 
     def _writers(self) -> dict[str, tuple[str, store.Writer]]:
         x = self._blocks[0].x if self._blocks else sp.csr_matrix((0, self._dim), dtype=np.float32)

@@ -71,6 +71,7 @@ class FaissIndex(RowMapped, VectorIndex):
     """FAISS Flat / IVF / HNSW behind the common interface (see module docstring)."""
 
     backend = "faiss"
+    _file_roles = ("faiss", "norms")
 
     def __init__(
         self,
@@ -373,10 +374,6 @@ class FaissIndex(RowMapped, VectorIndex):
             "tuned": self.tuned,
             "trained": self._index is not None,
         }
-
-    @classmethod
-    def _file_roles(cls) -> tuple[str, ...]:
-        return ("faiss", "norms")
 
     def _writers(self) -> dict[str, tuple[str, store.Writer]]:
         def write_index(path: Path) -> None:

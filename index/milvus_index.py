@@ -56,7 +56,7 @@ import scipy.sparse as sp
 
 from index.base import VectorIndex, _finish, check_known
 from index.errors import BackendUnavailableError, IndexMismatchError, InvalidInputError
-from index.validation import Vectors, check_ids, check_k, check_vectors, n_rows, normalize_rows, row_norms
+from index.validation import check_ids, check_k, check_vectors, n_rows, normalize_rows, row_norms
 
 FORMAT = "lpjepa-milvus-index/1"
 DEFAULT_COLLECTION = "lpjepa"
@@ -520,35 +520,6 @@ class MilvusIndex(VectorIndex):
     @classmethod
     def load(cls, directory: Any, **_: Any) -> VectorIndex:  # pragma: no cover - a collection is opened, not loaded
         raise IndexMismatchError("a milvus index is opened with its uri and collection (--milvus-uri), not a directory")
-
-    # The file-based hooks of VectorIndex: the public methods above replace every caller of them.
-    def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _remove(self, ids: np.ndarray) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
-        raise NotImplementedError
-
-    def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:  # pragma: no cover
-        return self.reconstruct(ids)
-
-    def _before_save(self) -> None:  # pragma: no cover
-        return None
-
-    def _options(self) -> dict[str, Any]:
-        return {"collection": self.collection, "index": self.index_kind}
-
-    @classmethod
-    def _file_roles(cls) -> tuple[str, ...]:  # pragma: no cover
-        return ()
-
-    def _writers(self) -> dict[str, Any]:  # pragma: no cover
-        return {}
-
-    def _read_files(self, options: dict[str, Any], paths: dict[str, Path]) -> None:  # pragma: no cover
-        raise NotImplementedError
 
 
 def _describe_collection(
