@@ -8,9 +8,8 @@ while the model is busy form the next batch by themselves. The queue is bounded 
 new work is refused right away (OverloadedError; the API answers 503 + Retry-After) instead of piling up until every
 caller times out.
 
-A request may submit a callable instead of its batch (its decoding): the model thread runs it just before the
-model call, so a batch of small images costs one thread hand-off instead of one per request, and the model
-function may return row-aligned tuples (embeddings, features, OOD records) so per-batch work is done once.
+A request may submit a callable (its decoding) that the model thread runs just before the model call, so a batch
+of small images costs one thread hand-off, not one per request; the model's tuple output does per-batch work once.
 """
 
 from __future__ import annotations

@@ -3,10 +3,9 @@
 Clients (and the web page) branch on `code` and show `message`; FastAPI's defaults mix {"detail": str} and
 {"detail": [validation items]}, so every path, including validation and unexpected exceptions, is routed here.
 
-The domain code (batcher, image decoding, strict JSON, the store and its database, the other stages) raises
-`core.errors.LpjepaError` subclasses that say what went wrong and nothing about HTTP; `HTTP_ERRORS` below is the one
-place that decides which status and code a client gets for each. Only the HTTP layer itself (routers, dependencies,
-request parsing) raises `ApiError`, which names its status directly.
+The domain code raises `core.errors.LpjepaError` subclasses that say nothing about HTTP; `HTTP_ERRORS` below is the
+one place that decides which status and code a client gets for each. Only the HTTP layer itself (routers,
+dependencies, request parsing) raises `ApiError`, which names its status directly.
 """
 
 from __future__ import annotations
