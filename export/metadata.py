@@ -154,17 +154,6 @@ def set_onnx_metadata(model: Any, metadata: dict[str, Any]) -> None:
         entry.key, entry.value = key, value
 
 
-def read_onnx_props(path: Path) -> dict[str, str]:
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (OSError, ValueError, DecodeError) as err:
-        raise ModelLoadError(f"{path} is not a readable ONNX model: {err}") from err
-    return {p.key: p.value for p in model.metadata_props}
-
-
 def read_metadata(model_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Typed metadata of an exported .onnx file or TensorRT engine (from its `.meta.json` sidecar)."""
     path = Path(model_path)
@@ -174,9 +163,16 @@ def read_metadata(model_path: str | os.PathLike[str]) -> dict[str, Any]:
         sidecar = engine_sidecar(path)
         if not sidecar.is_file():
             raise ModelLoadError(f"{path}: TensorRT engine without its metadata file {sidecar.name}")
-        props = json_object(sidecar)
-        return validate(decode({str(k): str(v) for k, v in props.items()}, str(path)), str(path))
-    return validate(decode(read_onnx_props(path), str(path)), str(path))
+        props = {str(k): str(v) for k, v in json_object(sidecar).items()}
+        return validate(decode(props, str(path)), str(path))
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError, DecodeError) as err:
+        raise ModelLoadError(f"{path} is not a readable ONNX model: {err}") from err
+    return validate(decode({p.key: p.value for p in model.metadata_props}, str(path)), str(path))
 
 
 def write_engine_metadata(engine_path: str | os.PathLike[str], metadata: dict[str, Any]) -> Path:

@@ -56,13 +56,6 @@ def open_runtime(model_path: str | Path) -> Any:
         raise InputError(f"cannot load model {model_path}: {type(err).__name__}: {err}") from err
 
 
-def _embed_batch(runtime: Any, images: list[Any]) -> tuple[sparse.csr_matrix, NDArray[np.float32] | None]:
-    if getattr(runtime, "feature_dim", None):
-        return runtime.embed_with_features(images)
-    out = runtime.embed(images)
-    return (out.tocsr() if sparse.issparse(out) else sparse.csr_matrix(np.asarray(out, dtype=np.float32))), None
-
-
 def embed_images(
     runtime: Any, loaders: list[tuple[str, Any]], *, batch_size: int = 256, progress: bool = True, desc: str = "embed"
 ) -> Embedded:
@@ -78,7 +71,11 @@ def embed_images(
     batch_idx: list[int] = []
 
     def keep(images: list[Any], positions: list[int]) -> None:
-        emb, feats = _embed_batch(runtime, images)
+        if getattr(runtime, "feature_dim", None):
+            emb, feats = runtime.embed_with_features(images)
+        else:
+            out, feats = runtime.embed(images), None
+            emb = out.tocsr() if sparse.issparse(out) else sparse.csr_matrix(np.asarray(out, dtype=np.float32))
         blocks.append(emb)
         feat_blocks.append(feats)
         kept.extend(positions)
