@@ -23,10 +23,6 @@ ImageInput = Image.Image | bytes | bytearray | memoryview | np.ndarray | str | o
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 
 
-def pil_mode(in_channels: int) -> str:
-    return "L" if in_channels == 1 else "RGB"
-
-
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """torchvision's shorter-side rule: the short side becomes `size`, the long side is truncated, not rounded."""
     short, long = (width, height) if width <= height else (height, width)
@@ -110,7 +106,7 @@ class Preprocessor:
             raise ValueError("mean and std need one entry per input channel")
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
-        self.mode = pil_mode(in_channels)
+        self.mode = "L" if in_channels == 1 else "RGB"
         # torchvision builds float32 tensors from the Python floats, then subtracts and divides in float32.
         self._mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
         self._std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
