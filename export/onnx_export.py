@@ -41,7 +41,6 @@ DEFAULT_CALIBRATION_IMAGES = 256
 COLOUR_SAMPLE_KINDS = ("cifar10", "cifar100", "imagenet")
 
 
-# ------------------------------------------------------------------------------------------ real images
 @dataclass
 class ImageSet:
     """Real images for parity or calibration, with the spec that names them (recorded in the report)."""
@@ -81,7 +80,6 @@ def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str)
     return ImageSet(spec, [source.image(i) for i in picks])
 
 
-# ------------------------------------------------------------------------------------------ torch -> onnx
 def _wrap(model: Any, features: bool = False) -> Any:
     """A module whose forward argument is named like the graph input, so dynamic_shapes can refer to it.
 
@@ -187,7 +185,6 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray) -> N
     prepped.unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------------------------------------ the export
 def build_metadata(
     config: Any,
     checkpoint: Path,

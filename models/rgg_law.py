@@ -27,7 +27,6 @@ _SIGMA_RTOL = 1e-12
 _MAX_CANCELLATION = 1e5
 
 
-# ----------------------------------------------------------------------------------------------- validation
 def _finite(name: str, value: object, *, positive: bool = False) -> float:
     # bool is an int subclass; `p=True` is always a caller bug, never "1".
     if isinstance(value, bool) or not isinstance(value, Real):
@@ -74,7 +73,6 @@ def _args(p: object, mu: object, sigma: object) -> tuple[float, float, float, fl
     return p_, mu_, sigma_, _scale(p_, sigma_)
 
 
-# --------------------------------------------------------------------------------------- standardized pieces
 def _log_half_gamma_ratio(k: float, p: float) -> float:
     """log of Gamma((k+1)/p) / (2 Gamma(1/p)) = log int_0^inf t^k dPhi(t) (logs: Gamma(1/p) overflows for small p)."""
     return float(special.gammaln((k + 1.0) / p) - special.gammaln(1.0 / p)) - math.log(2.0)
@@ -116,7 +114,6 @@ def _p_inactive(p: float, mu: float, s: float) -> float:
     return tail if mu >= 0 else 1.0 - tail
 
 
-# ------------------------------------------------------------------------------------------- GN_p functions
 def gn_pdf(x: ArrayLike, p: float, mu: float = 0.0, sigma: float = 1.0) -> NDArray[np.float64]:
     """Density of GN_p(mu, sigma), evaluated in log space so p far from 2 neither overflows nor underflows."""
     p, mu, sigma, s = _args(p, mu, sigma)
@@ -168,7 +165,6 @@ def sigma_gn(p: float) -> float:
     return out
 
 
-# ------------------------------------------------------------------------------------------ RGN_p moments
 def expected_l0(p: float, mu: float, sigma: float) -> float:
     """Expected activation rate E[||x||_0] / D = P(X > 0) = Phi_{GN_p(0,1)}(mu / sigma)."""
     p, mu, sigma, s = _args(p, mu, sigma)
@@ -288,7 +284,6 @@ def expected_l1(p: float, mu: float, sigma: float) -> float:
     return min(m1 * m1 / m2, 1.0)
 
 
-# ------------------------------------------------------------------------------------- choosing sigma / mu
 def sigma_rgn(p: float, mu: float) -> float:
     """sigma_RGN: the sigma giving Var ReLU(X) = 1, by brentq on a bracket whose upper end doubles as needed.
 

@@ -270,7 +270,6 @@ class DriftMonitor:
                 if p < self._count or self._count == self.window
             ]
 
-    # ---------------------------------------------------------------- feeding
     def observe_rows(self, rows: list[NDArray[Any]]) -> bool:
         """Add the active-dimension indices of some images (one request); returns the alarm state after it.
 
@@ -310,7 +309,6 @@ class DriftMonitor:
         m.eliminate_zeros()
         return self.observe_rows([m.indices[m.indptr[i] : m.indptr[i + 1]] for i in range(m.shape[0])])
 
-    # ---------------------------------------------------------------- reading
     def pvalues(self) -> tuple[float | None, float | None, float | None]:
         """(combined, l0, pattern) p-values of the current window, pattern being the smaller of the principal
         and residual tests' (Bonferroni over all three in the combined one); None until the window is full."""

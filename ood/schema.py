@@ -64,7 +64,6 @@ def encode_array(arr: NDArray[Any]) -> dict[str, Any]:
     return {"dtype": "float32", "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
-# ------------------------------------------------------------------------------------------ detectors
 class MixtureState(Section):
     type: Literal["bernoulli_mixture"]
     input: InputName
@@ -113,7 +112,6 @@ DetectorState = Annotated[MixtureState | LowRankState | GaussianState, Field(dis
 DETECTOR_STATE: TypeAdapter[Any] = TypeAdapter(DetectorState)
 
 
-# ------------------------------------------------------------------------------------------ sections
 class L0Section(Section):
     knots: list[Finite] = Field(min_length=1)
     bandwidth: Positive
@@ -181,7 +179,6 @@ class DriftSection(Section):
     test: str | None = None
 
 
-# ------------------------------------------------------------------------------------------ the file
 class CalibrationV1(Section):
     """What the activation scores (scores.OODScorer) need; all of a version 1 file."""
 

@@ -23,7 +23,6 @@ SCORE_NAMES = ("rate", "pattern", "combined")
 _CHUNK = 2048  # rows per block in the kernel CDF: bounds memory at _CHUNK x knots float64
 
 
-# ------------------------------------------------------------------------------------------ activations
 def code_matrix(embeddings: sparse.spmatrix | sparse.sparray | NDArray[Any]) -> sparse.csr_matrix:
     """The codes as a float64 CSR copy (a 1-D vector is one input), refused when no score could use them."""
     if sparse.issparse(embeddings):
@@ -111,7 +110,6 @@ class SmoothedECDF:
         return np.maximum(-(math.log(2.0) + np.minimum(log_f, log_s)), 0.0)
 
 
-# ------------------------------------------------------------------------------------------ scores
 @dataclass
 class OODScores:
     """Per-input scores; higher means more out-of-distribution. `l0` is the fraction of active dimensions."""

@@ -73,7 +73,6 @@ class ScoreSuite:
             raise CalibrationError(f"calibration has no threshold for the served score {served!r}")
         self.served = served
 
-    # ---------------------------------------------------------------- facts
     @property
     def names(self) -> list[str]:
         out = list(SCORE_NAMES)
@@ -101,7 +100,6 @@ class ScoreSuite:
         det = self.detectors.get(self.served if name is None else name)
         return det is not None and det.input_name == "features"
 
-    # ---------------------------------------------------------------- scoring
     def _inputs(self, codes: Any, features: Any = None) -> Inputs:
         inputs = codes if isinstance(codes, Inputs) else Inputs.from_arrays(codes, features)
         if inputs.active.shape[1] != self.dim:
@@ -146,7 +144,6 @@ class ScoreSuite:
             threshold=self.threshold,
         )
 
-    # ---------------------------------------------------------------- storage
     @classmethod
     def from_calibration(cls, cal: dict[str, Any]) -> ScoreSuite:
         """Version 1 calibrations (activation scores only) serve `combined`, as they did when written."""
