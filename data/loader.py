@@ -40,8 +40,7 @@ def convert_channels(images: np.ndarray, in_channels: int) -> np.ndarray:
     """uint8 (N, H, W[, 3]) -> (N, H, W, C) with PIL's own grey<->RGB conversion."""
     if images.ndim == 3:
         images = images[..., None]
-    have = images.shape[-1]
-    if have == in_channels:
+    if images.shape[-1] == in_channels:
         return images
     if in_channels == 3:
         return np.repeat(images, 3, axis=-1)

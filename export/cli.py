@@ -104,15 +104,12 @@ def run_export(args: argparse.Namespace) -> int:
     from export.errors import ParityError
     from export.onnx_export import export_checkpoint
 
+    same = ("precision", "opset", "parity_images", "calibration_images", "exporter")  # flags passed under their names
     kwargs = dict(
-        precision=args.precision,
-        opset=args.opset,
+        **{name: getattr(args, name) for name in same},
         calibration_source=args.calibration_data,
         parity=not args.no_parity,
         parity_source=args.parity_data,
-        parity_images=args.parity_images,
-        calibration_images=args.calibration_images,
-        exporter=args.exporter,
         features=not args.no_features,
         ood_calibration=ood,
         tolerance=_tolerance(args),

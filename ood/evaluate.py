@@ -103,9 +103,8 @@ def evaluate_embeddings(
     if expected_l0 is not None and "l0_deviation" not in run.methods:
         run("l0_deviation", lambda: (l0_deviation(l0_id, expected_l0), l0_deviation(l0_ood, expected_l0)))
     for name, entry in run.methods.items():
-        entry.update(ood_metrics(run.s_id[name], run.s_ood[name], tpr))
-        entry["needs"] = NEEDS[name]
-        entry["activation_statistics"] = name in ACTIVATION_STATISTICS
+        metrics = ood_metrics(run.s_id[name], run.s_ood[name], tpr)
+        entry.update(metrics, needs=NEEDS[name], activation_statistics=name in ACTIVATION_STATISTICS)
         entry["served"] = name == suite.served
     served_id, served_ood = run.s_id.get(suite.served), run.s_ood.get(suite.served)
     report = {
