@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import scipy.sparse as sp
 
 KERNELS = ("auto", "sparse", "spdense", "dense", "blockmax")
@@ -34,16 +33,6 @@ def row_slice(x: sp.csr_matrix, lo: int, hi: int) -> sp.csr_matrix:
     out = sp.csr_matrix((x.data[a:b], x.indices[a:b], indptr), shape=(hi - lo, x.shape[1]), copy=False)
     out.has_sorted_indices = x.has_sorted_indices
     return out
-
-
-def scores_spdense(x: sp.csr_matrix, qt: np.ndarray) -> np.ndarray:
-    """(n_rows, n_queries) scores of database rows ``x`` against dense queries ``qt`` (dims x n_queries)."""
-    return np.asarray(x @ qt, dtype=np.float32)
-
-
-def scores_dense(x: sp.csr_matrix, q: np.ndarray) -> np.ndarray:
-    """(n_queries, n_rows) scores via a densified chunk and BLAS."""
-    return q @ x.toarray().T
 
 
 @dataclass(frozen=True)

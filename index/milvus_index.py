@@ -144,19 +144,11 @@ class MilvusIndex(VectorIndex):
 
     # ------------------------------------------------------------------ connection
     def _connect(self) -> Any:
-        pymilvus = _pymilvus()
-        try:
-            return pymilvus.MilvusClient(uri=self.uri, token=self._token or "", timeout=self.timeout_s, alias=_alias())
-        except Exception as err:  # noqa: BLE001 - pymilvus raises MilvusException, grpc errors, RuntimeError
-            hint = (
-                " (a Milvus Lite file is opened by one process at a time: share it with `lpjepa milvus serve`)"
-                if _is_local_file(self.uri)
-                else ""
-            )
-            raise BackendUnavailableError(f"cannot connect to {_describe_uri(self.uri)}: {_short(err)}{hint}") from None
+        hint = " (a Milvus Lite file is opened by one process at a time: share it with `lpjepa milvus serve`)"
+        return _client(self.uri, self._token, self.timeout_s, hint if _is_local_file(self.uri) else "")
 
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one client call; any failure of Milvus becomes BackendUnavailableError naming the operation.
+    def _call(self, method: str, *args: Any, what: str | None = None, **kwargs: Any) -> Any:
+        """Run one client call; a failure of Milvus becomes BackendUnavailableError naming ``what`` (the method).
 
         The timeout is passed as an int because pymilvus's retry loop honours only an int ``timeout`` (a float one
         falls back to 75 retries, minutes against a dead server); each attempt has that deadline too, so a call
@@ -166,9 +158,11 @@ class MilvusIndex(VectorIndex):
             self._reconnect()
         try:
             return getattr(self._client, method)(*args, timeout=self._rpc_timeout, **kwargs)
-        except Exception as err:  # noqa: BLE001 - see _connect
+        except Exception as err:  # noqa: BLE001 - see _client
             self._broken = True
-            raise BackendUnavailableError(f"{_describe_uri(self.uri)}: {what} failed: {_short(err)}") from None
+            raise BackendUnavailableError(
+                f"{_describe_uri(self.uri)}: {what or method} failed: {_short(err)}"
+            ) from None
 
     def _reconnect(self) -> None:
         """A fresh client after a failure: gRPC's own reconnect backoff grows to minutes while a server is down."""
@@ -181,7 +175,7 @@ class MilvusIndex(VectorIndex):
 
     def ping(self) -> None:
         """Raise BackendUnavailableError unless Milvus answers (the server's readiness check)."""
-        self._call("ping", "has_collection", self.collection)
+        self._call("has_collection", self.collection, what="ping")
 
     @property
     def available(self) -> bool:
@@ -200,17 +194,17 @@ class MilvusIndex(VectorIndex):
     # ------------------------------------------------------------------ collection
     def _refresh(self) -> None:
         """Adopt the collection if it exists, after checking it is an index of this dimension and metric."""
-        if not self._call("has_collection", "has_collection", self.collection):
+        if not self._call("has_collection", self.collection):
             self._exists = False
             return
-        desc = self._call("describe_collection", "describe_collection", self.collection)
+        desc = self._call("describe_collection", self.collection)
         head = _parse_head(desc, self.uri, self.collection)
         _check_head(head, self.collection, self._dim, self._metric)
         self.index_kind = str(head.get("index") or self.index_kind)
         self.metadata = dict(head.get("metadata") or {})
         self._exists = True
         # After a Milvus restart a collection is released; searching it needs it loaded.
-        self._call("load_collection", "load_collection", self.collection)
+        self._call("load_collection", self.collection)
 
     def _ensure(self) -> None:
         if self._exists:
@@ -245,7 +239,7 @@ class MilvusIndex(VectorIndex):
                 timeout=self._rpc_timeout,
             )
         except Exception as err:  # noqa: BLE001 - another process may have created it first: adopt that one
-            if not self._call("has_collection", "has_collection", self.collection):
+            if not self._call("has_collection", self.collection):
                 raise BackendUnavailableError(
                     f"{_describe_uri(self.uri)}: creating collection {self.collection!r} failed: {_short(err)}"
                 ) from None
@@ -253,8 +247,8 @@ class MilvusIndex(VectorIndex):
 
     def drop(self) -> None:
         """Delete the collection and everything in it (``lpjepa index build`` replaces an index this way)."""
-        if self._call("has_collection", "has_collection", self.collection):
-            self._call("drop_collection", "drop_collection", self.collection)
+        if self._call("has_collection", self.collection):
+            self._call("drop_collection", self.collection)
         self._exists = False
 
     # ------------------------------------------------------------------ writes
@@ -285,7 +279,7 @@ class MilvusIndex(VectorIndex):
                 }
                 for r in range(lo, hi)
             ]
-            self._call("upsert", "upsert", self.collection, rows)
+            self._call("upsert", self.collection, rows)
 
     def remove(self, ids: Any) -> int:
         """Delete ``ids``; if any is unknown nothing is removed and :class:`UnknownIdError` names them.
@@ -298,7 +292,7 @@ class MilvusIndex(VectorIndex):
             return 0
         self._present(ids, [])
         for chunk in _chunks(ids, _ID_CHUNK):
-            self._call("delete", "delete", self.collection, ids=[int(i) for i in chunk])
+            self._call("delete", self.collection, ids=[int(i) for i in chunk])
         return int(ids.size)
 
     # ------------------------------------------------------------------ reads
@@ -367,13 +361,13 @@ class MilvusIndex(VectorIndex):
         """One search RPC, exhaustive (no pruning at search time): per query row its hits, best first."""
         params = {"metric_type": "IP", "params": {"drop_ratio_search": 0.0}}
         return self._call(
-            "search", "search", self.collection, data=data, anns_field="vec", limit=k, search_params=params, **output
+            "search", self.collection, data=data, anns_field="vec", limit=k, search_params=params, **output
         )
 
     def _smallest_ids_except(self, exclude: np.ndarray, n: int) -> np.ndarray:
         skip = ", ".join(str(int(i)) for i in exclude)
         expr = f"id not in [{skip}]" if skip else "id >= 0"
-        rows = self._call("query", "query", self.collection, filter=expr, output_fields=["id"], limit=n)
+        rows = self._call("query", self.collection, filter=expr, output_fields=["id"], limit=n)
         return np.sort(np.array([int(r["id"]) for r in rows], np.int64))[:n]
 
     def _live(self) -> bool:
@@ -385,7 +379,7 @@ class MilvusIndex(VectorIndex):
     def _count(self) -> int:
         if not self._live():
             return 0
-        rows = self._call("count", "query", self.collection, filter="", output_fields=["count(*)"])
+        rows = self._call("query", self.collection, filter="", output_fields=["count(*)"], what="count")
         return int(rows[0]["count(*)"])
 
     def _query_ids(self, ids: np.ndarray, fields: list[str]) -> dict[int, dict[str, Any]]:
@@ -395,9 +389,7 @@ class MilvusIndex(VectorIndex):
             return out
         for chunk in _chunks(ids, _ID_CHUNK):
             expr = f"id in [{', '.join(str(int(i)) for i in chunk)}]"
-            rows = self._call(
-                "query", "query", self.collection, filter=expr, output_fields=["id", *fields], limit=chunk.size
-            )
+            rows = self._call("query", self.collection, filter=expr, output_fields=["id", *fields], limit=chunk.size)
             out.update({int(r["id"]): r for r in rows})
         return out
 
@@ -421,9 +413,7 @@ class MilvusIndex(VectorIndex):
             return
         last = -1
         while True:
-            rows = self._call(
-                "query", "query", self.collection, filter=f"id > {last}", output_fields=["id"], limit=_ID_PAGE
-            )
+            rows = self._call("query", self.collection, filter=f"id > {last}", output_fields=["id"], limit=_ID_PAGE)
             if not rows:
                 return
             page = sorted(int(r["id"]) for r in rows)
@@ -491,7 +481,7 @@ class MilvusIndex(VectorIndex):
     def thumbnail_count(self) -> int:
         if not self._exists:
             return 0
-        rows = self._call("count", "query", self.collection, filter="thumb_bytes > 0", output_fields=["count(*)"])
+        rows = self._call("query", self.collection, filter="thumb_bytes > 0", output_fields=["count(*)"], what="count")
         return int(rows[0]["count(*)"])
 
     # ------------------------------------------------------------------ persistence
@@ -505,7 +495,7 @@ class MilvusIndex(VectorIndex):
         Returns a manifest-like summary (backend, dim, metric, count, collection, uri) for the CLI.
         """
         self._ensure()
-        self._call("flush", "flush", self.collection)
+        self._call("flush", self.collection)
         return {
             "backend": self.backend,
             "dim": self._dim,
@@ -526,12 +516,8 @@ def _describe_collection(
     uri: str, collection: str, token: str | None, timeout_s: float
 ) -> tuple[Any, dict[str, Any] | None]:
     """(client, the collection's lpjepa header or None when there is no such collection); foreign ones raise."""
-    pymilvus = _pymilvus()
     rpc_timeout = max(1, math.ceil(timeout_s))  # an int: see MilvusIndex._call
-    try:
-        client = pymilvus.MilvusClient(uri=str(uri), token=token or "", timeout=timeout_s, alias=_alias())
-    except Exception as err:  # noqa: BLE001 - see MilvusIndex._connect
-        raise BackendUnavailableError(f"cannot connect to {_describe_uri(str(uri))}: {_short(err)}") from None
+    client = _client(str(uri), token, timeout_s)
     try:
         if not client.has_collection(collection, timeout=rpc_timeout):
             return client, None
@@ -633,6 +619,13 @@ def _restart_local(uri: str) -> None:
 
         if _local_key(uri) in server_manager_instance._servers:
             server_manager_instance.release_server(uri)
+
+
+def _client(uri: str, token: str | None, timeout_s: float, hint: str = "") -> Any:
+    try:
+        return _pymilvus().MilvusClient(uri=uri, token=token or "", timeout=timeout_s, alias=_alias())
+    except Exception as err:  # noqa: BLE001 - pymilvus raises MilvusException, grpc errors, RuntimeError
+        raise BackendUnavailableError(f"cannot connect to {_describe_uri(uri)}: {_short(err)}{hint}") from None
 
 
 def _alias() -> str:
