@@ -57,9 +57,7 @@ def default_stats(source: ImageSource, in_channels: int) -> tuple[list[float], l
         x = convert_channels(arr, in_channels).astype(np.float64) / 255.0
         mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
         return [round(float(m), 4) for m in mean], [round(max(float(s), 1e-3), 4) for s in std]
-    if in_channels == 1:
-        return [0.449], [0.226]
-    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return ([0.449], [0.226]) if in_channels == 1 else (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def detect_channels(source: ImageSource) -> int:

@@ -51,9 +51,7 @@ class ImageSet:
 
 def _evenly_spaced(n_total: int, limit: int) -> list[int]:
     """Spread the picks over the whole source so every class and image size is represented."""
-    if n_total <= limit:
-        return list(range(n_total))
-    return sorted({int(i) for i in np.linspace(0, n_total - 1, limit)})
+    return list(range(n_total)) if n_total <= limit else sorted({int(i) for i in np.linspace(0, n_total - 1, limit)})
 
 
 def load_images(spec: str | None, in_channels: int, limit: int, *, purpose: str) -> ImageSet:

@@ -103,9 +103,7 @@ def _tail(k: int, p: float, mu: float, s: float) -> float:
     a = (k + 1.0) / p
     pref = math.exp(k * math.log(s) + _log_half_gamma_ratio(k, p))
     lower, upper = _incomplete_pair(a, p, abs(mu) / s)
-    if mu <= 0 or k % 2 == 1:
-        return pref * upper
-    return pref * (1.0 + lower)
+    return pref * upper if mu <= 0 or k % 2 == 1 else pref * (1.0 + lower)
 
 
 def _p_inactive(p: float, mu: float, s: float) -> float:
