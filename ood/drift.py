@@ -217,11 +217,10 @@ class DriftMonitor:
         self.false_alarm_rate = float(false_alarm_rate)
         self.target_l0 = None if target_l0 is None else float(target_l0)
         principal, residual = section.principal, section.residual
-        self.eigvals = np.asarray(principal.eigvals, dtype=np.float64)
         self.scale, self.df = residual.scale, residual.df
         self._expected, self._inv_var = chi_weights(self.rates, self.window)
         self._weights = np.ascontiguousarray(principal.components.array * np.sqrt(self._inv_var)[None, :])
-        self._inv_lam = 1.0 / self.eigvals
+        self._inv_lam = 1.0 / np.asarray(principal.eigvals, dtype=np.float64)
         cdf, sf = window_sum_tails(np.asarray(section.l0_pmf, dtype=np.float64), self.window)
         self._p_l0 = np.minimum(1.0, 2.0 * np.minimum(cdf, sf))
         level = self.false_alarm_rate / N_TESTS
@@ -281,8 +280,7 @@ class DriftMonitor:
                 delta = _push(self._counts, self._ring, self._ring_len, self._pos, np.asarray(idx))
                 if delta < -self.dim:
                     raise ValueError(f"active dimensions must lie in [0, {self.dim})")
-                if self._count < self.window:
-                    self._count += 1
+                self._count = min(self._count + 1, self.window)
                 self._l0_sum += delta
                 self._pos = (self._pos + 1) % self.window
             self.images += len(rows)
