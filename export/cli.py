@@ -81,20 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_export)
 
 
-def _check_out(out: Path, fmt: str) -> None:
-    from export.metadata import ENGINE_SUFFIXES, ONNX_SUFFIXES
-
-    allowed = ONNX_SUFFIXES if fmt == "onnx" else ENGINE_SUFFIXES
-    if out.suffix.lower() not in allowed:
-        raise CliError(f"--out {out}: a {fmt} export must end in {' or '.join(allowed)}")
-    if out.exists() and out.is_dir():
-        raise CliError(f"--out {out} is a directory")
-
-
 def run_export(args: argparse.Namespace) -> int:
-    from export.metadata import json_object
+    from export.metadata import ENGINE_SUFFIXES, ONNX_SUFFIXES, json_object
 
-    _check_out(args.out, args.fmt)
+    allowed = ONNX_SUFFIXES if args.fmt == "onnx" else ENGINE_SUFFIXES
+    if args.out.suffix.lower() not in allowed:
+        raise CliError(f"--out {args.out}: a {args.fmt} export must end in {' or '.join(allowed)}")
+    if args.out.exists() and args.out.is_dir():
+        raise CliError(f"--out {args.out} is a directory")
     ood = None if args.ood_calibration is None else json_object(args.ood_calibration, CliError, "--ood-calibration ")
     if args.fmt == "tensorrt":
         _check_tensorrt(args)
