@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from scipy import sparse
 
 from core.errors import InvalidError
+from ood.detectors import Inputs
 
 
 class InputError(InvalidError):
@@ -30,10 +31,8 @@ class Embedded:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (image name, reason)
     features: NDArray[np.float32] | None = None  # encoder features, when the model exports them
 
-    def inputs(self) -> Any:
+    def inputs(self) -> Inputs:
         """The rows as `detectors.Inputs`, what every OOD score takes."""
-        from ood.detectors import Inputs
-
         return Inputs.from_arrays(self.matrix, self.features)
 
     @property
