@@ -175,10 +175,9 @@ def search_approx(
     if mask is None:
         return
     acc, touched, qdense = _buffers(min(inv.tile, TILE_ROWS), inv.dim)
-    # the kernel's arguments in its order: lists, forward rows, queries, heaps, buffers, settings
-    args = (*inv.kernel_args, impact.top_rows, x.indptr, x.indices, x.data, *query_arrays(queries), lo, hi)
-    args += (heap_scores, heap_rows, heap_lo, row_offset, mask, acc, touched, qdense)
-    args += (float(cut), float(slack), int(probe_rows), bool(safe), impact.lengths, int(SAFE_LISTS))
-    status = compiled.search_approx(*args)
+    tiles, forward = (inv.kernel_args, impact.top_rows, impact.lengths), (x.indptr, x.indices, x.data)
+    heaps, buffers = (heap_scores, heap_rows, heap_lo, row_offset, mask), (acc, touched, qdense)
+    settings = (float(cut), float(slack), int(probe_rows), bool(safe), int(SAFE_LISTS))
+    status = compiled.search_approx(*tiles, forward, query_arrays(queries), lo, hi, heaps, buffers, settings)
     if status:
         raise ValueError(f"query column indices outside [0, {inv.dim})")

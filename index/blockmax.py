@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from index.compiled import _columns_outside, _replace_worst, _rescore
+from index.compiled import Csr, Heaps, _columns_outside, _replace_worst, _rescore
 from index.inverted import guard_search, query_arrays, scratch
 
 SUB_BLOCKS = 8  # a visited block's parts are bounded again (finer maxima, read only for visited blocks)
@@ -265,14 +265,14 @@ def _part_bounds(subq_blk, scale, q_indices, q_data, a, b, sub_bounds):  # noqa:
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _score_rows(perm, f_indptr, f_indices, f_data, p0, p1, alive, qdense, row_offset, s, r):  # noqa: ANN001, ANN202
+def _score_rows(perm, forward, p0, p1, alive, qdense, row_offset, s, r):  # noqa: ANN001, ANN202 - numba kernel
     """Score the reordered rows [p0, p1) exactly and offer each live one to the heap (ties: smaller row)."""
     masked = alive.size > 0
     for pos in range(p0, p1):
         row = perm[pos]
         if masked and not alive[row]:
             continue
-        v = _rescore(f_indptr, f_indices, f_data, pos, qdense)
+        v = _rescore(forward, pos, qdense)
         g = row_offset + row
         if v > s[0] or (v == s[0] and g < r[0]):
             _replace_worst(s, r, v, g)
@@ -296,37 +296,28 @@ def _round_blocks(bounds, n_blocks, order, floor, upper):  # noqa: ANN001, ANN20
 
 @njit(nogil=True, cache=True)
 def _search_blockmax(
-    perm: np.ndarray,
-    f_indptr: np.ndarray,
-    f_indices: np.ndarray,
-    f_data: np.ndarray,
-    maxq: np.ndarray,
-    subq: np.ndarray,
-    scale: np.ndarray,
-    block_rows: int,
-    q_indptr: np.ndarray,
-    q_indices: np.ndarray,
-    q_data: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    maxima: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    queries: Csr,
     lo: int,
     hi: int,
-    heap_scores: np.ndarray,
-    heap_rows: np.ndarray,
-    heap_lo: int,
-    row_offset: int,
-    alive: np.ndarray,
-    bounds: np.ndarray,
-    order: np.ndarray,
-    qdense: np.ndarray,
-    margin: float,
-    level_fraction: float,
-    min_level: float,
-    max_visits: int,
+    heaps: Heaps,
+    buffers: tuple[np.ndarray, np.ndarray, np.ndarray],
+    settings: tuple[float, float, float, int],
     stats: np.ndarray,
 ) -> int:
     """Returns -1, having changed nothing, if a query column lies outside [0, dim), else 0, having added the
     rows scored and the blocks visited to ``stats[0]``, ``stats[1]`` (the build's probe reads them). Past
     ``max_visits`` blocks it stops at once, results incomplete, and returns -2: the probe's way to give up on
-    data where bounds do not prune."""
+    data where bounds do not prune. ``rows``: perm and the forward CSR; ``maxima``: maxq, subq, scale, block rows;
+    ``buffers``: block bounds, block order, dense query; ``settings``: margin, level fraction, min level, max visits."""
+    perm, f_indptr, f_indices, f_data = rows
+    forward = (f_indptr, f_indices, f_data)
+    maxq, subq, scale, block_rows = maxima
+    q_indptr, q_indices, q_data = queries
+    heap_scores, heap_rows, heap_lo, row_offset, alive = heaps
+    bounds, order, qdense = buffers
+    margin, level_fraction, min_level, max_visits = settings
     dim, n_blocks = maxq.shape
     n_sub = subq.shape[2]
     part = block_rows // n_sub
@@ -368,7 +359,7 @@ def _search_blockmax(
                     p0 = blk * block_rows + t2 * part
                     p1 = min(n, p0 + part)
                     stats[0] += max(0, p1 - p0)
-                    _score_rows(perm, f_indptr, f_indices, f_data, p0, p1, alive, qdense, row_offset, s, r)
+                    _score_rows(perm, forward, p0, p1, alive, qdense, row_offset, s, r)
             if floor == theta or level == -np.inf:
                 break
             upper = floor
@@ -404,10 +395,10 @@ def search_blockmax(
         return stats
     bounds, order, qdense = _buffers(bmr.n_blocks, bmr.dim)
     visits = bmr.n_blocks * max(1, hi - lo) if max_visits is None else int(max_visits)
-    # the kernel's arguments in its order: regrouped rows and bounds, queries, heaps, buffers, settings
-    args = (bmr.perm, bmr.indptr, bmr.indices, bmr.data, bmr.maxq, bmr.subq, bmr.scale, bmr.block_rows)
-    args += (*query_arrays(queries), lo, hi, heap_scores, heap_rows, heap_lo, row_offset, mask, bounds, order, qdense)
-    status = _search_blockmax(*args, rounding_margin(bmr.dim), LEVEL_FRACTION, MIN_LEVEL, visits, stats)
+    rows, maxima = (bmr.perm, bmr.indptr, bmr.indices, bmr.data), (bmr.maxq, bmr.subq, bmr.scale, bmr.block_rows)
+    heaps, buffers = (heap_scores, heap_rows, heap_lo, row_offset, mask), (bounds, order, qdense)
+    settings = (rounding_margin(bmr.dim), LEVEL_FRACTION, MIN_LEVEL, visits)
+    status = _search_blockmax(rows, maxima, query_arrays(queries), lo, hi, heaps, buffers, settings, stats)
     if status == -1:
         raise ValueError(f"query column indices outside [0, {bmr.dim})")
     return None if status == -2 else stats

@@ -155,8 +155,7 @@ def search_inverted(
         return
     acc = scratch(_LOCAL, "acc", (min(inv.tile, inv.n_rows),), (np.float32,))[0]  # this thread's accumulator
     q = query_arrays(queries)
-    status = compiled.search_inverted(
-        *inv.kernel_args, t_lo, t_hi, *q, lo, hi, heap_scores, heap_rows, heap_lo, row_offset, mask, acc
-    )
+    heaps = (heap_scores, heap_rows, heap_lo, row_offset, mask)
+    status = compiled.search_inverted(inv.kernel_args, t_lo, t_hi, q, lo, hi, heaps, acc)
     if status:  # the kernel checks the query columns (scipy does not on construction) before it reads anything
         raise ValueError(f"query column indices outside [0, {inv.dim})")
