@@ -52,11 +52,7 @@ def _placement(
 
 
 def _draw_standard(
-    shape: tuple[int, ...],
-    p: float,
-    generator: torch.Generator | None,
-    device: torch.device,
-    work: torch.dtype,
+    shape: tuple[int, ...], p: float, generator: torch.Generator | None, device: torch.device, work: torch.dtype
 ) -> torch.Tensor:
     """T ~ GN_p(0, 1) as S * (p G)^(1/p), G ~ Gamma(1/p, 1), S = +-1, with the two cheap special cases."""
     if p == 2.0:  # S * sqrt(2 G) with G ~ Gamma(1/2) is exactly N(0, 1); randn is ~10x faster than gamma
