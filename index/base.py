@@ -345,13 +345,7 @@ def _read_payloads(path: Path) -> dict[int, Any]:
 
 
 def _software_versions() -> dict[str, str]:
+    import faiss  # a dependency (faiss-cpu, or faiss-gpu-cu12 with the gpu extra), as numpy and scipy are
     import scipy
 
-    out = {"numpy": np.__version__, "scipy": scipy.__version__}
-    try:
-        import faiss
-
-        out["faiss"] = faiss.__version__
-    except ImportError:  # pragma: no cover - faiss-cpu is a dependency
-        pass
-    return out
+    return {"numpy": np.__version__, "scipy": scipy.__version__, "faiss": faiss.__version__}

@@ -7,10 +7,9 @@ the newer), so adding one vector never copies the whole database, yet there are 
 Removal marks rows dead (tombstones); searches skip dead rows in the top-k, so removed ids never come back,
 and once dead rows exceed ``compact_ratio`` of all rows the blocks are rewritten without them.
 
-Blocks of at least ``blockmax.MIN_ROWS`` rows also get a block-max structure (:mod:`index.blockmax`: rows
-regrouped by their largest dimensions, an upper bound per group, only groups that can still enter scored), kept
-where a build-time probe says it beats the inverted index; the cost model then sends queries to it
-(``blockmax_exact=False`` turns it off).
+Blocks of at least ``blockmax.MIN_ROWS`` rows also get a block-max structure (:mod:`index.blockmax`), kept where
+a build-time probe says it beats the inverted index; the cost model then sends queries to it (``blockmax_exact=False``
+turns it off).
 
 Each search picks the cheapest exact kernel for the data it holds (see :mod:`index.kernels`), works through
 the database in chunks whose score buffers stay under ``chunk_mb``, and spreads query blocks over ``threads``
@@ -28,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,19 +108,17 @@ def _vstack(blocks: list[sp.csr_matrix], dim: int) -> sp.csr_matrix:
     return sp.csr_matrix((data, indices, indptr), shape=(rows, dim), copy=False)
 
 
+@dataclass(slots=True, eq=False)  # a block equals only itself: its fields are arrays
 class _Block:
     """One CSR block of consecutive global rows, with caches built on first use."""
 
-    __slots__ = ("x", "start", "inv", "impact", "colcount", "bmax", "bmax_checked")
-
-    def __init__(self, x: sp.csr_matrix, start: int) -> None:
-        self.x = x
-        self.start = start
-        self.inv: TiledInverted | None = None  # inverted index, for the sparse kernel
-        self.impact: approx.ImpactTiles | None = None  # impact-ordered lists, for the approximate mode
-        self.colcount: np.ndarray | None = None  # non-zeros per dimension, for the cost model
-        self.bmax: blockmax.BlockMaxRows | None = None  # regrouped rows and block bounds, for the blockmax kernel
-        self.bmax_checked = False  # bmax was built (and kept only if it pays)
+    x: sp.csr_matrix
+    start: int
+    inv: TiledInverted | None = None  # inverted index, for the sparse kernel
+    impact: approx.ImpactTiles | None = None  # impact-ordered lists, for the approximate mode
+    colcount: np.ndarray | None = None  # non-zeros per dimension, for the cost model
+    bmax: blockmax.BlockMaxRows | None = None  # regrouped rows and block bounds, for the blockmax kernel
+    bmax_checked: bool = False  # bmax was built (and kept only if it pays)
 
     @property
     def rows(self) -> int:
