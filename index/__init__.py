@@ -21,7 +21,6 @@ from index.errors import (
 )
 
 BACKENDS = ("csr", "faiss", "milvus")
-_LAZY = {"create_index", "load_index"}
 
 __all__ = [
     "BACKENDS",
@@ -38,7 +37,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    if name in ("create_index", "load_index"):
         from index import factory
 
         return getattr(factory, name)
