@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load(args: argparse.Namespace):  # -> TrainConfig
     # ConfigError, TrainError, ... reach cli.main, which prints their one-line message (exit 2).
     from pretrain.config import apply_override, load_config
-    from pretrain.trainer import read_run_config
+    from pretrain.rundir import read_run_config
 
     if args.config:
         return load_config(args.config, args.overrides)

@@ -74,12 +74,8 @@ class MethodConfig(Section):
     w_rdm: float = 125.0
     num_projections: Annotated[Int, Field(ge=1)] = 512
     projections: Literal["random", "eigen"] = "random"
-    # Dead-dimension fix (pretrain/methods.py): "preact" matches the pre-activation to the un-rectified GN along
-    # the D coordinate axes (last bias starts at mu); "marginal" matches the rectified codes along them with a
-    # straight-through gradient; "threshold" and "threshold_sym" pull by the distance to the GN quantile
-    # instead; "leaky" gives the final ReLU a leaky backward everywhere; "none" is the paper's objective. null =
-    # the method's default (models.methods: "preact" for rectified_lpjepa, else "none"). The forward pass (and
-    # so every exported code) is the exact ReLU in every case.
+    # Dead-dimension fix, each described in pretrain/methods.py; null = the method's default (models.methods:
+    # "preact" for rectified_lpjepa, else "none"). The forward pass (every exported code) is the exact ReLU.
     dead_dim_fix: Literal[DEAD_DIM_FIXES] | None = None  # type: ignore[valid-type]
     leaky_slope: Unit = 0.1
     # Share of the RDMReg weight given to the coordinate axes (measured: 0.2 keeps accuracy, 0.5 costs 1.5 pt).

@@ -16,21 +16,15 @@ matched, both sides of 0, to the quantiles of the un-rectified GN_p(mu, sigma) (
 of the RDMReg term), and the projector's last bias starts at mu. A wrongly active sample is pushed toward its
 negative target quantile with a force that does not vanish at 0+, an inactive one that should fire is pulled
 up, and the fixed point is the GN law itself, so P(h_j > 0) is the designed rate even when a batch holds fewer
-than one expected positive. Without the bias start, AdamW moves the last bias too little in a short run, the
-network reaches a negative mu through negative weights on non-negative features, and the pre-activations come
-out left-skewed with a squashed upper tail (bench/pretrain_notes.md). Training ends with the BatchNorm
+than one expected positive (why the bias start: `Objective.init_projector`). Training ends with the BatchNorm
 statistics re-estimated on clean images (pretrain/bn_recalibration.py): the rate is the mass of a thin upper
 tail, which statistics gathered over augmented views move. The forward pass is the exact ReLU, so exported
 codes stay exactly sparse.
 
 Alternatives kept runnable for the ablation (measured in docs/results/pretrain.md): "marginal" (the previous
-default) orders the samples along the axes by h_j but matches the rectified codes, passing the gradient
-straight through the ReLU: a sample at zero whose target quantile is positive is pulled up, nothing pushes
-inactive samples down, and a wrongly active one is pushed with a force that vanishes as h -> 0+, which stalls
-l0 near 5% whatever mu asks; "threshold" pulls an off-but-should-fire sample by its distance to the GN
-quantile instead of straight through; "threshold_sym" also pushes on-but-should-be-off samples to their
-(negative) GN quantile; "leaky" gives the final ReLU a leaky backward for every loss term; "quantile" adds a
-per-sample pinball rate term; "none" is the paper's objective.
+default, `marginal_w2`), "threshold", "threshold_sym" and "threshold_q" (`threshold_marginal_w2`), "leaky"
+(a leaky backward for the final ReLU in every loss term), "quantile" and "quantile_shift" (`pinball_rate`), an
+axis fix + a second term ("marginal+quantile"), and "none", the paper's objective.
 """
 
 from __future__ import annotations
@@ -111,10 +105,12 @@ def pinball_rate(h: torch.Tensor, rate: float, shift_only: bool = False) -> torc
 
 
 def marginal_w2(h: torch.Tensor, y: torch.Tensor, rectified: bool) -> torch.Tensor:
-    """Straight-through variant ("marginal_ste"): mean over coordinates and quantiles of
+    """Straight-through variant ("marginal"): mean over coordinates and quantiles of
     (sorted ReLU(h_j) - sorted y_j)^2, samples ordered by h, gradient passed through the ReLU unchanged.
 
-    Without `rectified` this is the plain per-axis W2 of raw features.
+    A sample at zero whose target quantile is positive is pulled up, but nothing pushes inactive samples down
+    and a wrongly active one is pushed with a force that vanishes as h -> 0+, which stalls l0 near 5% whatever
+    mu asks. Without `rectified` this is the plain per-axis W2 of raw features.
     """
     hs = torch.sort(h, dim=0).values
     if rectified:
@@ -149,14 +145,10 @@ def preact_w2(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-axis W2 between the PRE-activation h_j and x_j ~ GN_p(mu, sigma), the un-rectified target: mean over
     coordinates and ranks of (sorted h_j - sorted x_j)^2, on every sample, both sides of 0 ("preact").
 
-    Its fixed point is h_j ~ GN_p(mu, sigma), so P(h_j > 0) = Phi(mu / sigma) with the GN's density, not a pile,
-    on either side of 0, and ReLU(h_j) is then exactly RGN-distributed: the term agrees with the rectified target
-    and leaves the forward pass (exact ReLU codes) alone. The rectified W2 terms are blind to the negative side,
-    so inactive samples pile up just below 0 (pushed down by a force 2h that vanishes at 0+), where any drift of
-    the weights flips a share of them back above 0: the floor of issue 15. Here a wrongly active sample is
-    pushed to its negative quantile with a force 2(h - x) that stays >= 2|x| as h -> 0+, a sample that should
-    fire is pulled up from wherever it is (a dead coordinate revives), and the density just below 0 is asked to
-    be the GN's. Needs the last bias to start near mu (`Objective.init_projector`): see there.
+    Its fixed point h_j ~ GN_p(mu, sigma) makes ReLU(h_j) exactly RGN-distributed, so the term agrees with the
+    rectified target. The rectified W2 terms are blind to the negative side, so inactive samples pile up just
+    below 0, where any drift of the weights flips a share of them back above 0 (the floor of issue 15); here
+    the density just below 0 is asked to be the GN's. Needs the last bias to start near mu (`init_projector`).
     """
     hs = torch.sort(h, dim=0).values
     xs = torch.sort(x, dim=0).values
@@ -225,7 +217,8 @@ class Objective(nn.Module):
         600 steps, step <= lr) moves a bias by well under 1, so the network reaches the pre-activation median
         -3 through negative weights on its non-negative (post-ReLU) hidden features; that makes h_j left-skewed
         with a light upper tail (preact fits the GN's quantiles to 0.98 and squashes the top 2% just below 0:
-        l0 0.0003, 92 of 128 dimensions dead). Started at mu, the same term lands on the designed rate.
+        l0 0.0003, 92 of 128 dimensions dead; bench/pretrain_notes.md). Started at mu, the same term lands on the
+        designed rate.
         """
         if "preact" not in (self.fix, self.rate_fix):
             return
@@ -259,6 +252,21 @@ class Objective(nn.Module):
             cache[n] = torch.from_numpy(rgg_law.gn_ppf(q.numpy(), t.p, t.mu, t.sigma)).float()[:, None]
         return cache[n].to(device)
 
+    def _axis_term(self, fix: str, h: torch.Tensor) -> torch.Tensor:
+        """One view's term of the axis fix or of the second term, on its gathered fp32 pre-activations."""
+        if fix == "preact":
+            return preact_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h))
+        if fix == "threshold_q":
+            return threshold_marginal_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), symmetric=True)
+        if fix.startswith("threshold"):
+            x = self._target(tuple(h.shape), h.device, rectified=False)
+            return threshold_marginal_w2(h, x, symmetric=fix == "threshold_sym")
+        if fix in RATE_FIXES:
+            return pinball_rate(h, self.rate, shift_only=fix == "quantile_shift")
+        # straight-through variant; raw features: plain per-axis W2
+        y = self._target(tuple(h.shape), h.device, self.target.kind == "rgn")
+        return marginal_w2(h, y, rectified=self.relu)
+
     def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
         """hs: per-view pre-activations (global views first). Two-view losses average over the view pairs
         (global, other); LeJEPA takes all views at once, as in its reference code."""
@@ -274,39 +282,16 @@ class Objective(nn.Module):
                 total = total + t / len(pairs)
                 for key, val in pp.items():
                     parts[key] = parts.get(key, 0.0) + val / len(pairs)
-        if self.alpha > 0:
-            marg = torch.zeros((), device=zs[0].device)
-            for h in hs:
-                hg = gather_with_grad(h)
-                with fp32_region(hg):
-                    hg = hg.float()
-                    if self.fix == "preact":
-                        marg = marg + preact_w2(hg, self._quantiles(hg.shape[0], hg.device).expand_as(hg))
-                    elif self.fix == "threshold_q":
-                        x = self._quantiles(hg.shape[0], hg.device).expand_as(hg)
-                        marg = marg + threshold_marginal_w2(hg, x, symmetric=True)
-                    elif self.fix.startswith("threshold"):
-                        x = self._target(tuple(hg.shape), hg.device, rectified=False)
-                        marg = marg + threshold_marginal_w2(hg, x, symmetric=self.fix == "threshold_sym")
-                    else:  # straight-through variant; raw features: plain per-axis W2
-                        y = self._target(tuple(hg.shape), hg.device, self.target.kind == "rgn")
-                        marg = marg + marginal_w2(hg, y, rectified=self.relu)
-            marg = marg / len(hs)
-            total = total + self.w_rdm * self.alpha * marg
-            parts["marginal"] = float(marg.detach())
-            parts["loss"] = float(total.detach())
-        if self.rate_weight > 0:
+        for fix, weight, key in ((self.fix, self.alpha, "marginal"), (self.rate_fix, self.rate_weight, "rate_term")):
+            if weight <= 0:
+                continue
             term = torch.zeros((), device=zs[0].device)
             for h in hs:
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
-                    hg = hg.float()
-                    if self.rate_fix == "preact":
-                        term = term + preact_w2(hg, self._quantiles(hg.shape[0], hg.device).expand_as(hg))
-                    else:
-                        term = term + pinball_rate(hg, self.rate, shift_only=self.rate_fix == "quantile_shift")
+                    term = term + self._axis_term(fix, hg.float())
             term = term / len(hs)
-            total = total + self.w_rdm * self.rate_weight * term
-            parts["rate_term"] = float(term.detach())
+            total = total + self.w_rdm * weight * term
+            parts[key] = float(term.detach())
             parts["loss"] = float(total.detach())
         return total, parts, zs

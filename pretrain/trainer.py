@@ -28,7 +28,7 @@ from pretrain.config import TrainConfig
 from pretrain.methods import Objective, rectifies
 from pretrain.metrics_log import MetricsLog
 from pretrain.optim import WarmupCosine, build_optimizer
-from pretrain.rundir import RunDir, TrainError, TrainState, capture_rng, config_diff, read_run_config, restore_rng
+from pretrain.rundir import RunDir, TrainError, TrainState, capture_rng, restore_rng
 from pretrain.runtime import Runtime, StopFlag, launch
 
 INTERRUPTED = "interrupted"
@@ -111,17 +111,11 @@ def resolve_config(cfg: TrainConfig, source: Any) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model section's keys that are ModelConfig fields (the rest say how to train), with the method's."""
     m, target = cfg.method, cfg.target
     return ModelConfig(
-        backbone=cfg.model.backbone,
-        backbone_kwargs=dict(cfg.model.backbone_kwargs),
-        projector_dims=list(cfg.model.projector_dims),
-        projector_bn=bool(cfg.model.projector_bn),
+        **cfg.model.model_dump(include=set(ModelConfig.model_fields)),
         rectify=rectifies(m.name),
-        in_channels=cfg.model.in_channels,
-        image_size=cfg.model.image_size,
-        mean=list(cfg.model.mean),
-        std=list(cfg.model.std),
         method=m.name,
         target_p=target.p,
         target_mu=target.mu,
@@ -326,6 +320,3 @@ def train(
                 return RunResult(COMPLETED, trainer.start, trainer.total, run.path, finished)
             run.rewind_logs(trainer.start)
         return trainer.fit(cfg.train.progress if progress is None else progress)
-
-
-__all__ = ["RunResult", "TrainError", "Trainer", "config_diff", "read_run_config", "train"]

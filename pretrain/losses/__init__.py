@@ -6,13 +6,12 @@ baselines NVICReg-ReLU and NCL-ReLU are VICRegLoss and NTXentLoss fed ReLU-recti
 """
 
 from pretrain.losses.factory import LOSS_METHODS, LOSSES, build_loss
-from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.lejepa import LeJEPALoss
-from pretrain.losses.ntxent import NTXentLoss, nt_xent
+from pretrain.losses.ntxent import NTXentLoss
 from pretrain.losses.rdmreg import RDMReg, eigen_directions, sliced_wasserstein2
 from pretrain.losses.rectified_lpjepa import RectifiedLpJEPALoss
 from pretrain.losses.sigreg import SIGReg, epps_pulley, epps_pulley_quadrature
-from pretrain.losses.vicreg import VICRegLoss, covariance_penalty, variance_hinge
+from pretrain.losses.vicreg import VICRegLoss
 
 __all__ = [
     "LOSS_METHODS",
@@ -24,12 +23,8 @@ __all__ = [
     "SIGReg",
     "VICRegLoss",
     "build_loss",
-    "covariance_penalty",
     "eigen_directions",
     "epps_pulley",
     "epps_pulley_quadrature",
-    "invariance_loss",
-    "nt_xent",
     "sliced_wasserstein2",
-    "variance_hinge",
 ]

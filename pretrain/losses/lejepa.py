@@ -12,7 +12,7 @@ from torch import nn
 from pretrain.distributed import gather_with_grad
 from pretrain.losses.precision import fp32_region
 from pretrain.losses.sigreg import SIGReg
-from pretrain.losses.validation import check_embeddings
+from pretrain.losses.validation import check_embeddings, logged
 
 
 class LeJEPALoss(nn.Module):
@@ -43,9 +43,4 @@ class LeJEPALoss(nn.Module):
             inv = (center - z).square().mean()
             sig = self.sigreg(z, gathered=True)
             total = (1.0 - self.lam) * inv + self.lam * sig
-        parts = {
-            "loss": float(total.detach()),
-            "invariance": float(inv.detach()),
-            "sigreg": float(sig.detach()),
-        }
-        return total, parts
+        return total, logged(loss=total, invariance=inv, sigreg=sig)

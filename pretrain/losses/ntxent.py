@@ -12,7 +12,7 @@ from torch import nn
 
 from pretrain.distributed import gather_with_grad
 from pretrain.losses.precision import fp32_region
-from pretrain.losses.validation import check_embeddings
+from pretrain.losses.validation import check_embeddings, logged
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -41,4 +41,4 @@ class NTXentLoss(nn.Module):
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
         with fp32_region(g1):
             total = nt_xent(g1.float(), g2.float(), self.temperature)
-        return total, {"loss": float(total.detach()), "ntxent": float(total.detach())}
+        return total, logged(loss=total, ntxent=total)

@@ -18,7 +18,7 @@ from pretrain.losses.precision import fp32_region
 from pretrain.losses.randomness import SharedGenerator, random_unit_directions
 from pretrain.losses.validation import check_embeddings
 
-PROJECTIONS = ("random", "eigen", "svd")
+PROJECTIONS = ("random", "eigen")
 
 
 def sliced_wasserstein2(x: torch.Tensor, y: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -49,17 +49,11 @@ def eigen_directions(z: torch.Tensor, num: int, generator: torch.Generator) -> t
     The SVD runs in fp32 without autograd (the directions are constants of the step) and is broadcast from
     rank 0 because it is not guaranteed bitwise-identical across devices.
     """
-    return _with_random(_bottom_singular(z, num), num, z, generator)
+    rows = _bottom_singular(z, num)
+    return torch.cat([rows, random_unit_directions(num - rows.shape[0], z.shape[1], generator, z.device)], dim=0)
 
 
-@torch.no_grad()
-def svd_directions(z: torch.Tensor, num: int, generator: torch.Generator) -> torch.Tensor:
-    """All min(n, D) right singular vectors of the centred batch (the reference's "torch_svd_and_random"),
-    topped up with random unit vectors."""
-    return _with_random(_bottom_singular(z, num, half=False), num, z, generator)
-
-
-def _bottom_singular(z: torch.Tensor, num: int, half: bool = True) -> torch.Tensor:
+def _bottom_singular(z: torch.Tensor, num: int) -> torch.Tensor:
     n, d = z.shape
     zf = z.detach().float()
     zc = zf - zf.mean(dim=0, keepdim=True)
@@ -69,19 +63,12 @@ def _bottom_singular(z: torch.Tensor, num: int, half: bool = True) -> torch.Tens
     except torch.linalg.LinAlgError:
         warnings.warn("RDMReg(eigen): the SVD did not converge; using random directions this step", stacklevel=3)
         return torch.empty(0, d, device=z.device)
-    rows = vt[k // 2 :] if half else vt
     # Singular values ~0 (the centring removes one; a collapsed batch more) leave the row space: every sample
     # projects alike there, so those vectors are dropped and random ones take their place.
-    keep = svals[k // 2 :] if half else svals
-    rows = rows[keep > 1e-6 * svals[0].clamp_min(1e-30)]
+    rows = vt[k // 2 :][svals[k // 2 :] > 1e-6 * svals[0].clamp_min(1e-30)]
     rows = rows[-num:].contiguous()  # never more than num directions
     broadcast_(rows)
     return rows
-
-
-def _with_random(rows: torch.Tensor, num: int, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    rest = random_unit_directions(num - rows.shape[0], z.shape[1], generator, z.device)
-    return torch.cat([rows, rest], dim=0)
 
 
 class RDMReg(nn.Module):
@@ -94,8 +81,8 @@ class RDMReg(nn.Module):
         num_projections: K, directions per call (reference 8192; 512 is enough at small scale).
         p, mu, sigma: the target GN_p(mu, sigma) before rectification.
         rectified_target: True -> RGN (ReLU of GN samples); False -> plain GN (the ablation cells).
-        projection: "random" (unit Gaussian directions), "eigen" (the bottom half of the batch's right singular
-            vectors, filled up with random ones) or "svd" (all of them, filled up with random ones).
+        projection: "random" (unit Gaussian directions) or "eigen" (the bottom half of the batch's right
+            singular vectors, filled up with random ones).
         generator: optional torch.Generator; under DDP seed it identically on every rank. Without it the loss
             makes its own, seeded by ``seed`` or by torch's global RNG and broadcast from rank 0.
         seed: seed for the internal generator (ignored when ``generator`` is given).
@@ -150,20 +137,18 @@ class RDMReg(nn.Module):
         gen = self._rng.get(z.device)
         if self.projection == "eigen":
             return eigen_directions(z, self.num_projections, gen)
-        if self.projection == "svd":
-            return svd_directions(z, self.num_projections, gen)
         return random_unit_directions(self.num_projections, z.shape[1], gen, z.device)
 
     def view_directions(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Directions for each view of one step, the random ones SHARED by the views (as in the reference):
-        "random" gives every view the same K directions; "eigen"/"svd" give each view its own singular vectors
+        "random" gives every view the same K directions; "eigen" gives each view its own singular vectors
         (they are a property of that view's batch) completed by one shared random set."""
         gen = self._rng.get(zs[0].device)
         if self.projection == "random":
             c = random_unit_directions(self.num_projections, zs[0].shape[1], gen, zs[0].device)
             return [c] * len(zs)
         with torch.no_grad():
-            rows = [_bottom_singular(z, self.num_projections, half=self.projection == "eigen") for z in zs]
+            rows = [_bottom_singular(z, self.num_projections) for z in zs]
         fill = random_unit_directions(self.num_projections - rows[0].shape[0], zs[0].shape[1], gen, zs[0].device)
         out = []
         for r in rows:

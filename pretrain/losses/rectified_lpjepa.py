@@ -15,7 +15,7 @@ from pretrain.distributed import gather_with_grad
 from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.precision import fp32_region
 from pretrain.losses.rdmreg import RDMReg
-from pretrain.losses.validation import check_embeddings
+from pretrain.losses.validation import check_embeddings, logged
 
 
 class RectifiedLpJEPALoss(nn.Module):
@@ -53,9 +53,4 @@ class RectifiedLpJEPALoss(nn.Module):
             c1, c2 = self.rdm.view_directions([g1, g2])  # one random set per step, shared by the views
             rdm = 0.5 * (self.rdm(g1, gathered=True, directions=c1) + self.rdm(g2, gathered=True, directions=c2))
             total = self.w_inv * inv + self.w_rdm * rdm
-        parts = {
-            "loss": float(total.detach()),
-            "invariance": float(inv.detach()),
-            "rdmreg": float(rdm.detach()),
-        }
-        return total, parts
+        return total, logged(loss=total, invariance=inv, rdmreg=rdm)

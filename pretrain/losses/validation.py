@@ -1,4 +1,5 @@
-"""Input checks shared by the losses: a wrong call should fail with a message, not broadcast silently."""
+"""Input checks and logged parts shared by the losses: a wrong call should fail with a message, not broadcast
+silently."""
 
 from __future__ import annotations
 
@@ -21,3 +22,8 @@ def check_embeddings(name: str, *views: torch.Tensor) -> None:
         raise ValueError(f"{name}: a distribution loss needs a batch of at least 2, got {first.shape[0]}")
     if first.shape[1] < 1:
         raise ValueError(f"{name}: embedding dimension must be positive")
+
+
+def logged(**terms: torch.Tensor) -> dict[str, float]:
+    """The parts a loss returns beside its total: each term as a detached float, for the metrics log."""
+    return {key: float(value.detach()) for key, value in terms.items()}

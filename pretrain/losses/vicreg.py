@@ -16,7 +16,7 @@ from torch import nn
 from pretrain.distributed import gather_with_grad
 from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.precision import fp32_region
-from pretrain.losses.validation import check_embeddings
+from pretrain.losses.validation import check_embeddings, logged
 
 
 def variance_hinge(z: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -54,10 +54,4 @@ class VICRegLoss(nn.Module):
             var = 0.5 * (variance_hinge(g1, self.eps) + variance_hinge(g2, self.eps))
             cov = covariance_penalty(g1) + covariance_penalty(g2)
             total = self.w_inv * inv + self.w_var * var + self.w_cov * cov
-        parts = {
-            "loss": float(total.detach()),
-            "invariance": float(inv.detach()),
-            "variance": float(var.detach()),
-            "covariance": float(cov.detach()),
-        }
-        return total, parts
+        return total, logged(loss=total, invariance=inv, variance=var, covariance=cov)
