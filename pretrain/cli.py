@@ -1,4 +1,4 @@
-"""`lpjepa train`: pretrain an encoder from a packaged or user config; registers `lpjepa eval` when present.
+"""`lpjepa train`: pretrain an encoder from a packaged or user config; registers `lpjepa eval` too.
 
 torch is imported inside the handler so `lpjepa --help` stays fast.
 """
@@ -6,12 +6,12 @@ torch is imported inside the handler so `lpjepa --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
 from cli.errors import CliError
+from pretrain.evaluate.cli import register_eval
 
 EXIT_INTERRUPTED = 130
 
@@ -43,10 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.set_defaults(func=run_train)
-    if importlib.util.find_spec("pretrain.evaluate.cli") is not None:
-        from pretrain.evaluate.cli import register_eval
-
-        register_eval(subparsers)
+    register_eval(subparsers)
 
 
 def _load(args: argparse.Namespace):  # -> TrainConfig

@@ -150,7 +150,6 @@ class TrainConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
-    # ---------------------------------------------------------------------------------------------- derived
     @property
     def dead_dim_fix(self) -> str:
         if self.method.dead_dim_fix is None:
@@ -194,7 +193,6 @@ class TrainConfig(Section):
             raise ConfigError("train.epochs: set train.steps or a positive train.epochs")
 
 
-# ---------------------------------------------------------------------------------------- errors, overrides
 def _section(path: tuple[Any, ...]) -> Any:
     """The section class (or field type) at a key path; None where the path leaves the schema."""
     node: Any = TrainConfig

@@ -88,14 +88,11 @@ def pinball_rate(h: torch.Tensor, rate: float, shift_only: bool = False) -> torc
     """(1/D) sum_j mean_i rho_{1-r}(h_ij), rho_tau(u) = u (tau - 1[u < 0]): the quantile ("pinball") loss whose
     minimiser over a location puts 0 at the (1 - r) quantile of every column, i.e. P(h_j > 0) = r.
 
-    Per sample the gradient is (1 - r) where h > 0 and -r where h < 0, summed over a column (a_j - r) with a_j
-    its firing fraction: the push does not fade as h -> 0+ (the rectified W2's 2h does) and does not need
-    N r >= 1 target positives in the batch, so a column that fires too often is pushed down, one that fires
-    too rarely (a dead one included) is pulled up, at a rate set by the distance to r alone.
-
-    ``shift_only`` passes to every sample of column j the column's mean gradient (a_j - r) / (N D): the term then
-    moves only each column's location (the last layer's bias can absorb it) and leaves the shape of the
-    distribution to the sliced W2; the plain version also pulls every sample toward 0 from both sides.
+    Per column the gradient sums to (a_j - r), a_j its firing fraction: the push does not fade as h -> 0+ and
+    needs no target positive in the batch, so a column firing too often is pushed down and one firing too rarely
+    (a dead one included) pulled up. ``shift_only`` gives every sample of column j the column's mean gradient:
+    the term then moves only each column's location (the last bias can absorb it) and leaves the shape to the
+    sliced W2; the plain version also pulls every sample toward 0 from both sides.
     """
     if shift_only:
         m = h.mean(dim=0, keepdim=True)
@@ -121,18 +118,14 @@ def marginal_w2(h: torch.Tensor, y: torch.Tensor, rectified: bool) -> torch.Tens
 
 def threshold_marginal_w2(h: torch.Tensor, x: torch.Tensor, symmetric: bool = False) -> torch.Tensor:
     """Per-axis matching of ReLU(h_j) to ReLU(x_j), x ~ GN_p(mu, sigma) the pre-rectification target, with the
-    pre-activation standing in for the code wherever the two disagree about firing.
+    pre-activation standing in for the code wherever the two disagree about firing ("threshold*").
 
-    Samples are ordered by h (ties among the zeros broken by how close each sample is to firing) and paired
-    with the sorted GN draw. Where code and target agree on the sign, the cost is the rectified W2 term
-    (ReLU(h) - ReLU(x))^2: exactly the paper's slice along that axis (0 for two zeros, so the negative side of h
-    stays free). Where they disagree, the cost is (h - x)^2, the distance the pre-activation has to travel to
-    its target quantile across the threshold:
-    - h <= 0 < x (should fire, does not): pulls the sample up. This revives a dead coordinate, whose top-ranked
-      samples are pulled toward the target's positive quantiles, where the plain ReLU passes no gradient.
-    - x <= 0 < h (fires, should not): pushes it below zero with a force that does not vanish as h -> 0+. The
-      rectified W2 alone (force 2h) barely sees a small positive value, so augmentation noise leaves many
-      small positives and l0 drifts above the target rate; here the fixed point is P(h > 0) = P(x > 0).
+    Samples sorted by h are paired with the sorted GN draw. Where code and target agree on the sign the cost is
+    the paper's rectified slice (ReLU(h) - ReLU(x))^2 (0 for two zeros: the negative side of h stays free);
+    where they disagree it is (h - x)^2, the distance to the target quantile across the threshold. h <= 0 < x
+    pulls a should-fire sample up (reviving a dead coordinate, where the plain ReLU passes no gradient); with
+    ``symmetric``, x <= 0 < h also pushes a wrongly active sample below zero with a force that does not vanish
+    as h -> 0+ (the rectified W2's 2h barely sees small positives, so l0 drifts above the target rate).
     """
     hs = torch.sort(h, dim=0).values
     xs = torch.sort(x, dim=0).values

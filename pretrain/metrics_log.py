@@ -34,16 +34,13 @@ class MetricsLog:
         self.steps = self.images = self.probe_n = self.samples = 0
         self.l0 = self.probe_hits = self.probe_code_hits = 0.0
         self.parts: dict[str, float] = {}
-        self.active: torch.Tensor | None = None  # per dimension: non-zero on some sample of the window
-        self.fired: torch.Tensor | None = None  # per dimension: how many samples were non-zero
+        self.fired: torch.Tensor | None = None  # per dimension: how many samples were non-zero (0: dead)
         self.start = time.perf_counter()
 
     @torch.no_grad()
     def add(self, z0: torch.Tensor, parts: dict[str, float], images: int, probes: tuple | None) -> None:
         """One step: `z0` the first view's codes, `probes` (feature logits, code logits, labels) or None."""
         z0 = z0.detach()
-        active = (z0 > 0).any(dim=0)
-        self.active = active if self.active is None else self.active | active
         fired = (z0 > 0).sum(dim=0)
         self.fired = fired if self.fired is None else self.fired + fired
         self.samples += int(z0.shape[0])
@@ -78,7 +75,7 @@ class MetricsLog:
             "lr": lr,
             **{k: round(v / max(self.steps, 1), 6) for k, v in self.parts.items()},
             "l0": round(self.l0 / self.steps, 6),
-            "dead_dims": int((~self.active).sum()) if self.active is not None else None,
+            "dead_dims": int((self.fired == 0).sum()) if self.fired is not None else None,
             "images_per_s": round(self.images / dt, 2),
         }
         if self.target_l0 is not None:

@@ -79,14 +79,6 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_state(path: str | Path, state: TrainState) -> Path:
-    payload = {"format": STATE_FORMAT, **state.__dict__}
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        torch.save(payload, tmp)
-    return target
-
-
 def load_state(path: str | Path) -> TrainState:
     p = Path(path)
     if not p.is_file():
@@ -213,7 +205,8 @@ class RunDir:
     def save(self, state: TrainState, encoder: Encoder, extra: dict[str, Any]) -> None:
         """A checkpoint: train_state.pt first, then model.safetensors, each atomic."""
         if self.writer:
-            save_state(self.path / STATE_FILENAME, state)
+            with atomic_path(self.path / STATE_FILENAME) as tmp:
+                torch.save({"format": STATE_FORMAT, **state.__dict__}, tmp)
             save_checkpoint(self.path / MODEL_FILENAME, encoder, extra=extra)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

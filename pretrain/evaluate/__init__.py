@@ -1,7 +1,7 @@
 """Offline evaluation of an encoder: linear probe and kNN on frozen features, sparsity, nHSIC.
 
-`evaluate_checkpoint` is what `lpjepa eval` and the trainer's bench call; `extract` and `evaluate_embeddings`
-let a caller that already holds a model or features reuse the pieces.
+`evaluate_checkpoint` is what `lpjepa eval` and the trainer's bench call; `extract` lets a caller that already
+holds a model reuse the feature extraction.
 
 The names are resolved lazily (PEP 562): `lpjepa --help` imports `pretrain.evaluate.cli`, which imports this
 package, and must not pay for importing torch.
@@ -14,28 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "evaluate_checkpoint": "pretrain.evaluate.pipeline",
-    "evaluate_embeddings": "pretrain.evaluate.pipeline",
     "target_expected": "pretrain.evaluate.pipeline",
     "REQUIRED_KEYS": "pretrain.evaluate.pipeline",
     "extract": "pretrain.evaluate.features",
-    "transform_array_batch": "pretrain.evaluate.features",
-    "EvalError": "pretrain.evaluate.splits",
 }
 
 __all__ = [
     "REQUIRED_KEYS",
-    "EvalError",
     "evaluate_checkpoint",
-    "evaluate_embeddings",
     "extract",
     "target_expected",
-    "transform_array_batch",
 ]
 
 if TYPE_CHECKING:
-    from pretrain.evaluate.features import extract, transform_array_batch
-    from pretrain.evaluate.pipeline import REQUIRED_KEYS, evaluate_checkpoint, evaluate_embeddings, target_expected
-    from pretrain.evaluate.splits import EvalError
+    from pretrain.evaluate.features import extract
+    from pretrain.evaluate.pipeline import REQUIRED_KEYS, evaluate_checkpoint, target_expected
 
 
 def __getattr__(name: str) -> Any:

@@ -48,17 +48,13 @@ def convert_mode_array(images: np.ndarray, in_channels: int) -> np.ndarray:
     return luma.astype(np.uint8)[..., None]
 
 
-def _needs_resize(height: int, width: int, size: int) -> bool:
-    # Resize(int) scales the shorter side to `size`; PIL returns an unchanged copy when the size already matches.
-    return min(height, width) != size
-
-
 def transform_array_batch(images: np.ndarray, config: ModelConfig) -> torch.Tensor:
     """The eval transform on a uint8 batch; equal, element for element, to stacking eval_transform(PIL image)."""
     images = convert_mode_array(images, config.in_channels)
     size = int(config.image_size)
     n, height, width, _ = images.shape
-    if _needs_resize(height, width, size):
+    # Resize(int) scales the shorter side to `size`; PIL returns an unchanged copy when the size already matches.
+    if min(height, width) != size:
         mode = pil_mode(config.in_channels)
         resized = []
         for img in images:
@@ -84,9 +80,13 @@ def _array_batches(
         yield transform_array_batch(source.array[indices[start : start + batch_size]], config)
 
 
-def _pil_batches(
+def clean_batches(
     source: ImageSource, indices: np.ndarray, config: ModelConfig, batch_size: int
 ) -> Iterator[torch.Tensor]:
+    """`source[indices]` through the deployed (eval) transform, in batches: what export and the server feed."""
+    if source.array is not None:
+        yield from _array_batches(source, indices, config, batch_size)
+        return
     transform = eval_transform(config)
     for start in range(0, len(indices), batch_size):
         tensors = []
@@ -97,20 +97,6 @@ def _pil_batches(
                 raise DataSpecError(f"{source.name}: image {int(i)} cannot be read: {err}") from err
             tensors.append(transform(image))
         yield torch.stack(tensors)
-
-
-def clean_batches(
-    source: ImageSource, indices: np.ndarray, config: ModelConfig, batch_size: int
-) -> Iterator[torch.Tensor]:
-    """`source[indices]` through the deployed (eval) transform, in batches: what export and the server feed."""
-    batches = _array_batches if source.array is not None else _pil_batches
-    return batches(source, indices, config, batch_size)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -140,7 +126,7 @@ def extract(
     if idx.ndim != 1:
         raise ValueError("indices must be one-dimensional")
     labels = None if source.labels is None else torch.from_numpy(np.asarray(source.labels)[idx].astype(np.int64))
-    device = _model_device(model)
+    device = next((param.device for param in model.parameters()), torch.device("cpu"))
     encoder = getattr(model, "module", model)
     if train_mode:
         import copy

@@ -174,18 +174,6 @@ def _extract_splits(model: Encoder, splits: EvalSplits, batch_size: int, progres
     return out, done
 
 
-def _load(checkpoint: str | Path, dev: torch.device) -> tuple[Encoder, str]:
-    name = str(resolve_checkpoint(checkpoint))
-    return load_checkpoint(checkpoint, device=dev)[0], name
-
-
-def _train_mode_l0(model: Encoder, splits: EvalSplits, batch_size: int) -> float:
-    """l0 of the evaluation codes with BatchNorm on batch statistics: the rate the training loss was steering."""
-    source, indices = splits.eval_source, splits.eval_indices
-    _, z, _ = extract(model, source, model.config, batch_size, indices=indices, progress=False, train_mode=True)
-    return l0_fraction(z)
-
-
 def _context(
     splits: EvalSplits, config: ModelConfig, feature_dim: int, dim: int, checkpoint: str | None, data: str
 ) -> dict[str, Any]:
@@ -235,7 +223,11 @@ def evaluate_checkpoint(
     _check_args(k, batch_size, max_train, limit)
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    model, ckpt_name = (checkpoint, None) if isinstance(checkpoint, Encoder) else _load(checkpoint, dev)
+    if isinstance(checkpoint, Encoder):
+        model, ckpt_name = checkpoint, None
+    else:
+        ckpt_name = str(resolve_checkpoint(checkpoint))
+        model = load_checkpoint(checkpoint, device=dev)[0]
     config = model.config
     t_load = time.perf_counter()
     splits = resolve_splits(data_spec, max_train=max_train, limit=limit, seed=seed)
@@ -249,8 +241,10 @@ def evaluate_checkpoint(
     if dim_rates:
         result["dim_rates"] = [round(float(r), 6) for r in dimension_rates(ev_z)]
     t_extra = time.perf_counter()
-    if train_mode_l0:
-        result["l0_train_mode"] = _train_mode_l0(model, splits, batch_size)
+    if train_mode_l0:  # BatchNorm on batch statistics: the rate the training loss was steering
+        source, indices = splits.eval_source, splits.eval_indices
+        _, z, _ = extract(model, source, config, batch_size, indices=indices, progress=False, train_mode=True)
+        result["l0_train_mode"] = l0_fraction(z)
     if online and not isinstance(checkpoint, Encoder):
         result.update(online_probe_accuracy(checkpoint, ev_feats, ev_z, ev_y))
     timings = {

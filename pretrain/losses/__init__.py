@@ -5,7 +5,7 @@ losses take two views and return (total, parts) where parts holds detached float
 baselines NVICReg-ReLU and NCL-ReLU are VICRegLoss and NTXentLoss fed ReLU-rectified embeddings.
 """
 
-from pretrain.losses.factory import LOSS_METHODS, LOSSES, build_loss
+from pretrain.losses.factory import LOSS_METHODS, build_loss
 from pretrain.losses.lejepa import LeJEPALoss
 from pretrain.losses.ntxent import NTXentLoss
 from pretrain.losses.rdmreg import RDMReg, eigen_directions, sliced_wasserstein2
@@ -15,7 +15,6 @@ from pretrain.losses.vicreg import VICRegLoss
 
 __all__ = [
     "LOSS_METHODS",
-    "LOSSES",
     "LeJEPALoss",
     "NTXentLoss",
     "RDMReg",
