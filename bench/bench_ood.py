@@ -38,9 +38,9 @@ from core.atomic_io import atomic_path, atomic_write_text
 from data.sources import open_source as open_spec
 from data.splits import subsample
 from models.checkpoint import read_header, resolve_checkpoint
-from ood.baselines import KNNDistance, Mahalanobis
+from ood.baselines import KNNDistance
 from ood.calibration import calibrate
-from ood.detectors import BernoulliMixture, Inputs
+from ood.detectors import BernoulliMixture, GaussianMahalanobis, Inputs
 from ood.drift import DEFAULT_FALSE_ALARM_RATE, DriftMonitor
 from ood.inputs import embed_images, embed_source, open_runtime
 from ood.metrics import ood_metrics
@@ -179,7 +179,7 @@ class Scorers:
     def __init__(self, suite: ScoreSuite, train_in: Inputs, args: argparse.Namespace) -> None:
         self.suite = suite
         self.knn = KNNDistance(min(args.k, len(train_in))).fit(train_in.codes)
-        self.maha = Mahalanobis().fit(train_in.codes)
+        self.maha = GaussianMahalanobis.fit(train_in.codes, input_name="codes")
         n = len(train_in)
         order = np.random.default_rng(args.seed).permutation(n)
         fit_rows = np.sort(order[: int(np.clip(round(n * 0.5), 20, n - 20))])
@@ -191,7 +191,7 @@ class Scorers:
     def all(self, x: Inputs) -> dict[str, np.ndarray]:
         out = self.suite.score_all(x)
         out["knn"] = self.knn.score(x.codes)
-        out["mahalanobis"] = self.maha.score(x.codes)
+        out["mahalanobis"] = self.maha.score(x)
         for name, det in self.reseeded.items():
             out[name] = det.score(x)
         return out
@@ -202,7 +202,7 @@ class Scorers:
         batch = id_in.take(np.sort(rng.choice(len(id_in), min(args.timing_inputs, len(id_in)), replace=False)))
         fns: dict[str, Any] = {m: (lambda m=m: self.suite.score_named(m, batch)) for m in self.suite.names}
         fns["knn"] = lambda: self.knn.score(batch.codes)
-        fns["mahalanobis"] = lambda: self.maha.score(batch.codes)
+        fns["mahalanobis"] = lambda: self.maha.score(batch)
         fns["served (server path)"] = lambda: self.suite.score(batch)
         return median_interleaved(fns, len(batch), args.repeats)
 

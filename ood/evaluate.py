@@ -18,9 +18,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from data.splits import subsample, train_spec_for
-from ood.baselines import KNNDistance, Mahalanobis, l0_deviation
+from ood.baselines import KNNDistance, l0_deviation
 from ood.calibration import calibrate
-from ood.detectors import Inputs
+from ood.detectors import GaussianMahalanobis, Inputs
 from ood.metrics import auroc, ood_metrics
 from ood.scores import l0_fraction
 from ood.suite import ACTIVATION_STATISTICS, NEEDS, ScoreSuite
@@ -94,8 +94,8 @@ def evaluate_embeddings(
     k_used = min(k, int(train_codes.shape[0]))
     knn, fit_s = _timed(lambda: KNNDistance(k_used).fit(train_codes))
     run("knn", lambda: (knn.score(id_in.codes), knn.score(ood_in.codes)), fit_s=fit_s, k=k_used)
-    maha, fit_s = _timed(lambda: Mahalanobis().fit(train_codes))
-    run("mahalanobis", lambda: (maha.score(id_in.codes), maha.score(ood_in.codes)), fit_s, shrinkage=maha.shrinkage)
+    maha, fit_s = _timed(lambda: GaussianMahalanobis.fit(train_codes, input_name="codes"))
+    run("mahalanobis", lambda: (maha.score(id_in), maha.score(ood_in)), fit_s, shrinkage=maha.shrinkage)
     l0_id, l0_ood = l0_fraction(id_in.active), l0_fraction(ood_in.active)
     cal_l0 = calibration.get("l0", {})
     if expected_l0 is None:

@@ -10,7 +10,8 @@ from scipy import sparse, stats
 from scipy.spatial.distance import mahalanobis
 
 from ood import calibrate
-from ood.baselines import KNNDistance, Mahalanobis, l0_deviation, ledoit_wolf
+from ood.baselines import KNNDistance, l0_deviation
+from ood.detectors import GaussianMahalanobis, Inputs, ledoit_wolf
 from ood.evaluate import batch_l0_shift, evaluate_embeddings, train_spec_for
 from ood.metrics import auroc, average_precision, fpr_at_tpr, ood_metrics
 from ood.scores import SCORE_NAMES as OUR_METHODS
@@ -110,14 +111,14 @@ def test_mahalanobis_matches_scipy_and_survives_dead_dimensions():
     rng = np.random.default_rng(6)
     train = np.maximum(rng.normal(0.2, 1, size=(500, 8)), 0).astype(np.float32)  # embeddings are float32
     train[:, 3] = 0.0  # a dimension that never fires: singular sample covariance
-    model = Mahalanobis().fit(train)
+    model = GaussianMahalanobis.fit(train, input_name="codes")
     q = np.maximum(rng.normal(0.2, 1, size=(10, 8)), 0).astype(np.float32)
     _, cov, _ = ledoit_wolf(train)
     cov = cov + 1e-9 * np.trace(cov) / 8 * np.eye(8)
     vi = np.linalg.inv(cov)
     want = [mahalanobis(r, train.astype(np.float64).mean(axis=0), vi) ** 2 for r in q.astype(np.float64)]
-    np.testing.assert_allclose(model.score(q), want, rtol=1e-8)
-    assert np.all(np.isfinite(model.score(np.full((1, 8), 3.0))))
+    np.testing.assert_allclose(model.score(Inputs.from_arrays(q)), want, rtol=1e-8)
+    assert np.all(np.isfinite(model.score(Inputs.from_arrays(np.full((1, 8), 3.0)))))
 
 
 def test_l0_deviation():
