@@ -6,26 +6,19 @@ Every stage raises its own `core.errors.LpjepaError` subclasses; `cli.main` catc
 
 from __future__ import annotations
 
-from core.errors import InvalidError, LpjepaError, UnavailableError
+from core.errors import InvalidError, LpjepaError
 
 
 class CliError(InvalidError):
     """Bad command-line input found by a stage's command (a flag combination, a missing file the user named)."""
 
 
-# First match wins (most specific first). 2 is argparse's own code for a usage error: the user must change the command.
-EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (UnavailableError, 2),
-    (InvalidError, 2),
-    (LpjepaError, 2),
-    (OSError, 2),  # a file the user named cannot be read or written
-)
+# Every product error and a file the user named that cannot be read or written (OSError) exit with 2, argparse's own
+# code for a usage error: the user must change the command.
+EXIT_CODES: dict[type[BaseException], int] = {LpjepaError: 2, OSError: 2}
 INTERRUPTED = 130
 
 
 def exit_code(err: BaseException) -> int | None:
     """The exit code for an error the CLI reports as one line, or None for a bug (which keeps its traceback)."""
-    for kind, code in EXIT_CODES:
-        if isinstance(err, kind):
-            return code
-    return None
+    return next((code for kind, code in EXIT_CODES.items() if isinstance(err, kind)), None)
