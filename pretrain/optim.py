@@ -113,15 +113,11 @@ class WarmupCosine:
         warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_fraction * total))
         return cls(cfg.lr, total, warmup, cfg.min_lr_ratio)
 
-    def factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        span = max(self.total - self.warmup, 1)
-        progress = min(max(step - self.warmup, 0) / span, 1.0)
-        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
     def lr(self, step: int) -> float:
-        return self.base_lr * self.factor(step)
+        if step < self.warmup:
+            return self.base_lr * ((step + 1) / (self.warmup + 1))
+        progress = min(max(step - self.warmup, 0) / max(self.total - self.warmup, 1), 1.0)
+        return self.base_lr * (self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def apply(self, optimizer: Optimizer, step: int) -> float:
         lr = self.lr(step)

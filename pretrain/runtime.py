@@ -128,9 +128,9 @@ class Runtime:
             self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
 
-    def grad_scaler(self) -> torch.amp.GradScaler | None:
-        """fp16 needs loss scaling; bf16 and fp32 do not."""
-        return torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs loss scaling; for bf16 and fp32 the scaler is disabled and passes loss and steps through."""
+        return torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def barrier(self) -> None:
         if self.distributed:

@@ -1,10 +1,9 @@
-"""The pretraining loop: one process on CPU/GPU or one rank of a torchrun/DDP job.
+"""The pretraining loop, one process on CPU/GPU or one rank of a torchrun/DDP job: the network with its online
+probes and the `Trainer` that builds the training objects once and runs the loop.
 
-The parts: the run folder and its files (pretrain/rundir.py), where and how the process computes (device, DDP,
-autocast, seed: pretrain/runtime.py), the windowed train metrics (pretrain/metrics_log.py), and here the network
-with its online probes and the `Trainer` that builds the training objects once and runs the loop. Checkpoints are
-written every `checkpoint_every` steps and at the end; SIGINT/SIGTERM finish the current step, write a checkpoint
-and stop (exit 130 from the CLI), so an interrupted run resumes and follows the uninterrupted one exactly.
+Checkpoints are written every `checkpoint_every` steps and at the end; SIGINT/SIGTERM finish the current step,
+write a checkpoint and stop (exit 130 from the CLI), so an interrupted run resumes and follows the uninterrupted
+one exactly.
 """
 
 from __future__ import annotations
@@ -195,15 +194,10 @@ class Trainer:
             loss = loss + (F.cross_entropy(logits_f.float(), labels) + F.cross_entropy(logits_c.float(), labels))
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            for opt in self.optimizers:
-                self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            loss.backward()
-            for opt in self.optimizers:
-                opt.step()
+        self.scaler.scale(loss).backward()
+        for opt in self.optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
         if not math.isfinite(parts["loss"]):
             raise FloatingPointError(f"loss became {parts['loss']} at step {step}; lower optim.lr or use fp32")
         assert self.log is not None

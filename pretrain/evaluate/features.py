@@ -10,6 +10,7 @@ integer arithmetic), and a resize, when one is needed at all, is done by PIL its
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -129,8 +130,6 @@ def extract(
     device = next((param.device for param in model.parameters()), torch.device("cpu"))
     encoder = getattr(model, "module", model)
     if train_mode:
-        import copy
-
         encoder = copy.deepcopy(encoder)  # its running statistics may move; the caller's must not
     was_training = encoder.training
     encoder.train(train_mode)
@@ -146,6 +145,5 @@ def extract(
     finally:
         encoder.train(was_training)
     if not feats_out:
-        empty = torch.empty(0, encoder.feature_dim), torch.empty(0, encoder.embed_dim)
-        return empty[0], empty[1], labels
+        return torch.empty(0, encoder.feature_dim), torch.empty(0, encoder.embed_dim), labels
     return torch.cat(feats_out), torch.cat(z_out), labels

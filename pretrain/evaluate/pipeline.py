@@ -20,7 +20,7 @@ from models.config import ModelConfig
 from models.encoder import Encoder
 from models.preprocess import pil_mode
 from pretrain.evaluate.features import extract
-from pretrain.evaluate.nhsic import DEFAULT_DIMS, DEFAULT_SAMPLES, nhsic
+from pretrain.evaluate.nhsic import nhsic
 from pretrain.evaluate.probes import KNN_K, KNN_TEMPERATURE, knn_accuracy, linear_probe
 from pretrain.evaluate.sparsity import dimension_rates, l0_fraction, rate_report, sparsity_report
 from pretrain.evaluate.splits import EvalError, EvalSplits, resolve_splits
@@ -63,17 +63,11 @@ def evaluate_embeddings(
     eval_z: torch.Tensor,
     eval_y: torch.Tensor,
     *,
-    k: int = KNN_K,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    nhsic_samples: int = DEFAULT_SAMPLES,
-    nhsic_dims: int = DEFAULT_DIMS,
+    k: int,
+    dev: torch.device,
+    seed: int,
 ) -> dict[str, Any]:
-    """Probes on both feature sets, sparsity and nHSIC of the evaluation projector outputs (already extracted).
-
-    Split out of evaluate_checkpoint so a trainer that already holds features does not extract twice.
-    """
-    dev = resolve_device(device)
+    """Probes on both feature sets, sparsity and nHSIC of the evaluation projector outputs (already extracted)."""
     num_classes = int(max(int(train_y.max()), int(eval_y.max()))) + 1
     out: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -91,7 +85,7 @@ def evaluate_embeddings(
     out.update(sparsity_report(eval_z))
     timings["sparsity_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dep = nhsic(eval_z, n_samples=nhsic_samples, max_dims=nhsic_dims, seed=seed)
+    dep = nhsic(eval_z, seed=seed)
     timings["nhsic_s"] = time.perf_counter() - t0
     out.update(nhsic=dep.value, nhsic_pairs=dep.pairs, nhsic_live_dims=dep.live_dims, nhsic_samples=dep.samples)
     out.update(num_classes=num_classes, k=k, knn_temperature=KNN_TEMPERATURE, timings=timings)
@@ -235,7 +229,7 @@ def evaluate_checkpoint(
     ((tr_feats, tr_z, tr_y), (ev_feats, ev_z, ev_y)), (t_tr, t_ev) = _extract_splits(
         model, splits, batch_size, progress
     )
-    result = evaluate_embeddings(tr_feats, tr_z, tr_y, ev_feats, ev_z, ev_y, k=k, device=dev, seed=seed)
+    result = evaluate_embeddings(tr_feats, tr_z, tr_y, ev_feats, ev_z, ev_y, k=k, dev=dev, seed=seed)
     exp_l0, exp_l1 = target_expected(config)
     result.update(rate_report(ev_z, exp_l0))
     if dim_rates:

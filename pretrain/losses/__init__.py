@@ -1,8 +1,7 @@
 """Self-supervised losses: Rectified LpJEPA (RDMReg + invariance) and the LeJEPA, VICReg and SimCLR baselines.
 
 All losses compute in fp32 under autocast and gather embeddings across DDP ranks themselves; the composite
-losses take two views and return (total, parts) where parts holds detached floats for logging. The sparse
-baselines NVICReg-ReLU and NCL-ReLU are VICRegLoss and NTXentLoss fed ReLU-rectified embeddings.
+losses take two views and return (total, parts) where parts holds detached floats for logging.
 """
 
 from pretrain.losses.factory import LOSS_METHODS, build_loss

@@ -22,8 +22,6 @@ class LeJEPALoss(nn.Module):
         self,
         lam: float = 0.05,
         num_projections: int = 1024,
-        num_knots: int = 17,
-        t_max: float = 3.0,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
@@ -31,7 +29,7 @@ class LeJEPALoss(nn.Module):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"LeJEPALoss: lambda must lie in [0, 1], got {lam}")
         self.lam = float(lam)
-        self.sigreg = SIGReg(num_projections, num_knots, t_max, generator, seed)
+        self.sigreg = SIGReg(num_projections, generator, seed)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, *more: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         views = (z1, z2, *more)

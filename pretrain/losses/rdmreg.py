@@ -116,13 +116,6 @@ class RDMReg(nn.Module):
         self.projection = projection
         self._rng = SharedGenerator(generator, seed)
 
-    def extra_repr(self) -> str:
-        target = "RGN" if self.rectified_target else "GN"
-        return (
-            f"target={target}_{self.p:g}(mu={self.mu:g}, sigma={self.sigma:g}), "
-            f"num_projections={self.num_projections}, projection={self.projection}"
-        )
-
     def sample_target(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         """Fresh target draw Y from models.rgg (imported lazily so the losses import without the models)."""
         from models import rgg

@@ -1,4 +1,4 @@
-"""The Rectified LpJEPA objective: w_inv * invariance + w_rdm * (RDMReg(z) + RDMReg(z')) / 2.
+"""The Rectified LpJEPA objective: w_inv * mean((z - z')^2) + w_rdm * (RDMReg(z) + RDMReg(z')) / 2.
 
 Both views are gathered once, then every term runs on the global batch, so the value is identical on all ranks
 and the DDP gradient equals the single-process gradient (see pretrain/distributed.py).
@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain.distributed import gather_with_grad
-from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.precision import fp32_region
 from pretrain.losses.rdmreg import RDMReg
 from pretrain.losses.validation import check_embeddings, logged
@@ -49,7 +49,7 @@ class RectifiedLpJEPALoss(nn.Module):
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
         with fp32_region(g1):
             g1, g2 = g1.float(), g2.float()
-            inv = invariance_loss(g1, g2)
+            inv = F.mse_loss(g1, g2)
             c1, c2 = self.rdm.view_directions([g1, g2])  # one random set per step, shared by the views
             rdm = 0.5 * (self.rdm(g1, gathered=True, directions=c1) + self.rdm(g2, gathered=True, directions=c2))
             total = self.w_inv * inv + self.w_rdm * rdm

@@ -52,8 +52,6 @@ class SIGReg(nn.Module):
     def __init__(
         self,
         num_projections: int = 1024,
-        num_knots: int = 17,
-        t_max: float = 3.0,
         generator: torch.Generator | None = None,
         seed: int | None = None,
     ) -> None:
@@ -61,14 +59,11 @@ class SIGReg(nn.Module):
         if int(num_projections) < 1:
             raise ValueError(f"SIGReg: num_projections must be >= 1, got {num_projections}")
         self.num_projections = int(num_projections)
-        t, w, phi = epps_pulley_quadrature(num_knots, t_max)
+        t, w, phi = epps_pulley_quadrature()
         self.register_buffer("t", t, persistent=False)
         self.register_buffer("weights", w, persistent=False)
         self.register_buffer("phi", phi, persistent=False)
         self._rng = SharedGenerator(generator, seed)
-
-    def extra_repr(self) -> str:
-        return f"num_projections={self.num_projections}, num_knots={self.t.numel()}, t_max={float(self.t[-1]):g}"
 
     def forward(self, z: torch.Tensor, *, gathered: bool = False) -> torch.Tensor:
         if z.dim() not in (2, 3):

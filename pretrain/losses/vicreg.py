@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.distributed import gather_with_grad
-from pretrain.losses.invariance import invariance_loss
 from pretrain.losses.precision import fp32_region
 from pretrain.losses.validation import check_embeddings, logged
 
@@ -50,7 +49,7 @@ class VICRegLoss(nn.Module):
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
         with fp32_region(g1):
             g1, g2 = g1.float(), g2.float()
-            inv = invariance_loss(g1, g2)
+            inv = F.mse_loss(g1, g2)
             var = 0.5 * (variance_hinge(g1, self.eps) + variance_hinge(g2, self.eps))
             cov = covariance_penalty(g1) + covariance_penalty(g2)
             total = self.w_inv * inv + self.w_var * var + self.w_cov * cov
