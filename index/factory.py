@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -10,21 +11,15 @@ from index.base import VectorIndex
 from index.errors import IndexMismatchError, InvalidInputError
 from index.store import read_manifest
 
+# backend name -> module:class in index/, imported on first use (faiss and pymilvus are slow to import)
+_CLASSES = {"csr": "csr_index:CsrIndex", "faiss": "faiss_index:FaissIndex", "milvus": "milvus_index:MilvusIndex"}
+
 
 def _backend_class(name: str) -> type[VectorIndex]:
-    if name == "csr":
-        from index.csr_index import CsrIndex
-
-        return CsrIndex
-    if name == "faiss":
-        from index.faiss_index import FaissIndex
-
-        return FaissIndex
-    if name == "milvus":
-        from index.milvus_index import MilvusIndex
-
-        return MilvusIndex
-    raise InvalidInputError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in _CLASSES:
+        raise InvalidInputError(f"unknown index backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    module, _, cls = _CLASSES[name].partition(":")
+    return getattr(importlib.import_module(f"index.{module}"), cls)
 
 
 def create_index(backend: str = "csr", dim: int = 0, metric: str = "ip", **options: Any) -> VectorIndex:

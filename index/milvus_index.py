@@ -322,10 +322,9 @@ class MilvusIndex(VectorIndex):
                 scores[r, :n] = [float(h["distance"]) for h in hits[:n]]
                 if n < k:
                     count = self._count() if count is None else count
-                    if n < min(k, count):  # items sharing no dimension with the query score 0
-                        pad = self._smallest_ids_except(found[r, :n], min(k, count) - n)
-                        found[r, n : n + pad.size] = pad
-                        scores[r, n : n + pad.size] = 0.0
+                    pad = self._zero_hits(found[r, :n], k, count)
+                    found[r, n : n + pad.size] = pad
+                    scores[r, n : n + pad.size] = 0.0
         return _finish(scores, found)
 
     def search_items(
@@ -343,13 +342,11 @@ class MilvusIndex(VectorIndex):
             for h in result[0][:k]
         ]
         if len(hits) < k:
-            count = self._count()
-            if len(hits) < min(k, count):  # items sharing no dimension with the query score 0
-                pad = self._smallest_ids_except(np.array([h[0] for h in hits], np.int64), min(k, count) - len(hits))
-                rows = self._query_ids(pad, fields)
-                hits += [
-                    (int(i), 0.0, rows[int(i)].get("payload"), rows[int(i)].get("thumb")) for i in pad if int(i) in rows
-                ]
+            pad = self._zero_hits(np.array([h[0] for h in hits], np.int64), k, self._count())
+            rows = self._query_ids(pad, fields)
+            hits += [
+                (int(i), 0.0, rows[int(i)].get("payload"), rows[int(i)].get("thumb")) for i in pad if int(i) in rows
+            ]
         # the order of _finish: score, then ascending id among ties
         hits.sort(key=lambda h: (-np.float32(h[1]), h[0]))
         return [
@@ -364,7 +361,11 @@ class MilvusIndex(VectorIndex):
             "search", self.collection, data=data, anns_field="vec", limit=k, search_params=params, **output
         )
 
-    def _smallest_ids_except(self, exclude: np.ndarray, n: int) -> np.ndarray:
+    def _zero_hits(self, exclude: np.ndarray, k: int, count: int) -> np.ndarray:
+        """The zero-score hits (items sharing no dimension with the query): smallest ids not in `exclude`."""
+        n = min(k, count) - exclude.size
+        if n <= 0:
+            return np.zeros(0, np.int64)
         skip = ", ".join(str(int(i)) for i in exclude)
         expr = f"id not in [{skip}]" if skip else "id >= 0"
         rows = self._call("query", self.collection, filter=expr, output_fields=["id"], limit=n)
