@@ -58,7 +58,6 @@ class VectorIndex(ABC):
         self._lock = RWLock()
         self.metadata: dict[str, Any] = {}  # free-form JSON saved in the manifest (e.g. which model built it)
 
-    # ------------------------------------------------------------------ public API
     @property
     def dim(self) -> int:
         return self._dim
@@ -192,7 +191,6 @@ class VectorIndex(ABC):
         """How many items carry a thumbnail."""
         return len(self._thumbnails)
 
-    # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
         """Write the index atomically (see :mod:`index.store`); returns the manifest."""
         with self._lock.write():
@@ -258,7 +256,6 @@ class VectorIndex(ABC):
                 f.write(json.dumps({"id": key, "payload": self._payloads[key]}, allow_nan=False))
                 f.write("\n")
 
-    # ------------------------------------------------------------------ backend hooks
     @abstractmethod
     def _count(self) -> int: ...
 

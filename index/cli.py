@@ -158,7 +158,6 @@ def _register_build(actions: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_cmd_build)
 
 
-# ---------------------------------------------------------------------- building
 def embed_source(
     runtime: Any,
     source: Any,
@@ -408,7 +407,6 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- searching
 def _cmd_search(args: argparse.Namespace) -> int:
     """Embed ``--image`` and print its top ``k`` in the index directory ``--index`` or, with the milvus flags, a
     collection: a table best first, or with ``--json`` {"results": [{"id", "score", "payload"}, ...]}."""

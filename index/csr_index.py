@@ -181,7 +181,6 @@ class CsrIndex(RowMapped, VectorIndex):
         self._cache_lock = threading.Lock()  # searches share the read lock but build caches lazily
         self._colcount_cache: np.ndarray | None = None  # _colcounts(); dropped whenever the blocks change
 
-    # ------------------------------------------------------------------ bookkeeping
     @property
     def nbytes(self) -> int:
         """Bytes held by the vectors, id maps and caches (what the benchmark reports as memory)."""
@@ -191,7 +190,6 @@ class CsrIndex(RowMapped, VectorIndex):
             total += sum(cache.nbytes for cache in (b.inv, b.impact, b.bmax) if cache is not None)
         return int(total)
 
-    # ------------------------------------------------------------------ writes
     def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
         x = vectors if sp.issparse(vectors) else sp.csr_matrix(vectors)
         x.indices = x.indices.astype(np.int32, copy=False)
@@ -237,7 +235,6 @@ class CsrIndex(RowMapped, VectorIndex):
         self._blocks = [_Block(_vstack(parts, self._dim), 0)] if parts else []
         self._colcount_cache = None
 
-    # ------------------------------------------------------------------ search
     def _inverted(self, block: _Block) -> TiledInverted:
         """The lists the exact kernel walks: impact-ordered ones serve as well when they exist (same sums,
         added in the same dimension order), so an approximate index holds one copy."""
@@ -576,7 +573,6 @@ class CsrIndex(RowMapped, VectorIndex):
             rows_per_chunk = max(256, self.chunk_bytes // (4 * (self._dim + hi - lo)))
             self._push_chunks(parts, top, lo, rows_per_chunk, lambda x, qd=qd: qd @ x.toarray().T)  # sgemm
 
-    # ------------------------------------------------------------------ reads
     def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:
         rows = self._map.rows_of(ids)
         starts = np.array([b.start for b in self._blocks], np.int64)
@@ -593,7 +589,6 @@ class CsrIndex(RowMapped, VectorIndex):
             out = sp.csr_matrix(sp.diags(self._norms[rows]) @ out, dtype=np.float32)
         return out
 
-    # ------------------------------------------------------------------ persistence
     def _before_save(self) -> None:
         self._compact()
 

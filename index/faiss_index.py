@@ -107,7 +107,6 @@ class FaissIndex(RowMapped, VectorIndex):
         self._gpu_index = None
         self._gpu_lock = threading.Lock()  # searches share the read lock but create the GPU copy lazily
 
-    # ------------------------------------------------------------------ construction
     @property
     def kind(self) -> str:
         return self._kind["kind"]
@@ -164,7 +163,6 @@ class FaissIndex(RowMapped, VectorIndex):
         ivf.set_direct_map_type(_faiss().DirectMap.Array)  # enables reconstruct() and rebuilds
         self._index = index
 
-    # ------------------------------------------------------------------ bookkeeping
     @property
     def nbytes(self) -> int:
         """Bytes of vectors, graph / lists, FAISS id map and our mirrors (what the benchmark reports)."""
@@ -180,7 +178,6 @@ class FaissIndex(RowMapped, VectorIndex):
             total += hnsw.neighbors.size() * 4 + hnsw.levels.size() * 4 + hnsw.offsets.size() * 8
         return int(total)
 
-    # ------------------------------------------------------------------ writes
     def _add(self, ids: np.ndarray, vectors: Vectors, norms: np.ndarray) -> None:
         if self._index is None:
             self._train(vectors)
@@ -247,7 +244,6 @@ class FaissIndex(RowMapped, VectorIndex):
         self._n_dead = 0
         self._gpu_index = None
 
-    # ------------------------------------------------------------------ search
     def _params(self, *, exhaustive: bool = False):
         faiss = _faiss()
         sel = faiss.IDSelectorRange(0, MAX_ID + 1) if self._n_dead else None
@@ -352,7 +348,6 @@ class FaissIndex(RowMapped, VectorIndex):
                 self._gpu_index = gpu
             return self._gpu_index
 
-    # ------------------------------------------------------------------ reads
     def _reconstruct(self, ids: np.ndarray) -> sp.csr_matrix:
         rows = self._map.rows_of(ids)
         dense = self._index.index.reconstruct_batch(rows)
@@ -360,7 +355,6 @@ class FaissIndex(RowMapped, VectorIndex):
             dense = dense * self._norms[rows][:, None]
         return sp.csr_matrix(dense, dtype=np.float32)
 
-    # ------------------------------------------------------------------ persistence
     def _before_save(self) -> None:
         self._compact()
 

@@ -71,7 +71,6 @@ def reject_milvus_flags_without_backend(args: argparse.Namespace, backend: str |
         raise CliError("--milvus-uri is for --backend milvus")
 
 
-# ---------------------------------------------------------------------- lpjepa milvus serve
 def register(subparsers: argparse._SubParsersAction) -> None:
     milvus = subparsers.add_parser("milvus", help="run a local Milvus server (milvus-lite) for several processes")
     from cli.parser import OneLineParser

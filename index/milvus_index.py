@@ -142,7 +142,6 @@ class MilvusIndex(VectorIndex):
         self._exists = False
         self._refresh()
 
-    # ------------------------------------------------------------------ connection
     def _connect(self) -> Any:
         hint = " (a Milvus Lite file is opened by one process at a time: share it with `lpjepa milvus serve`)"
         return _client(self.uri, self._token, self.timeout_s, hint if _is_local_file(self.uri) else "")
@@ -191,7 +190,6 @@ class MilvusIndex(VectorIndex):
             self._closed = True
             _release_local(self.uri)
 
-    # ------------------------------------------------------------------ collection
     def _refresh(self) -> None:
         """Adopt the collection if it exists, after checking it is an index of this dimension and metric."""
         if not self._call("has_collection", self.collection):
@@ -251,7 +249,6 @@ class MilvusIndex(VectorIndex):
             self._call("drop_collection", self.collection)
         self._exists = False
 
-    # ------------------------------------------------------------------ writes
     def add(
         self,
         ids: Any,
@@ -295,7 +292,6 @@ class MilvusIndex(VectorIndex):
             self._call("delete", self.collection, ids=[int(i) for i in chunk])
         return int(ids.size)
 
-    # ------------------------------------------------------------------ reads
     def _checked_queries(self, queries: Any, k: int) -> tuple[int, Any]:
         """(k, queries) after the checks every search runs, queries unit-length for cosine."""
         k = check_k(k)
@@ -485,7 +481,6 @@ class MilvusIndex(VectorIndex):
         rows = self._call("query", self.collection, filter="thumb_bytes > 0", output_fields=["count(*)"], what="count")
         return int(rows[0]["count(*)"])
 
-    # ------------------------------------------------------------------ persistence
     def prepare(self) -> None:
         """Make sure the collection exists and is loaded, so the first request does not pay for it."""
         self._ensure()
@@ -594,7 +589,6 @@ def drop_collection(
             client.close()
 
 
-# ---------------------------------------------------------------------- helpers
 _LOCAL_USERS: collections.Counter[str] = collections.Counter()  # open indexes per Milvus Lite file, this process
 _LOCAL_LOCK = threading.Lock()
 

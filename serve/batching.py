@@ -142,7 +142,6 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpjepa-model")
         self._closed = False
 
-    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         if self.enabled:
@@ -171,7 +170,6 @@ class DynamicBatcher:
     def queued_images(self) -> int:
         return self._pending_images + self._inflight_images
 
-    # ------------------------------------------------------------------ submission
     @contextlib.contextmanager
     def expecting(self) -> Iterator[Ticket]:
         """Announce a request that will `submit` soon (it is being decoded), so a forming batch waits for it."""
@@ -242,7 +240,6 @@ class DynamicBatcher:
         self._observer.batch_run(int(batch.shape[0]), time.perf_counter() - start)
         return out
 
-    # ------------------------------------------------------------------ worker
     def _take_batch(self) -> list[_Job]:
         """Pop whole jobs up to max_batch images (a job larger than max_batch runs alone, split by the runner)."""
         jobs: list[_Job] = []

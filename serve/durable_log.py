@@ -172,7 +172,6 @@ class ItemLog:
         self._conn = conn
         self._lock_fd = lock_fd
 
-    # ------------------------------------------------------------------ opening and checking
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, dim: int) -> ItemLog:
         """Open (or create) the database and check it whole: structure, meta, every row's checksum."""
@@ -239,7 +238,6 @@ class ItemLog:
         if max_seq > self.last_seq:
             raise CorruptStoreError(self.path, f"a row has write number {max_seq} beyond the last one {self.last_seq}")
 
-    # ------------------------------------------------------------------ reads
     def rows_after(self, seq: int, chunk: int = 4096) -> Iterator[list[Row]]:
         """Rows written after sequence number `seq`, in write order, `chunk` at a time (bounded memory)."""
         last = seq
@@ -253,7 +251,6 @@ class ItemLog:
             last = rows[-1].seq
             yield rows
 
-    # ------------------------------------------------------------------ writes
     def upsert(
         self,
         ids: np.ndarray,

@@ -23,7 +23,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# --------------------------------------------------------------------------------------------- embeddings
 class EmbeddingIn(StrictModel):
     """An embedding supplied by the client: sparse (indices + values) or dense (exactly `dim` numbers).
 
@@ -86,7 +85,6 @@ class EmbedResponse(BaseModel):
     embeddings: list[EmbeddingOut]
 
 
-# --------------------------------------------------------------------------------------------- search
 class SearchJSON(StrictModel):
     embedding: EmbeddingIn | None = None
     image: StrictStr | None = Field(None, description="base64 image instead of an embedding")
@@ -112,7 +110,6 @@ class SearchResponse(BaseModel):
     query: EmbeddingOut | None = Field(None, description="the query image's embedding, for image queries")
 
 
-# --------------------------------------------------------------------------------------------- items
 class ItemIn(StrictModel):
     id: ItemIdIn
     image: StrictStr | None = Field(None, description="base64 image to embed")
@@ -150,7 +147,6 @@ class DeleteResponse(BaseModel):
     index_size: int
 
 
-# --------------------------------------------------------------------------------------------- ood / info
 class OODResponse(BaseModel):
     results: list[OODOut]
     score_name: str = Field(description="the served score")
@@ -216,7 +212,6 @@ class Health(BaseModel):
     checks: dict[str, bool] = Field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------- OpenAPI helpers
 MULTIPART = "multipart/form-data"
 IMAGE_FILES_SCHEMA = {"type": "array", "items": {"type": "string", "format": "binary"}}
 # The multipart fields of each route that takes images (the JSON bodies are the models below/above).

@@ -104,7 +104,6 @@ class ItemStore:
     def backend_durable(self) -> bool:
         return bool(getattr(self.index, "owns_durability", False))
 
-    # -------------------------------------------------------------------- opening
     @classmethod
     def open(
         cls,
@@ -179,7 +178,6 @@ class ItemStore:
         if ping is not None:
             ping()
 
-    # -------------------------------------------------------------------- reads
     def __len__(self) -> int:
         return len(self.index)
 
@@ -234,7 +232,6 @@ class ItemStore:
             "snapshots": self.snapshots,
         }
 
-    # -------------------------------------------------------------------- writes
     def upsert(
         self,
         ids: np.ndarray,
