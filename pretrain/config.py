@@ -211,14 +211,6 @@ def _build(data: Any) -> TrainConfig:
         raise ConfigError(one_line(err, lambda path: sorted(_section(path).model_fields))) from None
 
 
-def parse_value(text: str) -> Any:
-    """`--set` values are JSON when they parse as JSON (numbers, true/false/null, lists), else plain strings."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def apply_override(cfg: TrainConfig, assignment: str) -> None:
     """Apply one `a.b=value`; a key inside a dict field (model.backbone_kwargs.width=0.25) sets that entry."""
     data = cfg.to_dict()
@@ -241,7 +233,10 @@ def _set(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(path[: i + 1])} is not an object; cannot set {key!r}")
-    node[last] = parse_value(raw)
+    try:  # `--set` values are JSON when they parse as JSON (numbers, true/false/null, lists), else plain strings
+        node[last] = json.loads(raw)
+    except json.JSONDecodeError:
+        node[last] = raw
 
 
 def config_names() -> list[str]:

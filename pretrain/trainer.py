@@ -52,13 +52,8 @@ class TrainNet(nn.Module):
 
     def pre_activation(self, feats: torch.Tensor) -> torch.Tensor:
         """Projector output before its final ReLU (the objective applies the rectification itself)."""
-        layers = list(self.encoder.projector)
-        if self.rectified_projector:
-            layers = layers[:-1]
-        x = feats
-        for layer in layers:
-            x = layer(x)
-        return x
+        projector = self.encoder.projector  # an nn.Sequential (models.projector): a slice runs the same layers
+        return (projector[:-1] if self.rectified_projector else projector)(feats)
 
     def forward(
         self, views: list[torch.Tensor]

@@ -83,9 +83,7 @@ class RDMReg(nn.Module):
         rectified_target: True -> RGN (ReLU of GN samples); False -> plain GN (the ablation cells).
         projection: "random" (unit Gaussian directions) or "eigen" (the bottom half of the batch's right
             singular vectors, filled up with random ones).
-        generator: optional torch.Generator; under DDP seed it identically on every rank. Without it the loss
-            makes its own, seeded by ``seed`` or by torch's global RNG and broadcast from rank 0.
-        seed: seed for the internal generator (ignored when ``generator`` is given).
+        generator, seed: the loss's random stream (pretrain.losses.randomness.SharedGenerator).
     """
 
     def __init__(
