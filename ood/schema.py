@@ -153,21 +153,20 @@ class Selection(Section):
 
 
 class ScaledChi2(Section):
-    """Satterthwaite's g chi2_h null of a drift statistic, matched to its bootstrap mean and variance."""
+    """The shift + g chi2_h null of a drift statistic, matched to its bootstrap mean, variance and skewness
+    (calibrations written before the shift was fitted have none: their g chi2_h matched two moments)."""
 
     scale: Positive
     df: Positive
+    shift: Finite = 0.0
     mean: Finite
     var: Finite
+    skew: Finite | None = None
 
 
-class Principal(Section):
+class Principal(ScaledChi2):
     components: EncodedArray  # m x D, in the standardised space
     eigvals: list[Positive]
-    scale: Positive
-    df: Positive
-    mean: Finite
-    var: Finite
 
 
 class DriftSection(Section):
