@@ -80,6 +80,12 @@ class MethodConfig(Section):
     leaky_slope: Unit = 0.1
     # Share of the RDMReg weight given to the coordinate axes (measured: 0.2 keeps accuracy, 0.5 costs 1.5 pt).
     marginal_weight: Unit = 0.2
+    # Share of training, at its end, over which the axis-fix weight falls linearly to 0 while the RDMReg term takes
+    # its share back, so the run ends on the paper's objective (0: constant weight).
+    marginal_anneal: Unit = 0.0
+    # The axis fix trains the projector only: its term reads pre-activations of the detached backbone features, so
+    # the backbone learns from the paper's objective alone (one more projector pass per step).
+    marginal_detach: bool = False
     # Weight of the quantile rate term ("quantile", "quantile_shift"), as a share of w_rdm.
     rate_weight: NonNegative = 0.2
     lejepa_lambda: Unit = 0.05

@@ -176,7 +176,9 @@ class Objective(nn.Module):
             raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} is not an axis fix + a rate term")
         if self.rate_fix and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.rate_fix!r} needs a target with a rate (a sliced-W2 method)")
-        self.alpha = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
+        self.alpha = self.alpha0 = float(m.marginal_weight) if self.fix in MARGINAL_FIXES else 0.0
+        self.anneal = float(m.marginal_anneal) if self.alpha0 > 0 else 0.0
+        self.detach_axis = bool(m.marginal_detach) and self.alpha0 > 0
         self.w_rdm = float(m.w_rdm)
         self.rate_weight = float(m.rate_weight) if self.rate_fix else 0.0
         # The target's activation rate P(X > 0) = Phi(mu / sigma); the same for the GN and RGN cells.
@@ -201,6 +203,16 @@ class Objective(nn.Module):
             self.loss = build_loss(m.name, w_inv=m.vicreg_sim, w_var=m.vicreg_var, w_cov=m.vicreg_cov)
         else:
             self.loss = build_loss(m.name, temperature=m.temperature)
+
+    def set_progress(self, done: float) -> None:
+        """Anneal the axis fix: full weight until the last `marginal_anneal` share of training, then linearly to 0
+        at the end, the RDMReg term taking its share back (`done`: finished share of the steps, 0..1)."""
+        if self.anneal <= 0:
+            return
+        left = min(1.0, max(0.0, (1.0 - done) / self.anneal))
+        self.alpha = self.alpha0 * left
+        if hasattr(self.loss, "w_rdm"):
+            self.loss.w_rdm = self.w_rdm * (1.0 - self.alpha)
 
     @torch.no_grad()
     def init_projector(self, projector: nn.Module) -> None:
@@ -260,9 +272,12 @@ class Objective(nn.Module):
         y = self._target(tuple(h.shape), h.device, self.target.kind == "rgn")
         return marginal_w2(h, y, rectified=self.relu)
 
-    def forward(self, hs: list[torch.Tensor], n_global: int) -> tuple[torch.Tensor, dict[str, float], list]:
+    def forward(
+        self, hs: list[torch.Tensor], n_global: int, hs_axis: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, float], list]:
         """hs: per-view pre-activations (global views first). Two-view losses average over the view pairs
-        (global, other); LeJEPA takes all views at once, as in its reference code."""
+        (global, other); LeJEPA takes all views at once, as in its reference code. hs_axis: the same views'
+        pre-activations of detached backbone features (`marginal_detach`), which the axis fix reads instead."""
         zs = [self.codes(h) for h in hs]
         if self.method == "lejepa":
             total, parts = self.loss(*zs)
@@ -279,7 +294,7 @@ class Objective(nn.Module):
             if weight <= 0:
                 continue
             term = torch.zeros((), device=zs[0].device)
-            for h in hs:
+            for h in hs_axis if (hs_axis is not None and fix == self.fix) else hs:
                 hg = gather_with_grad(h)
                 with fp32_region(hg):
                     term = term + self._axis_term(fix, hg.float())

@@ -41,9 +41,10 @@ class TrainNet(nn.Module):
     DDP still averages their gradients across ranks.
     """
 
-    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+    def __init__(self, encoder: Encoder, num_classes: int, detach_axis: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.detach_axis = detach_axis
         self.rectified_projector = encoder.config.rectify
         self.num_classes = num_classes
         if num_classes > 0:
@@ -57,8 +58,10 @@ class TrainNet(nn.Module):
 
     def forward(
         self, views: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor | None, torch.Tensor | None]:
+        """(pre-activations per view, the same from detached backbone features or None, the two probes' logits)."""
         hs: list[torch.Tensor | None] = [None] * len(views)
+        hs_axis: list[torch.Tensor | None] = [None] * len(views)
         first_feats: torch.Tensor | None = None
         # Same-size views go through the network as one batch (fewer, larger kernels; BN sees both views).
         by_size: dict[tuple[int, ...], list[int]] = {}
@@ -68,9 +71,12 @@ class TrainNet(nn.Module):
             x = torch.cat([views[i] for i in idx]) if len(idx) > 1 else views[idx[0]]
             feats = self.encoder.backbone(x)
             h = self.pre_activation(feats)
+            h_axis = self.pre_activation(feats.detach()) if self.detach_axis else None
             n = views[idx[0]].shape[0]
             for k, i in enumerate(idx):
                 hs[i] = h[k * n : (k + 1) * n]
+                if h_axis is not None:
+                    hs_axis[i] = h_axis[k * n : (k + 1) * n]
                 if i == 0:
                     first_feats = feats[k * n : (k + 1) * n]
         assert first_feats is not None
@@ -79,7 +85,8 @@ class TrainNet(nn.Module):
             logits_f = self.probe_feat(first_feats.detach().float())
             code = F.relu(hs[0]) if self.rectified_projector else hs[0]
             logits_c = self.probe_code(code.detach().float())
-        return [h for h in hs if h is not None], first_feats, logits_f, logits_c
+        axis = [h for h in hs_axis if h is not None] if self.detach_axis else None
+        return [h for h in hs if h is not None], axis, logits_f, logits_c
 
 
 @dataclass
@@ -131,7 +138,7 @@ class Trainer:
                 f"cannot build the model ({cfg.model.backbone}, {cfg.model.backbone_kwargs}): {err}"
             ) from err
         num_classes = source.num_classes if (cfg.probe.enabled and source.labels is not None) else 0
-        self.net = TrainNet(encoder, num_classes).to(rt.device)
+        self.net = TrainNet(encoder, num_classes, detach_axis=cfg.method.marginal_detach).to(rt.device)
         if cfg.model.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if rt.distributed and cfg.model.sync_bn:
@@ -181,8 +188,10 @@ class Trainer:
         if self.cfg.model.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with self.rt.autocast():
-            hs, _, logits_f, logits_c = self.model(views)
-        loss, parts, zs = self.objective([h.float() for h in hs], self.cfg.augment.global_views)
+            hs, hs_axis, logits_f, logits_c = self.model(views)
+        self.objective.set_progress(step / self.total)
+        axis = [h.float() for h in hs_axis] if hs_axis is not None else None
+        loss, parts, zs = self.objective([h.float() for h in hs], self.cfg.augment.global_views, axis)
         labels = batch.labels
         probes = (logits_f, logits_c, labels) if logits_f is not None and labels is not None else None
         if probes is not None:

@@ -64,8 +64,8 @@ def test_each_method_takes_a_finite_step(method, fmnist):
     net = TrainNet(build_model(mcfg), num_classes=10)
     objective = Objective(cfg, mcfg.target_sigma, mcfg.embed_dim, torch.Generator().manual_seed(0))
     batch = build_batches(cfg, fmnist, 1, mcfg.mean, mcfg.std, 0, 1, torch.device("cpu")).batch(0)
-    hs, feats, logits_f, logits_c = net(batch.views)
-    assert len(hs) == 3 and feats.shape == (16, net.encoder.feature_dim) and logits_f.shape == (16, 10)
+    hs, axis, logits_f, logits_c = net(batch.views)
+    assert len(hs) == 3 and axis is None and logits_f.shape == (16, 10)
     loss, parts, zs = objective(hs, n_global=2)
     assert torch.isfinite(loss) and math.isfinite(parts["loss"]) and abs(parts["loss"] - float(loss.detach())) < 1e-4
     if mcfg.rectify:
@@ -400,6 +400,47 @@ def test_deterministic_quantiles_and_combined_fixes():
     assert "marginal" in parts and "rate_term" in parts
     with pytest.raises(ConfigError, match="dead_dim_fix"):
         load_config("smoke", ["method.dead_dim_fix=quantile+marginal"])
+
+
+def test_axis_fix_anneal_and_detach(fmnist):
+    """marginal_anneal: full axis weight until the last share of training, then linearly to 0, the RDMReg weight
+    returning to w_rdm. marginal_detach: the backbone's gradient is exactly the paper's objective's (the axis term
+    reaches only the projector), while the projector's gradient still carries the term."""
+    from models.encoder import build_model
+
+    sets = ("method.mu=-2", "method.dead_dim_fix=preact", "method.marginal_weight=0.2")
+    cfg = load_config("smoke", [*sets, "method.marginal_anneal=0.5"])
+    obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+    w = cfg.method.w_rdm
+    for done, alpha in ((0.0, 0.2), (0.5, 0.2), (0.75, 0.1), (1.0, 0.0)):
+        obj.set_progress(done)
+        assert obj.alpha == pytest.approx(alpha) and obj.loss.w_rdm == pytest.approx(w * (1 - alpha))
+    _, parts, _ = obj([torch.randn(32, 8), torch.randn(32, 8)], n_global=2)
+    assert "marginal" not in parts  # training ends on the paper's objective
+
+    def grads(detach: bool, drop_axis: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        c = resolve_config(_tiny("rectified_lpjepa", *sets, f"method.marginal_detach={str(detach).lower()}"), fmnist)
+        mcfg = model_config(c)
+        torch.manual_seed(0)
+        net = TrainNet(build_model(mcfg), num_classes=0, detach_axis=c.method.marginal_detach)
+        objective = Objective(c, mcfg.target_sigma, mcfg.embed_dim, torch.Generator().manual_seed(0))
+        objective.init_projector(net.encoder.projector)
+        if drop_axis:
+            objective.alpha = 0.0  # the same objective without the axis term (RDMReg keeps its 1 - alpha share)
+        views = build_batches(c, fmnist, 1, mcfg.mean, mcfg.std, 0, 1, torch.device("cpu")).batch(0).views
+        hs, axis, _, _ = net(views)
+        assert (axis is not None) == detach
+        objective(hs, n_global=2, hs_axis=axis)[0].backward()
+        enc = net.encoder
+        return [p.grad.clone() for p in enc.backbone.parameters()], [p.grad.clone() for p in enc.projector.parameters()]
+
+    back_d, proj_d = grads(detach=True, drop_axis=False)
+    back_0, proj_0 = grads(detach=False, drop_axis=True)
+    back_a, _ = grads(detach=False, drop_axis=False)
+    for a, b in zip(back_d, back_0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(back_a, back_0, strict=True))
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(proj_d, proj_0, strict=True))
 
 
 def test_preact_fixed_point_is_the_gn_law_and_its_rate():
