@@ -23,6 +23,17 @@ class InvalidError(LpjepaError, ValueError):
     """The input, a file on disk, or the requested state is wrong, not the program."""
 
 
+class RejectedInput(InvalidError):
+    """Input refused for a reason a client branches on: `code` names it (a class default, or per raise), and the
+    front end maps the reason, not the class, to its status (serve/errors.REASON_STATUS)."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.code
+
+
 class UnavailableError(LpjepaError, ConnectionError):
     """A service the request needs (a Milvus server) cannot be reached or failed; the request may be retried."""
 

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import InvalidError, LpjepaError, UnavailableError
+from core.errors import InvalidError, LpjepaError, RejectedInput, UnavailableError
 from export.errors import ImageDecodeError, ModelLoadError
 from index.errors import BackendUnavailableError, DimensionMismatchError, IndexError_, UnknownIdError
 from ood.scores import CalibrationError
@@ -68,7 +68,7 @@ HTTP_ERRORS: dict[type[BaseException], tuple[int, str]] = {
     LpjepaError: (500, "internal_error"),
 }
 RETRY_AFTER_S = {BackendUnavailableError: 2}  # Milvus needs longer than our own queues to come back
-# The reasons of ImageRejected and JsonRejected whose status is not their row's 422.
+# The reasons (RejectedInput.code: images, strict JSON) whose status is not their row's 422.
 REASON_STATUS = {
     "unsupported_image_format": 415,
     "image_too_large": 413,
@@ -85,7 +85,7 @@ def http_error(exc: LpjepaError) -> tuple[int, str, dict[str, str]]:
         return exc.status, exc.code, exc.headers
     kind = next(cls for cls in type(exc).__mro__ if cls in HTTP_ERRORS)
     status, code = HTTP_ERRORS[kind]
-    if isinstance(exc, images.ImageRejected | strict_json.JsonRejected):
+    if isinstance(exc, RejectedInput):
         status, code = REASON_STATUS.get(exc.code, status), exc.code
     headers = {"Retry-After": str(RETRY_AFTER_S.get(kind, 1))} if status == 503 else {}
     return status, code, headers

@@ -16,19 +16,15 @@ from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from core.errors import InvalidError, UnavailableError
+from core.errors import RejectedInput, UnavailableError
 from serve.settings import ServeSettings
 
 
-class ImageRejected(InvalidError):
+class ImageRejected(RejectedInput):
     """Images the server will not decode; `code` names the reason (invalid_image, invalid_base64, corrupt_image,
     unsupported_image_format, image_too_large, missing_images, too_many_images) and serve/errors.py its status."""
 
     code = "invalid_image"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code or self.code
 
 
 class TooManyPixelsError(ImageRejected):

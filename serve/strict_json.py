@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import InvalidError
+from core.errors import RejectedInput
 
 MAX_PAYLOAD_DEPTH = 32  # nesting levels of a stored payload (an object is one level)
 ENVELOPE_DEPTH = 8  # levels of a request body around a payload: {"items": [{"payload": ...}]} and some slack
@@ -31,15 +31,11 @@ _OPEN[[ord("["), ord("{")]] = 1
 _OPEN[[ord("]"), ord("}")]] = -1
 
 
-class JsonRejected(InvalidError):
+class JsonRejected(RejectedInput):
     """Input that is not strict JSON, or JSON the server will not store; `code` names the reason (malformed_json,
     too_deep, invalid_number, invalid_unicode, invalid_payload, payload_too_large) and serve/errors.py its status."""
 
     code = "invalid_payload"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code or self.code
 
 
 class MalformedJsonError(JsonRejected):
