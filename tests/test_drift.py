@@ -69,6 +69,26 @@ def test_chi_square_statistic_by_hand():
     assert float(chi_square(counts, expected, inv_var)) == pytest.approx(want)
 
 
+def test_incremental_window_state_matches_a_numpy_recomputation(world):
+    """The monitor updates T^2 and Q from the dimensions whose counts change; after every request (one or several
+    images, mid-window and across the once-per-window refresh) they equal a float64 numpy recomputation from the
+    window's own counts: T^2 = sum_k (w_k . d)^2 / lambda_k, Q = sum_j d_j^2 / var_j - sum_k (w_k . d)^2."""
+    loc, cal = world
+    mon = DriftMonitor.from_calibration(cal)
+    rng = np.random.default_rng(3)
+    expected, inv_var = chi_weights(mon.rates, mon.window)
+    weights = mon._weights
+    for request in range(3 * mon.window):
+        mon.observe_dense(stream(rng, 1 + request % 3, loc + (0.5 if request > mon.window else 0.0)))
+        if mon._count < mon.window:
+            continue
+        counts = np.bincount(np.concatenate(mon.window_rows()), minlength=DIM)
+        d = counts - expected
+        t = weights @ d
+        assert mon._t2 == pytest.approx(float(np.sum(t * t * mon._inv_lam)), rel=1e-9, abs=1e-9)
+        assert mon._q == pytest.approx(float(np.sum(d * d * inv_var) - np.sum(t * t)), rel=1e-9, abs=1e-9)
+
+
 def test_id_stream_raises_no_alarm_and_shifted_stream_does(world):
     loc, cal = world
     rng = np.random.default_rng(1)
