@@ -86,6 +86,9 @@ class MethodConfig(Section):
     # The axis fix trains the projector only: its term reads pre-activations of the detached backbone features, so
     # the backbone learns from the paper's objective alone (one more projector pass per step).
     marginal_detach: bool = False
+    # Share of training over which the target's location slides linearly from 0 (half the code active) to mu, the
+    # projector's last bias moved along with it (started at 0): the backbone first learns from a dense code.
+    mu_warmup: Unit = 0.0
     # Weight of the quantile rate term ("quantile", "quantile_shift"), as a share of w_rdm.
     rate_weight: NonNegative = 0.2
     lejepa_lambda: Unit = 0.05

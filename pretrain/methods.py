@@ -163,7 +163,10 @@ class Objective(nn.Module):
             self.fix, self.rate_fix = "none", self.fix
         self.slope = float(m.leaky_slope)
         self.generator = generator
-        self.target = Target(m.p, m.mu, sigma, spec.target)
+        self.target = self.final_target = Target(m.p, m.mu, sigma, spec.target)
+        self.mu_warmup = float(m.mu_warmup)
+        self._bias: torch.Tensor | None = None  # the projector's last bias, moved with the target (mu_warmup)
+        self._mu_now: float | None = None
         if self.fix in MARGINAL_FIXES and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a sliced-W2 method, not {m.name!r}")
         if (self.fix.startswith("threshold") or "preact" in (self.fix, self.rate_fix)) and not (
@@ -204,15 +207,39 @@ class Objective(nn.Module):
         else:
             self.loss = build_loss(m.name, temperature=m.temperature)
 
-    def set_progress(self, done: float) -> None:
-        """Anneal the axis fix: full weight until the last `marginal_anneal` share of training, then linearly to 0
-        at the end, the RDMReg term taking its share back (`done`: finished share of the steps, 0..1)."""
-        if self.anneal <= 0:
+    def mu_at(self, step: int, total: int) -> float:
+        """The target's location at `step` of `total`: mu, or during the `mu_warmup` share a linear slide from 0."""
+        mu = self.final_target.mu
+        if self.mu_warmup <= 0:
+            return mu
+        return mu * min(1.0, max(0.0, step / (self.mu_warmup * total)))
+
+    @torch.no_grad()
+    def set_progress(self, step: int, total: int) -> None:
+        """The schedules, before `step` of `total` runs. Anneal: the axis fix at full weight until the last
+        `marginal_anneal` share of training, then linearly to 0, the RDMReg term taking its share back. Warm-up:
+        the target (RDMReg's draw, the axis quantiles) at `mu_at(step)`, the last bias moved by the target's move,
+        so the bias keeps the offset it learned from the location (a resumed run's bias holds the moves so far)."""
+        if self.anneal > 0:
+            self.alpha = self.alpha0 * min(1.0, max(0.0, (1.0 - step / total) / self.anneal))
+            if hasattr(self.loss, "w_rdm"):
+                self.loss.w_rdm = self.w_rdm * (1.0 - self.alpha)
+        if self.mu_warmup <= 0:
             return
-        left = min(1.0, max(0.0, (1.0 - done) / self.anneal))
-        self.alpha = self.alpha0 * left
-        if hasattr(self.loss, "w_rdm"):
-            self.loss.w_rdm = self.w_rdm * (1.0 - self.alpha)
+        mu = self.mu_at(step, total)
+        if self._mu_now is None:
+            self._mu_now = self.mu_at(max(step - 1, 0), total)
+        if mu == self._mu_now and self.target.mu == mu:
+            return
+        if self._bias is not None:
+            self._bias.add_(mu - self._mu_now)
+        self._mu_now = mu
+        t = self.final_target
+        self.target = Target(t.p, mu, t.sigma, t.kind)
+        self.__dict__.pop("_quantile_cache", None)
+        self.rate = self.target.expected_l0
+        if hasattr(self.loss, "rdm"):
+            self.loss.rdm.mu = mu
 
     @torch.no_grad()
     def init_projector(self, projector: nn.Module) -> None:
@@ -230,7 +257,8 @@ class Objective(nn.Module):
         last = [m for m in projector.modules() if isinstance(m, nn.Linear)]
         if not last or last[-1].bias is None:
             raise ConfigError("method.dead_dim_fix: 'preact' needs a projector ending in a Linear with a bias")
-        last[-1].bias.fill_(self.target.mu)
+        self._bias = last[-1].bias
+        self._bias.fill_(self.mu_at(0, 1))
 
     def codes(self, h: torch.Tensor) -> torch.Tensor:
         """The features the loss sees; exactly the exported model's output in the forward pass."""

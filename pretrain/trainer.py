@@ -189,7 +189,7 @@ class Trainer:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         with self.rt.autocast():
             hs, hs_axis, logits_f, logits_c = self.model(views)
-        self.objective.set_progress(step / self.total)
+        self.objective.set_progress(step, self.total)
         axis = [h.float() for h in hs_axis] if hs_axis is not None else None
         loss, parts, zs = self.objective([h.float() for h in hs], self.cfg.augment.global_views, axis)
         labels = batch.labels

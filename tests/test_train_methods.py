@@ -413,7 +413,7 @@ def test_axis_fix_anneal_and_detach(fmnist):
     obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
     w = cfg.method.w_rdm
     for done, alpha in ((0.0, 0.2), (0.5, 0.2), (0.75, 0.1), (1.0, 0.0)):
-        obj.set_progress(done)
+        obj.set_progress(int(done * 100), 100)
         assert obj.alpha == pytest.approx(alpha) and obj.loss.w_rdm == pytest.approx(w * (1 - alpha))
     _, parts, _ = obj([torch.randn(32, 8), torch.randn(32, 8)], n_global=2)
     assert "marginal" not in parts  # training ends on the paper's objective
@@ -441,6 +441,44 @@ def test_axis_fix_anneal_and_detach(fmnist):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(back_a, back_0, strict=True))
     assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(proj_d, proj_0, strict=True))
+
+
+def test_mu_warmup_slides_the_target_and_the_bias_and_resumes():
+    """mu_warmup: the target's location goes 0 -> mu over the first share of training (RDMReg's draw and the axis
+    quantiles with it), the last bias starts at 0 and moves by exactly the target's moves, so after the warm-up
+    it sits where the plain preact start puts it (mu) plus what it learned; a run resumed at step k continues the
+    same bias trajectory."""
+    from scipy import stats
+
+    from models.projector import build_projector
+
+    sets = ["method.mu=-2", "method.dead_dim_fix=preact", "method.mu_warmup=0.25", "method.num_projections=16"]
+    cfg = load_config("smoke", sets)
+
+    def fresh() -> tuple[Objective, torch.nn.Module]:
+        obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+        proj = build_projector(8, [8, 8], rectify=True)
+        obj.init_projector(proj)
+        return obj, proj
+
+    obj, proj = fresh()
+    bias = [m for m in proj.modules() if isinstance(m, torch.nn.Linear)][-1].bias
+    assert torch.all(bias == 0)
+    trail = []
+    for step in range(40):
+        obj.set_progress(step, 100)
+        trail.append(bias.detach().clone())
+        mu = -2.0 * min(1.0, step / 25)
+        assert obj.target.mu == pytest.approx(mu) and obj.loss.rdm.mu == pytest.approx(mu)
+        torch.testing.assert_close(bias.detach(), torch.full_like(bias, mu + 0.01 * step))
+        bias.data += 0.01  # what the optimiser learned this step is kept through the moves
+    q = obj._quantiles(64, torch.device("cpu")).squeeze(1).double().numpy()
+    np.testing.assert_allclose(q, stats.gennorm(1.0, -2.0, sigma_gn(1.0)).ppf((np.arange(64) + 0.5) / 64), rtol=1e-5)
+    resumed, proj2 = fresh()
+    bias2 = [m for m in proj2.modules() if isinstance(m, torch.nn.Linear)][-1].bias
+    bias2.data.copy_(trail[10] + 0.01)  # the checkpoint after step 10
+    resumed.set_progress(11, 100)
+    torch.testing.assert_close(bias2.detach(), trail[11])
 
 
 def test_preact_fixed_point_is_the_gn_law_and_its_rate():
