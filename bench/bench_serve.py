@@ -10,7 +10,10 @@ For each model, rounds interleave (so drifting background load hits every config
     does here and measure themselves) with 16, 32 and 64 keep-alive connections on POST /v1/embed and POST
     /v1/search (one real image per request, multipart, rotating over 32 images; the search index holds 2,000
     items written through PUT /v1/items before the clock starts); and embed on `--workers 2` without an index
-    (the only way one process' GIL stops bounding the HTTP work; an in-memory index cannot be shared).
+    (the only way one process' GIL stops bounding the HTTP work; an in-memory index cannot be shared);
+  * the HTTP floor (bench/serve_floor.py, `--no-floor` skips it): the same FastAPI/uvicorn stack parsing the same
+    multipart bodies, no decode, no model. Its CPU per request, plus ORT's per image and wrk's per request,
+    bounds what any server on this stack can answer on these cores: printed per model as a share of the ceiling.
 The tables give medians over rounds of requests/s, p50/p99 (wrk's own latency histogram), the server's mean model
 batch (its Prometheus histogram), the server's CPU time per request (all its threads, /proc), the ratio to the ORT
 ceiling at that batch and to unbatched, errors (non-2xx or socket errors: must be zero, else exit 1), and the load
@@ -29,6 +32,7 @@ Needs `wrk` (Debian: apt-get install wrk). Not a test: minutes long, numbers dep
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import math
@@ -36,6 +40,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +70,7 @@ PRESETS = {
     "wide": (0.25, False, 32, 3, [2048, 2048, 2048]),
 }
 
+FLOOR = "HTTP floor: FastAPI + multipart only"
 WRK_SCRIPT = r"""
 local bodies = {}
 for path in string.gmatch(os.getenv("BODY_FILES"), "[^:]+") do
@@ -325,6 +331,55 @@ def measure_server(
 
 
 # ------------------------------------------------------------------------------------------ the run
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def measure_floor(label: str, bodies: dict[str, list[Path]], args) -> list[dict]:
+    """The HTTP floor (bench/serve_floor.py: this stack's /v1/embed parsing, no decode, no model) under the same
+    wrk load: its CPU per request is spent by any server on this framework before its own work."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.serve_floor:app", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the HTTP floor server did not start") from None
+                time.sleep(0.2)
+        cells = []
+        for clients in args.clients:
+            run_wrk(url, "/v1/embed", bodies["files"][:4], clients, 1.0, args.script)
+            cpu0 = cpu_seconds(proc.pid)
+            r = run_wrk(url, "/v1/embed", bodies["files"], clients, args.seconds, args.script)
+            ok = r["requests"] - r["non2xx"]
+            cells.append(
+                {
+                    "model": label,
+                    "endpoint": "embed",
+                    "clients": clients,
+                    "rps": ok / (r["duration_us"] / 1e6),
+                    "p50_ms": r["p50_us"] / 1000,
+                    "p99_ms": r["p99_us"] / 1000,
+                    "errors": r["non2xx"] + r["socket_errors"],
+                    "requests": ok,
+                    "mean_batch": float("nan"),
+                    "server_cpu_ms": 1000 * (cpu_seconds(proc.pid) - cpu0) / max(ok, 1),
+                    "wrk_cpu_ms": 1000 * r["wrk_cpu_s"] / max(ok, 1),
+                }
+            )
+        return cells
+    finally:
+        stop_server(proc)
+
+
 def bench_model(spec: str, tmp: Path, args) -> dict:
     from export.runtime import EmbeddingRuntime
 
@@ -336,6 +391,8 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
     configs = {"batched": (threads, args.endpoints), "unbatched": (["--no-batching", *threads], args.endpoints)}
     if args.workers > 1 and "embed" in args.endpoints:  # no index: the processes have no state to share
         configs[f"batched, {args.workers} workers, no index"] = (["--workers", str(args.workers), *threads], ["embed"])
+    if args.floor and "embed" in args.endpoints:
+        configs[FLOOR] = ([], ["embed"])
     ort_runs: list[dict[int, dict[str, float]]] = []
     cells: dict[str, list[list[dict]]] = {name: [] for name in configs}
     for rnd in range(args.rounds):
@@ -346,7 +403,10 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
                 f"{spec} round {rnd + 1}: ORT only "
                 + ", ".join(f"b{b} {v['ips']:.0f}/s {v['cpu_ms']:.2f} ms" for b, v in ort_runs[-1].items())
             )
-            got = measure_server(model, label, bodies, extra, probe.dim, args, endpoints)
+            if name == FLOOR:
+                got = measure_floor(label, bodies, args)
+            else:
+                got = measure_server(model, label, bodies, extra, probe.dim, args, endpoints)
             cells[name].append(got)
             for c in got:
                 print(
@@ -367,9 +427,9 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
                 row[key] = statistics.median(r[key] for r in runs)
             row["errors"] = sum(r["errors"] for r in runs)
             row["requests"] = sum(r["requests"] for r in runs)
-            if "workers" in name:  # each process has its own /metrics: a before/after diff mixes processes
+            if "workers" in name or name == FLOOR:  # no batcher there, or one /metrics per process
                 row["mean_batch"] = float("nan")
-            at = 1.0 if name == "unbatched" else row["mean_batch"]
+            at = 1.0 if name in ("unbatched", FLOOR) else row["mean_batch"]
             row["ceiling"] = ceiling_at(ort, at)
             row["of_ceiling"] = row["rps"] / row["ceiling"] if row["ceiling"] else float("nan")
             row["ort_cpu_ms"] = ceiling_at(ort_cpu, at)
@@ -377,7 +437,7 @@ def bench_model(spec: str, tmp: Path, args) -> dict:
             row["runs"] = runs
             rows.append(row)
     for row in rows:
-        if row["config"] != "unbatched":
+        if row["config"] not in ("unbatched", FLOOR):
             base = next(
                 r
                 for r in rows
@@ -411,7 +471,7 @@ def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) 
         ]
         for r in sorted(res["rows"], key=lambda r: (r["endpoint"], r["clients"], r["config"])):
             vs = f"{r['vs_unbatched']:.2f}x" if "vs_unbatched" in r else ""
-            if "workers" in r["config"]:  # per-process metrics: no batch size, so no ceiling at that batch
+            if "workers" in r["config"] or r["config"] == FLOOR:  # no batch size, so no ceiling at that batch
                 r = {**r, "mean_batch": float("nan"), "ceiling": float("nan"), "of_ceiling": float("nan")}
                 r["ort_cpu_ms"] = r["cpu_efficiency"] = float("nan")
             lines.append(
@@ -420,7 +480,33 @@ def render(results: list[dict], args, load: tuple[float, float], cpu_note: str) 
                 f"{r['server_cpu_ms']:.2f} | {r['ort_cpu_ms']:.2f} | {r['cpu_efficiency']:.0%} | {r['errors']} |"
             )
         lines.append("")
-    return "\n".join(lines).replace("nan%", "n/a").replace("| nan |", "| n/a |")
+        lines += floor_bound(res)
+    text = "\n".join(lines).replace("nan%", "n/a")
+    while "| nan |" in text:  # adjacent cells share their "|": one pass leaves every other one
+        text = text.replace("| nan |", "| n/a |")
+    return text
+
+
+def floor_bound(res: dict) -> list[str]:
+    """What the HTTP floor leaves of the ORT-only ceiling: with the framework's CPU per request (and wrk's) on the
+    same cores as the model, req/s <= cores x 1000 / (floor ms + ORT ms per image at the batch formed + wrk ms)."""
+    floors = [r for r in res["rows"] if r["config"] == FLOOR]
+    batched = {r["clients"]: r for r in res["rows"] if r["config"] == "batched" and r["endpoint"] == "embed"}
+    out = []
+    for f in sorted(floors, key=lambda r: r["clients"]):
+        b = batched.get(f["clients"])
+        if b is None or math.isnan(b["mean_batch"]):
+            continue
+        ort_ms = ceiling_at(res["ort_cpu_ms"], b["mean_batch"])
+        bound = (os.cpu_count() or 1) * 1000 / (f["server_cpu_ms"] + ort_ms + b["wrk_cpu_ms"])
+        ceiling = ceiling_at(res["ort"], b["mean_batch"])
+        out.append(
+            f"- {f['clients']} clients: HTTP floor {f['server_cpu_ms']:.2f} ms CPU/req + ORT {ort_ms:.2f} ms/img at "
+            f"batch {b['mean_batch']:.1f} + wrk {b['wrk_cpu_ms']:.2f} ms/req on {os.cpu_count()} cores bound this "
+            f"stack at {bound:,.0f} req/s = {bound / ceiling:.0%} of the ORT-only ceiling ({ceiling:,.0f} img/s); "
+            f"the server reached {b['rps']:,.0f} req/s ({b['rps'] / bound:.0%} of that bound)."
+        )
+    return [*out, ""] if out else []
 
 
 START, END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
@@ -444,6 +530,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (server and ORT-only alike)")
     ap.add_argument("--workers", type=int, default=2, help="also embed with this many server processes (1: skip)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results/serve.md")
+    ap.add_argument(
+        "--floor", action=argparse.BooleanOptionalAction, default=True, help="also measure the HTTP floor (embed)"
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         print("bench_serve: needs the wrk load generator (Debian: apt-get install wrk)", file=sys.stderr)
