@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from serve.batching import BatchObserver
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # l0 as the fraction of active dimensions: the quantity the training target prescribes (docs/METHOD.md, section 1).
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 L0_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
@@ -49,6 +51,30 @@ class ServeMetrics(BatchObserver):
         self.drift_window_l0 = gauge(
             "lpjepa_drift_window_l0", "Mean fraction of active dimensions over the drift window"
         )
+
+        # Collector pauses stop the event loop and every request in flight: the full (generation 2) ones walk every
+        # tracked object, which is why the app freezes what start-up loaded (serve/app.py).
+        self.gc_pause = histogram(
+            "lpjepa_gc_pause_seconds",
+            "Cyclic garbage collector pauses by generation",
+            ["generation"],
+            buckets=GC_BUCKETS,
+        )
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+
+    def watch_gc(self) -> None:
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def attach_drift(self, monitor) -> None:
         """Gauges read the monitor at scrape time, so requests never pay for the p-value."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import io
 import json
@@ -546,7 +547,11 @@ def test_metrics_expose_requests_batches_queue_index_and_l0(model_path, tmp_path
         c.post("/v1/embed", json={"images": []})
         c.put("/v1/items", json={"items": _one_hot_items([1, 2, 3, 4], [0, 1, 2, 3])})
         c.get("/v1/items/12345")
+        assert gc.get_freeze_count() > 10_000  # what start-up loaded is out of the collector's generations
+        gc.collect()
         text = c.get("/metrics").text
+    assert app.state.serve.metrics._on_gc not in gc.callbacks  # the pause hook goes with the app
+    assert float(re.search(r'^lpjepa_gc_pause_seconds_count\{generation="2"\} (\S+)$', text, re.M).group(1)) >= 1
     assert 'lpjepa_http_requests_total{method="POST",route="/v1/embed",status="200"} 1.0' in text
     assert 'lpjepa_http_requests_total{method="POST",route="/v1/embed",status="422"} 1.0' in text
     assert 'lpjepa_http_requests_total{method="GET",route="/v1/items/{item_id}",status="404"} 1.0' in text
