@@ -28,7 +28,7 @@ from models.rgg_law import mu_for_l0
 CONFIG_PACKAGE = "pretrain.configs"
 DEAD_DIM_FIXES = ("none", "marginal", "threshold", "threshold_sym", "threshold_q", "leaky", "quantile")
 DEAD_DIM_FIXES += ("quantile_shift", "marginal+quantile", "marginal+quantile_shift", "threshold_q+quantile")
-DEAD_DIM_FIXES += ("preact", "marginal+preact")
+DEAD_DIM_FIXES += ("preact", "marginal+preact", "preact_upper")
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 

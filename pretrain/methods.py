@@ -43,7 +43,8 @@ from pretrain.distributed import gather_with_grad
 from pretrain.losses import build_loss
 from pretrain.losses.precision import fp32_region
 
-MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q", "preact"})
+MARGINAL_FIXES = frozenset({"marginal", "threshold", "threshold_sym", "threshold_q", "preact", "preact_upper"})
+PREACT_FIXES = frozenset({"preact", "preact_upper"})
 # Quantile (pinball) rate terms on the pre-activation: fixed point P(h_j > 0) = r for every dimension j.
 RATE_FIXES = frozenset({"quantile", "quantile_shift"})
 # Terms that may follow an axis fix after "+" (weight method.rate_weight): the rate terms and the pre-activation W2.
@@ -134,7 +135,7 @@ def threshold_marginal_w2(h: torch.Tensor, x: torch.Tensor, symmetric: bool = Fa
     return diff.square().mean()
 
 
-def preact_w2(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def preact_w2(h: torch.Tensor, x: torch.Tensor, upper: bool = False) -> torch.Tensor:
     """Per-axis W2 between the PRE-activation h_j and x_j ~ GN_p(mu, sigma), the un-rectified target: mean over
     coordinates and ranks of (sorted h_j - sorted x_j)^2, on every sample, both sides of 0 ("preact").
 
@@ -142,9 +143,16 @@ def preact_w2(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     rectified target. The rectified W2 terms are blind to the negative side, so inactive samples pile up just
     below 0, where any drift of the weights flips a share of them back above 0 (the floor of issue 15); here
     the density just below 0 is asked to be the GN's. Needs the last bias to start near mu (`init_projector`).
+
+    With ``upper`` ("preact_upper") only the upper half of the ranks is matched (mean over them): the quantile
+    at 1 - r, hence the rate, is still pinned, while the lower half of every coordinate, which the ReLU discards,
+    is left free, as it is in the fix-off objective (the measured cost of the full term is the encoder's).
     """
     hs = torch.sort(h, dim=0).values
     xs = torch.sort(x, dim=0).values
+    if upper:
+        half = hs.shape[0] // 2
+        hs, xs = hs[half:], xs[half:]
     return (hs - xs).square().mean()
 
 
@@ -169,7 +177,7 @@ class Objective(nn.Module):
         self._mu_now: float | None = None
         if self.fix in MARGINAL_FIXES and not spec.sliced:
             raise ConfigError(f"method.dead_dim_fix: {self.fix!r} needs a sliced-W2 method, not {m.name!r}")
-        if (self.fix.startswith("threshold") or "preact" in (self.fix, self.rate_fix)) and not (
+        if (self.fix.startswith("threshold") or PREACT_FIXES & {self.fix, self.rate_fix}) and not (
             self.relu and spec.target == "rgn"
         ):
             raise ConfigError(f"method.dead_dim_fix: {cfg.dead_dim_fix!r} needs rectified features and an RGN target")
@@ -252,7 +260,7 @@ class Objective(nn.Module):
         l0 0.0003, 92 of 128 dimensions dead; bench/pretrain_notes.md). Started at mu, the same term lands on the
         designed rate.
         """
-        if "preact" not in (self.fix, self.rate_fix):
+        if not PREACT_FIXES & {self.fix, self.rate_fix}:
             return
         last = [m for m in projector.modules() if isinstance(m, nn.Linear)]
         if not last or last[-1].bias is None:
@@ -287,8 +295,8 @@ class Objective(nn.Module):
 
     def _axis_term(self, fix: str, h: torch.Tensor) -> torch.Tensor:
         """One view's term of the axis fix or of the second term, on its gathered fp32 pre-activations."""
-        if fix == "preact":
-            return preact_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h))
+        if fix in PREACT_FIXES:
+            return preact_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), upper=fix == "preact_upper")
         if fix == "threshold_q":
             return threshold_marginal_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), symmetric=True)
         if fix.startswith("threshold"):

@@ -481,6 +481,29 @@ def test_mu_warmup_slides_the_target_and_the_bias_and_resumes():
     torch.testing.assert_close(bias2.detach(), trail[11])
 
 
+def test_preact_upper_matches_the_upper_ranks_only():
+    """preact_upper: the value is numpy's mean of (sorted h - sorted x)^2 over the upper half of the ranks, and no
+    gradient reaches a sample below its column's median (the half the ReLU discards is left free)."""
+    from pretrain.methods import preact_w2
+
+    rng = np.random.default_rng(0)
+    h = torch.tensor(rng.normal(size=(64, 5)), requires_grad=True)
+    x = torch.tensor(rng.laplace(-2.0, 1.0, size=(64, 5)))
+    hs, xs = np.sort(h.detach().numpy(), axis=0), np.sort(x.numpy(), axis=0)
+    want = np.mean((hs[32:] - xs[32:]) ** 2)
+    loss = preact_w2(h, x, upper=True)
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+    assert float(preact_w2(h, x)) == pytest.approx(np.mean((hs - xs) ** 2), rel=1e-12)
+    loss.backward()
+    ranks = np.argsort(np.argsort(h.detach().numpy(), axis=0), axis=0)
+    grad = h.grad.numpy()
+    assert np.all(grad[ranks < 32] == 0) and np.all(grad[ranks >= 32] != 0)
+    cfg = load_config("smoke", ["method.mu=-2", "method.num_projections=16", "method.dead_dim_fix=preact_upper"])
+    obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+    _, parts, _ = obj([torch.randn(64, 8), torch.randn(64, 8)], n_global=2)
+    assert "marginal" in parts
+
+
 def test_preact_fixed_point_is_the_gn_law_and_its_rate():
     """A 1-D location-scale toy, h = a u + b with u a fixed standard-Laplace sample: minimising preact_w2 against
     the GN_1(-3, sigma_GN) quantiles recovers (a, b) = (sigma, mu) (scipy's gennorm: scale sigma for p = 1), so
