@@ -165,71 +165,13 @@ def window_sum_tails(pmf: NDArray[Any], window: int) -> tuple[NDArray[np.float64
     return np.minimum(cdf, 1.0), np.minimum(sf, 1.0)
 
 
-@njit(nogil=True, cache=True)
-def _push(
-    counts: NDArray[Any],
-    ring: NDArray[Any],
-    ring_len: NDArray[Any],
-    pos: int,
-    idx: NDArray[Any],
-    proj: NDArray[Any],
-    weights_t: NDArray[Any],
-    expected: NDArray[Any],
-    inv_var: NDArray[Any],
-    change: NDArray[Any],
-    full: float,
-    track: bool,
-) -> tuple[int, float]:
-    """Replace ring row `pos` by `idx`, keeping `counts` the per-dimension counts of the ring and `proj` / `full`
-    the window's m weighted projections and full chi-square (see `_window_state`) up to date from the dimensions
-    whose count changed only: O(nnz x m) per image instead of the O(D x m) full pass. Returns (the change of the
-    window's l0 sum, the new full chi-square), or (-(D + 1), full) with nothing changed when an index lies outside
-    [0, D). `change` is a zeroed int64 scratch of length D, left zeroed. Without `track` only the counts move
-    (the caller then rebuilds the state with `_window_state`: cheaper once the two rows cover most of D)."""
-    dim = counts.size
-    for i in range(idx.size):
-        if idx[i] < 0 or idx[i] >= dim:
-            return -(dim + 1), full
-    old = ring_len[pos]
-    if not track:
-        for i in range(old):
-            counts[ring[pos, i]] -= 1
-        for i in range(idx.size):
-            counts[idx[i]] += 1
-            ring[pos, i] = idx[i]
-        ring_len[pos] = idx.size
-        return idx.size - old, full
-    for i in range(old):
-        change[ring[pos, i]] -= 1
-    for i in range(idx.size):
-        change[idx[i]] += 1
-    m = proj.size
-    for side in range(2):
-        n = old if side == 0 else idx.size
-        for i in range(n):
-            j = ring[pos, i] if side == 0 else idx[i]
-            delta = change[j]
-            if delta == 0:
-                continue
-            change[j] = 0
-            # d_j = counts_j - expected_j moves by delta: (d + delta)^2 - d^2 = delta (2 d + delta)
-            full += delta * (2.0 * (counts[j] - expected[j]) + delta) * inv_var[j]
-            counts[j] += delta
-            for k in range(m):
-                proj[k] += weights_t[j, k] * delta
-    for i in range(idx.size):
-        ring[pos, i] = idx[i]
-    ring_len[pos] = idx.size
-    return idx.size - old, full
-
-
 @njit(nogil=True, cache=True, fastmath=True)  # reassociating the sums lets the dot products vectorise
 def _window_state(
     counts: NDArray[Any], expected: NDArray[Any], inv_var: NDArray[Any], weights: NDArray[Any], proj: NDArray[Any]
 ) -> float:
     """The window's state from scratch: writes the m weighted projections sum_j w_kj (counts_j - e_j) into
     `proj` and returns the full chi-square sum_j (counts_j - e_j)^2 / var_j. One pass over D, m dot products;
-    `_push` keeps both current between these refreshes (once per window, so rounding cannot accumulate)."""
+    `_observe` keeps both current between these refreshes (once per window, so rounding cannot accumulate)."""
     m, dim = weights.shape
     d = np.empty(dim)
     full = 0.0
@@ -272,17 +214,52 @@ def _observe(
     change: NDArray[Any],
     full: float,
 ) -> tuple[int, float, float, float]:
-    """One image into ring row `pos` and the window's (l0 change, full chi-square, T^2, Q) after it, in one call
-    (a numba dispatch costs microseconds). The incremental update costs ~ (leaving + entering dims) x m, the
-    rebuild ~ D x m at a better constant (measured: even at ~0.7 D), so two rows covering over D / 2 rebuild, and
-    so does the first row of every window, which keeps rounding from building up."""
+    """Replace ring row `pos` by image `idx` and return (the change of the window's l0 sum, its full chi-square,
+    T^2, Q) after it, in one call (a numba dispatch costs microseconds); (-(D + 1), full, 0, 0) with nothing
+    changed when an index lies outside [0, D).
+
+    `counts` (per-dimension counts of the ring), `proj` and `full` (see `_window_state`) are kept current from
+    the dimensions whose count changed only, O((leaving + entering dims) x m) per image. The rebuild costs
+    ~ D x m at a better constant (measured: even at ~0.7 D), so two rows covering over D / 2 rebuild instead,
+    and so does the first row of every window, which keeps rounding from building up. `change` is a zeroed
+    int64 scratch of length D, left zeroed."""
     dim = counts.size
-    track = pos != 0 and 2 * (ring_len[pos] + idx.size) <= dim
-    delta, full = _push(counts, ring, ring_len, pos, idx, proj, weights_t, expected, inv_var, change, full, track)
-    if delta >= -dim and not track:
+    for i in range(idx.size):
+        if idx[i] < 0 or idx[i] >= dim:
+            return -(dim + 1), full, 0.0, 0.0
+    old = ring_len[pos]
+    track = pos != 0 and 2 * (old + idx.size) <= dim
+    if not track:
+        for i in range(old):
+            counts[ring[pos, i]] -= 1
+        for i in range(idx.size):
+            counts[idx[i]] += 1
+    else:
+        for i in range(old):
+            change[ring[pos, i]] -= 1
+        for i in range(idx.size):
+            change[idx[i]] += 1
+        m = proj.size
+        for side in range(2):
+            n = old if side == 0 else idx.size
+            for i in range(n):
+                j = ring[pos, i] if side == 0 else idx[i]
+                delta = change[j]
+                if delta == 0:
+                    continue
+                change[j] = 0
+                # d_j = counts_j - expected_j moves by delta: (d + delta)^2 - d^2 = delta (2 d + delta)
+                full += delta * (2.0 * (counts[j] - expected[j]) + delta) * inv_var[j]
+                counts[j] += delta
+                for k in range(m):
+                    proj[k] += weights_t[j, k] * delta
+    for i in range(idx.size):
+        ring[pos, i] = idx[i]
+    ring_len[pos] = idx.size
+    if not track:
         full = _window_state(counts, expected, inv_var, weights, proj)
     t2, q = _window_stats(proj, full, inv_lam)
-    return delta, full, t2, q
+    return idx.size - old, full, t2, q
 
 
 class DriftMonitor:
@@ -309,7 +286,7 @@ class DriftMonitor:
         self.shift, self.scale, self.df = residual.shift, residual.scale, residual.df
         self._expected, self._inv_var = chi_weights(self.rates, self.window)
         self._weights = np.ascontiguousarray(principal.components.array * np.sqrt(self._inv_var)[None, :])
-        self._weights_t = np.ascontiguousarray(self._weights.T)  # a dimension's m weights contiguous, for _push
+        self._weights_t = np.ascontiguousarray(self._weights.T)  # a dimension's m weights contiguous, for _observe
         self._inv_lam = 1.0 / np.asarray(principal.eigvals, dtype=np.float64)
         cdf, sf = window_sum_tails(np.asarray(section.l0_pmf, dtype=np.float64), self.window)
         self._p_l0 = np.minimum(1.0, 2.0 * np.minimum(cdf, sf))
