@@ -14,6 +14,11 @@ shared, contended CPU changes only the wall time, never the result.
 {0, -2}), long (mu = -2, -3 at 4x the steps), ablation (2x2 at mu = 0: the RGN | z+ cell is the fix-off row,
 so no cell has a fix), baselines; on request also quantile (the per-sample quantile rate term) and preact
 (pinned; equal to the sweep while preact is the default). The report covers whatever runs exist.
+
+Runs outlive the machine that trained them as records: docs/results/pretrain-runs/NAME.json holds a finished run's
+resolved config, train summary and evaluation (no weights). A planned run whose effective config equals a record's
+is not trained again, so the sweep can grow over several sessions and the report is still one command; a changed
+default (or any changed field) makes the record stale and the run is trained again.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import common
+
+from core.atomic_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 MUS = (1.0, 0.0, -1.0, -2.0, -3.0)
@@ -142,6 +149,68 @@ def train_command(run_dir: Path, sets: tuple[str, ...], steps: int, threads: int
     ]
 
 
+# Fields that change how a run reports, never what it learns: left out when configs are compared.
+OPERATIONAL = {"train": ("progress", "checkpoint_every", "log_every")}
+
+
+def effective_config(cfg: dict) -> dict:
+    """The config as a comparison key: the method's default dead-dimension fix written out (null means "the
+    default", which changes when the default does) and the operational fields dropped."""
+    from models.methods import METHODS
+
+    out = json.loads(json.dumps(cfg))
+    method = out["method"]
+    if method.get("dead_dim_fix") is None:
+        method["dead_dim_fix"] = METHODS[method["name"]].dead_dim_fix
+    for section, keys in OPERATIONAL.items():
+        for key in keys:
+            out[section].pop(key, None)
+    return out
+
+
+def planned_config(run: Run, steps: int, threads: int) -> dict:
+    """What `lpjepa train` would resolve for this row, without training."""
+    from pretrain.config import load_config
+
+    sets = [*run.sets, f"train.steps={steps}", f"train.threads={threads}"]
+    return effective_config(load_config("fmnist-cpu", sets).to_dict())
+
+
+def load_record(records: Path | None, name: str, config: dict) -> dict | None:
+    """A finished run's record when its effective config is this row's, else None (missing or stale)."""
+    if records is None or not (records / f"{name}.json").is_file():
+        return None
+    record = json.loads((records / f"{name}.json").read_text(encoding="utf-8"))
+    return record if record.get("config") == config else None
+
+
+def save_record(records: Path, name: str, config: dict, command: str, summary: dict, report: dict) -> None:
+    """Atomic, one file per run; the per-dimension rates stay (the plots need them), rounded to 5 digits."""
+    report = dict(report)
+    if report.get("dim_rates") is not None:
+        report["dim_rates"] = [round(float(x), 5) for x in report["dim_rates"]]
+    keep = ("status", "elapsed_s", "steps", "last")
+    record = {
+        "name": name,
+        "command": command,
+        "commit": _commit(),
+        "recorded": time.strftime("%Y-%m-%d"),
+        "config": config,
+        "summary": {k: summary[k] for k in keep if k in summary},
+        "eval": report,
+    }
+    records.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(records / f"{name}.json", json.dumps(record, indent=1, default=str) + "\n")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def _status(run_dir: Path) -> str:
     summary = run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
@@ -154,11 +223,18 @@ def train_one(run: Run, args: argparse.Namespace) -> dict:
     steps = args.steps * run.steps_factor
     cmd = train_command(run_dir, run.sets, steps, args.threads)
     status = _status(run_dir)
+    planned = planned_config(run, steps, args.threads)
     if status == "done":
-        cfg = json.loads((run_dir / "config.json").read_text())
-        if cfg["train"]["steps"] != steps:
+        cfg = effective_config(json.loads((run_dir / "config.json").read_text()))
+        if cfg != planned:  # a changed default or budget: this folder is another row's run
             cmd.append("--force")
             status = "new"
+    command = " ".join(["lpjepa", *cmd[3:]]).replace(str(REPO) + "/", "").replace(" --resume", "")
+    info = {"name": run.name, "command": command.replace(" --force", ""), "config": planned}
+    if status != "done":
+        record = load_record(args.records, run.name, planned)
+        if record is not None:
+            return {**info, "record": record}
     if status == "partial":
         cmd.append("--resume")
     elif status == "new" and run_dir.exists():
@@ -172,8 +248,7 @@ def train_one(run: Run, args: argparse.Namespace) -> dict:
         if rc != 0:
             raise SystemExit(f"{run.name}: training failed with exit code {rc}; see {args.runs_dir}/{run.name}.log")
         print(f"[{run.name}] trained in {time.perf_counter() - t:.0f}s", flush=True)
-    command = " ".join(["lpjepa", *cmd[3:]]).replace(str(REPO) + "/", "").replace(" --resume", "")
-    return {"name": run.name, "command": command.replace(" --force", "")}
+    return info
 
 
 def evaluate_one(name: str, args: argparse.Namespace) -> dict:
@@ -431,11 +506,17 @@ def main() -> None:
     )
     ap.add_argument("--only", nargs="*", default=None, help="train only these run names")
     ap.add_argument("--report-only", action="store_true", help="train nothing; report the runs that exist")
+    ap.add_argument(
+        "--records",
+        default=str(REPO / "docs" / "results" / "pretrain-runs"),
+        help="folder of run records (config, summary, evaluation) kept in the repository; '' for none",
+    )
     ap.add_argument("--title", default="Pretraining results (fmnist-cpu recipe)", help="the report's heading")
     ap.add_argument(
         "--notes", default=str(REPO / "bench" / "pretrain_notes.md"), help="markdown appended to the report"
     )
     args = ap.parse_args()
+    args.records = Path(args.records) if args.records else None
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     plan = runs_plan(tuple(args.groups))
     if args.only:
@@ -445,12 +526,21 @@ def main() -> None:
         infos = list(pool.map(lambda r: train_one(r, args), plan))
     rows = []
     for run, info in zip(plan, infos, strict=True):
+        record = info.pop("record", None)
         summary_path = Path(args.runs_dir) / run.name / "summary.json"
-        if not summary_path.is_file():
+        if record is not None:
+            summary, report = record["summary"], record["eval"]
+            print(f"[{run.name}] from its record ({record['commit']}, {record['recorded']})", flush=True)
+        elif summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            report = evaluate_one(run.name, args)
+            if args.records is not None:
+                save_record(args.records, run.name, info["config"], info["command"], summary, report)
+        else:
             print(f"[{run.name}] not trained; left out of the report", flush=True)
             continue
-        wall[run.name] = json.loads(summary_path.read_text()).get("elapsed_s", 0.0)
-        report = evaluate_one(run.name, args)
+        info.pop("config")
+        wall[run.name] = summary.get("elapsed_s", 0.0)
         mu = report["target"]["mu"] if run.mu is None else run.mu
         rows.append({**report, **info, "label": run.label, "group": run.group, "mu": mu, "p": run.p})
         print(
