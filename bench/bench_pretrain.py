@@ -211,6 +211,12 @@ def _commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def _holds(run_dir: Path, planned: dict) -> bool:
+    """Whether the folder's run is this row's (with --report-only a stale folder is not retrained, so it is
+    left out rather than reported, or recorded, under the row's config)."""
+    return effective_config(json.loads((run_dir / "config.json").read_text())) == planned
+
+
 def _status(run_dir: Path) -> str:
     summary = run_dir / "summary.json"
     if summary.is_file() and json.loads(summary.read_text()).get("status") == "completed":
@@ -224,11 +230,9 @@ def train_one(run: Run, args: argparse.Namespace) -> dict:
     cmd = train_command(run_dir, run.sets, steps, args.threads)
     status = _status(run_dir)
     planned = planned_config(run, steps, args.threads)
-    if status == "done":
-        cfg = effective_config(json.loads((run_dir / "config.json").read_text()))
-        if cfg != planned:  # a changed default or budget: this folder is another row's run
-            cmd.append("--force")
-            status = "new"
+    if status == "done" and not _holds(run_dir, planned):  # a changed default or budget: another row's run
+        cmd.append("--force")
+        status = "new"
     command = " ".join(["lpjepa", *cmd[3:]]).replace(str(REPO) + "/", "").replace(" --resume", "")
     info = {"name": run.name, "command": command.replace(" --force", ""), "config": planned}
     if status != "done":
@@ -531,13 +535,13 @@ def main() -> None:
         if record is not None:
             summary, report = record["summary"], record["eval"]
             print(f"[{run.name}] from its record ({record['commit']}, {record['recorded']})", flush=True)
-        elif summary_path.is_file():
+        elif summary_path.is_file() and _holds(summary_path.parent, info["config"]):
             summary = json.loads(summary_path.read_text())
             report = evaluate_one(run.name, args)
             if args.records is not None:
                 save_record(args.records, run.name, info["config"], info["command"], summary, report)
         else:
-            print(f"[{run.name}] not trained; left out of the report", flush=True)
+            print(f"[{run.name}] not trained (or stale); left out of the report", flush=True)
             continue
         info.pop("config")
         wall[run.name] = summary.get("elapsed_s", 0.0)
