@@ -135,7 +135,7 @@ def threshold_marginal_w2(h: torch.Tensor, x: torch.Tensor, symmetric: bool = Fa
     return diff.square().mean()
 
 
-def preact_w2(h: torch.Tensor, x: torch.Tensor, upper: bool = False) -> torch.Tensor:
+def preact_w2(h: torch.Tensor, x: torch.Tensor, start: float = 0.0) -> torch.Tensor:
     """Per-axis W2 between the PRE-activation h_j and x_j ~ GN_p(mu, sigma), the un-rectified target: mean over
     coordinates and ranks of (sorted h_j - sorted x_j)^2, on every sample, both sides of 0 ("preact").
 
@@ -144,16 +144,24 @@ def preact_w2(h: torch.Tensor, x: torch.Tensor, upper: bool = False) -> torch.Te
     below 0, where any drift of the weights flips a share of them back above 0 (the floor of issue 15); here
     the density just below 0 is asked to be the GN's. Needs the last bias to start near mu (`init_projector`).
 
-    With ``upper`` ("preact_upper") only the upper half of the ranks is matched (mean over them): the quantile
-    at 1 - r, hence the rate, is still pinned, while the lower half of every coordinate, which the ReLU discards,
-    is left free, as it is in the fix-off objective (the measured cost of the full term is the encoder's).
+    With ``start`` > 0 ("preact_upper", `upper_start`) only the ranks from floor(start * N) up are matched (mean
+    over them): the lower ranks of every coordinate, which the ReLU discards, are left free as in the fix-off
+    objective (the measured cost of the full term is the encoder's), while the (1 - r) quantile, hence the rate,
+    stays inside the matched ranks.
     """
     hs = torch.sort(h, dim=0).values
     xs = torch.sort(x, dim=0).values
-    if upper:
-        half = hs.shape[0] // 2
-        hs, xs = hs[half:], xs[half:]
+    if start > 0:
+        first = int(start * hs.shape[0])
+        hs, xs = hs[first:], xs[first:]
     return (hs - xs).square().mean()
+
+
+def upper_start(rate: float) -> float:
+    """Where "preact_upper" starts matching: the median, or half the (1 - r) quantile's rank when r > 1/2, so the
+    quantile that sets the rate is always matched with room below it (at mu = 1, r = 0.88: from 6%, not 50%,
+    which would leave the 12% quantile, and the rate, free)."""
+    return min(0.5, (1.0 - rate) / 2.0)
 
 
 class Objective(nn.Module):
@@ -296,7 +304,8 @@ class Objective(nn.Module):
     def _axis_term(self, fix: str, h: torch.Tensor) -> torch.Tensor:
         """One view's term of the axis fix or of the second term, on its gathered fp32 pre-activations."""
         if fix in PREACT_FIXES:
-            return preact_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), upper=fix == "preact_upper")
+            start = upper_start(self.rate) if fix == "preact_upper" else 0.0
+            return preact_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), start=start)
         if fix == "threshold_q":
             return threshold_marginal_w2(h, self._quantiles(h.shape[0], h.device).expand_as(h), symmetric=True)
         if fix.startswith("threshold"):

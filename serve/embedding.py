@@ -201,6 +201,34 @@ def embedding_out(
     )
 
 
+def embedding_rows(
+    state: ServeState, dense: np.ndarray, want_dense: bool, records: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The EmbeddingOut fields of each row as numpy arrays, for NumpyJSONResponse (serve/responses.py): the
+    indices come ascending from flatnonzero, the values are the model's float32s, nothing is copied into Python
+    lists. Same fields and values as `dense_to_outputs`."""
+    dim = state.dim
+    out = []
+    for i, row in enumerate(dense):
+        idx = np.flatnonzero(row)
+        ood = None if records is None else records[i]
+        out.append(
+            {
+                "indices": idx,
+                "values": row[idx],
+                "dim": dim,
+                "nnz": int(idx.size),
+                "l0": idx.size / dim,
+                "dense": row if want_dense else None,
+                "ood_score": None if ood is None else ood["score"],
+                "is_ood": None if ood is None else ood["is_ood"],
+                "ood_score_name": None if ood is None else ood["score_name"],
+                "ood_threshold": None if ood is None else ood["threshold"],
+            }
+        )
+    return out
+
+
 def dense_to_outputs(
     state: ServeState, dense: np.ndarray, want_dense: bool, records: list[dict[str, Any]] | None
 ) -> list[EmbeddingOut]:

@@ -159,6 +159,26 @@ def test_embed_matches_the_torch_encoder(client, model_path):
         assert emb["ood_score"] is None and emb["is_ood"] is None and emb["dense"] is None
 
 
+def test_embed_body_is_the_response_model_with_the_runtime_float32s(client, model_path):
+    """The body (orjson from numpy arrays, serve/responses.py) validates as the documented EmbedResponse, its
+    values parse back to ONNX Runtime's float32s, and the dense vector holds exactly the sparse values."""
+    from export.runtime import EmbeddingRuntime
+    from serve.schemas import EmbedResponse
+
+    data = fashion_pngs(4, offset=20)
+    response = client.post("/v1/embed?dense=true", files=multipart(data))
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    body = EmbedResponse.model_validate_json(response.content)
+    runtime = EmbeddingRuntime(str(model_path))
+    reference = runtime.run(runtime.preprocess([Image.open(io.BytesIO(d)) for d in data]))
+    for emb, ref in zip(body.embeddings, reference, strict=True):
+        idx = np.flatnonzero(ref)
+        assert emb.indices == idx.tolist() and emb.nnz == idx.size and emb.l0 == idx.size / DIM
+        np.testing.assert_allclose(np.float32(emb.values), ref[idx], rtol=1e-6, atol=1e-7)
+        dense = np.float32(emb.dense)
+        assert np.array_equal(dense[emb.indices], np.float32(emb.values)) and np.count_nonzero(dense) == emb.nnz
+
+
 def test_embed_json_base64_equals_multipart_and_dense_on_request(client):
     data = fashion_pngs(3, offset=10)
     via_form = client.post("/v1/embed", files=multipart(data)).json()["embeddings"]

@@ -482,8 +482,8 @@ def test_mu_warmup_slides_the_target_and_the_bias_and_resumes():
 
 
 def test_preact_upper_matches_the_upper_ranks_only():
-    """preact_upper: the value is numpy's mean of (sorted h - sorted x)^2 over the upper half of the ranks, and no
-    gradient reaches a sample below its column's median (the half the ReLU discards is left free)."""
+    """preact_upper: the value is numpy's mean of (sorted h - sorted x)^2 over the ranks from `start` up, and no
+    gradient reaches a sample below them (the part the ReLU discards is left free)."""
     from pretrain.methods import preact_w2
 
     rng = np.random.default_rng(0)
@@ -491,9 +491,10 @@ def test_preact_upper_matches_the_upper_ranks_only():
     x = torch.tensor(rng.laplace(-2.0, 1.0, size=(64, 5)))
     hs, xs = np.sort(h.detach().numpy(), axis=0), np.sort(x.numpy(), axis=0)
     want = np.mean((hs[32:] - xs[32:]) ** 2)
-    loss = preact_w2(h, x, upper=True)
+    loss = preact_w2(h, x, start=0.5)
     assert float(loss) == pytest.approx(want, rel=1e-12)
     assert float(preact_w2(h, x)) == pytest.approx(np.mean((hs - xs) ** 2), rel=1e-12)
+    assert float(preact_w2(h, x, start=0.06)) == pytest.approx(np.mean((hs[3:] - xs[3:]) ** 2), rel=1e-12)
     loss.backward()
     ranks = np.argsort(np.argsort(h.detach().numpy(), axis=0), axis=0)
     grad = h.grad.numpy()
@@ -502,6 +503,27 @@ def test_preact_upper_matches_the_upper_ranks_only():
     obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
     _, parts, _ = obj([torch.randn(64, 8), torch.randn(64, 8)], n_global=2)
     assert "marginal" in parts
+
+
+@pytest.mark.parametrize("mu", [1.0, 0.0, -1.0, -2.0, -3.0])
+def test_preact_upper_always_matches_the_rate_quantile(mu):
+    """The matched ranks start at the median for sparse targets and below the (1 - r) quantile for dense ones, so
+    the quantile that sets P(h > 0) = r is matched at every mu; checked on the term's real value (mu = 1: the sum
+    starts at rank 6%, not 50%)."""
+    from pretrain.methods import preact_w2, upper_start
+
+    rate = expected_l0(1.0, mu, sigma_gn(1.0))
+    start = upper_start(rate)
+    assert start == pytest.approx(min(0.5, (1 - rate) / 2))
+    assert start <= 1 - rate  # the (1 - r) quantile is among the matched ranks
+    cfg = load_config("smoke", [f"method.mu={mu}", "method.num_projections=16", "method.dead_dim_fix=preact_upper"])
+    obj = Objective(cfg, sigma_gn(1.0), 8, torch.Generator().manual_seed(0))
+    h = torch.randn(256, 8, dtype=torch.float32)
+    q = obj._quantiles(256, h.device).expand_as(h)
+    assert float(obj._axis_term("preact_upper", h)) == pytest.approx(float(preact_w2(h, q, start=start)), rel=1e-6)
+    hs, qs = np.sort(h.numpy(), axis=0), np.sort(q.numpy(), axis=0)
+    first = int(start * 256)
+    assert float(obj._axis_term("preact_upper", h)) == pytest.approx(np.mean((hs[first:] - qs[first:]) ** 2), rel=1e-5)
 
 
 def test_preact_fixed_point_is_the_gn_law_and_its_rate():

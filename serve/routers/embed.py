@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 
 from serve.dependencies import State, request_images
-from serve.embedding import dense_to_outputs, embed_blobs
+from serve.embedding import embed_blobs, embedding_rows
 from serve.parsing import form_text, parse_bool
+from serve.responses import NumpyJSONResponse
 from serve.schemas import EMBED_FORM, EmbedJSON, EmbedResponse, body_doc, error_docs
 
 router = APIRouter(tags=["model"])
@@ -14,13 +15,15 @@ router = APIRouter(tags=["model"])
 
 @router.post(
     "/v1/embed",
+    response_model=EmbedResponse,
+    response_class=NumpyJSONResponse,
     summary="Sparse embeddings (and OOD scores) of one or many images",
     openapi_extra=body_doc(EmbedJSON, EMBED_FORM),
     responses=error_docs(400, 413, 415, 422, 503),
 )
 async def embed(
     request: Request, state: State, dense: bool | None = Query(None, description="also return dense vectors")
-) -> EmbedResponse:
+) -> NumpyJSONResponse:
     state.ready()
     blobs, body = await request_images(request, state.settings)
     if "json" in body:
@@ -28,4 +31,4 @@ async def embed(
     else:
         want_dense = bool(dense) or parse_bool(form_text(body["form"], "dense"), "dense", False)
     out = await embed_blobs(state, blobs)
-    return EmbedResponse(embeddings=dense_to_outputs(state, out.dense, want_dense, out.ood))
+    return NumpyJSONResponse({"embeddings": embedding_rows(state, out.dense, want_dense, out.ood)})
