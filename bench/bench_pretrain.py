@@ -10,10 +10,10 @@ shared, contended CPU changes only the wall time, never the result.
     .venv/bin/python bench/bench_pretrain.py [--steps 600] [--parallel 2] [--groups ...] [--runs-dir DIR]
 
 `--groups` picks parts of the plan (default: the issue-15 sweep, 28 runs): sweep (p = 1, mu in {1, 0, -1, -2,
--3}, the shipped default: preact), nofix, old (the previous default "marginal", pinned), p2 (p = 2, mu in
+-3}, the shipped default: preact_upper), nofix, old (the previous default "marginal", pinned), p2 (p = 2, mu in
 {0, -2}), long (mu = -2, -3 at 4x the steps), ablation (2x2 at mu = 0: the RGN | z+ cell is the fix-off row,
 so no cell has a fix), baselines; on request also quantile (the per-sample quantile rate term) and preact
-(pinned; equal to the sweep while preact is the default). The report covers whatever runs exist.
+(the full-rank pre-activation W2, the previous default). The report covers whatever runs exist.
 
 Runs outlive the machine that trained them as records: docs/results/pretrain-runs/NAME.json holds a finished run's
 resolved config, train summary and evaluation (no weights). A planned run whose effective config equals a record's
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 MUS = (1.0, 0.0, -1.0, -2.0, -3.0)
 EVAL_SPEC = "fashion-mnist:test"
 GROUPS = ("sweep", "nofix", "old", "quantile", "preact", "p2", "long", "ablation", "baselines")
-# preact is the shipped default now (the sweep rows), quantile a candidate it beat: both only on request.
+# preact (the previous default) and quantile (a candidate preact beat): both only on request.
 DEFAULT_GROUPS = tuple(g for g in GROUPS if g not in ("quantile", "preact"))
 BASELINES = {
     "lejepa": "LeJEPA",
@@ -106,7 +106,7 @@ def runs_plan(groups: tuple[str, ...] = GROUPS) -> list[Run]:
             label = f"Rectified LpJEPA p=1, mu={mu:g} (quantile rate term, weight 1)"
             plan.append(Run(f"rect_{_mu_name(mu)}_quantile", label, "quantile", (*base, *QUANTILE), mu))
         if "preact" in groups:
-            label = f"Rectified LpJEPA p=1, mu={mu:g} (preact fix)"
+            label = f"Rectified LpJEPA p=1, mu={mu:g} (previous default: preact, all ranks)"
             plan.append(Run(f"rect_{_mu_name(mu)}_preact", label, "preact", (*base, *PREACT), mu))
     if "p2" in groups:
         for mu in (0.0, -2.0):
@@ -288,7 +288,7 @@ PLOT_STYLES = {  # group: (marker, colour, legend label)
     "nofix": ("x", "C3", "fix off (paper objective)"),
     "old": ("s", "C1", "old default (marginal fix)"),
     "quantile": ("v", "C5", "quantile rate term"),
-    "preact": ("P", "C6", "preact fix (pre-activation W2, bias at mu)"),
+    "preact": ("P", "C6", "previous default (preact, all ranks)"),
     "long": ("^", "C2", "shipped default, 4x steps"),
     "p2": ("D", "C4", "shipped default, p=2"),
 }

@@ -49,7 +49,7 @@ _VICREG_PROJECTOR = ((2048, 2048, 2048), True)
 _SIMCLR_PROJECTOR = ((2048, 256), False)  # Linear-ReLU-Linear 2048 -> 256 without BN
 
 METHODS: dict[str, MethodSpec] = {
-    "rectified_lpjepa": MethodSpec("rectified_lpjepa", "relu", "rgn", dead_dim_fix="preact"),
+    "rectified_lpjepa": MethodSpec("rectified_lpjepa", "relu", "rgn", dead_dim_fix="preact_upper"),
     "lejepa": MethodSpec("lejepa", "raw", "gaussian"),
     "vicreg": MethodSpec("vicreg", "raw", "none", _VICREG_PROJECTOR),
     "simclr": MethodSpec("ntxent", "raw", "none", _SIMCLR_PROJECTOR),

@@ -43,7 +43,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.set_defaults(func=run_train)
+    calibrate = subparsers.add_parser(
+        "calibrate",
+        help="calibrate a finished run's per-dimension rates on clean train images",
+        description=(
+            "Move each dimension's last bias by its (1 - r) quantile over clean train images so the deployed code "
+            "fires at the designed rate r on clean inputs: the step training ends with "
+            "(train.rate_calibration), for a run trained without it. Rewrites RUN_DIR/model.safetensors and "
+            "config.json atomically; the backbone is untouched."
+        ),
+    )
+    calibrate.add_argument("run", metavar="RUN_DIR", help="a finished run folder")
+    calibrate.add_argument(
+        "--images", type=int, default=None, metavar="N", help="clean train images (default: the config's)"
+    )
+    calibrate.add_argument("--force", action="store_true", help="calibrate a run that already was")
+    calibrate.add_argument("--json", action="store_true", help="print the result as JSON")
+    calibrate.set_defaults(func=run_calibrate)
     register_eval(subparsers)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pretrain.rate_calibration import calibrate_run
+
+    result = calibrate_run(args.run, images=args.images, force=args.force)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write(
+            f"calibrated {args.run} on {result['images']} images: l0 before {result['l0_before']:.4f} "
+            f"(rate {result['rate']:.4f}), {result['dead_before']} dimensions silent before, mean |shift| "
+            f"{result['shift_abs_mean']:.4f}\n"
+        )
+    return 0
 
 
 def _load(args: argparse.Namespace):  # -> TrainConfig

@@ -75,7 +75,7 @@ class MethodConfig(Section):
     num_projections: Annotated[Int, Field(ge=1)] = 512
     projections: Literal["random", "eigen"] = "random"
     # Dead-dimension fix, each described in pretrain/methods.py; null = the method's default (models.methods:
-    # "preact" for rectified_lpjepa, else "none"). The forward pass (every exported code) is the exact ReLU.
+    # "preact_upper" for rectified_lpjepa, else "none"). The forward pass (every exported code) is the exact ReLU.
     dead_dim_fix: Literal[DEAD_DIM_FIXES] | None = None  # type: ignore[valid-type]
     leaky_slope: Unit = 0.1
     # Share of the RDMReg weight given to the coordinate axes (measured: 0.2 keeps accuracy, 0.5 costs 1.5 pt).
@@ -136,6 +136,10 @@ class TrainSection(Section):
     # Clean train images that re-estimate every BatchNorm's running statistics before the last checkpoint, so the
     # deployed model normalises clean inputs as it was trained to (pretrain/bn_recalibration.py); 0 = off.
     bn_recalibration: Count = 10240
+    # Clean train images whose per-dimension (1 - r) quantiles move the last bias after that, so every dimension
+    # of the deployed code fires at the designed rate r on clean inputs (pretrain/rate_calibration.py); only
+    # for codes with a designed rate (rectified methods with an RGN target); 0 = off.
+    rate_calibration: Count = 10240
     log_every: Annotated[Int, Field(ge=1)] = 20
     progress: bool = True
 

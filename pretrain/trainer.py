@@ -27,6 +27,7 @@ from pretrain.config import TrainConfig
 from pretrain.methods import Objective, rectifies
 from pretrain.metrics_log import MetricsLog
 from pretrain.optim import WarmupCosine, build_optimizer
+from pretrain.rate_calibration import calibrate_rates
 from pretrain.rundir import RunDir, TrainError, TrainState, capture_rng, restore_rng
 from pretrain.runtime import Runtime, StopFlag, launch
 
@@ -163,6 +164,7 @@ class Trainer:
         self.start, self.elapsed_before, self.t0 = 0, 0.0, time.perf_counter()
         self.log: MetricsLog | None = None
         self.recalibrated = 0
+        self.rate_calibrated: dict = {"images": 0}
 
     def restore(self, state: TrainState) -> None:
         """Continue from a checkpoint: weights, optimiser moments, the loss's generator and the global RNG."""
@@ -264,13 +266,24 @@ class Trainer:
         return self.finish(status, step)
 
     def recalibrate(self) -> None:
-        """BatchNorm statistics re-estimated on clean train images before the last checkpoint (every rank alike)."""
+        """Before the last checkpoint (every rank alike): BatchNorm statistics re-estimated on clean train images,
+        then the code's per-dimension rates calibrated on clean train images (pretrain/rate_calibration.py)."""
         train = self.cfg.train
         self.recalibrated = recalibrate_batchnorm(
             self.net.encoder,
             self.source,
             self.mcfg,
             images=train.bn_recalibration,
+            seed=train.seed,
+            batch_size=train.batch_size,
+            device=self.rt.device,
+        )
+        self.rate_calibrated = calibrate_rates(
+            self.net.encoder,
+            self.source,
+            self.mcfg,
+            rate=self.target_l0,
+            images=train.rate_calibration,
             seed=train.seed,
             batch_size=train.batch_size,
             device=self.rt.device,
@@ -286,6 +299,7 @@ class Trainer:
             **self.rt.describe(),
             "target_l0": self.target_l0,
             "bn_recalibration_images": self.recalibrated,
+            "rate_calibration": self.rate_calibrated,
             "last": self.log.last if self.log else {},
             "weight_digests": self.rt.digests(self.net.encoder),
             "model": self.mcfg.to_dict(),

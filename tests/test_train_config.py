@@ -89,7 +89,7 @@ def test_overrides_are_typed():
     assert cfg.model.projector_dims == [64, 32] and cfg.method.dead_dim_fix == "leaky"
     assert cfg.augment.crop_scale == [0.5, 1.0] and cfg.description == "a b"
     cfg = load_config("smoke", ["method.sigma=0.5", "method.dead_dim_fix=null"])
-    assert cfg.method.sigma == 0.5 and cfg.method.dead_dim_fix is None and cfg.dead_dim_fix == "preact"
+    assert cfg.method.sigma == 0.5 and cfg.method.dead_dim_fix is None and cfg.dead_dim_fix == "preact_upper"
 
 
 @pytest.mark.parametrize(
