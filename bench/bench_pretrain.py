@@ -189,7 +189,7 @@ def save_record(records: Path, name: str, config: dict, command: str, summary: d
     report = dict(report)
     if report.get("dim_rates") is not None:
         report["dim_rates"] = [round(float(x), 5) for x in report["dim_rates"]]
-    keep = ("status", "elapsed_s", "steps", "last")
+    keep = ("status", "elapsed_s", "steps", "last", "rate_calibration")
     record = {
         "name": name,
         "command": command,
@@ -276,6 +276,13 @@ def evaluate_one(name: str, args: argparse.Namespace) -> dict:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _before(r: dict) -> str:
+    cal = r.get("calibration") or {}
+    if not cal.get("images"):
+        return "not calibrated"
+    return f"{cal['l0_before']:.4f}, {cal['dead_before']}/{r['dim']}"
 
 
 def _dead(r: dict) -> str:
@@ -425,11 +432,13 @@ def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], w
         "",
         "Sparsity against the design, same runs (rates on the test split; near-dead = rate < 10% of the target; "
         "l0 train mode = BatchNorm on batch statistics, as the loss saw it; online = the linear probes trained "
-        "inside the train step, the reference's protocol):",
+        "inside the train step, the reference's protocol; before calibration = l0 and never-firing dimensions "
+        "on the 10,240 clean train images the rate calibration (pretrain/rate_calibration.py) then shifted "
+        "each dimension's last bias on, i.e. what the objective alone left):",
         "",
         "| run | l0 | analytic l0 | rel. error | l0 train mode | dead | near-dead | rate p05 / p50 / p95 "
-        "| online encoder / proj. linear |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| online encoder / proj. linear | before calibration: l0, silent dims |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = r.get("l0_rel_err")
@@ -440,7 +449,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, plots: list[str], w
             f"{'-' if rel is None else f'{rel:+.1%}'} | {_fmt(r.get('l0_train_mode'), 4)} | {_dead(r)} | "
             f"{near_s} | "
             f"{_fmt(r.get('rate_p05'), 4)} / {_fmt(r.get('rate_p50'), 4)} / {_fmt(r.get('rate_p95'), 4)} | "
-            f"{_fmt(r.get('online_linear_acc'))} / {_fmt(r.get('online_proj_linear_acc'))} |"
+            f"{_fmt(r.get('online_linear_acc'))} / {_fmt(r.get('online_proj_linear_acc'))} | {_before(r)} |"
         )
     lines += ["", "Per-run commands:", ""]
     lines += [f"- {r['label']}: `{r['command']}`" for r in rows]
@@ -545,6 +554,7 @@ def main() -> None:
             continue
         info.pop("config")
         wall[run.name] = summary.get("elapsed_s", 0.0)
+        info["calibration"] = summary.get("rate_calibration") or {}
         mu = report["target"]["mu"] if run.mu is None else run.mu
         rows.append({**report, **info, "label": run.label, "group": run.group, "mu": mu, "p": run.p})
         print(
