@@ -24,6 +24,7 @@ default (or any changed field) makes the record stale and the run is trained aga
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -169,11 +170,21 @@ def effective_config(cfg: dict) -> dict:
 
 
 def planned_config(run: Run, steps: int, threads: int) -> dict:
-    """What `lpjepa train` would resolve for this row, without training."""
+    """What `lpjepa train` would write into config.json for this row, without training."""
     from pretrain.config import load_config
+    from pretrain.trainer import resolve_config
 
     sets = [*run.sets, f"train.steps={steps}", f"train.threads={threads}"]
-    return effective_config(load_config("fmnist-cpu", sets).to_dict())
+    cfg = load_config("fmnist-cpu", sets)
+    return effective_config(resolve_config(cfg, _source(cfg.data.spec)).to_dict())  # as config.json holds it
+
+
+@functools.lru_cache(maxsize=4)
+def _source(spec: str):
+    """The data set a row trains on: the trainer fills channels, mean and std from it into config.json."""
+    from data.sources import open_source
+
+    return open_source(spec)
 
 
 def load_record(records: Path | None, name: str, config: dict) -> dict | None:
@@ -544,7 +555,7 @@ def main() -> None:
         if record is not None:
             summary, report = record["summary"], record["eval"]
             print(f"[{run.name}] from its record ({record['commit']}, {record['recorded']})", flush=True)
-        elif summary_path.is_file() and _holds(summary_path.parent, info["config"]):
+        elif _status(summary_path.parent) == "done" and _holds(summary_path.parent, info["config"]):
             summary = json.loads(summary_path.read_text())
             report = evaluate_one(run.name, args)
             if args.records is not None:
@@ -562,6 +573,7 @@ def main() -> None:
             f"dead {report['dead_dims']:.3f}",
             flush=True,
         )
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(rows, Path(args.report).parent, Path(args.report).stem)
     out = write_report(rows, args, plots, wall)
     (Path(args.runs_dir) / "results.json").write_text(json.dumps(rows, indent=2, default=str))
